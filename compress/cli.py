@@ -1,0 +1,178 @@
+"""`squeeze` command line: run | eval | validate | import-gguf | stages.
+
+Bad input (a recipe, a path, a flag) is reported as one line per problem and exit code 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from compress.errors import UserError
+
+EPILOG = "Docs: README.md (recipes, outputs). Exit codes: 0 ok, 1 failure, 2 bad input."
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="data sets directory (default: $SQUEEZE_DATA_DIR, else ../shared/data if it exists)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="squeeze", epilog=EPILOG,
+        description="Compress a Hugging Face causal LM with a YAML recipe and measure what it cost and gained.")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", epilog=EPILOG, help="run a recipe: stages, evaluation, report",
+                       description="Run RECIPE's stages in order (each saved as an HF directory), evaluate the "
+                       "baseline and every artifact, and write report.json / report.md in the run directory. "
+                       "Re-running resumes after the last completed stage.")
+    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+    p.add_argument("--output", "-o", metavar="DIR", help="run directory (default: checkpoints/<recipe name>)")
+    p.add_argument("--force", action="store_true", help="discard an existing run directory and redo everything")
+    p.add_argument("--no-eval", action="store_true", help="run the stages only; skip evaluation and report")
+    _common(p)
+
+    p = sub.add_parser("eval", epilog=EPILOG, help="evaluate one model (optionally against a baseline)",
+                       description="Measure perplexity and generation speed of MODEL (an HF directory, a .gguf "
+                       "file, a hub id or 'smollm2'); with --baseline, also the baseline and the retention.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--baseline", metavar="MODEL", help="compare against this model")
+    p.add_argument("--output", "-o", metavar="DIR", help="write report.json / report.md here")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dataset", default="wikitext2", help="perplexity data set (default wikitext2)")
+    p.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens (0 = all; default 8192)")
+    p.add_argument("--context-length", type=int, default=1024)
+    p.add_argument("--stride", type=int, default=None, help="window step (default: context length)")
+    p.add_argument("--no-speed", action="store_true", help="skip the generation speed measurement")
+    p.add_argument("--no-cache", action="store_true", help="measure again even if a cached result exists")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (unsafe)")
+    _common(p)
+
+    p = sub.add_parser("validate", epilog=EPILOG, help="check a recipe without running it",
+                       description="Validate RECIPE: exit 0 if good, 2 with one line per problem if not.")
+    p.add_argument("recipe", metavar="RECIPE")
+
+    p = sub.add_parser("import-gguf", epilog=EPILOG, help="turn a .gguf file into a plain HF checkpoint",
+                       description="Dequantize FILE (GGUF) to float32 and write an HF directory (safetensors, "
+                       "config, tokenizer) at OUT_DIR.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+
+    p = sub.add_parser("stages", epilog=EPILOG, help="list registered stages and their config fields",
+                       description="List every registered stage with its config fields, types and defaults.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return ap
+
+
+def cmd_validate(a) -> int:
+    from compress.recipe import load_recipe
+
+    r = load_recipe(a.recipe)
+    print(f"{a.recipe}: ok ({r.name}: {len(r.stages)} stage(s): {', '.join(s.type for s in r.stages) or 'none'})")
+    return 0
+
+
+def cmd_stages(a) -> int:
+    from compress import registry
+
+    docs = [registry.describe(s) for s in registry.all_stages().values()]
+    if a.json:
+        print(json.dumps(docs, indent=1, default=str))
+        return 0
+    for d in docs:
+        print(f"{d['name']}: {d['summary']}")
+        for f in d["fields"]:
+            default = "required" if f["required"] else f"default {json.dumps(f['default'], default=str)}"
+            print(f"  {f['name']}: {f['type']} ({default}){'  - ' + f['help'] if f['help'] else ''}")
+    return 0
+
+
+def cmd_import(a) -> int:
+    from compress.models import import_gguf
+
+    src = Path(a.file)
+    if not src.is_file() or src.suffix != ".gguf":
+        raise UserError(f"{src}: not a .gguf file")
+    out = Path(a.out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not empty; choose a new directory")
+    print(import_gguf(src, out))
+    return 0
+
+
+def cmd_run(a) -> int:
+    from compress.pipeline import run
+    from compress.recipe import load_recipe
+    from eval.report.report import table
+
+    recipe = load_recipe(a.recipe)
+    report = run(recipe, a.output, force=a.force, recipe_text=Path(a.recipe).read_text(),
+                 evaluate_outputs=not a.no_eval)
+    if report is not None:
+        print(table(report))
+        out = Path(a.output) if a.output else None
+        from compress.models import home
+
+        print(f"\nreport: {(out or home() / recipe.name) / 'report.md'}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from compress.models import resolve_device, resolve_model
+    from compress.recipe import EvalConfig, PerplexityConfig, SpeedConfig
+    from eval.evaluate import evaluate
+    from eval.report.report import build_report, markdown, table, write_report
+
+    if a.max_tokens < 0 or a.context_length < 2:
+        raise UserError("--max-tokens must be >= 0 and --context-length >= 2")
+    cfg = EvalConfig(perplexity=PerplexityConfig(dataset=a.dataset, context_length=a.context_length,
+                                                 stride=a.stride, max_tokens=a.max_tokens or None),
+                     speed=None if a.no_speed else SpeedConfig())
+    device = resolve_device(a.device)
+    kw = dict(dtype=a.dtype, device=device, trust_remote_code=a.trust_remote_code,
+              allow_pickle=a.allow_pickle, use_cache=not a.no_cache)
+    entries = [("model", a.model)] + ([("baseline", a.baseline)] if a.baseline else [])
+    res = {k: (src, evaluate(resolve_model(src, a.allow_pickle), cfg, **kw)) for k, src in entries}
+    base_key = "baseline" if a.baseline else "model"
+    base = {"name": res[base_key][0], "model_dir": res[base_key][1]["model_dir"], "metrics": res[base_key][1]}
+    arts = [{"name": a.model, "model_dir": res["model"][1]["model_dir"], "metrics": res["model"][1]}] \
+        if a.baseline else []
+    report = build_report(base, arts, device=device)
+    print(table(report))
+    if a.output:
+        print("\nreport:", write_report(report, a.output)[1])
+    elif not a.baseline:
+        print("\n" + markdown(report).split("Protocol:")[1].strip())
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "validate": cmd_validate, "import-gguf": cmd_import,
+            "stages": cmd_stages}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        if getattr(a, "data_dir", None):
+            from compress.data import set_data_dir
+
+            set_data_dir(a.data_dir)
+        return COMMANDS[a.cmd](a)
+    except UserError as e:
+        for line in e.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; completed stages are kept and a re-run resumes after them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

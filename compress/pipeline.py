@@ -1,0 +1,169 @@
+"""Run a recipe: stages in order, each saved as an HF directory, then evaluate and report.
+
+Run directory layout (default ``checkpoints/<recipe name>/``)::
+
+    run.json                      identity: the recipe's compression hash (model, seed, stages)
+    recipe.yaml, recipe.json      the recipe as given and as validated
+    stages/01-<type>/             HF model dir + stage.json + manifest.json (complete, or absent)
+    report.json, report.md        the evaluation report
+
+Every stage directory is written under a temporary name and renamed when complete, its
+manifest last, so a crash never leaves a stage that looks done. Running the same recipe
+again resumes after the last completed stage; a directory made by another recipe is never
+overwritten without ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from compress import __version__, registry
+from compress.errors import UserError
+from compress.fsutil import atomic_dir, atomic_write_text, sha256_file
+from compress.models import home, load_model, resolve_device, resolve_model
+from compress.recipe import Recipe
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"squeeze": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def git_sha() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("-dirty" if dirty else "")) or None
+
+
+def write_manifest(d: Path, extra: dict) -> None:
+    """manifest.json: every file's sha256/size/mtime + versions, git sha and `extra`. Written last."""
+    files = {}
+    for f in sorted(d.iterdir()):
+        if f.is_file() and f.name != "manifest.json":
+            st = f.stat()
+            files[f.name] = {"sha256": sha256_file(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    doc = {"files": files, "versions": versions(), "git_sha": git_sha(), **extra}
+    atomic_write_text(d / "manifest.json", json.dumps(doc, indent=1, default=str))
+
+
+def stage_dir(run_dir: Path, i: int, type_: str) -> Path:
+    return run_dir / "stages" / f"{i + 1:02d}-{type_}"
+
+
+def is_complete(d: Path) -> bool:
+    return (d / "manifest.json").is_file()
+
+
+def prepare_run_dir(recipe: Recipe, run_dir: Path, force: bool, recipe_text: str | None) -> None:
+    """Claim `run_dir` for this recipe: new, same recipe (resume), or refuse/overwrite on `force`."""
+    ident = run_dir / "run.json"
+    h = recipe.compression_hash()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if force:
+            shutil.rmtree(run_dir)
+        elif not ident.is_file():
+            raise UserError(f"{run_dir}: exists and is not a squeeze run directory; choose another --output "
+                            "or pass --force to replace it")
+        else:
+            old = json.loads(ident.read_text())
+            if old.get("compression_hash") != h:
+                raise UserError(
+                    f"{run_dir}: was made by a different recipe (model, seed or stages differ: "
+                    f"{old.get('compression_hash', '?')[:12]} vs {h[:12]}); pass --force to replace it "
+                    "or --output to run elsewhere")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not ident.is_file():
+        atomic_write_text(ident, json.dumps({"compression_hash": h, "created": time.strftime("%FT%T%z"),
+                                             "recipe_name": recipe.name}, indent=1))
+    if recipe_text is not None:
+        atomic_write_text(run_dir / "recipe.yaml", recipe_text)
+    atomic_write_text(run_dir / "recipe.json", json.dumps(recipe.as_dict(), indent=1))
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_stages(recipe: Recipe, run_dir: Path, device: str) -> tuple[Path, list[Path]]:
+    """Run (or resume) the recipe's stages; return (baseline dir, stage output dirs)."""
+    m = recipe.model
+    base_dir = resolve_model(m.source, m.allow_pickle)
+    outs = [stage_dir(run_dir, i, s.type) for i, s in enumerate(recipe.stages)]
+    model = tok = None
+    prev = base_dir
+    for i, (spec, out) in enumerate(zip(recipe.stages, outs)):
+        tag = f"[{i + 1}/{len(outs)}] {spec.type}"
+        if is_complete(out):
+            log(f"{tag}: done earlier, kept ({out})")
+            prev, model = out, None
+            continue
+        if model is None:
+            model, tok = load_model(prev, m.dtype, device, m.trust_remote_code, m.allow_pickle)
+        stage = registry.get(spec.type)
+        ctx = registry.StageContext(device=device, seed=recipe.seed, tokenizer=tok)
+        torch.manual_seed(recipe.seed)
+        t0 = time.perf_counter()
+        log(f"{tag}: running")
+        model, info = stage.apply(model, spec.config, ctx)
+        secs = time.perf_counter() - t0
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            atomic_write_text(tmp / "stage.json", json.dumps(
+                {"type": spec.type, "config": spec.config.model_dump(), "info": info, "seconds": secs}, indent=1))
+            write_manifest(tmp, {"seed": recipe.seed, "recipe_hash": recipe.compression_hash(),
+                                 "stage_index": i, "input": str(prev), "device": device})
+        log(f"{tag}: done in {secs:.1f} s -> {out}")
+        prev = out
+    return base_dir, outs
+
+
+def run(recipe: Recipe, run_dir: Path | None = None, force: bool = False, recipe_text: str | None = None,
+        evaluate_outputs: bool = True) -> dict | None:
+    """Run a recipe end to end; return the report (None when `evaluate_outputs` is False)."""
+    from eval.evaluate import evaluate
+    from eval.report.report import build_report, write_report
+
+    run_dir = Path(run_dir) if run_dir else home() / recipe.name
+    device = resolve_device(recipe.device)
+    prepare_run_dir(recipe, run_dir, force, recipe_text)
+    base_dir, outs = run_stages(recipe, run_dir, device)
+    if not evaluate_outputs:
+        return None
+    m, ecfg = recipe.model, recipe.eval
+    kw = dict(dtype=m.dtype, device=device, seed=recipe.seed, trust_remote_code=m.trust_remote_code,
+              allow_pickle=m.allow_pickle)
+    targets = outs if ecfg.artifacts == "all" else outs[-1:]
+    entries = [("baseline", base_dir)] + [(d.name, d) for d in targets]
+    results = []
+    for i, (name, d) in enumerate(entries):
+        log(f"[eval {i + 1}/{len(entries)}] {name}")
+        metrics = evaluate(d, ecfg, **kw)
+        log(f"[eval {i + 1}/{len(entries)}] {name}: " + ("cached" if metrics.get("cached") else "measured"))
+        results.append((name, d, metrics))
+    (bname, bdir, bmetrics), arts = results[0], results[1:]
+    artifacts = []
+    for name, d, metrics in arts:
+        st = json.loads((d / "stage.json").read_text())
+        artifacts.append({"name": name, "stage": st["type"], "model_dir": str(d), "stage_info": st["info"],
+                          "metrics": metrics})
+    report = build_report({"name": f"baseline ({m.source})", "model_dir": str(bdir), "metrics": bmetrics},
+                          artifacts, recipe.as_dict(), recipe.compression_hash(), device)
+    write_report(report, run_dir)
+    return report

@@ -1,0 +1,1 @@
+"""Pruning stages. Each module holds pure mask maths plus one registered stage."""

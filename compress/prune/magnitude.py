@@ -1,0 +1,102 @@
+"""Unstructured magnitude pruning: zero the smallest-|w| fraction of each linear layer.
+
+Each targeted `nn.Linear` is pruned to its own sparsity (per layer, not global), so the
+measured sparsity of every pruned layer equals the asked one up to one weight.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Annotated
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from compress.registry import Stage, StageContext
+
+
+def magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask for `w` (any shape) with exactly round(sparsity * w.numel()) False entries.
+
+    The pruned entries are those of smallest |w|; ties are broken by position, so the count
+    is exact even when many weights are equal (e.g. already zero).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    n_prune = int(round(sparsity * w.numel()))
+    mask = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
+    if n_prune:
+        idx = torch.argsort(w.detach().abs().flatten().float(), stable=True)[:n_prune]
+        mask[idx] = False
+    return mask.view_as(w)
+
+
+class MagnitudePruneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of weights zeroed in each pruned layer")
+    skip: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="module-name globs left dense (embeddings are never nn.Linear, so never pruned)",
+    )
+    overrides: dict[str, Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        default_factory=dict,
+        description="per-layer sparsity: module-name glob -> sparsity; the first matching glob wins",
+    )
+
+
+def _matches(name: str, patterns) -> str | None:
+    for p in patterns:
+        if fnmatch.fnmatchcase(name, p) or name == p:
+            return p
+    return None
+
+
+def target_layers(model: torch.nn.Module, cfg: MagnitudePruneConfig) -> dict[str, float]:
+    """Module name -> sparsity for every nn.Linear the config prunes."""
+    out = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or _matches(name, cfg.skip):
+            continue
+        hit = _matches(name, cfg.overrides)
+        out[name] = cfg.overrides[hit] if hit else cfg.sparsity
+    return out
+
+
+@torch.no_grad()
+def magnitude_prune_(model: torch.nn.Module, cfg: MagnitudePruneConfig) -> dict:
+    """Prune `model` in place; return {layer: measured sparsity} for the pruned layers."""
+    targets = target_layers(model, cfg)
+    skipped_tied = _tied_to_skipped(model, cfg)
+    measured = {}
+    for name in tqdm(list(targets), desc="magnitude prune", unit="layer", leave=False):
+        w = model.get_submodule(name).weight
+        if w.data_ptr() in skipped_tied:
+            continue  # shares storage with a layer the user asked to keep dense
+        w.mul_(magnitude_mask(w, targets[name]).to(w.dtype))
+        measured[name] = round((w == 0).sum().item() / w.numel(), 6)
+    return measured
+
+
+def _tied_to_skipped(model: torch.nn.Module, cfg: MagnitudePruneConfig) -> set[int]:
+    ptrs = set()
+    for name, mod in model.named_modules():
+        if _matches(name, cfg.skip):
+            ptrs.update(p.data_ptr() for p in mod.parameters(recurse=False))
+    return ptrs
+
+
+def apply(model, cfg: MagnitudePruneConfig, ctx: StageContext):
+    measured = magnitude_prune_(model, cfg)
+    if not measured:
+        raise ValueError("magnitude_prune matched no nn.Linear layer (check `skip`)")
+    return model, {"pruned_layers": len(measured), "layer_sparsity": measured}
+
+
+STAGE = Stage(
+    name="magnitude_prune",
+    config=MagnitudePruneConfig,
+    apply=apply,
+    summary="Unstructured magnitude pruning of nn.Linear weights, per-layer sparsity.",
+)

@@ -1,0 +1,224 @@
+"""Recipe schema, safe YAML loading and validation with one-line errors.
+
+A recipe names a model, a chain of stages (looked up in the registry) and the evaluation
+protocol. Every error names the file, the field path (``stages[1].sparsity``) and what is
+allowed, one line each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from compress import registry
+from compress.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelSpec(_Strict):
+    source: str = Field(
+        "smollm2",
+        description="'smollm2' (built-in default), a local HF directory, a hub id, or a .gguf file",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    allow_pickle: bool = Field(False, description="allow pickled .bin weights (unsafe: runs code on load)")
+
+
+class PerplexityConfig(_Strict):
+    dataset: str = Field("wikitext2", description="built-in name, a text file, or hf:ID[:CONFIG[:SPLIT]]")
+    context_length: int = Field(1024, gt=1)
+    stride: int | None = Field(None, gt=0, description="window step; default = context_length (no overlap)")
+    max_tokens: int | None = Field(8192, gt=1, description="score the first N tokens; null = the whole set")
+
+
+class SpeedConfig(_Strict):
+    input_len: int = Field(128, gt=0)
+    output_len: int = Field(32, gt=1)
+    batch_size: int = Field(1, gt=0)
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(3, gt=0)
+
+
+class EvalConfig(_Strict):
+    perplexity: PerplexityConfig | None = PerplexityConfig()
+    speed: SpeedConfig | None = SpeedConfig()
+    artifacts: Literal["all", "final"] = Field("all", description="evaluate every stage's output or the last only")
+
+
+class StageSpec(_Strict):
+    type: str
+    config: Any  # the stage's own frozen config model
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    description: str = ""
+    model: ModelSpec = ModelSpec()
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    stages: list[StageSpec] = Field(default_factory=list)
+    eval: EvalConfig = EvalConfig()
+
+    def compression_hash(self) -> str:
+        """Hash of what determines the stage outputs (model, seed, stages); eval settings excluded."""
+        return _hash({"model": self.model.model_dump(), "seed": self.seed, "stages": self.stage_dicts()})
+
+    def stage_dicts(self) -> list[dict]:
+        return [{"type": s.type, **s.config.model_dump()} for s in self.stages]
+
+    def as_dict(self) -> dict:
+        d = self.model_dump(exclude={"stages"})
+        d["stages"] = self.stage_dicts()
+        return d
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader (no object-building tags) that also rejects duplicate mapping keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read recipe: {e}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        raise UserError(f"{path}{where}: invalid YAML: {what}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    return parse_recipe(load_yaml(path), str(path))
+
+
+def parse_recipe(raw: Any, where: str = "<recipe>") -> Recipe:
+    """Validate a YAML-loaded object into a Recipe; raise UserError with every problem found."""
+    if raw is None:
+        raise UserError(f"{where}: recipe is empty; it needs at least `name:`")
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: recipe must be a mapping of fields, got {type(raw).__name__}")
+    errors: list[str] = []
+    raw = dict(raw)
+    raw_stages = raw.pop("stages", [])
+    try:
+        top = Recipe.model_validate(raw)
+    except ValidationError as e:
+        errors += _format(e, Recipe, where, ())
+        top = None
+    stages = []
+    if not isinstance(raw_stages, list):
+        errors.append(f"{where}: stages: must be a list of stages, got {type(raw_stages).__name__}")
+        raw_stages = []
+    for i, st in enumerate(raw_stages):
+        spec = _parse_stage(st, i, where, errors)
+        if spec is not None:
+            stages.append(spec)
+    if errors:
+        raise UserError(*errors)
+    return top.model_copy(update={"stages": stages})
+
+
+def _parse_stage(st: Any, i: int, where: str, errors: list[str]) -> StageSpec | None:
+    at = f"stages[{i}]"
+    if not isinstance(st, dict):
+        errors.append(f"{where}: {at}: must be a mapping with a `type` field, got {type(st).__name__}")
+        return None
+    st = dict(st)
+    name = st.pop("type", None)
+    names = ", ".join(registry.all_stages())
+    if name is None:
+        errors.append(f"{where}: {at}.type: missing; allowed: {names}")
+        return None
+    stage = registry.get(name) if isinstance(name, str) else None
+    if stage is None:
+        errors.append(f"{where}: {at}.type: unknown stage {name!r}; allowed: {names}")
+        return None
+    try:
+        return StageSpec(type=name, config=stage.config.model_validate(st))
+    except ValidationError as e:
+        errors += _format(e, stage.config, where, ("stages", i))
+        return None
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _fields_at(cls: Any, loc: tuple) -> list[str] | None:
+    """Field names of the model found by walking `loc` from `cls` (for 'unknown field' errors)."""
+    for part in loc:
+        cls = _unwrap(cls)
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and isinstance(part, str):
+            f = cls.model_fields.get(part)
+            if f is None:
+                return None
+            cls = f.annotation
+        else:
+            args = typing.get_args(cls)
+            if not args:
+                return None
+            cls = args[-1]
+    cls = _unwrap(cls)
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return list(cls.model_fields)
+    return None
+
+
+def _unwrap(t: Any) -> Any:
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        non_none = [a for a in typing.get_args(t) if a is not type(None)]
+        if len(non_none) == 1:
+            return non_none[0]
+    return t
+
+
+def _format(e: ValidationError, cls: type[BaseModel], where: str, prefix: tuple) -> list[str]:
+    lines = []
+    for err in e.errors(include_url=False):
+        loc = prefix + tuple(err["loc"])
+        got = err.get("input")
+        if err["type"] == "extra_forbidden":
+            allowed = _fields_at(cls, tuple(err["loc"])[:-1])
+            msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        else:
+            msg = f"{err['msg']} (got {got!r})" if not isinstance(got, (dict, list)) else err["msg"]
+        lines.append(f"{where}: {_path(loc)}: {msg}")
+    return lines

@@ -1,0 +1,1 @@
+"""Squeeze evaluation side: engines, accuracy, speed, reports."""

@@ -1,0 +1,1 @@
+"""Accuracy metrics: perplexity (and, next, multiple-choice tasks)."""

@@ -1,0 +1,1 @@
+"""Reports: report.json (versioned schema) and report.md (baseline-vs-artifact table)."""

@@ -1,0 +1,1 @@
+"""Speed measurements: generation latency/throughput (next: serving load, engine sweeps)."""
