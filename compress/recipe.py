@@ -62,11 +62,12 @@ class StageSpec(_Strict):
 
 
 class Recipe(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                      description="1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
     description: str = ""
     model: ModelSpec = ModelSpec()
     seed: int = 0
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     stages: list[StageSpec] = Field(default_factory=list)
     eval: EvalConfig = EvalConfig()
 
@@ -180,24 +181,28 @@ def _path(loc: tuple) -> str:
     return out
 
 
-def _fields_at(cls: Any, loc: tuple) -> list[str] | None:
-    """Field names of the model found by walking `loc` from `cls` (for 'unknown field' errors)."""
+def _walk(cls: Any, loc: tuple) -> tuple[Any, Any]:
+    """(annotation, FieldInfo or None) found by walking `loc` from the model class `cls`."""
+    info = None
     for part in loc:
         cls = _unwrap(cls)
         if isinstance(cls, type) and issubclass(cls, BaseModel) and isinstance(part, str):
-            f = cls.model_fields.get(part)
-            if f is None:
-                return None
-            cls = f.annotation
+            info = cls.model_fields.get(part)
+            if info is None:
+                return None, None
+            cls = info.annotation
         else:
             args = typing.get_args(cls)
             if not args:
-                return None
-            cls = args[-1]
-    cls = _unwrap(cls)
-    if isinstance(cls, type) and issubclass(cls, BaseModel):
-        return list(cls.model_fields)
-    return None
+                return None, None
+            cls, info = args[-1], None
+    return _unwrap(cls), info
+
+
+def _fields_at(cls: Any, loc: tuple) -> list[str] | None:
+    """Field names of the model at `loc` (for 'unknown field' errors)."""
+    t, _ = _walk(cls, loc)
+    return list(t.model_fields) if isinstance(t, type) and issubclass(t, BaseModel) else None
 
 
 def _unwrap(t: Any) -> Any:
@@ -218,6 +223,8 @@ def _format(e: ValidationError, cls: type[BaseModel], where: str, prefix: tuple)
             msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
         elif err["type"] == "missing":
             msg = "required field is missing"
+        elif err["type"] == "string_pattern_mismatch" and (info := _walk(cls, tuple(err["loc"]))[1]):
+            msg = f"must be {info.description} (got {got!r})"
         else:
             msg = f"{err['msg']} (got {got!r})" if not isinstance(got, (dict, list)) else err["msg"]
         lines.append(f"{where}: {_path(loc)}: {msg}")

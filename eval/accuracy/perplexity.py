@@ -2,8 +2,12 @@
 
 Protocol: tokenize the whole text once (no special tokens added), keep the first
 `max_tokens`, cut windows of `context_length` tokens every `stride` tokens, and score
-each token once, with the context its window gives it. The first token of the text is
-never scored (it has no context). Perplexity = exp(mean negative log-likelihood per token).
+each token at most once, with the context its window gives it: a window scores the
+tokens not scored by the window before it, except its own first token, which has no
+context. With stride < context_length every token but the text's first is scored; with
+stride = context_length (non-overlapping windows, the common protocol and our default)
+each window scores context_length - 1 tokens.
+Perplexity = exp(mean negative log-likelihood per scored token).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from tqdm.auto import tqdm
 
 
 def windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first_scored) for each window; every position 1..n_tokens-1 is scored once."""
+    """(begin, end, first_scored) for each window; positions first_scored..end-1 are scored."""
     if context_length < 2 or stride < 1 or stride > context_length:
         raise ValueError("need context_length >= 2 and 1 <= stride <= context_length")
     out, prev_end = [], 0

@@ -31,8 +31,11 @@ class VLLMEngine:
             from vllm import LLM
         except ImportError as e:
             raise RuntimeError("vllm is not installed (pip install 'squeeze[cpu]' or 'squeeze[gpu]')") from e
-        if enforce_eager is None:  # graph capture costs minutes on small CPUs and gains little there
-            enforce_eager = not device.startswith("cuda")
+        on_cpu = not device.startswith("cuda")
+        if enforce_eager is None:  # compilation costs minutes on small CPUs and gains little there
+            enforce_eager = on_cpu
+        if on_cpu:  # otherwise the CPU backend reserves a fraction of all RAM and refuses to start
+            kw.setdefault("kv_cache_memory_bytes", 1 << 30)
         llm = LLM(model=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
                   max_model_len=max_model_len, enforce_eager=enforce_eager,
                   load_format="auto" if allow_pickle else "safetensors", seed=0, **kw)
@@ -71,5 +74,10 @@ class VLLMEngine:
         return [o.outputs[0].text for o in outs]
 
     def close(self) -> None:
+        """Stop vLLM's engine processes now (not at interpreter exit, when logging is gone)."""
+        if self.llm is not None:
+            core = getattr(self.llm.llm_engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
         self.llm = None
         gc.collect()

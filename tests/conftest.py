@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny random Llama (with a real byte-level BPE tokenizer) and its text."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+TEXT = textwrap.dedent("""\
+    The quick brown fox jumps over the lazy dog. A model that is pruned keeps fewer weights,
+    and a model that is quantized keeps its weights in fewer bits. Both trade accuracy for
+    speed and memory, and the only way to know the price is to measure it on real text.
+    """) * 40
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("data") / "tiny.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def make_tiny_llama(out: Path, seed: int = 0, layers: int = 2) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([TEXT], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, eos_token_id=0, bos_token_id=0)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer random Llama saved as an HF directory (safetensors + tokenizer)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A private SQUEEZE_HOME (run directories, caches) for one test."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("SQUEEZE_HOME", str(h))
+    return h
+
+
+def tiny_recipe(model: Path, text: Path, stages: list[dict] | None = None, name: str = "tiny") -> dict:
+    return {
+        "name": name,
+        "model": {"source": str(model)},
+        "device": "cpu",
+        "stages": stages if stages is not None else [{"type": "magnitude_prune", "sparsity": 0.5}],
+        "eval": {
+            "perplexity": {"dataset": str(text), "context_length": 64, "max_tokens": 512},
+            "speed": {"input_len": 8, "output_len": 4, "warmup": 0, "repeats": 2},
+        },
+    }

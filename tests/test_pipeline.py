@@ -1,0 +1,174 @@
+"""Pipeline end to end on the tiny model: artifacts, manifest, report, resume, refusal."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import yaml
+
+from compress import pipeline, registry
+from compress.cli import main
+from compress.errors import UserError
+from compress.fsutil import sha256_file
+from compress.recipe import parse_recipe
+from conftest import tiny_recipe
+
+TWO_STAGES = [{"type": "magnitude_prune", "sparsity": 0.3},
+              {"type": "magnitude_prune", "sparsity": 0.6, "skip": ["lm_head", "*.v_proj"]}]
+
+
+def test_recipe_end_to_end(tiny_model, text_file, home, capsys, tmp_path):
+    rpath = tmp_path / "tiny.yaml"
+    rpath.write_text(yaml.safe_dump(tiny_recipe(tiny_model, text_file)))
+    assert main(["run", str(rpath)]) == 0
+    run_dir = home / "tiny"
+    out = run_dir / "stages" / "01-magnitude_prune"
+
+    # the artifact is a plain HF directory that transformers loads, pruned as asked
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert abs((w == 0).float().mean().item() - 0.5) < 1e-3
+    assert (model.lm_head.weight != 0).all()
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["model.safetensors"]["sha256"] == sha256_file(out / "model.safetensors")
+    assert {"torch", "transformers", "squeeze", "python"} <= set(manifest["versions"])
+    assert manifest["seed"] == 0 and len(manifest["recipe_hash"]) == 64 and "git_sha" in manifest
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["schema_version"] == 1
+    base, art = report["baseline"]["metrics"], report["artifacts"][0]
+    assert base["perplexity"]["tokens_scored"] > 400 and base["perplexity"]["perplexity"] > 1
+    lin = [m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    expected = 0.5 * (sum(lin) - model.lm_head.weight.numel()) / sum(lin)  # lm_head stays dense
+    assert art["metrics"]["linear_sparsity"] == pytest.approx(expected, abs=1e-3)
+    assert art["stage_info"]["pruned_layers"] == 14
+    assert art["retention"]["ppl_retention"] == pytest.approx(
+        base["perplexity"]["perplexity"] / art["metrics"]["perplexity"]["perplexity"])
+    assert art["metrics"]["speed"]["decode_tok_s"] > 0
+    md = (run_dir / "report.md").read_text()
+    assert "| baseline" in md and "| 01-magnitude_prune" in md and "context 64" in md
+    printed = capsys.readouterr().out
+    assert "| 01-magnitude_prune" in printed and "report.md" in printed
+    assert not list(run_dir.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_kill_during_second_stage_then_resume(tiny_model, text_file, home, monkeypatch):
+    recipe = parse_recipe(tiny_recipe(tiny_model, text_file, TWO_STAGES))
+    real = registry.get("magnitude_prune")
+    calls = []
+
+    def patch_apply(crash_at):
+        def apply(model, cfg, ctx):
+            calls.append(cfg.sparsity)
+            if cfg.sparsity == crash_at:
+                raise KeyboardInterrupt  # what Ctrl-C (or a kill handler) raises mid-stage
+            return real.apply(model, cfg, ctx)
+        monkeypatch.setattr(registry, "get", lambda name: dataclasses.replace(real, apply=apply))
+
+    patch_apply(crash_at=0.6)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(recipe, evaluate_outputs=False)
+    assert calls == [0.3, 0.6]
+    run_dir = home / "tiny"
+    first, second = run_dir / "stages" / "01-magnitude_prune", run_dir / "stages" / "02-magnitude_prune"
+    assert pipeline.is_complete(first) and not second.exists()
+    assert not list((run_dir / "stages").glob(".*")), "half-written stage left behind"
+    first_sha = sha256_file(first / "model.safetensors")
+
+    calls.clear()
+    patch_apply(crash_at=None)
+    pipeline.run(recipe, evaluate_outputs=False)
+    assert calls == [0.6], "the first stage was recomputed"
+    assert sha256_file(first / "model.safetensors") == first_sha
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(second)
+    assert abs((m.model.layers[1].mlp.up_proj.weight == 0).float().mean().item() - 0.6) < 1e-3
+    # v_proj was skipped by stage 2, so it keeps stage 1's 30 %
+    assert (m.model.layers[1].self_attn.v_proj.weight == 0).float().mean().item() == pytest.approx(0.3, abs=1e-3)
+
+
+def test_different_recipe_never_overwrites_silently(tiny_model, text_file, home, tmp_path, capsys):
+    a = parse_recipe(tiny_recipe(tiny_model, text_file))
+    pipeline.run(a, evaluate_outputs=False)
+    b = parse_recipe(tiny_recipe(tiny_model, text_file, [{"type": "magnitude_prune", "sparsity": 0.9}]))
+    with pytest.raises(UserError, match="different recipe"):
+        pipeline.run(b, evaluate_outputs=False)
+    m = (home / "tiny" / "stages" / "01-magnitude_prune")
+    assert json.loads((m / "stage.json").read_text())["config"]["sparsity"] == 0.5
+
+    # --force replaces it; the new artifact has the new sparsity
+    pipeline.run(b, force=True, evaluate_outputs=False)
+    assert json.loads((m / "stage.json").read_text())["config"]["sparsity"] == 0.9
+
+    # a directory that is not a run directory is refused too, with exit code 2 from the CLI
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    rpath = tmp_path / "r.yaml"
+    rpath.write_text(yaml.safe_dump(tiny_recipe(tiny_model, text_file)))
+    assert main(["run", str(rpath), "--output", str(other), "--no-eval"]) == 2
+    assert "not a squeeze run directory" in capsys.readouterr().err
+    assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_rerun_reuses_stages_and_cached_evaluations(tiny_model, text_file, home, monkeypatch):
+    recipe = parse_recipe(tiny_recipe(tiny_model, text_file))
+    pipeline.run(recipe)
+    import eval.evaluate as ev
+
+    opened = []
+    real_open = ev.open_engine
+    monkeypatch.setattr(ev, "open_engine", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    report = pipeline.run(recipe)
+    assert opened == [], "baseline or artifact measured twice"
+    assert report["baseline"]["metrics"]["cached"] and report["artifacts"][0]["metrics"]["cached"]
+
+
+def test_eval_cli_compares_against_baseline(tiny_model, text_file, home, tmp_path, capsys):
+    recipe = parse_recipe(tiny_recipe(tiny_model, text_file))
+    pipeline.run(recipe, evaluate_outputs=False)
+    art = home / "tiny" / "stages" / "01-magnitude_prune"
+    rc = main(["eval", str(art), "--baseline", str(tiny_model), "--dataset", str(text_file), "--max-tokens", "256",
+               "--context-length", "64", "--no-speed", "--device", "cpu", "--output", str(tmp_path / "ev")])
+    assert rc == 0
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert rep["baseline"]["metrics"]["perplexity"]["tokens_scored"] == 256 - 4
+    assert 0 < rep["artifacts"][0]["retention"]["ppl_retention"]
+    assert "speed" not in rep["baseline"]["metrics"]
+
+
+def test_stage_registry_lists_fields(capsys):
+    assert main(["stages", "--json"]) == 0
+    docs = json.loads(capsys.readouterr().out)
+    mp = next(d for d in docs if d["name"] == "magnitude_prune")
+    fields = {f["name"]: f for f in mp["fields"]}
+    assert fields["sparsity"]["default"] == 0.5 and fields["sparsity"]["type"].startswith("float")
+    assert fields["skip"]["default"] == ["lm_head"]
+
+
+@pytest.mark.parametrize("cmd", ["run", "eval", "validate", "import-gguf", "stages"])
+def test_every_command_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0 and len(capsys.readouterr().out) > 200
+
+
+def test_models_refuse_pickled_weights(tiny_model, tmp_path):
+    from compress.models import resolve_model
+
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_model / "config.json").read_text())
+    torch.save({}, d / "pytorch_model.bin")
+    with pytest.raises(UserError, match="pickled weights.*allow_pickle"):
+        resolve_model(str(d))
+    assert resolve_model(str(d), allow_pickle=True) == d
+    with pytest.raises(UserError, match="not a directory, a .gguf file, a hub id"):
+        resolve_model(str(tmp_path / "nope"))

