@@ -15,6 +15,8 @@ overwritten without ``force``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import platform
 import shutil
@@ -96,6 +98,24 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, force: bool, recipe_text: str
     atomic_write_text(run_dir / "recipe.json", json.dumps(recipe.as_dict(), indent=1))
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold an exclusive lock on `run_dir` (a sibling lock file) for the whole run."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{run_dir.name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{run_dir}: another squeeze run is using this directory") from None
+        yield
+
+
+def clear_partial(run_dir: Path) -> None:
+    """Remove temporaries a killed run left behind (they never look like completed stages)."""
+    for p in (run_dir / "stages").glob(".*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -137,15 +157,21 @@ def run_stages(recipe: Recipe, run_dir: Path, device: str) -> tuple[Path, list[P
 def run(recipe: Recipe, run_dir: Path | None = None, force: bool = False, recipe_text: str | None = None,
         evaluate_outputs: bool = True) -> dict | None:
     """Run a recipe end to end; return the report (None when `evaluate_outputs` is False)."""
+    run_dir = Path(run_dir) if run_dir else home() / recipe.name
+    device = resolve_device(recipe.device)
+    with run_lock(run_dir):
+        prepare_run_dir(recipe, run_dir, force, recipe_text)
+        clear_partial(run_dir)
+        base_dir, outs = run_stages(recipe, run_dir, device)
+        if evaluate_outputs:
+            return _evaluate_and_report(recipe, run_dir, device, base_dir, outs)
+    return None
+
+
+def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: Path, outs: list[Path]) -> dict:
     from eval.evaluate import evaluate
     from eval.report.report import build_report, write_report
 
-    run_dir = Path(run_dir) if run_dir else home() / recipe.name
-    device = resolve_device(recipe.device)
-    prepare_run_dir(recipe, run_dir, force, recipe_text)
-    base_dir, outs = run_stages(recipe, run_dir, device)
-    if not evaluate_outputs:
-        return None
     m, ecfg = recipe.model, recipe.eval
     kw = dict(dtype=m.dtype, device=device, seed=recipe.seed, trust_remote_code=m.trust_remote_code,
               allow_pickle=m.allow_pickle)
@@ -157,7 +183,7 @@ def run(recipe: Recipe, run_dir: Path | None = None, force: bool = False, recipe
         metrics = evaluate(d, ecfg, **kw)
         log(f"[eval {i + 1}/{len(entries)}] {name}: " + ("cached" if metrics.get("cached") else "measured"))
         results.append((name, d, metrics))
-    (bname, bdir, bmetrics), arts = results[0], results[1:]
+    (_, bdir, bmetrics), arts = results[0], results[1:]
     artifacts = []
     for name, d, metrics in arts:
         st = json.loads((d / "stage.json").read_text())

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import types
 import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import BaseModel
@@ -19,13 +18,17 @@ from pydantic import BaseModel
 
 @dataclass
 class StageContext:
-    """What a stage may use besides the model: device, seed, tokenizer, data location."""
+    """What a stage may use besides the model: device, seed, tokenizer, calibration data."""
 
     device: str
     seed: int
     tokenizer: Any = None
-    data_dir: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def calibration(self, dataset: str = "wikitext2-valid", n_samples: int = 128, seq_len: int = 2048):
+        """[n_samples, seq_len] LongTensor of calibration tokens (seeded by the recipe's seed)."""
+        from compress.calibration import calibration_batches
+
+        return calibration_batches(self.tokenizer, dataset, n_samples, seq_len, self.seed)
 
 
 @dataclass(frozen=True)

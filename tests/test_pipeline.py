@@ -172,3 +172,68 @@ def test_models_refuse_pickled_weights(tiny_model, tmp_path):
     assert resolve_model(str(d), allow_pickle=True) == d
     with pytest.raises(UserError, match="not a directory, a .gguf file, a hub id"):
         resolve_model(str(tmp_path / "nope"))
+
+
+KILL_DRIVER = """
+import dataclasses, json, sys, time
+from pathlib import Path
+from compress import pipeline, registry
+from compress.recipe import parse_recipe
+
+real = registry.get("magnitude_prune")
+
+def apply(model, cfg, ctx):
+    if cfg.sparsity == 0.6:  # stage 2: tell the test, then wait to be killed
+        Path(sys.argv[2]).write_text("in stage 2")
+        time.sleep(600)
+    return real.apply(model, cfg, ctx)
+
+registry.get = lambda name: dataclasses.replace(real, apply=apply)
+pipeline.run(parse_recipe(json.loads(Path(sys.argv[1]).read_text())), evaluate_outputs=False)
+"""
+
+
+def test_sigkill_during_second_stage_then_resume(tiny_model, text_file, home, tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    rjson, marker, driver = tmp_path / "r.json", tmp_path / "marker", tmp_path / "driver.py"
+    rjson.write_text(json.dumps(tiny_recipe(tiny_model, text_file, TWO_STAGES)))
+    driver.write_text(KILL_DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(driver), str(rjson), str(marker)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    stages = home / "tiny" / "stages"
+    first = stages / "01-magnitude_prune"
+    assert pipeline.is_complete(first) and not (stages / "02-magnitude_prune").exists()
+    first_sha = sha256_file(first / "model.safetensors")
+    (stages / ".02-magnitude_prune.abc123.tmp").mkdir()  # what a kill during the save leaves
+
+    real = registry.get("magnitude_prune")
+    calls = []
+    monkeypatch.setattr(registry, "get", lambda name: dataclasses.replace(
+        real, apply=lambda m, c, x: (calls.append(c.sparsity), real.apply(m, c, x))[1]))
+    pipeline.run(parse_recipe(json.loads(rjson.read_text())), evaluate_outputs=False)
+    assert calls == [0.6], "the first stage was recomputed"
+    assert sha256_file(first / "model.safetensors") == first_sha
+    assert pipeline.is_complete(stages / "02-magnitude_prune")
+    assert not list(stages.glob(".*")), "stale temporaries were not cleared"
+
+
+def test_second_concurrent_run_is_refused(tiny_model, text_file, home):
+    recipe = parse_recipe(tiny_recipe(tiny_model, text_file))
+    with pipeline.run_lock(home / "tiny"):
+        with pytest.raises(UserError, match="another squeeze run"):
+            pipeline.run(recipe, evaluate_outputs=False)

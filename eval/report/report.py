@@ -39,19 +39,20 @@ def _f(x, fmt):
     return "–" if x is None else format(x, fmt)
 
 
+_BASELINE_RETENTION = {"ppl_retention": 1.0, "decode_speedup": 1.0}
+
+
 def table(report: dict) -> str:
     """Markdown table: baseline first, then each artifact with its change against baseline."""
-    head = ("| model | perplexity | ppl retention | prefill tok/s | decode tok/s | decode speedup "
-            "| linear sparsity | size MB |\n|---|---:|---:|---:|---:|---:|---:|---:|")
-    rows = [head]
-    for entry, ret in [(report["baseline"], {})] + [(a, a["retention"]) for a in report["artifacts"]]:
-        m = entry["metrics"]
-        ppl = m.get("perplexity", {}).get("perplexity")
-        sp = m.get("speed", {})
+    rows = ["| model | perplexity | ppl retention | prefill tok/s | decode tok/s | decode speedup "
+            "| linear sparsity | size MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    entries = [(report["baseline"], _BASELINE_RETENTION)] + [(a, a["retention"]) for a in report["artifacts"]]
+    for entry, ret in entries:
+        m, sp = entry["metrics"], entry["metrics"].get("speed", {})
         rows.append(
-            f"| {entry['name']} | {_f(ppl, '.3f')} | {_f(ret.get('ppl_retention', 1.0 if ret == {} else None), '.3f')} "
-            f"| {_f(sp.get('prefill_tok_s'), '.1f')} | {_f(sp.get('decode_tok_s'), '.1f')} "
-            f"| {_f(ret.get('decode_speedup', 1.0 if ret == {} else None), '.2f')}x "
+            f"| {entry['name']} | {_f(m.get('perplexity', {}).get('perplexity'), '.3f')} "
+            f"| {_f(ret.get('ppl_retention'), '.3f')} | {_f(sp.get('prefill_tok_s'), '.1f')} "
+            f"| {_f(sp.get('decode_tok_s'), '.1f')} | {_f(ret.get('decode_speedup'), '.2f')}x "
             f"| {_f(m.get('linear_sparsity'), '.1%')} | {_f(m.get('size_bytes', 0) / 1e6, '.1f')} |")
     return "\n".join(rows)
 
