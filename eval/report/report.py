@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from compress import __version__
+from compress.pipeline import versions
 from compress.fsutil import atomic_write_text
 from eval.evaluate import retention
 
@@ -30,6 +31,7 @@ def build_report(baseline: dict, artifacts: list[dict], recipe: dict | None = No
         "recipe": recipe,
         "recipe_hash": recipe_hash,
         "device": device,
+        "versions": versions(),
         "baseline": baseline,
         "artifacts": arts,
     }
