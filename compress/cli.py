@@ -145,6 +145,9 @@ def cmd_eval(a) -> int:
     arts = [{"name": a.model, "model_dir": res["model"][1]["model_dir"], "metrics": res["model"][1]}] \
         if a.baseline else []
     report = build_report(base, arts, device=device)
+    cached = [src for src, m in res.values() if m.get("cached")]
+    if cached:
+        print(f"cached results for {', '.join(cached)} (--no-cache measures again)", file=sys.stderr)
     print(table(report))
     if a.output:
         print("\nreport:", write_report(report, a.output)[1])

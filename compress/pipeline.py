@@ -56,7 +56,7 @@ def git_sha() -> str | None:
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return (sha + ("-dirty" if dirty else "")) or None
+    return (sha + ("-dirty" if dirty else "")) if sha else None
 
 
 def write_manifest(d: Path, extra: dict) -> None:

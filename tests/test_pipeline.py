@@ -237,3 +237,11 @@ def test_second_concurrent_run_is_refused(tiny_model, text_file, home):
     with pipeline.run_lock(home / "tiny"):
         with pytest.raises(UserError, match="another squeeze run"):
             pipeline.run(recipe, evaluate_outputs=False)
+
+
+def test_hub_id_without_network_is_a_clear_error(monkeypatch):
+    from compress.models import resolve_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot fetch 'no-such-org/no-such-model' from the hub"):
+        resolve_model("no-such-org/no-such-model")
