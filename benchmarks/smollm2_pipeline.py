@@ -39,7 +39,7 @@ def main() -> None:
         os.environ["SQUEEZE_HOME"] = str(a.home)
     from compress import pipeline
     from compress.models import resolve_device
-    from compress.pipeline import versions
+    from compress.manifest import versions
     from compress.recipe import load_recipe
     from eval.evaluate import hardware
     from eval.report.report import table

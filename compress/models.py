@@ -14,7 +14,6 @@ Loading is safe by default: safetensors only, ``trust_remote_code`` off.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ import torch
 
 from compress.errors import UserError
 from compress.fsutil import atomic_dir, sha256_file
+from compress.manifest import known_hashes, write_manifest
 
 BUILTIN_MODELS = {
     "smollm2": {
@@ -109,26 +109,13 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
 def model_hash(model_dir: Path) -> str:
     """Content hash of a model directory: config + weights (file names and sha256)."""
     model_dir = Path(model_dir)
-    known = _manifest_hashes(model_dir)
+    known = known_hashes(model_dir)
     h = hashlib.sha256()
     for f in sorted(model_dir.iterdir()):
         if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin")):
             h.update(f.name.encode())
             h.update((known.get(f.name) or sha256_file(f)).encode())
     return h.hexdigest()
-
-
-def _manifest_hashes(model_dir: Path) -> dict[str, str]:
-    """Hashes our own manifest recorded, reused when size and mtime still match."""
-    m = model_dir / "manifest.json"
-    if not m.is_file():
-        return {}
-    out = {}
-    for name, rec in json.loads(m.read_text()).get("files", {}).items():
-        f = model_dir / name
-        if f.is_file() and f.stat().st_size == rec.get("size") and f.stat().st_mtime_ns <= rec.get("mtime_ns", 0):
-            out[name] = rec["sha256"]
-    return out
 
 
 def import_gguf(gguf: Path, out_dir: Path) -> Path:
@@ -140,7 +127,7 @@ def import_gguf(gguf: Path, out_dir: Path) -> Path:
     except ImportError:
         GgufConfig = None
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
+    if (out_dir / "manifest.json").is_file():  # written last: the import is complete
         return out_dir
     gguf = Path(gguf).resolve()
     print(f"importing {gguf.name} -> {out_dir} (dequantizing to float32, once)", file=sys.stderr)
@@ -157,14 +144,14 @@ def import_gguf(gguf: Path, out_dir: Path) -> Path:
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": gguf.name, "gguf_sha256": sha256_file(gguf)}, indent=1))
+        write_manifest(tmp, {"source": {"gguf": gguf.name, "gguf_sha256": sha256_file(gguf)}})
     return out_dir
 
 
 def _builtin(name: str) -> Path:
     spec = BUILTIN_MODELS[name]
     out = home() / "_models" / spec["dir"]
-    if (out / "config.json").is_file():
+    if (out / "manifest.json").is_file():
         return out
     return import_gguf(builtin_gguf(name), out)
 

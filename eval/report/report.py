@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from compress import __version__
-from compress.pipeline import versions
+from compress.manifest import versions
 from compress.fsutil import atomic_write_text
 from eval.evaluate import retention
 
