@@ -108,50 +108,60 @@ def cmd_import(a) -> int:
 
 
 def cmd_run(a) -> int:
+    from compress.models import home
     from compress.pipeline import run
     from compress.recipe import load_recipe
     from eval.report.report import table
 
     recipe = load_recipe(a.recipe)
-    report = run(recipe, a.output, force=a.force, recipe_text=Path(a.recipe).read_text(),
+    run_dir = Path(a.output) if a.output else home() / recipe.name
+    report = run(recipe, run_dir, force=a.force, recipe_text=Path(a.recipe).read_text(),
                  evaluate_outputs=not a.no_eval)
     if report is not None:
         print(table(report))
-        out = Path(a.output) if a.output else None
-        from compress.models import home
-
-        print(f"\nreport: {(out or home() / recipe.name) / 'report.md'}")
+        print(f"\nreport: {run_dir / 'report.md'}")
     return 0
+
+
+_EVAL_FLAGS = {"dataset": "--dataset", "context_length": "--context-length", "stride": "--stride",
+               "max_tokens": "--max-tokens"}
+
+
+def _eval_config(a):
+    from pydantic import ValidationError
+
+    from compress.recipe import EvalConfig, PerplexityConfig, SpeedConfig
+
+    try:
+        ppl = PerplexityConfig(dataset=a.dataset, context_length=a.context_length, stride=a.stride,
+                               max_tokens=a.max_tokens or None)
+    except ValidationError as e:
+        raise UserError(*(f"{_EVAL_FLAGS[err['loc'][0]] if err['loc'] else '--stride'}: {err['msg']}"
+                          for err in e.errors(include_url=False))) from None
+    return EvalConfig(perplexity=ppl, speed=None if a.no_speed else SpeedConfig())
 
 
 def cmd_eval(a) -> int:
     from compress.models import resolve_device, resolve_model
-    from compress.recipe import EvalConfig, PerplexityConfig, SpeedConfig
     from eval.evaluate import evaluate
     from eval.report.report import build_report, markdown, table, write_report
 
-    if a.max_tokens < 0 or a.context_length < 2:
-        raise UserError("--max-tokens must be >= 0 and --context-length >= 2")
-    cfg = EvalConfig(perplexity=PerplexityConfig(dataset=a.dataset, context_length=a.context_length,
-                                                 stride=a.stride, max_tokens=a.max_tokens or None),
-                     speed=None if a.no_speed else SpeedConfig())
-    device = resolve_device(a.device)
-    kw = dict(dtype=a.dtype, device=device, trust_remote_code=a.trust_remote_code,
-              allow_pickle=a.allow_pickle, use_cache=not a.no_cache)
-    entries = [("model", a.model)] + ([("baseline", a.baseline)] if a.baseline else [])
-    res = {k: (src, evaluate(resolve_model(src, a.allow_pickle), cfg, **kw)) for k, src in entries}
-    base_key = "baseline" if a.baseline else "model"
-    base = {"name": res[base_key][0], "model_dir": res[base_key][1]["model_dir"], "metrics": res[base_key][1]}
-    arts = [{"name": a.model, "model_dir": res["model"][1]["model_dir"], "metrics": res["model"][1]}] \
-        if a.baseline else []
-    report = build_report(base, arts, device=device)
-    cached = [src for src, m in res.values() if m.get("cached")]
-    if cached:
-        print(f"cached results for {', '.join(cached)} (--no-cache measures again)", file=sys.stderr)
+    cfg, device = _eval_config(a), resolve_device(a.device)
+
+    def measure(src: str) -> dict:
+        m = evaluate(resolve_model(src, a.allow_pickle), cfg, dtype=a.dtype, device=device,
+                     trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle, use_cache=not a.no_cache)
+        if m.get("cached"):
+            print(f"{src}: cached results (--no-cache measures again)", file=sys.stderr)
+        return {"name": src, "model_dir": m["model_dir"], "metrics": m}
+
+    model = measure(a.model)
+    report = build_report(measure(a.baseline), [model], device=device) if a.baseline \
+        else build_report(model, [], device=device)
     print(table(report))
     if a.output:
         print("\nreport:", write_report(report, a.output)[1])
-    elif not a.baseline:
+    else:
         print("\n" + markdown(report).split("Protocol:")[1].strip())
     return 0
 

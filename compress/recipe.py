@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compress import registry
 from compress.errors import UserError
@@ -40,6 +40,12 @@ class PerplexityConfig(_Strict):
     context_length: int = Field(1024, gt=1)
     stride: int | None = Field(None, gt=0, description="window step; default = context_length (no overlap)")
     max_tokens: int | None = Field(8192, gt=1, description="score the first N tokens; null = the whole set")
+
+    @model_validator(mode="after")
+    def _stride_fits(self):
+        if self.stride is not None and self.stride > self.context_length:
+            raise ValueError(f"stride ({self.stride}) must be <= context_length ({self.context_length})")
+        return self
 
 
 class SpeedConfig(_Strict):

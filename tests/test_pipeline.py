@@ -245,3 +245,12 @@ def test_hub_id_without_network_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="cannot fetch 'no-such-org/no-such-model' from the hub"):
         resolve_model("no-such-org/no-such-model")
+
+
+@pytest.mark.parametrize("flags,expected", [(["--stride", "0"], "--stride: Input should be greater than 0"),
+                                            (["--stride", "2048"], "--stride: Value error, stride (2048)"),
+                                            (["--context-length", "1"], "--context-length: Input should be greater")])
+def test_eval_cli_bad_flags(flags, expected, capsys):
+    assert main(["eval", "smollm2", *flags]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err

@@ -72,6 +72,8 @@ MALFORMED = [
     ("stages not a list", "name: x\nstages: magnitude_prune\n", "stages: must be a list of stages"),
     ("override out of range", "name: x\nstages:\n  - type: magnitude_prune\n    overrides: {'model.layers.0.*': 2}\n",
      "stages[0].overrides.model.layers.0.*: Input should be less than 1"),
+    ("stride longer than the window", "name: x\neval:\n  perplexity:\n    context_length: 512\n    stride: 1024\n",
+     "eval.perplexity: Value error, stride (1024) must be <= context_length (512)"),
     ("output_len too small", "name: x\neval:\n  speed:\n    output_len: 1\n", "eval.speed.output_len:"),
     ("YAML syntax", "name: x\nstages: [\n", "invalid YAML"),
     ("duplicate key", "name: x\nname: y\n", "duplicate key 'name'"),
