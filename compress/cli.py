@@ -108,13 +108,12 @@ def cmd_import(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from compress.models import home
-    from compress.pipeline import run
+    from compress.pipeline import run, run_dir_for
     from compress.recipe import load_recipe
     from eval.report.report import table
 
     recipe = load_recipe(a.recipe)
-    run_dir = Path(a.output) if a.output else home() / recipe.name
+    run_dir = run_dir_for(recipe, a.output)
     report = run(recipe, run_dir, force=a.force, recipe_text=Path(a.recipe).read_text(),
                  evaluate_outputs=not a.no_eval)
     if report is not None:

@@ -33,6 +33,11 @@ from compress.models import home, load_model, resolve_device, resolve_model
 from compress.recipe import Recipe
 
 
+def run_dir_for(recipe: Recipe, output: str | Path | None = None) -> Path:
+    """The run directory: `output` if given, else <SQUEEZE_HOME>/<recipe name>."""
+    return Path(output) if output else home() / recipe.name
+
+
 def stage_dir(run_dir: Path, i: int, type_: str) -> Path:
     return run_dir / "stages" / f"{i + 1:02d}-{type_}"
 
@@ -126,7 +131,7 @@ def run_stages(recipe: Recipe, run_dir: Path, device: str) -> tuple[Path, list[P
 def run(recipe: Recipe, run_dir: Path | None = None, force: bool = False, recipe_text: str | None = None,
         evaluate_outputs: bool = True) -> dict | None:
     """Run a recipe end to end; return the report (None when `evaluate_outputs` is False)."""
-    run_dir = Path(run_dir) if run_dir else home() / recipe.name
+    run_dir = run_dir_for(recipe, run_dir)
     device = resolve_device(recipe.device)
     with run_lock(run_dir):
         prepare_run_dir(recipe, run_dir, force, recipe_text)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -14,7 +19,7 @@ from compress.cli import main
 from compress.errors import UserError
 from compress.fsutil import sha256_file
 from compress.recipe import parse_recipe
-from conftest import tiny_recipe
+from conftest import REPO, tiny_recipe
 
 TWO_STAGES = [{"type": "magnitude_prune", "sparsity": 0.3},
               {"type": "magnitude_prune", "sparsity": 0.6, "skip": ["lm_head", "*.v_proj"]}]
@@ -194,14 +199,6 @@ pipeline.run(parse_recipe(json.loads(Path(sys.argv[1]).read_text())), evaluate_o
 
 
 def test_sigkill_during_second_stage_then_resume(tiny_model, text_file, home, tmp_path, monkeypatch):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import REPO
-
     rjson, marker, driver = tmp_path / "r.json", tmp_path / "marker", tmp_path / "driver.py"
     rjson.write_text(json.dumps(tiny_recipe(tiny_model, text_file, TWO_STAGES)))
     driver.write_text(KILL_DRIVER)

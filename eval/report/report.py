@@ -41,14 +41,12 @@ def _f(x, fmt):
     return "–" if x is None else format(x, fmt)
 
 
-_BASELINE_RETENTION = {"ppl_retention": 1.0, "decode_speedup": 1.0}
-
-
 def table(report: dict) -> str:
     """Markdown table: baseline first, then each artifact with its change against baseline."""
     rows = ["| model | perplexity | ppl retention | prefill tok/s | decode tok/s | decode speedup "
             "| linear sparsity | size MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    entries = [(report["baseline"], _BASELINE_RETENTION)] + [(a, a["retention"]) for a in report["artifacts"]]
+    base = report["baseline"]
+    entries = [(base, retention(base["metrics"], base["metrics"]))] + [(a, a["retention"]) for a in report["artifacts"]]
     for entry, ret in entries:
         m, sp = entry["metrics"], entry["metrics"].get("speed", {})
         rows.append(
