@@ -10,33 +10,9 @@ from __future__ import annotations
 
 import types
 import typing
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from pydantic import BaseModel
-
-
-@dataclass
-class StageContext:
-    """What a stage may use besides the model: device, seed, tokenizer, calibration data."""
-
-    device: str
-    seed: int
-    tokenizer: Any = None
-
-    def calibration(self, dataset: str = "wikitext2-valid", n_samples: int = 128, seq_len: int = 2048):
-        """[n_samples, seq_len] LongTensor of calibration tokens (seeded by the recipe's seed)."""
-        from compress.calibration import calibration_batches
-
-        return calibration_batches(self.tokenizer, dataset, n_samples, seq_len, self.seed)
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    config: type[BaseModel]
-    apply: Callable[[Any, BaseModel, StageContext], tuple[Any, dict]]
-    summary: str
+from compress.stage import Stage, StageContext  # noqa: F401  (re-exported for plugins)
 
 
 _REGISTRY: dict[str, Stage] = {}

@@ -85,3 +85,15 @@ def test_tied_lm_head_stays_dense_when_skipped():
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     magnitude_prune_(model, MagnitudePruneConfig(sparsity=0.5, skip=["lm_head"]))
     assert _sparsity(model.model.embed_tokens.weight) == 0.0
+
+
+def test_globs_that_match_nothing_are_named():
+    from compress.errors import UserError
+    from compress.prune.magnitude import check
+    from compress.stage import StageContext
+
+    cfg = MagnitudePruneConfig(skip=["lm_head", "*.attn.*"], overrides={"model.layers.9.*": 0.2})
+    with pytest.raises(UserError) as e:
+        check(cfg, _model(), StageContext(device="cpu", seed=0))
+    assert e.value.lines == ["magnitude_prune.skip: '*.attn.*' matches no nn.Linear module",
+                             "magnitude_prune.overrides: 'model.layers.9.*' matches no nn.Linear module"]

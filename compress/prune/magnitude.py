@@ -6,14 +6,15 @@ measured sparsity of every pruned layer equals the asked one up to one weight.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from compress.registry import Stage, StageContext
+from compress.errors import UserError
+from compress.select import linear_names, matches, unmatched
+from compress.stage import Stage, StageContext
 
 
 def magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -46,26 +47,19 @@ class MagnitudePruneConfig(BaseModel):
     )
 
 
-def _matches(name: str, patterns) -> str | None:
-    for p in patterns:
-        if fnmatch.fnmatchcase(name, p) or name == p:
-            return p
-    return None
-
-
 def target_layers(model: torch.nn.Module, cfg: MagnitudePruneConfig) -> dict[str, float]:
     """Module name -> sparsity for every nn.Linear the config prunes."""
     out = {}
     for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear) or _matches(name, cfg.skip):
+        if not isinstance(mod, torch.nn.Linear) or matches(name, cfg.skip):
             continue
-        hit = _matches(name, cfg.overrides)
+        hit = matches(name, cfg.overrides)
         out[name] = cfg.overrides[hit] if hit else cfg.sparsity
     return out
 
 
 @torch.no_grad()
-def magnitude_prune_(model: torch.nn.Module, cfg: MagnitudePruneConfig) -> dict:
+def magnitude_prune_(model: torch.nn.Module, cfg: MagnitudePruneConfig, device: str = "cpu") -> dict:
     """Prune `model` in place; return {layer: measured sparsity} for the pruned layers."""
     targets = target_layers(model, cfg)
     skipped_tied = _tied_to_skipped(model, cfg)
@@ -74,7 +68,7 @@ def magnitude_prune_(model: torch.nn.Module, cfg: MagnitudePruneConfig) -> dict:
         w = model.get_submodule(name).weight
         if w.data_ptr() in skipped_tied:
             continue  # shares storage with a layer the user asked to keep dense
-        w.mul_(magnitude_mask(w, targets[name]).to(w.dtype))
+        w.mul_(magnitude_mask(w.to(device), targets[name]).to(w.device, w.dtype))  # the sort runs on `device`
         measured[name] = round((w == 0).sum().item() / w.numel(), 6)
     return measured
 
@@ -82,13 +76,21 @@ def magnitude_prune_(model: torch.nn.Module, cfg: MagnitudePruneConfig) -> dict:
 def _tied_to_skipped(model: torch.nn.Module, cfg: MagnitudePruneConfig) -> set[int]:
     ptrs = set()
     for name, mod in model.named_modules():
-        if _matches(name, cfg.skip):
+        if matches(name, cfg.skip):
             ptrs.update(p.data_ptr() for p in mod.parameters(recurse=False))
     return ptrs
 
 
+def check(cfg: MagnitudePruneConfig, model, ctx: StageContext) -> None:
+    names = linear_names(model)
+    bad = [f"skip: {p!r}" for p in unmatched(cfg.skip, names) if p != "lm_head"]
+    bad += [f"overrides: {p!r}" for p in unmatched(cfg.overrides, names)]
+    if bad:
+        raise UserError(*(f"magnitude_prune.{b} matches no nn.Linear module" for b in bad))
+
+
 def apply(model, cfg: MagnitudePruneConfig, ctx: StageContext):
-    measured = magnitude_prune_(model, cfg)
+    measured = magnitude_prune_(model, cfg, ctx.device)
     if not measured:
         raise ValueError("magnitude_prune matched no nn.Linear layer (check `skip`)")
     return model, {"pruned_layers": len(measured), "layer_sparsity": measured}
@@ -98,5 +100,6 @@ STAGE = Stage(
     name="magnitude_prune",
     config=MagnitudePruneConfig,
     apply=apply,
+    check=check,
     summary="Unstructured magnitude pruning of nn.Linear weights, per-layer sparsity.",
 )

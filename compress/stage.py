@@ -1,0 +1,58 @@
+"""What a stage is and what it sees.
+
+A stage is a frozen pydantic config plus a pure `apply(model, cfg, ctx) -> (model, info)`:
+`info` is a JSON-able dict of what the stage measured (it lands in stage.json and the
+report). An optional `check(cfg, model, ctx)` runs before any work on a *meta* copy of the
+input model (structure and shapes, no weights) and raises `UserError` on bad input, so a
+recipe fails in seconds instead of after an hour of calibration.
+
+These types live apart from the registry so that stage modules import them without the
+registry importing them back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from pydantic import BaseModel
+
+
+@dataclass
+class StageContext:
+    """What a stage may use besides the model.
+
+    device: where the stage computes (the model itself stays in host memory; stages move
+    what they work on, one layer at a time where it matters). model_dir: the directory the
+    input model came from (its config.json tells, e.g., whether it is already quantized).
+    """
+
+    device: str
+    seed: int
+    tokenizer: Any = None
+    model_dir: Path | None = None
+    progress: bool = True
+    engines: tuple[str, ...] = ("hf",)
+    engine_dtypes: dict[str, str] = field(default_factory=dict)
+
+    def calibration(self, cfg) -> torch.Tensor:
+        """[n_samples, seq_len] LongTensor of calibration tokens for a CalibrationConfig (seeded by
+        the recipe's seed); UserError when the data set is shorter than that."""
+        from compress.calibration import calibration_batches, check_calibration
+
+        check_calibration(self.tokenizer, cfg)
+        return calibration_batches(self.tokenizer, cfg.dataset, cfg.n_samples, cfg.seq_len, self.seed)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: type[BaseModel]
+    apply: Callable[[Any, BaseModel, StageContext], tuple[Any, dict]]
+    summary: str
+    # check(cfg, meta_model, ctx): raise UserError before any work (optional)
+    check: Callable[[BaseModel, torch.nn.Module, StageContext], None] | None = None
+    # a stage that writes quantized weights: later stages may not change the weights again
+    quantizes: bool = False
