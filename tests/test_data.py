@@ -9,6 +9,7 @@ import torch
 
 from compress import data
 from compress.errors import UserError
+from compress.calibration import CalibrationConfig
 from compress.registry import StageContext
 
 
@@ -47,13 +48,14 @@ def test_calibration_batches_are_seeded_windows(tiny_model, text_file):
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ctx = StageContext(device="cpu", seed=3, tokenizer=tok)
-    a = ctx.calibration(str(text_file), n_samples=4, seq_len=16)
-    b = ctx.calibration(str(text_file), n_samples=4, seq_len=16)
-    c = StageContext(device="cpu", seed=4, tokenizer=tok).calibration(str(text_file), n_samples=4, seq_len=16)
+    cfg = CalibrationConfig(dataset=str(text_file), n_samples=4, seq_len=16)
+    a = ctx.calibration(cfg)
+    b = ctx.calibration(cfg)
+    c = StageContext(device="cpu", seed=4, tokenizer=tok).calibration(cfg)
     assert a.shape == (4, 16) and a.dtype == torch.long
     assert torch.equal(a, b) and not torch.equal(a, c)
     full = tok(text_file.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0].tolist()
     for row in a.tolist():  # each row is a contiguous window of the tokenized text
         assert any(full[i:i + 16] == row for i in range(len(full) - 15))
-    with pytest.raises(UserError, match="need more than seq_len"):
-        ctx.calibration(str(text_file), n_samples=1, seq_len=10**6)
+    with pytest.raises(UserError, match="fewer than n_samples × seq_len = 1 × 1000000"):
+        ctx.calibration(CalibrationConfig(dataset=str(text_file), n_samples=1, seq_len=10**6))

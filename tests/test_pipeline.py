@@ -46,16 +46,17 @@ def test_recipe_end_to_end(tiny_model, text_file, home, capsys, tmp_path):
     assert manifest["seed"] == 0 and len(manifest["recipe_hash"]) == 64 and "git_sha" in manifest
 
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["schema_version"] == 1
-    base, art = report["baseline"]["metrics"], report["artifacts"][0]
+    assert report["schema_version"] == 2
+    base, art = report["baseline"]["engines"]["hf"], report["artifacts"][0]
     assert base["perplexity"]["tokens_scored"] > 400 and base["perplexity"]["perplexity"] > 1
     lin = [m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     expected = 0.5 * (sum(lin) - model.lm_head.weight.numel()) / sum(lin)  # lm_head stays dense
-    assert art["metrics"]["linear_sparsity"] == pytest.approx(expected, abs=1e-3)
+    am = art["engines"]["hf"]
+    assert am["linear_sparsity"] == pytest.approx(expected, abs=1e-3)
     assert art["stage_info"]["pruned_layers"] == 14
-    assert art["retention"]["ppl_retention"] == pytest.approx(
-        base["perplexity"]["perplexity"] / art["metrics"]["perplexity"]["perplexity"])
-    assert art["metrics"]["speed"]["decode_tok_s"] > 0
+    assert art["retention"]["hf"]["ppl_retention"] == pytest.approx(
+        base["perplexity"]["perplexity"] / am["perplexity"]["perplexity"])
+    assert am["speed"]["decode_tok_s"] > 0 and am["quantization"] is None
     md = (run_dir / "report.md").read_text()
     assert "| baseline" in md and "| 01-magnitude_prune" in md and "context 64" in md
     printed = capsys.readouterr().out
@@ -133,7 +134,7 @@ def test_rerun_reuses_stages_and_cached_evaluations(tiny_model, text_file, home,
     monkeypatch.setattr(ev, "open_engine", lambda *a, **k: opened.append(a) or real_open(*a, **k))
     report = pipeline.run(recipe)
     assert opened == [], "baseline or artifact measured twice"
-    assert report["baseline"]["metrics"]["cached"] and report["artifacts"][0]["metrics"]["cached"]
+    assert report["baseline"]["engines"]["hf"]["cached"] and report["artifacts"][0]["engines"]["hf"]["cached"]
 
 
 def test_eval_cli_compares_against_baseline(tiny_model, text_file, home, tmp_path, capsys):
@@ -144,9 +145,9 @@ def test_eval_cli_compares_against_baseline(tiny_model, text_file, home, tmp_pat
                "--context-length", "64", "--no-speed", "--device", "cpu", "--output", str(tmp_path / "ev")])
     assert rc == 0
     rep = json.loads((tmp_path / "ev" / "report.json").read_text())
-    assert rep["baseline"]["metrics"]["perplexity"]["tokens_scored"] == 256 - 4
-    assert 0 < rep["artifacts"][0]["retention"]["ppl_retention"]
-    assert "speed" not in rep["baseline"]["metrics"]
+    assert rep["baseline"]["engines"]["hf"]["perplexity"]["tokens_scored"] == 256 - 4
+    assert 0 < rep["artifacts"][0]["retention"]["hf"]["ppl_retention"]
+    assert "speed" not in rep["baseline"]["engines"]["hf"]
 
 
 def test_stage_registry_lists_fields(capsys):

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,18 +15,6 @@ from safetensors.torch import load_file
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smol_home(tmp_path_factory) -> Path:
-    """A fresh SQUEEZE_HOME sharing only the repo's model caches (import once, measure afresh)."""
-    home = tmp_path_factory.mktemp("smol") / "home"
-    home.mkdir()
-    for cache in ("_models", "_downloads"):
-        real = REPO / "checkpoints" / cache
-        real.mkdir(parents=True, exist_ok=True)
-        (home / cache).symlink_to(real)
-    return home
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +30,8 @@ def demo_run(smol_home) -> Path:
 
 def test_demo_report(demo_run):
     rep = json.loads((demo_run / "report.json").read_text())
-    base = rep["baseline"]["metrics"]
-    pruned = rep["artifacts"][0]["metrics"]
+    base = rep["baseline"]["engines"]["hf"]
+    pruned = rep["artifacts"][0]["engines"]["hf"]
     # the reference: ~29 over the first 8 x 1024 WikiText-2 raw test tokens with transformers
     assert 27.0 < base["perplexity"]["perplexity"] < 31.0
     proto = base["perplexity"]["protocol"]
@@ -53,7 +40,7 @@ def test_demo_report(demo_run):
     assert pruned["perplexity"]["perplexity"] > base["perplexity"]["perplexity"]
     assert base["speed"]["decode_tok_s"] > 0 and pruned["speed"]["decode_tok_s"] > 0
     md = (demo_run / "report.md").read_text()
-    assert f"| baseline (smollm2) | {base['perplexity']['perplexity']:.3f} |" in md
+    assert f"| baseline (smollm2) | hf | – | {base['perplexity']['perplexity']:.3f} |" in md
     assert f"| {pruned['speed']['decode_tok_s']:.1f} |" in md
     assert "| 01-magnitude_prune |" in md and "decode tok/s" in md and "context 1024, stride 1024" in md
 

@@ -1,9 +1,13 @@
 """Build, write and render the run report.
 
-report.json schema (version 1):
-  schema_version, squeeze_version, created, recipe (as run), recipe_hash, device,
-  baseline: {name, model_dir, metrics}, artifacts: [{name, stage, model_dir, stage_info,
-  metrics, retention}]. Later versions add fields; readers check schema_version.
+report.json schema (version 2):
+  schema_version, squeeze_version, created, recipe (as run), recipe_hash, device, versions,
+  baseline: {name, model_dir, engines: {engine: metrics}},
+  artifacts: [{name, stage, model_dir, stage_info, engines: {engine: metrics},
+               retention: {engine: {ppl_retention, ppl_change_pct, decode_speedup, ...}}}].
+  Retention compares an artifact with the baseline measured on the same engine.
+  Version 1 had one engine: `metrics` where version 2 has `engines`. Readers check
+  schema_version.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ from compress.manifest import versions
 from compress.fsutil import atomic_write_text
 from eval.evaluate import retention
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def build_report(baseline: dict, artifacts: list[dict], recipe: dict | None = None,
                  recipe_hash: str | None = None, device: str | None = None) -> dict:
-    """`baseline` = {name, model_dir, metrics}; each artifact = {name, model_dir, metrics, ...}."""
-    arts = [{**a, "retention": retention(baseline["metrics"], a["metrics"])} for a in artifacts]
+    """`baseline` = {name, model_dir, engines: {engine: metrics}}; each artifact likewise, plus
+    stage and stage_info."""
+    arts = [{**a, "retention": {e: retention(baseline["engines"][e], m) for e, m in a["engines"].items()
+                                if e in baseline["engines"]}} for a in artifacts]
     return {
         "schema_version": SCHEMA_VERSION,
         "squeeze_version": __version__,
@@ -41,24 +47,43 @@ def _f(x, fmt):
     return "–" if x is None else format(x, fmt)
 
 
-def table(report: dict) -> str:
-    """Markdown table: baseline first, then each artifact with its change against baseline."""
-    rows = ["| model | perplexity | ppl retention | prefill tok/s | decode tok/s | decode speedup "
-            "| linear sparsity | size MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+def quant_label(m: dict) -> str:
+    """'W4A16 g128', 'W8A16 ch asym', or '–' for a dense model."""
+    q = m.get("quantization")
+    if not q:
+        return "–"
+    sizes = "/".join("ch" if g == -1 else f"{g}" for g in q.get("group_sizes", [q.get("group_size", -1)]))
+    label = sizes if sizes == "ch" else f"g{sizes}"
+    return f"{q.get('scheme', '?')} {label}{'' if q.get('symmetric', True) else ' asym'}"
+
+
+def rows(report: dict):
+    """(entry, engine, metrics, retention) in table order: baseline first, per engine."""
     base = report["baseline"]
-    entries = [(base, retention(base["metrics"], base["metrics"]))] + [(a, a["retention"]) for a in report["artifacts"]]
-    for entry, ret in entries:
-        m, sp = entry["metrics"], entry["metrics"].get("speed", {})
-        rows.append(
-            f"| {entry['name']} | {_f(m.get('perplexity', {}).get('perplexity'), '.3f')} "
+    for e, m in base["engines"].items():
+        yield base, e, m, retention(m, m)
+    for a in report["artifacts"]:
+        for e, m in a["engines"].items():
+            yield a, e, m, a["retention"].get(e, {})
+
+
+def table(report: dict) -> str:
+    """Markdown table: one row per (model, engine), changes against the baseline on that engine."""
+    out = ["| model | engine | quant | perplexity | ppl retention | prefill tok/s | decode tok/s | decode speedup "
+           "| linear sparsity | size MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for entry, engine, m, ret in rows(report):
+        sp = m.get("speed", {})
+        out.append(
+            f"| {entry['name']} | {engine} | {quant_label(m)} | {_f(m.get('perplexity', {}).get('perplexity'), '.3f')} "
             f"| {_f(ret.get('ppl_retention'), '.3f')} | {_f(sp.get('prefill_tok_s'), '.1f')} "
             f"| {_f(sp.get('decode_tok_s'), '.1f')} | {_f(ret.get('decode_speedup'), '.2f')}x "
             f"| {_f(m.get('linear_sparsity'), '.1%')} | {_f(m.get('size_bytes', 0) / 1e6, '.1f')} |")
-    return "\n".join(rows)
+    return "\n".join(out)
 
 
 def protocol_lines(report: dict) -> list[str]:
-    m = report["baseline"]["metrics"]
+    engines = report["baseline"]["engines"]
+    m = next(iter(engines.values()))
     out = []
     if "perplexity" in m:
         p = m["perplexity"]["protocol"]
@@ -67,9 +92,16 @@ def protocol_lines(report: dict) -> list[str]:
                    f"per token ({m['perplexity']['tokens_scored']} tokens scored), {m['dtype']}.")
     if "speed" in m:
         s = m["speed"]["protocol"]
-        out.append(f"- Speed: engine {s['engine']}, batch {s['batch_size']}, {s['input_len']} input / "
+        out.append(f"- Speed: batch {s['batch_size']}, {s['input_len']} input / "
                    f"{s['output_len']} output tokens (EOS ignored), {s['warmup']} warm-up + "
                    f"{s['repeats']} timed runs, {s['statistic']}; on {m['hardware']} ({m['device']}).")
+    for e, em in engines.items():
+        out.append(f"- Engine {e}: " + ", ".join(f"{k} {v}" for k, v in (em.get("settings") or {}).items()
+                                                  if v is not None) + ".")
+    if any(em.get("quantization") for a in report["artifacts"] for em in a["engines"].values()):
+        out.append("- quant: weight bits, activation bits and group size (g128: 128 input channels share a "
+                   "scale; g128/64: 64 on layers 128 does not divide; ch: one scale per output channel); "
+                   "size MB = bytes of the safetensors on disk.")
     out.append("- ppl retention = baseline perplexity / artifact perplexity (1.0 = no loss); "
                "decode speedup = artifact decode tok/s / baseline decode tok/s.")
     return out
@@ -79,9 +111,15 @@ def markdown(report: dict) -> str:
     title = (report.get("recipe") or {}).get("name", "evaluation")
     lines = [f"# Squeeze report: {title}", "", table(report), "", "Protocol:", *protocol_lines(report)]
     for a in report["artifacts"]:
-        info = {k: v for k, v in (a.get("stage_info") or {}).items() if not isinstance(v, dict)}
+        info = {k: v for k, v in (a.get("stage_info") or {}).items() if not isinstance(v, (dict, list))}
         if info:
             lines.append(f"- {a['name']}: " + ", ".join(f"{k} = {v}" for k, v in info.items()))
+    source = ((report.get("recipe") or {}).get("model") or {}).get("source")
+    quantized = any(em.get("quantization") for a in report["artifacts"] for em in a["engines"].values())
+    if source == "smollm2" and quantized:
+        lines.append("- Note: the built-in SmolLM2 is dequantized from a Q4_1 GGUF, so its weights already sit on a "
+                     "4-bit grid with blocks of 32: 4-bit quantization at group 32 can look lossless on it; judge "
+                     "quantizers at group 128 (64 where 128 does not divide a layer) or per channel.")
     lines += ["", f"squeeze {report['squeeze_version']}, report schema {report['schema_version']}, "
               f"{report['created']}"]
     return "\n".join(lines) + "\n"

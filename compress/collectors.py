@@ -1,0 +1,82 @@
+"""Statistics of a linear layer's inputs, accumulated over calibration batches.
+
+Each collector has `add_batch(x)` with x [..., in_features] (any leading dims: batch,
+sequence) and keeps a running statistic in float32 on x's device. The calibration runner
+(compress.layerwise) feeds them from forward hooks; the algorithm that chose the collector
+reads the result and the runner frees it. Modules that read the same input tensor (q/k/v,
+gate/up) share one collector.
+
+  HessianCollector      H = 2/n Σ xᵀx            [in, in]   GPTQ, SparseGPT
+  ChannelNormCollector  Σ x_j² / n (per channel)  [in]       Wanda, AWQ
+  AbsMaxCollector       max |x_j| (per channel)   [in]       SmoothQuant, static activation scales
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class HessianCollector:
+    """Running mean of 2 xᵀx over tokens (GPTQ's H; the factor 2 is the paper's)."""
+
+    def __init__(self, in_features: int, device):
+        self.h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        m = x.shape[0]
+        self.h.mul_(self.n / (self.n + m))
+        self.n += m
+        self.h.add_(_gram(x), alpha=2.0 / self.n)
+
+    def nbytes(self) -> int:
+        return self.h.numel() * 4
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx in float32. On CUDA, 16-bit inputs go through a 16-bit GEMM with float32 output:
+    the products of 16-bit numbers are exact in float32 and the sums accumulate in float32, so
+    it is as precise as upcasting first, at tensor-core speed (for down_proj of an 8B model,
+    ~100 TFLOP per layer at 128 × 2048 calibration tokens)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(x.T, x, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
+    x = x.float()
+    return x.T @ x
+
+
+class ChannelNormCollector:
+    """Mean of x_j² over tokens, per input channel (Wanda's ‖X_j‖² / n)."""
+
+    def __init__(self, in_features: int, device):
+        self.sq = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        self.sq.mul_(self.n / (self.n + m))
+        self.n += m
+        self.sq.add_(x.square().sum(0), alpha=1.0 / self.n)
+
+    def nbytes(self) -> int:
+        return self.sq.numel() * 4
+
+
+class AbsMaxCollector:
+    """Largest |x_j| seen, per input channel."""
+
+    def __init__(self, in_features: int, device):
+        self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        self.n += x.shape[0]
+        torch.maximum(self.absmax, x.abs().amax(0).float(), out=self.absmax)
+
+    def nbytes(self) -> int:
+        return self.absmax.numel() * 4

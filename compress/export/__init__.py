@@ -1,0 +1,1 @@
+"""Checkpoint writers for formats engines load natively (compressed-tensors)."""

@@ -1,0 +1,129 @@
+"""Quantized checkpoints in the compressed-tensors format, written with the compressed-tensors
+library (the format vLLM and transformers load natively).
+
+Solving and packing are apart: a quantization stage leaves fake-quantized weights in the
+model (values on the grid) and a `QuantRecord` (scale, zero, g_idx) per module; `attach`
+puts the compressed-tensors scheme and those parameters on the modules; `save_compressed`
+lets the library pack and write them. The library re-quantizes the weight with *our* scale,
+zero point and g_idx (no observer runs), so the codes it packs are the ones we solved:
+weights are handed to it in float32, where (code - zero) * scale is exact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compress.quant.grid import Grid, expand, quantize
+
+
+@dataclass
+class QuantRecord:
+    scale: torch.Tensor            # [out, G]
+    zero: torch.Tensor             # [out, G] float32 integers
+    g_idx: torch.Tensor | None     # [in] int32 (activation order "group")
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """What a weight-only stage produced: enough to write the quantization_config."""
+
+    bits: int
+    group_size: int                # -1: per channel
+    symmetric: bool
+    actorder: str | None = None    # None | "weight" | "group"
+
+    def args(self):
+        from compressed_tensors.quantization import QuantizationArgs
+
+        return QuantizationArgs(num_bits=self.bits, type="int", symmetric=self.symmetric,
+                                strategy="channel" if self.group_size == -1 else "group",
+                                group_size=None if self.group_size == -1 else self.group_size,
+                                actorder=self.actorder)
+
+    @property
+    def name(self) -> str:
+        """W4A16, W8A16 (the compressed-tensors preset names)."""
+        return f"W{self.bits}A16"
+
+
+def attach(model: torch.nn.Module, records: dict[str, QuantRecord], schemes: dict[str, WeightScheme]) -> None:
+    """Give every recorded module its compressed-tensors scheme and our scale/zero/g_idx.
+
+    One config group per distinct scheme, targeting its modules by exact name (modules that
+    vLLM fuses, q/k/v and gate/up, always share one scheme: they share an input width)."""
+    from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme, QuantizationStatus,
+                                                 apply_quantization_config)
+
+    by_scheme: dict[WeightScheme, list[str]] = {}
+    for name in records:
+        by_scheme.setdefault(schemes[name], []).append(name)
+    groups = {f"group_{i}": QuantizationScheme(targets=names, weights=sch.args())
+              for i, (sch, names) in enumerate(by_scheme.items())}
+    apply_quantization_config(model, QuantizationConfig(config_groups=groups,
+                                                        quantization_status=QuantizationStatus.FROZEN))
+    with torch.no_grad():
+        for name, rec in records.items():
+            m = model.get_submodule(name)
+            m.weight_scale.data.copy_(rec.scale.to(m.weight_scale.dtype))
+            if hasattr(m, "weight_zero_point"):
+                m.weight_zero_point.data.copy_(rec.zero.to(m.weight_zero_point.dtype))
+            if rec.g_idx is not None:
+                m.weight_g_idx.data.copy_(rec.g_idx.to(torch.int32))
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return any(getattr(m, "quantization_scheme", None) is not None for m in model.modules())
+
+
+def save_compressed(model: torch.nn.Module, out_dir: Path) -> None:
+    """Pack the attached modules and write the model to `out_dir` (config, safetensors)."""
+    from compressed_tensors.compressors import ModelCompressor
+
+    with torch.no_grad():
+        for m in model.modules():
+            sch = getattr(m, "quantization_scheme", None)
+            if sch is None:
+                continue
+            # rebuild the weight from its codes in float32: exact, whatever the model dtype
+            w = m.weight.data.float()
+            grid = Grid(bits=sch.weights.num_bits, symmetric=sch.weights.symmetric,
+                        group_size=sch.weights.group_size or -1)
+            g_idx = getattr(m, "weight_g_idx", None)
+            g_idx = g_idx.data if g_idx is not None and sch.weights.actorder == "group" else None
+            s = expand(m.weight_scale.data.float(), w.shape[1], grid.group_size, g_idx)
+            zp = getattr(m, "weight_zero_point", None)
+            z = torch.zeros_like(s) if sch.weights.symmetric or zp is None else \
+                expand(zp.data.float(), w.shape[1], grid.group_size, g_idx)
+            m.weight.data = (quantize(w, s, z, grid) - z) * s
+    comp = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    comp.compress_model(model)
+    model.save_pretrained(out_dir)
+    comp.update_config(str(out_dir))  # after save_pretrained, which rewrites config.json
+
+
+def quantization_config(model_dir: Path) -> dict | None:
+    """The checkpoint's quantization_config (None for a dense model)."""
+    cfg = Path(model_dir) / "config.json"
+    if not cfg.is_file():
+        return None
+    return json.loads(cfg.read_text()).get("quantization_config")
+
+
+def describe(qcfg: dict | None) -> dict | None:
+    """Short description of a compressed-tensors config for reports: scheme, bits, group size."""
+    if not qcfg:
+        return None
+    out = {"method": qcfg.get("quant_method"), "format": qcfg.get("format")}
+    groups = list((qcfg.get("config_groups") or {}).values())
+    sizes = sorted({(g.get("weights") or {}).get("group_size") or -1 for g in groups}, reverse=True)
+    for g in groups[:1]:
+        w = g.get("weights") or {}
+        acts = g.get("input_activations")
+        out.update({"bits": w.get("num_bits"), "group_size": sizes[0], "group_sizes": sizes,
+                    "symmetric": w.get("symmetric"), "actorder": w.get("actorder"),
+                    "scheme": f"W{w.get('num_bits')}A{(acts or {}).get('num_bits', 16)}"})
+    return out

