@@ -58,7 +58,7 @@ def main() -> None:
               "recipe": "recipes/demo.yaml", "dtype": recipe.model.dtype}
     records = []
     for entry in [report["baseline"]] + report["artifacts"]:
-        m = entry["metrics"]
+        m = entry["engines"]["hf"]
         records.append({**common, "engine": "hf", "model": entry["name"], "pipeline_wall_s": round(wall, 1),
                         "perplexity": m["perplexity"]["perplexity"], "ppl_protocol": m["perplexity"]["protocol"],
                         "speed": m["speed"]})
