@@ -62,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("validate", epilog=EPILOG, help="check a recipe without running it",
-                       description="Validate RECIPE: exit 0 if good, 2 with one line per problem if not.")
+                       description="Validate RECIPE: exit 0 if good, 2 with one line per problem if not. Where "
+                       "the model is already on this machine, the stages are also checked against it.")
     p.add_argument("recipe", metavar="RECIPE")
+    _common(p)
 
     p = sub.add_parser("import-gguf", epilog=EPILOG, help="turn a .gguf file into a plain HF checkpoint",
                        description="Dequantize FILE (GGUF) to float32 and write an HF directory (safetensors, "
@@ -80,8 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_validate(a) -> int:
     from compress.recipe import load_recipe
 
+    from compress.models import local_model_dir, resolve_device
+    from compress.pipeline import preflight
+
     r = load_recipe(a.recipe)
-    print(f"{a.recipe}: ok ({r.name}: {len(r.stages)} stage(s): {', '.join(s.type for s in r.stages) or 'none'})")
+    base = local_model_dir(r.model.source)
+    if base is not None:  # the stages' own checks against the model, as `run` makes them first
+        preflight(r, resolve_device(r.device), base)
+    checked = "" if base is not None else "; model checks skipped: the model is not on this machine yet"
+    print(f"{a.recipe}: ok ({r.name}: {len(r.stages)} stage(s): {', '.join(s.type for s in r.stages) or 'none'}"
+          f"{checked})")
     return 0
 
 

@@ -30,8 +30,6 @@ class HessianCollector:
         self.n += m
         self.h.add_(_gram(x), alpha=2.0 / self.n)
 
-    def nbytes(self) -> int:
-        return self.h.numel() * 4
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +60,6 @@ class ChannelNormCollector:
         self.n += m
         self.sq.add_(x.square().sum(0), alpha=1.0 / self.n)
 
-    def nbytes(self) -> int:
-        return self.sq.numel() * 4
 
 
 class AbsMaxCollector:
@@ -78,5 +74,3 @@ class AbsMaxCollector:
         self.n += x.shape[0]
         torch.maximum(self.absmax, x.abs().amax(0).float(), out=self.absmax)
 
-    def nbytes(self) -> int:
-        return self.absmax.numel() * 4

@@ -119,20 +119,24 @@ def device_free_bytes(device: str) -> int:
 
 def plan_memory(n_samples: int, seq_len: int, hidden: int, dtype: torch.dtype, layer: torch.nn.Module,
                 max_in: int, device: str) -> MemoryPlan:
-    """Where the calibration activations live: n × seq × hidden × bytes × 2 (in and out)."""
-    act = n_samples * seq_len * hidden * torch.finfo(dtype).bits // 8 * 2
+    """Where the calibration activations live: n × seq × hidden × bytes (each batch's output
+    replaces its input once the layer is solved) plus one batch in flight."""
+    act = n_samples * seq_len * hidden * torch.finfo(dtype).bits // 8
     layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     # layer + two Hessians of the widest input + the solver's float32 copies, with headroom
     reserve = int(1.5 * (layer_bytes + 3 * max_in * max_in * 4)) + (512 << 20)
     host = _host_available()
     if device.startswith("cuda"):
         free = device_free_bytes(device)
+        if free < reserve:
+            raise UserError(f"{device} has {free / 2**30:.1f} GiB free for this process; one decoder layer, its "
+                            f"statistics and the solver need about {reserve / 2**30:.1f} GiB")
         on = device if act + reserve <= free else "cpu"
     else:
         free, on = None, "cpu"
     if on == "cpu" and host is not None and act > 0.9 * host:
         raise UserError(f"calibration activations need {act / 2**30:.1f} GiB ({n_samples} samples × {seq_len} tokens "
-                        f"× hidden {hidden} × 2) but only {host / 2**30:.1f} GiB of host memory is available; "
+                        f"× hidden {hidden}) but only {host / 2**30:.1f} GiB of host memory is available; "
                         "lower n_samples or seq_len")
     return MemoryPlan(act, on, free, reserve)
 
@@ -310,12 +314,12 @@ def run_layerwise(model: torch.nn.Module, calib: torch.Tensor, names: list[str],
 
     t0 = time.perf_counter()
     cap = capture(model, layers, batches, device, store, tuple_out)
-    inps, outs = cap.inputs, [None] * len(cap.inputs)
+    acts = cap.inputs  # the inputs of the layer being solved; replaced by its outputs batch by batch
     capture_s = time.perf_counter() - t0
 
     def forward(layer, i, b):
-        args, kwargs = cap.kwargs[inps[b].shape[0]][i]
-        return layer(inps[b].to(device, non_blocking=True), *args, **kwargs)
+        args, kwargs = cap.kwargs[acts[b].shape[0]][i]
+        return layer(acts[b].to(device, non_blocking=True), *args, **kwargs)
 
     results: dict[str, dict] = {}
     layer_s = []
@@ -330,15 +334,14 @@ def run_layerwise(model: torch.nn.Module, calib: torch.Tensor, names: list[str],
             passes = [[g] for g in groups] if sequential else [groups]
             for gs in passes:
                 bar.set_postfix_str(", ".join(r.rsplit(".", 1)[-1] for g in gs for r in g))
-                stats = _collect(layer, i, mods, gs, make_collector, device, forward, len(inps))
+                stats = _collect(layer, i, mods, gs, make_collector, device, forward, len(acts))
                 for g, st in zip(gs, stats):
                     for rel, info in solve(i, {r: mods[r] for r in g}, st).items():
                         results[f"{layers_name}.{i}.{rel}"] = info
                 del stats
-        for b in range(len(inps)):
-            outs[b] = to_store(_hidden(forward(layer, i, b)), store, outs[b])
+        for b in range(len(acts)):
+            acts[b] = to_store(_hidden(forward(layer, i, b)), store, acts[b])
         layer.to(home)
-        inps, outs = outs, inps
         layer_s.append(round(time.perf_counter() - t_layer, 3))
     bar.close()
     info = {"layers": len(layers), "layers_module": layers_name, "calibration": {"samples": n, "seq_len": seq,

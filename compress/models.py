@@ -183,6 +183,15 @@ def import_gguf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def local_model_dir(source: str) -> Path | None:
+    """The HF directory of `source` if it is already on this machine (no import, no download)."""
+    if source in BUILTIN_MODELS:
+        out = home() / "_models" / BUILTIN_MODELS[source]["dir"]
+        return out if (out / "manifest.json").is_file() else None
+    p = Path(source).expanduser()
+    return p if p.is_dir() and (p / "config.json").is_file() else None
+
+
 def _builtin(name: str) -> Path:
     spec = BUILTIN_MODELS[name]
     out = home() / "_models" / spec["dir"]

@@ -177,14 +177,12 @@ def parse_recipe(raw: Any, where: str = "<recipe>") -> Recipe:
 
 def _order_errors(stages: list[StageSpec], where: str) -> list[str]:
     """Quantized weights are final: nothing may change the weights after a quantization stage."""
-    out, quantized_by = [], None
-    for i, s in enumerate(stages):
-        if quantized_by is not None:
-            out.append(f"{where}: stages[{i}].type: {s.type!r} after {quantized_by!r} (stages[{quantized_at}]): "
-                       "quantized checkpoints are final; put quantization last")
-        if registry.get(s.type).quantizes and quantized_by is None:
-            quantized_by, quantized_at = s.type, i
-    return out
+    first = next((i for i, s in enumerate(stages) if registry.get(s.type).quantizes), None)
+    if first is None:
+        return []
+    q = stages[first].type
+    return [f"{where}: stages[{i}].type: {s.type!r} after {q!r} (stages[{first}]): quantized checkpoints are "
+            "final; put quantization last" for i, s in enumerate(stages) if i > first]
 
 
 def _parse_stage(st: Any, i: int, where: str, errors: list[str]) -> StageSpec | None:

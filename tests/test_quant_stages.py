@@ -175,3 +175,12 @@ def test_w4a16_artifact_runs_in_vllm_like_in_transformers(tiny_vllm_model, text_
         eng.close()
     # the same weights in both: float16 rounding apart, log-probabilities agree
     assert (got - ref).abs().max().item() < 0.01
+
+
+def test_validate_checks_the_stages_against_a_local_model(tiny_model, text_file, tmp_path):
+    rec = tiny_recipe(tiny_model, text_file, [{"type": "rtn", "group_size": 128}])
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(rec))
+    r = subprocess.run([sys.executable, "-m", "compress.cli", "validate", str(p)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "128 does not divide the input width 64 of model.layers.0.self_attn.q_proj" in r.stderr

@@ -44,11 +44,6 @@ class WeightScheme:
                                 group_size=None if self.group_size == -1 else self.group_size,
                                 actorder=self.actorder)
 
-    @property
-    def name(self) -> str:
-        """W4A16, W8A16 (the compressed-tensors preset names)."""
-        return f"W{self.bits}A16"
-
 
 def attach(model: torch.nn.Module, records: dict[str, QuantRecord], schemes: dict[str, WeightScheme]) -> None:
     """Give every recorded module its compressed-tensors scheme and our scale/zero/g_idx.
