@@ -61,8 +61,8 @@ def engine_problems(scheme: WeightScheme, ctx: StageContext) -> list[str]:
 def check_weight_quant(cfg: WeightQuantConfig, model: torch.nn.Module, ctx: StageContext, stage: str,
                        actorder: str | None = None) -> list[str]:
     """Checks before any work; returns the module names to quantize."""
-    if ctx.model_dir is not None and quantization_config(ctx.model_dir):
-        q = quantization_config(ctx.model_dir)
+    q = quantization_config(ctx.model_dir) if ctx.model_dir is not None else None
+    if q:
         raise UserError(f"{stage}: {ctx.model_dir} is already quantized ({q.get('quant_method', '?')}, "
                         f"format {q.get('format', '?')}); start from the unquantized model")
     names = select_linears(model, cfg.targets, cfg.ignore, stage)
