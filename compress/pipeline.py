@@ -105,6 +105,9 @@ def stage_context(recipe: Recipe, device: str, tokenizer, model_dir: Path) -> St
 
 def preflight(recipe: Recipe, device: str, base_dir: Path) -> None:
     """Run every stage's own checks on a weightless copy of the input model, before any work."""
+    if recipe.eval.hf.sparse_kernels and "hf" in recipe.eval.engines and not device.startswith("cuda"):
+        raise UserError(f"eval.hf.sparse_kernels: torch's semi-structured (2:4) kernels need a CUDA GPU; the "
+                        f"device is {device}")
     checks = [(i, s, registry.get(s.type).check) for i, s in enumerate(recipe.stages)]
     checks = [c for c in checks if c[2] is not None]
     if not checks:

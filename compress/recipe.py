@@ -69,9 +69,17 @@ class VLLMOptions(_Strict):
     tensor_parallel_size: int = Field(1, gt=0)
 
 
+class HFOptions(_Strict):
+    """How the transformers engine runs the model."""
+
+    sparse_kernels: bool = Field(False, description="run linear layers whose weights are exactly 2:4 sparse with "
+                                 "torch's semi-structured sparse kernels (CUDA, 16-bit dtypes)")
+
+
 class EvalConfig(_Strict):
     engines: list[Literal["hf", "vllm"]] = Field(default_factory=lambda: ["hf"], min_length=1,
                                                   description="inference engines that measure every model")
+    hf: HFOptions = HFOptions()
     vllm: VLLMOptions = VLLMOptions()
     perplexity: PerplexityConfig | None = PerplexityConfig()
     speed: SpeedConfig | None = SpeedConfig()
@@ -92,6 +100,13 @@ class Recipe(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     stages: list[StageSpec] = Field(default_factory=list)
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _sparse_kernels_need_16_bits(self):
+        if self.eval.hf.sparse_kernels and self.model.dtype == "float32":
+            raise ValueError("eval.hf.sparse_kernels needs model.dtype bfloat16 or float16 (torch's 2:4 kernels "
+                             "have no float32 path)")
+        return self
 
     def compression_hash(self) -> str:
         """Hash of what determines the stage outputs (model, seed, stages); eval settings excluded."""

@@ -26,10 +26,10 @@ def _builtin() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    from compress.prune import magnitude
+    from compress.prune import magnitude, sparsegpt, wanda
     from compress.quant import gptq, rtn
 
-    for stage in (magnitude.STAGE, rtn.STAGE, gptq.STAGE):
+    for stage in (magnitude.STAGE, wanda.STAGE, sparsegpt.STAGE, rtn.STAGE, gptq.STAGE):
         register(stage)
 
 

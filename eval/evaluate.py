@@ -34,27 +34,13 @@ def hardware() -> str:
     return f"{platform.machine()} cpu x{torch.get_num_threads()} threads"
 
 
-def weight_stats(model) -> dict:
-    """Parameter count, linear-weight sparsity (fraction of exact zeros) and weight bytes in memory."""
-    total = sum(p.numel() for p in model.parameters())
-    lin = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    seen, zeros, numel = set(), 0, 0
-    for w in lin:
-        if w.data_ptr() in seen:
-            continue
-        seen.add(w.data_ptr())
-        zeros += (w == 0).sum().item()
-        numel += w.numel()
-    return {"params": total, "linear_sparsity": zeros / numel if numel else 0.0}
-
-
 def engine_settings(engine: str, cfg: EvalConfig, model: ModelSpec) -> dict:
     """What the engine is opened with (beyond device and model): part of the cache key."""
     if engine == "vllm":
         opts = cfg.vllm.model_dump()
         opts["dtype"] = opts["dtype"] or model.dtype
         return opts
-    return {"dtype": model.dtype}
+    return {"dtype": model.dtype, **({"sparse_kernels": True} if cfg.hf.sparse_kernels else {})}
 
 
 def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "hf", device: str = "cpu",
@@ -77,8 +63,7 @@ def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "
                "dtype": settings["dtype"], "settings": settings, "device": device, "hardware": key_src["hardware"],
                "size_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
                "quantization": describe(quantization_config(model_dir))}
-        if hasattr(eng, "model"):
-            out.update(weight_stats(eng.model))
+        out.update(getattr(eng, "stats", {}))
         if cfg.perplexity is not None:
             p = cfg.perplexity
             ids = eng.tokenizer(load_text(p.dataset), add_special_tokens=False, return_tensors="pt").input_ids[0]

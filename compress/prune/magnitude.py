@@ -1,4 +1,5 @@
-"""Unstructured magnitude pruning: zero the smallest-|w| fraction of each linear layer.
+"""Magnitude pruning: zero the smallest-|w| fraction of each linear layer, or the smallest
+M - N of every M consecutive input weights (N:M, e.g. 2:4).
 
 Each targeted `nn.Linear` is pruned to its own sparsity (per layer, not global), so the
 measured sparsity of every pruned layer equals the asked one up to one weight.
@@ -9,10 +10,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from compress.errors import UserError
+from compress.prune.masks import nm_mask, parse_nm
 from compress.select import linear_names, matches, unmatched
 from compress.stage import Stage, StageContext
 
@@ -45,6 +47,15 @@ class MagnitudePruneConfig(BaseModel):
         default_factory=dict,
         description="per-layer sparsity: module-name glob -> sparsity; the first matching glob wins",
     )
+    nm: str | None = Field(None, description="semi-structured 'N:M' (e.g. '2:4'): keep the N largest of every M "
+                           "consecutive input weights; replaces sparsity and overrides")
+
+    @model_validator(mode="after")
+    def _nm_alone(self):
+        pattern = parse_nm(self.nm)
+        if pattern and ("sparsity" in self.model_fields_set or self.overrides):
+            raise ValueError(f"nm {self.nm} fixes every layer's sparsity; drop `sparsity` and `overrides`")
+        return self
 
 
 def target_layers(model: torch.nn.Module, cfg: MagnitudePruneConfig) -> dict[str, float]:
@@ -68,7 +79,9 @@ def magnitude_prune_(model: torch.nn.Module, cfg: MagnitudePruneConfig, device: 
         w = model.get_submodule(name).weight
         if w.data_ptr() in skipped_tied:
             continue  # shares storage with a layer the user asked to keep dense
-        w.mul_(magnitude_mask(w.to(device), targets[name]).to(w.device, w.dtype))  # the sort runs on `device`
+        wd = w.to(device)  # the sort runs on `device`
+        keep = nm_mask(wd.abs(), *parse_nm(cfg.nm)) if cfg.nm else magnitude_mask(wd, targets[name])
+        w.mul_(keep.to(w.device, w.dtype))
         measured[name] = round((w == 0).sum().item() / w.numel(), 6)
     return measured
 
@@ -85,8 +98,13 @@ def check(cfg: MagnitudePruneConfig, model, ctx: StageContext) -> None:
     names = linear_names(model)
     bad = [f"skip: {p!r}" for p in unmatched(cfg.skip, names) if p != "lm_head"]
     bad += [f"overrides: {p!r}" for p in unmatched(cfg.overrides, names)]
+    if cfg.nm:
+        m = parse_nm(cfg.nm)[1]
+        bad += [f"nm: {m} does not divide the input width {w} of {n}"
+                for n, w in ((n, model.get_submodule(n).in_features) for n in target_layers(model, cfg)) if w % m]
     if bad:
-        raise UserError(*(f"magnitude_prune.{b} matches no nn.Linear module" for b in bad))
+        raise UserError(*(f"magnitude_prune.{b}" + ("" if b.startswith("nm:") else " matches no nn.Linear module")
+                          for b in bad[:6]))
 
 
 def apply(model, cfg: MagnitudePruneConfig, ctx: StageContext):

@@ -32,7 +32,7 @@ from compress.collectors import HessianCollector
 from compress.export.compressed_tensors import QuantRecord, WeightScheme, attach
 from compress.layerwise import decoder_layers, run_layerwise
 from compress.quant.common import WeightQuantConfig, check_weight_quant, group_summary, store
-from compress.quant.cuda_graph import graph_block_fn
+from compress.quant.cuda_graph import graph_fn
 from compress.quant.grid import Grid, fake_quantize, group_qparams, qparams
 from compress.stage import Stage, StageContext
 
@@ -70,12 +70,15 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def solve_block(w1: torch.Tensor, hinv1: torch.Tensor, s1: torch.Tensor, z1: torch.Tensor,
-                q1: torch.Tensor, err1: torch.Tensor, grid: Grid, dynamic_group: int) -> None:
+                q1: torch.Tensor, err1: torch.Tensor, grid: Grid, dynamic_group: int,
+                keep1: torch.Tensor | None = None) -> None:
     """One lazy-batch block, in place: w1, q1, err1, s1, z1 [out, c]; hinv1 [c, c].
 
     dynamic_group > 0: each group of that many columns gets its scale/zero from the current
     (error-updated) weights when reached, written into s1/z1; else s1/z1 are given.
-    No host synchronisation, so the block can be captured in a CUDA graph.
+    keep1 [out, c] (0/1): weights that must end exactly 0 where it is 0 (a pruned model
+    stays pruned; zero is on every grid). No host synchronisation, so the block can be
+    captured in a CUDA graph.
     """
     c = w1.shape[1]
     for i in range(c):
@@ -85,6 +88,8 @@ def solve_block(w1: torch.Tensor, hinv1: torch.Tensor, s1: torch.Tensor, z1: tor
             z1[:, i:i + dynamic_group] = z
         w = w1[:, i]
         q = fake_quantize(w, s1[:, i], z1[:, i], grid)
+        if keep1 is not None:
+            q = q * keep1[:, i]
         e = (w - q) / hinv1[i, i]
         w1[:, i + 1:].addr_(e, hinv1[i, i + 1:], alpha=-1.0)
         q1[:, i] = q
@@ -93,12 +98,14 @@ def solve_block(w1: torch.Tensor, hinv1: torch.Tensor, s1: torch.Tensor, z1: tor
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, grid: Grid, block_size: int = 128,
                   damp: float = 0.01, actorder: ActOrder = None, block_fn=solve_block,
-                  overwrite_h: bool = False) -> GPTQResult:
+                  overwrite_h: bool = False, keep: torch.Tensor | None = None) -> GPTQResult:
     """Quantize W [out, in] against the Hessian H [in, in]; see the module docstring.
 
     `block_fn` runs one block (default `solve_block`; the CUDA-graph runner replays the same
     computation faster). W is not modified; H is used as scratch space when `overwrite_h`
-    (then the solver needs one more [in, in] buffer, else two).
+    (then the solver needs one more [in, in] buffer, else two). `keep` [out, in] bool: where
+    False the result is exactly 0 (a pruned layer stays pruned; the rounding error of those
+    weights is spread over the others like any other).
     """
     out, n = w.shape
     gs = n if grid.group_size == -1 else grid.group_size
@@ -120,8 +127,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, grid: Grid, block_size: int 
         scale = torch.zeros(out, n // gs, device=w.device)
         zero = torch.zeros_like(scale)
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if actorder else None
+    keep = None if keep is None else keep.float()
     if perm is not None:
         w = w[:, perm]
+        keep = None if keep is None else keep[:, perm]
         h.copy_(h.index_select(0, perm))
         h.copy_(h.index_select(1, perm))
         col_group = col_group[perm]
@@ -141,7 +150,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, grid: Grid, block_size: int 
             s1, z1 = scale[:, col_group[i1:i2]], zero[:, col_group[i1:i2]]
         else:
             s1, z1 = torch.empty_like(w1), torch.empty_like(w1)
-        block_fn(w1, hinv[i1:i2, i1:i2], s1, z1, q1, err1, grid, 0 if static else gs)
+        keep1 = None if keep is None else keep[:, i1:i2].contiguous()
+        block_fn(w1, hinv[i1:i2, i1:i2], s1, z1, q1, err1, grid, 0 if static else gs, keep1)
         q[:, i1:i2] = q1
         if not static:  # group k = processed columns k*gs .. (k+1)*gs - 1
             scale[:, i1 // gs:i2 // gs], zero[:, i1 // gs:i2 // gs] = s1[:, ::gs], z1[:, ::gs]
@@ -168,6 +178,9 @@ def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------- the stage
 
+PRUNED_FRACTION = 0.1  # a module with this share of exact zeros was pruned: its zeros stay
+
+
 class GPTQConfig(WeightQuantConfig):
     damp: float = Field(0.01, gt=0.0, le=1.0, description="dampening added to diag(H), as a fraction of its mean")
     block_size: int = Field(128, gt=0, description="columns per lazy-batch block (speed only)")
@@ -176,6 +189,8 @@ class GPTQConfig(WeightQuantConfig):
         "(no g_idx, full kernel speed), 'group' is the paper's act-order with a stored g_idx, null = off")
     sequential: bool = Field(True, description="solve q/k/v, o, gate/up, down in turn, each seeing the "
                              "already quantized outputs of the ones before")
+    preserve_zeros: bool = Field(True, description="a pruned module (at least 10 % of its weights exactly 0) "
+                                 "keeps its zeros exactly: prune, then quantize")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
     @model_validator(mode="after")
@@ -197,7 +212,7 @@ def apply(model, cfg: GPTQConfig, ctx: StageContext):
     calib = ctx.calibration(c)
     records: dict[str, QuantRecord] = {}
     schemes: dict[str, WeightScheme] = {}
-    block_fn = graph_block_fn(ctx.device)
+    block_fn = graph_fn(solve_block, ctx.device)
 
     def solve(layer_idx: int, group: dict[str, torch.nn.Linear], stats: HessianCollector) -> dict[str, dict]:
         mods = list(group.values())
@@ -206,8 +221,10 @@ def apply(model, cfg: GPTQConfig, ctx: StageContext):
         grid = Grid(bits=cfg.bits, symmetric=cfg.symmetric, group_size=scheme.group_size,
                     scale_dtype=mods[0].weight.dtype)
         t0 = time.perf_counter()
+        keep = w != 0
+        pruned = cfg.preserve_zeros and (~keep).float().mean().item() >= PRUNED_FRACTION
         r = gptq_quantize(w, stats.h, grid, cfg.block_size, cfg.damp, cfg.actorder, block_fn=block_fn,
-                          overwrite_h=True)  # the statistic is not needed after this
+                          overwrite_h=True, keep=keep if pruned else None)  # H is not needed after this
         stats.h = None
         secs = time.perf_counter() - t0
         out, row = {}, 0

@@ -17,6 +17,43 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+def weight_stats(model) -> dict:
+    """Parameter count, non-zero parameters, and the linear weights' sparsity (exact zeros)."""
+    seen, zeros, numel, nonzero, total = set(), 0, 0, 0, 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel()
+        nonzero += int((p != 0).sum().item())
+    seen.clear()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.data_ptr() not in seen:
+            seen.add(m.weight.data_ptr())
+            zeros += int((m.weight == 0).sum().item())
+            numel += m.weight.numel()
+    return {"params": total, "nonzero_params": nonzero, "linear_sparsity": zeros / numel if numel else 0.0}
+
+
+def is_2to4(w: torch.Tensor) -> bool:
+    """Every group of 4 consecutive input weights has at most 2 non-zeros."""
+    return w.shape[1] % 4 == 0 and bool(((w != 0).reshape(w.shape[0], -1, 4).sum(2) <= 2).all())
+
+
+@torch.no_grad()
+def to_semi_structured_(model) -> int:
+    """Swap every exactly-2:4-sparse nn.Linear weight for torch's semi-structured sparse tensor
+    (cuSPARSELt / CUTLASS kernels; CUDA and 16-bit only). Returns how many were swapped."""
+    from torch.sparse import to_sparse_semi_structured
+
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear) and mod.weight.is_cuda and is_2to4(mod.weight):
+            mod.weight = torch.nn.Parameter(to_sparse_semi_structured(mod.weight), requires_grad=False)
+            n += 1
+    return n
+
+
 class HFEngine:
     name = "hf"
 
@@ -26,9 +63,14 @@ class HFEngine:
 
     @classmethod
     def load(cls, model_dir: Path, dtype: str = "float32", device: str = "cpu",
-             trust_remote_code: bool = False, allow_pickle: bool = False) -> "HFEngine":
+             trust_remote_code: bool = False, allow_pickle: bool = False,
+             sparse_kernels: bool = False) -> "HFEngine":
         model, tok = load_model(model_dir, dtype, device, trust_remote_code, allow_pickle)
-        return cls(model, tok, device)
+        eng = cls(model, tok, device)
+        eng.stats = weight_stats(model)
+        if sparse_kernels:
+            eng.stats["semi_structured_layers"] = to_semi_structured_(model)
+        return eng
 
     @torch.inference_mode()
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -110,10 +110,21 @@ def protocol_lines(report: dict) -> list[str]:
 def markdown(report: dict) -> str:
     title = (report.get("recipe") or {}).get("name", "evaluation")
     lines = [f"# Squeeze report: {title}", "", table(report), "", "Protocol:", *protocol_lines(report)]
+    for entry in [report["baseline"]] + report["artifacts"]:
+        m = next((em for em in entry["engines"].values() if "params" in em), None)
+        if m:
+            lines.append(f"- {entry['name']}: {m['params'] / 1e6:.2f} M parameters, "
+                         f"{m.get('nonzero_params', m['params']) / 1e6:.2f} M non-zero, "
+                         f"{m.get('size_bytes', 0) / 1e6:.1f} MB on disk")
     for a in report["artifacts"]:
         info = {k: v for k, v in (a.get("stage_info") or {}).items() if not isinstance(v, (dict, list))}
         if info:
             lines.append(f"- {a['name']}: " + ", ".join(f"{k} = {v}" for k, v in info.items()))
+        per_layer = (a.get("stage_info") or {}).get("layer_sparsity") or {}
+        if per_layer:
+            v = list(per_layer.values())
+            lines.append(f"- {a['name']}: sparsity per layer min {min(v):.3f}, mean {sum(v) / len(v):.3f}, "
+                         f"max {max(v):.3f} over {len(v)} layers (all in stage.json)")
     source = ((report.get("recipe") or {}).get("model") or {}).get("source")
     quantized = any(em.get("quantization") for a in report["artifacts"] for em in a["engines"].values())
     if source == "smollm2" and quantized:
