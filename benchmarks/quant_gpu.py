@@ -34,73 +34,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                tie_word_embeddings=False)
-TINY = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=512, vocab_size=1024, max_position_embeddings=2048, tie_word_embeddings=False)
-
-
-def env() -> dict:
-    from importlib import metadata
-
-    out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
-    for p in ("transformers", "vllm", "compressed-tensors"):
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            pass
-    if os.environ.get("VLLM_DISABLED_KERNELS"):
-        out["VLLM_DISABLED_KERNELS"] = os.environ["VLLM_DISABLED_KERNELS"]
-    if torch.cuda.is_available():
-        try:
-            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=20).stdout.strip()
-        except OSError:
-            pass
-    return out
-
-
-def record(args, rec: dict) -> None:
-    rec = {"bench": args.cmd, **rec, "env": env(), "command": " ".join(sys.argv),
-           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    line = json.dumps(rec)
-    print(line, flush=True)
-    with open(args.jsonl, "a") as f:
-        f.write(line + "\n")
-
-
-def llama_config(tiny: bool):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**(TINY if tiny else LLAMA_8B), torch_dtype="bfloat16")
-
-
-@torch.no_grad()
-def random_llama(cfg, device_for_rng: str):
-    """A LlamaForCausalLM with N(0, 0.02) bf16 weights in host memory, built without the slow
-    default initialisation (random numbers are drawn on the GPU, one tensor at a time)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model = model.to_empty(device="cpu")
-    g = torch.Generator(device=device_for_rng).manual_seed(0)
-    for name, p in model.named_parameters():
-        if p.ndim == 1:
-            p.fill_(1.0)
-        else:
-            p.copy_(torch.randn(p.shape, generator=g, device=device_for_rng, dtype=torch.bfloat16) * 0.02)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # its buffers were left empty
-    return model.eval()
+from gpu_common import ROOT, add_common_args, bench_context, cap_gpu_memory, llama_config, random_llama, record
 
 
 def cmd_selfcheck(args) -> None:
     """GPTQ through CUDA-graph replay gives the plain loop's result; both timed."""
-    from compress.quant.cuda_graph import GraphBlockRunner
+    from compress.quant.cuda_graph import GraphRunner
     from compress.quant.gptq import gptq_quantize, solve_block
     from compress.quant.grid import Grid
 
@@ -111,7 +50,7 @@ def cmd_selfcheck(args) -> None:
     h = 2 * x.T @ x / 8192
     w = 0.02 * torch.randn(out, n, generator=g, device=dev)
     res = {}
-    for name, fn in (("graph", GraphBlockRunner(solve_block)), ("eager", solve_block)):
+    for name, fn in (("graph", GraphRunner(solve_block)), ("eager", solve_block)):
         for actorder in ("weight", "group"):
             grid = Grid(4, True, 128, torch.bfloat16)
             gptq_quantize(w, h, grid, actorder=actorder, block_fn=fn)  # warm-up / capture
@@ -128,7 +67,6 @@ def cmd_selfcheck(args) -> None:
 def cmd_gptq8b(args) -> None:
     from compress import registry
     from compress.pipeline import save_model
-    from compress.stage import StageContext
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = llama_config(args.tiny)
@@ -137,19 +75,13 @@ def cmd_gptq8b(args) -> None:
     build_s = time.perf_counter() - t0
     model_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     if dev == "cuda":
-        torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total)
+        cap_gpu_memory(args.cap_gib)
     n, seq = (8, 64) if args.tiny else (args.samples, args.seq_len)
-
-    class BenchContext(StageContext):
-        def calibration(self, c):  # random tokens: the weights are random too
-            return torch.randint(0, cfg.vocab_size, (n, seq), generator=torch.Generator().manual_seed(0))
 
     stage = registry.get("gptq")
     scfg = stage.config.model_validate({"bits": 4, "group_size": 128, "symmetric": True, "actorder": args.actorder,
                                         "calibration": {"n_samples": n, "seq_len": seq}})
-    ctx = BenchContext(device=dev, seed=0, tokenizer=None, progress=True)
+    ctx = bench_context(dev, cfg.vocab_size, n, seq)
     t0 = time.perf_counter()
     model, info = stage.apply(model, scfg, ctx)
     gptq_s = time.perf_counter() - t0
@@ -288,9 +220,7 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=400)
     p = sub.add_parser("smollm2")
     p.add_argument("--gguf", required=True)
-    for p in sub.choices.values():
-        p.add_argument("--tiny", action="store_true", help="a tiny config, for a dry run on the CPU")
-        p.add_argument("--jsonl", default=str(Path(os.environ.get("OUT", "/tmp")) / "quant_gpu.jsonl"))
+    add_common_args(sub)
     args = ap.parse_args()
     {"selfcheck": cmd_selfcheck, "gptq8b": cmd_gptq8b, "layouts": cmd_layouts, "speed": cmd_speed, "smollm2": cmd_smollm2}[args.cmd](args)
 
