@@ -60,7 +60,7 @@ def cmd_semi24(args) -> None:
 
     from compress.prune.masks import nm_mask
     from eval.engines.hf import HFEngine, to_semi_structured_
-    from eval.speed.generation import generation_speed
+    from eval.speed.workload import workload_speed
 
     dev = "cuda"
     # one linear layer, dense vs 2:4, at several numbers of tokens
@@ -98,8 +98,11 @@ def cmd_semi24(args) -> None:
             res["convert_seconds"] = round(time.perf_counter() - t0, 1)
         for batch in (1, 16):
             try:
-                sp = generation_speed(eng, input_len=128, output_len=32, batch_size=batch, warmup=1, repeats=3)
-                res[f"{kind} b{batch}"] = {k: round(sp[k], 2) for k in ("prefill_tok_s", "decode_tok_s", "tpot_ms")}
+                sp = workload_speed(eng, num_prompts=batch, input_len=128, output_len=32, batch1_requests=0,
+                                    warmup=1, repeats=3)["concurrent"]
+                res[f"{kind} b{batch}"] = {"output_tok_s": round(sp["output_tok_s"]["median"], 2),
+                                           "tpot_ms": round(sp["tpot_mean_ms"]["median"], 3),
+                                           "ttft_ms": round(sp["ttft_ms"]["p50"], 3)}
             except RuntimeError as e:
                 res[f"{kind} b{batch}"] = {"error": str(e).splitlines()[0][:200]}
     record(args, {"what": "HF engine, 8B shape, every linear but lm_head 2:4", "results": res})

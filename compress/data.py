@@ -81,6 +81,23 @@ def load_text(spec: str) -> str:
     raise UserError(f"data set {spec!r}: not a built-in ({', '.join(BUILTIN_TEXT)}), an hf: id, or an existing file")
 
 
+def check_text_source(spec: str, where: str) -> None:
+    """Refuse, before any work, a data set spec that names a local file that is not there
+    (built-ins with a hub fallback and hf: ids are only known at run time)."""
+    if spec in BUILTIN_TEXT:
+        rel, hub = BUILTIN_TEXT[spec]
+        d = data_dir()
+        if hub is None and (d is None or not (d / rel).is_file()):
+            raise UserError(f"{where}: {spec!r}: {rel} not found under the data directory ({d or 'none found'}); "
+                            "set --data-dir or SQUEEZE_DATA_DIR")
+        return
+    if spec.startswith("hf:"):
+        return
+    p = Path(spec).expanduser()
+    if not p.is_file():
+        raise UserError(f"{where}: {spec!r}: no such file (nor a built-in: {', '.join(BUILTIN_TEXT)}, nor hf:ID)")
+
+
 def _jsonl_text(p: Path) -> str:
     out = []
     with open(p, encoding="utf-8") as f:

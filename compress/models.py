@@ -14,9 +14,11 @@ Loading is safe by default: safetensors only, ``trust_remote_code`` off.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -75,9 +77,17 @@ def resolve_model(source: str, allow_pickle: bool = False) -> Path:
 
 
 def check_model_dir(d: Path, allow_pickle: bool) -> None:
+    """A readable HF directory: config.json that parses, and weights whose files are whole."""
     if not (d / "config.json").is_file():
         raise UserError(f"model.source: {d} has no config.json; it is not a Hugging Face model directory")
-    if any(d.glob("*.safetensors")):
+    try:
+        json.loads((d / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{d / 'config.json'}: unreadable or not JSON ({e})") from None
+    files = sorted(d.glob("*.safetensors"))
+    if files:
+        for f in files:
+            check_safetensors(f)
         return
     pickled = [f.name for pat in _PICKLED for f in d.glob(pat)]
     if pickled and not allow_pickle:
@@ -86,6 +96,27 @@ def check_model_dir(d: Path, allow_pickle: bool) -> None:
             "arbitrary code: set model.allow_pickle: true (or --allow-pickle) if you trust the source")
     if not pickled:
         raise UserError(f"model.source: {d} has no weights (*.safetensors)")
+
+
+def check_safetensors(f: Path) -> None:
+    """Raise a one-line UserError if `f` is not a whole safetensors file (a truncated copy, a
+    corrupt header), without reading the tensors."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file ({size} bytes)")
+            header = json.loads(fh.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"{f}: not a readable safetensors file ({e}); the checkpoint is corrupt or incomplete") from None
+    if 8 + n + end > size:
+        raise UserError(f"{f}: truncated: its header needs {8 + n + end} bytes, the file has {size}; the checkpoint "
+                        "is incomplete (copy it again)")
 
 
 def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",

@@ -99,15 +99,18 @@ def log(msg: str) -> None:
 def stage_context(recipe: Recipe, device: str, tokenizer, model_dir: Path) -> StageContext:
     e = recipe.eval
     return StageContext(device=device, seed=recipe.seed, tokenizer=tokenizer, model_dir=model_dir,
-                        engines=tuple(e.engines), engine_dtypes={"hf": recipe.model.dtype,
+                        engines=tuple(e.engine_list()), engine_dtypes={"hf": recipe.model.dtype,
                                                                  "vllm": e.vllm.dtype or recipe.model.dtype})
 
 
 def preflight(recipe: Recipe, device: str, base_dir: Path) -> None:
     """Run every stage's own checks on a weightless copy of the input model, before any work."""
-    if recipe.eval.hf.sparse_kernels and "hf" in recipe.eval.engines and not device.startswith("cuda"):
+    if recipe.eval.hf.sparse_kernels and "hf" in recipe.eval.engine_list() and not device.startswith("cuda"):
         raise UserError(f"eval.hf.sparse_kernels: torch's semi-structured (2:4) kernels need a CUDA GPU; the "
                         f"device is {device}")
+    from eval.evaluate import check_eval
+
+    check_eval(recipe.eval)
     checks = [(i, s, registry.get(s.type).check) for i, s in enumerate(recipe.stages)]
     checks = [c for c in checks if c[2] is not None]
     if not checks:
@@ -196,7 +199,7 @@ def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: P
     results = []
     for i, (name, d) in enumerate(entries):
         per_engine = {}
-        for engine in ecfg.engines:
+        for engine in ecfg.engine_list():
             tag = f"[eval {i + 1}/{len(entries)}] {name} ({engine})"
             log(tag)
             per_engine[engine] = evaluate(d, ecfg, m, engine=engine, device=device, seed=recipe.seed)
@@ -212,3 +215,9 @@ def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: P
                           artifacts, recipe.as_dict(), recipe.compression_hash(), device)
     write_report(report, run_dir)
     return report
+
+
+def evaluation_errors(report: dict) -> list[str]:
+    """One line per failed evaluation in a report ('<model> (<engine>): <error>')."""
+    return [f"{entry['name']} ({e}): {m['error']}" for entry in [report["baseline"], *report["artifacts"]]
+            for e, m in entry["engines"].items() if m.get("error")]

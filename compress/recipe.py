@@ -49,11 +49,45 @@ class PerplexityConfig(_Strict):
 
 
 class SpeedConfig(_Strict):
+    """An offline workload of random-token prompts at fixed lengths (EOS ignored), measured
+    twice: one request at a time (batch 1) and with `concurrency` requests in flight."""
+
+    num_prompts: int = Field(8, gt=0, description="requests in the workload")
     input_len: int = Field(128, gt=0)
     output_len: int = Field(32, gt=1)
-    batch_size: int = Field(1, gt=0)
-    warmup: int = Field(1, ge=0)
-    repeats: int = Field(3, gt=0)
+    concurrency: int | None = Field(None, gt=0, description="requests in flight at once; default: num_prompts "
+                                    "(all); the HF engine runs them as static batches of this size")
+    batch1_requests: int = Field(2, ge=0, description="requests timed one at a time for batch-1 latency "
+                                 "(0: skip)")
+    warmup: int = Field(1, ge=0, description="untimed runs of the whole workload first")
+    repeats: int = Field(3, gt=0, description="timed runs; figures are medians, spreads the min..max")
+
+
+class TaskSpec(_Strict):
+    """An accuracy task run through lm-eval: built in (piqa, gsm8k), a JSONL file with a spec, or
+    lm-eval's own task (`hub: true`)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                      description="piqa | gsm8k (built in) | your task's name (letters, digits, . _ -)")
+    file: str | None = Field(None, description="JSONL file, one record per line")
+    kind: Literal["multiple_choice", "generate"] | None = None
+    prompt: str | None = Field(None, description="Jinja template over a record's fields, e.g. "
+                               "'Question: {{goal}}\\nAnswer:'")
+    choices: list[str] | str | None = Field(None, description="multiple_choice: the fields holding the options, "
+                                            "or one field holding a list of them")
+    label: str | None = Field(None, description="multiple_choice: the field with the correct option's index (0-based)")
+    target_delimiter: str = Field(" ", description="between the prompt and an option or answer")
+    answer: str | None = Field(None, description="generate: the field with the reference answer")
+    answer_pattern: str | None = Field(None, description="generate: regex whose group 1 is the answer in the "
+                                       "answer field (default: the whole field)")
+    extract: str | None = Field(None, description="generate: regex whose group 1 (of the last match) is the "
+                                "answer in the model's output (default: the whole output)")
+    until: list[str] = Field(default_factory=lambda: ["\n\n", "Question:"],
+                             description="generate: stop strings")
+    max_new_tokens: int = Field(256, gt=0)
+    hub: bool = Field(False, description="lm-eval's registered task of this name (its data from the hub)")
+    limit: int | None = Field(None, gt=0, description="first N records only (null: all)")
+    num_fewshot: int = Field(0, ge=0)
 
 
 class VLLMOptions(_Strict):
@@ -77,13 +111,35 @@ class HFOptions(_Strict):
 
 
 class EvalConfig(_Strict):
-    engines: list[Literal["hf", "vllm"]] = Field(default_factory=lambda: ["hf"], min_length=1,
-                                                  description="inference engines that measure every model")
+    engines: list[Literal["hf", "vllm"]] | None = Field(
+        None, min_length=1, description="inference engines that measure every model; default: hf and vllm where "
+        "vllm is installed, else hf")
     hf: HFOptions = HFOptions()
     vllm: VLLMOptions = VLLMOptions()
     perplexity: PerplexityConfig | None = PerplexityConfig()
     speed: SpeedConfig | None = SpeedConfig()
+    tasks: list[TaskSpec] = Field(default_factory=list, description="accuracy tasks through lm-eval")
+    task_batch_size: int | Literal["auto"] = Field(
+        32, gt=0, description="lm-eval batch size on the HF engine ('auto' probes at the model's full context "
+        "length: slow on CPUs); vLLM batches by itself")
     artifacts: Literal["all", "final"] = Field("all", description="evaluate every stage's output or the last only")
+
+
+    @model_validator(mode="after")
+    def _unique_tasks(self):
+        names = [t.name for t in self.tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+    def engine_list(self) -> list[str]:
+        """The engines to run: as given, else both where vllm can be imported."""
+        if self.engines is not None:
+            return list(self.engines)
+        import importlib.util
+
+        return ["hf", "vllm"] if importlib.util.find_spec("vllm") is not None else ["hf"]
 
 
 class StageSpec(_Strict):

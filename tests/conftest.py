@@ -79,6 +79,7 @@ def tiny_recipe(model: Path, text: Path, stages: list[dict] | None = None, name:
         "device": "cpu",
         "stages": stages if stages is not None else [{"type": "magnitude_prune", "sparsity": 0.5}],
         "eval": {
+            "engines": ["hf"],
             "perplexity": {"dataset": str(text), "context_length": 64, "max_tokens": 512},
             "speed": {"input_len": 8, "output_len": 4, "warmup": 0, "repeats": 2},
         },

@@ -46,7 +46,7 @@ def test_recipe_end_to_end(tiny_model, text_file, home, capsys, tmp_path):
     assert manifest["seed"] == 0 and len(manifest["recipe_hash"]) == 64 and "git_sha" in manifest
 
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["schema_version"] == 2
+    assert report["schema_version"] == 3
     base, art = report["baseline"]["engines"]["hf"], report["artifacts"][0]
     assert base["perplexity"]["tokens_scored"] > 400 and base["perplexity"]["perplexity"] > 1
     lin = [m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -56,7 +56,15 @@ def test_recipe_end_to_end(tiny_model, text_file, home, capsys, tmp_path):
     assert art["stage_info"]["pruned_layers"] == 14
     assert art["retention"]["hf"]["ppl_retention"] == pytest.approx(
         base["perplexity"]["perplexity"] / am["perplexity"]["perplexity"])
-    assert am["speed"]["decode_tok_s"] > 0 and am["quantization"] is None
+    assert am["quantization"] is None
+    # speed: every timed request of both profiles, every repeat kept for the noise verdicts
+    conc, b1 = am["speed"]["concurrent"], am["speed"]["batch1"]
+    assert conc["output_tok_s"]["median"] > 0 and len(conc["output_tok_s"]["runs"]) == 2
+    assert conc["ttft_ms"]["n"] == 2 * 8 and conc["itl_ms"]["n"] == 2 * 8 * 3
+    assert b1["ttft_ms"]["n"] == 2 * 2 and b1["tpot_mean_ms"]["median"] > 0
+    assert art["retention"]["hf"]["speed"]["throughput"]["verdict"] in ("faster", "slower", "no measurable change")
+    assert am["memory"]["weight_bytes"] > 0 and am["memory"]["peak_rss_bytes"] > am["memory"]["weight_bytes"]
+    assert am["provenance"]["engine_version"] and am["provenance"]["device_name"]
     md = (run_dir / "report.md").read_text()
     assert "| baseline" in md and "| 01-magnitude_prune" in md and "context 64" in md
     printed = capsys.readouterr().out
@@ -141,7 +149,7 @@ def test_eval_cli_compares_against_baseline(tiny_model, text_file, home, tmp_pat
     recipe = parse_recipe(tiny_recipe(tiny_model, text_file))
     pipeline.run(recipe, evaluate_outputs=False)
     art = home / "tiny" / "stages" / "01-magnitude_prune"
-    rc = main(["eval", str(art), "--baseline", str(tiny_model), "--dataset", str(text_file), "--max-tokens", "256",
+    rc = main(["eval", str(art), "--engine", "hf", "--baseline", str(tiny_model), "--dataset", str(text_file), "--max-tokens", "256",
                "--context-length", "64", "--no-speed", "--device", "cpu", "--output", str(tmp_path / "ev")])
     assert rc == 0
     rep = json.loads((tmp_path / "ev" / "report.json").read_text())

@@ -38,11 +38,30 @@ def test_demo_report(demo_run):
     assert (proto["context_length"], proto["stride"], proto["max_tokens"]) == (1024, 1024, 8192)
     assert base["perplexity"]["tokens_scored"] == 8 * 1023
     assert pruned["perplexity"]["perplexity"] > base["perplexity"]["perplexity"]
-    assert base["speed"]["decode_tok_s"] > 0 and pruned["speed"]["decode_tok_s"] > 0
+    for m in (base, pruned):
+        assert m["speed"]["concurrent"]["output_tok_s"]["median"] > 0 and m["speed"]["batch1"]["ttft_ms"]["n"] == 3
     md = (demo_run / "report.md").read_text()
     assert f"| baseline (smollm2) | hf | – | {base['perplexity']['perplexity']:.3f} |" in md
-    assert f"| {pruned['speed']['decode_tok_s']:.1f} |" in md
-    assert "| 01-magnitude_prune |" in md and "decode tok/s" in md and "context 1024, stride 1024" in md
+    assert "| 01-magnitude_prune |" in md and "out tok/s" in md and "context 1024, stride 1024" in md
+    # unstructured zeros on dense kernels: the throughput change must not be sold as a speedup
+    assert "no measurable change" in md or rep["artifacts"][0]["retention"]["hf"]["speed"]["throughput"]["verdict"] \
+        in ("faster", "slower")
+
+
+def test_demo_engines_agree(demo_run):
+    """Both engines measure the same models alike: WikiText-2 perplexity within 1 %, PIQA (100
+    items, lm-eval's hf and vllm backends) within 2 points, and PIQA near the published ~0.66."""
+    rep = json.loads((demo_run / "report.json").read_text())
+    for entry in [rep["baseline"], *rep["artifacts"]]:
+        hf, vl = entry["engines"]["hf"], entry["engines"]["vllm"]
+        assert "error" not in hf and "error" not in vl
+        ph, pv = hf["perplexity"]["perplexity"], vl["perplexity"]["perplexity"]
+        assert abs(pv - ph) / ph < 0.01, (entry["name"], ph, pv)
+        ah, av = hf["tasks"]["piqa"]["acc"], vl["tasks"]["piqa"]["acc"]
+        assert hf["tasks"]["piqa"]["n"] == vl["tasks"]["piqa"]["n"] == 100
+        assert abs(ah - av) <= 0.02, (entry["name"], ah, av)
+    assert 0.58 < rep["baseline"]["engines"]["hf"]["tasks"]["piqa"]["acc"] < 0.75
+    assert rep["baseline"]["engines"]["vllm"]["memory"]["kv_cache_tokens"] > 0
 
 
 def test_every_pruned_layer_is_half_sparse(demo_run, smol_home):
@@ -88,13 +107,13 @@ def test_pruned_model_runs_in_vllm(demo_run):
     try:
         text = eng.generate_text(["The capital of France is"], max_new_tokens=8)[0]
         v_logp = eng.score(ids)
-        timing = eng.timed_generate(ids[:, :16], 8)
+        reqs = eng.stream(ids[:, :16].tolist(), 8, 1)
     finally:
         eng.close()
     assert len(text.strip()) > 0
     # the same weights score the same tokens alike in both engines
     assert (v_logp - hf_logp).abs().mean().item() < 0.05
-    assert timing.prefill_s > 0 and len(timing.step_s) == 7
+    assert len(reqs[0].token_times) == 8 and reqs[0].token_times[0] > reqs[0].submitted
 
 
 def test_import_gguf_cli_matches_builtin_import(smol_home, tmp_path):

@@ -1,37 +1,30 @@
 """The engine interface every evaluator talks to.
 
-An engine wraps one loaded model. Accuracy code calls `score`; speed code calls
-`timed_generate`; smoke checks call `generate_text`. Engines own their device and
-release it in `close`.
+An engine wraps one loaded model. Perplexity calls `score`; speed calls `stream`; task
+accuracy hands the loaded model to lm-eval's own backend (eval.accuracy.tasks.lm_for); smoke
+checks call `generate_text`. Engines own their device and release it in `close`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-
-@dataclass
-class GenTiming:
-    """One timed greedy generation of a [batch, input_len] prompt block."""
-
-    batch: int
-    input_len: int
-    prefill_s: float          # prompt forward, up to the first new token
-    step_s: list[float]       # one entry per further decode step (output_len - 1 of them)
+from eval.speed.workload import RequestTiming
 
 
 class Engine(Protocol):
     name: str
     vocab_size: int
+    stats: dict  # what the engine knows of the loaded model (params, memory, ...)
 
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [B, T-1] (float32, CPU) of input_ids[:, 1:] given the tokens before."""
 
-    def timed_generate(self, input_ids: torch.Tensor, new_tokens: int) -> GenTiming:
-        """Greedy-generate exactly `new_tokens` tokens (EOS ignored) and time prefill and each step."""
+    def stream(self, prompts: list[list[int]], output_len: int, concurrency: int) -> list[RequestTiming]:
+        """Greedy-generate exactly `output_len` tokens per prompt (EOS ignored), at most
+        `concurrency` at once; stamp each output token when it comes back."""
 
     def generate_text(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         """Greedy completions of text prompts (for smoke checks)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from compress.models import load_model
-from eval.engines.base import GenTiming
+from eval.speed.workload import RequestTiming
 
 
 def _sync(device: str) -> None:
@@ -32,7 +32,14 @@ def weight_stats(model) -> dict:
             seen.add(m.weight.data_ptr())
             zeros += int((m.weight == 0).sum().item())
             numel += m.weight.numel()
-    return {"params": total, "nonzero_params": nonzero, "linear_sparsity": zeros / numel if numel else 0.0}
+    seen.clear()
+    weight_bytes = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            weight_bytes += t.numel() * t.element_size()
+    return {"params": total, "nonzero_params": nonzero, "linear_sparsity": zeros / numel if numel else 0.0,
+            "memory": {"weight_bytes": weight_bytes, "weight_bytes_method": "parameters and buffers as loaded"}}
 
 
 def is_2to4(w: torch.Tensor) -> bool:
@@ -80,22 +87,30 @@ class HFEngine:
         return logp.gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
 
     @torch.inference_mode()
-    def timed_generate(self, input_ids: torch.Tensor, new_tokens: int) -> GenTiming:
-        ids = input_ids.to(self.device)
-        _sync(self.device)
-        t0 = time.perf_counter()
-        out = self.model(ids, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        _sync(self.device)
-        prefill = time.perf_counter() - t0
-        past, steps = out.past_key_values, []
-        for _ in range(new_tokens - 1):
-            t = time.perf_counter()
-            out = self.model(nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    def stream(self, prompts: list[list[int]], output_len: int, concurrency: int,
+               stream_every: int = 1) -> list[RequestTiming]:
+        """Greedy-generate exactly `output_len` tokens (EOS ignored) for each prompt, in static
+        batches of `concurrency` equal-length prompts; every step's tokens are stamped when
+        the step is done (synchronized), for every request (stamps cost nothing here, so
+        `stream_every` is ignored). Requests of a batch are submitted when it starts."""
+        out = []
+        for i in range(0, len(prompts), concurrency):
+            ids = torch.tensor(prompts[i:i + concurrency], device=self.device)
             _sync(self.device)
-            steps.append(time.perf_counter() - t)
-        return GenTiming(batch=ids.shape[0], input_len=ids.shape[1], prefill_s=prefill, step_s=steps)
+            reqs = [RequestTiming(time.perf_counter()) for _ in range(ids.shape[0])]
+            res = self.model(ids, use_cache=True)
+            nxt = res.logits[:, -1:].argmax(-1)
+            for step in range(output_len):
+                if step:
+                    res = self.model(nxt, past_key_values=res.past_key_values, use_cache=True)
+                    nxt = res.logits[:, -1:].argmax(-1)
+                _sync(self.device)
+                t = time.perf_counter()
+                for r in reqs:
+                    r.token_times.append(t)
+            out += reqs
+            del res
+        return out
 
     @torch.inference_mode()
     def generate_text(self, prompts: list[str], max_new_tokens: int) -> list[str]:

@@ -1,13 +1,18 @@
 """Build, write and render the run report.
 
-report.json schema (version 2):
+report.json schema (version 3):
   schema_version, squeeze_version, created, recipe (as run), recipe_hash, device, versions,
   baseline: {name, model_dir, engines: {engine: metrics}},
   artifacts: [{name, stage, model_dir, stage_info, engines: {engine: metrics},
-               retention: {engine: {ppl_retention, ppl_change_pct, decode_speedup, ...}}}].
+               retention: {engine: {ppl_retention, ppl_change_pct, tasks: {"task.metric":
+                           {retention, change_points}}, speed: {throughput | batch1_tpot:
+                           {ratio, lo, hi, verdict}}, size_ratio}}}].
+  metrics (eval.evaluate): perplexity, tasks {name: {acc, acc_stderr, acc_norm, ...}},
+  speed {concurrent, batch1: per-repeat throughput and latency distributions, protocol},
+  memory, provenance, settings, size_bytes, quantization, params, error (if it failed).
   Retention compares an artifact with the baseline measured on the same engine.
-  Version 1 had one engine: `metrics` where version 2 has `engines`. Readers check
-  schema_version.
+  Version 1 had one engine (`metrics`); version 2 had `engines` and batch-1 speed only
+  (decode_speedup). Readers check schema_version.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from compress import __version__
 from compress.manifest import versions
 from compress.fsutil import atomic_write_text
 from eval.evaluate import retention
+from eval.speed.workload import fmt_speedup
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def build_report(baseline: dict, artifacts: list[dict], recipe: dict | None = None,
@@ -67,43 +73,86 @@ def rows(report: dict):
             yield a, e, m, a["retention"].get(e, {})
 
 
+def task_columns(report: dict) -> list[tuple[str, str]]:
+    """(task, metric) pairs in table order: acc for multiple choice, exact_match for generation."""
+    cols = []
+    for _, _, m, _ in rows(report):
+        for task, tm in (m.get("tasks") or {}).items():
+            metric = next((k for k in ("acc", "exact_match") if tm.get(k) is not None), None)
+            if metric and (task, metric) not in cols:
+                cols.append((task, metric))
+    return cols
+
+
+def _mb(x) -> str:
+    return "–" if not x else f"{x / 2**20:.1f}" if x < 10 * 2**20 else f"{x / 2**20:.0f}"
+
+
 def table(report: dict) -> str:
-    """Markdown table: one row per (model, engine), changes against the baseline on that engine."""
-    out = ["| model | engine | quant | perplexity | ppl retention | prefill tok/s | decode tok/s | decode speedup "
-           "| linear sparsity | size MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """Markdown table: one row per (model, engine), changes against the baseline on that engine.
+    Speedups carry the range their repeats allow; inside the noise they read 'no measurable change'."""
+    tcols = task_columns(report)
+    head = ["model", "engine", "quant", "perplexity", "ppl retention", *[f"{t} {m}" for t, m in tcols],
+            "out tok/s", "throughput vs base", "b1 TPOT ms", "b1 TPOT vs base", "TTFT p50 ms",
+            "weights MiB", "peak RSS MiB", "sparsity", "size MB"]
+    out = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
     for entry, engine, m, ret in rows(report):
-        sp = m.get("speed", {})
-        out.append(
-            f"| {entry['name']} | {engine} | {quant_label(m)} | {_f(m.get('perplexity', {}).get('perplexity'), '.3f')} "
-            f"| {_f(ret.get('ppl_retention'), '.3f')} | {_f(sp.get('prefill_tok_s'), '.1f')} "
-            f"| {_f(sp.get('decode_tok_s'), '.1f')} | {_f(ret.get('decode_speedup'), '.2f')}x "
-            f"| {_f(m.get('linear_sparsity'), '.1%')} | {_f(m.get('size_bytes', 0) / 1e6, '.1f')} |")
+        sp, mem = m.get("speed", {}), m.get("memory", {})
+        conc, b1 = sp.get("concurrent", {}), sp.get("batch1", {})
+        is_base = entry is report["baseline"]
+        tasks = []
+        for t, metric in tcols:
+            tm = (m.get("tasks") or {}).get(t, {})
+            v, se = tm.get(metric), tm.get(f"{metric}_stderr")
+            tasks.append("–" if v is None else f"{v:.3f}" + (f" ± {se:.3f}" if se is not None else ""))
+        speed = ret.get("speed", {})
+        cells = [
+            entry["name"], engine, quant_label(m), _f(m.get("perplexity", {}).get("perplexity"), ".3f"),
+            _f(ret.get("ppl_retention"), ".3f"), *tasks,
+            _f(conc.get("output_tok_s", {}).get("median"), ".1f"),
+            "base" if is_base and conc else fmt_speedup(speed.get("throughput")),
+            _f(b1.get("tpot_mean_ms", {}).get("median"), ".2f"),
+            "base" if is_base and b1 else fmt_speedup(speed.get("batch1_tpot")),
+            _f(conc.get("ttft_ms", {}).get("p50"), ".1f"),
+            _mb(mem.get("weight_bytes")), _mb(mem.get("peak_rss_bytes")),
+            _f(m.get("linear_sparsity"), ".1%"), _f(m.get("size_bytes", 0) / 1e6, ".1f")]
+        if m.get("error"):
+            cells[3] = cells[3] if cells[3] != "–" else "error"
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
 def protocol_lines(report: dict) -> list[str]:
     engines = report["baseline"]["engines"]
-    m = next(iter(engines.values()))
+    m = next((em for em in engines.values() if not em.get("error")), next(iter(engines.values())))
     out = []
     if "perplexity" in m:
         p = m["perplexity"]["protocol"]
         out.append(f"- Perplexity: {p['dataset']}, first {p['max_tokens'] or 'all'} tokens of "
                    f"{p['tokens_in_text']}, context {p['context_length']}, stride {p['stride']}, "
                    f"per token ({m['perplexity']['tokens_scored']} tokens scored), {m['dtype']}.")
+    for task, tm in (m.get("tasks") or {}).items():
+        out.append(f"- Task {task}: {tm['kind']}, {tm['n']} of {tm['n_total']} records "
+                   f"({'limit ' + str(tm['limit']) if tm.get('limit') else 'all'}), {tm['num_fewshot']}-shot, "
+                   f"lm-eval {tm['lm_eval']} (its hf / vllm backends on the loaded model); source {tm['source']}; "
+                   "± is lm-eval's standard error.")
     if "speed" in m:
         s = m["speed"]["protocol"]
-        out.append(f"- Speed: batch {s['batch_size']}, {s['input_len']} input / "
-                   f"{s['output_len']} output tokens (EOS ignored), {s['warmup']} warm-up + "
-                   f"{s['repeats']} timed runs, {s['statistic']}; on {m['hardware']} ({m['device']}).")
+        out.append(f"- Speed: {s['num_prompts']} requests of {s['input_len']} random prompt tokens, "
+                   f"{s['output_len']} output tokens each (EOS ignored), {s['concurrency']} in flight; batch 1: "
+                   f"{s['batch1_requests']} requests one at a time; {s['warmup']} warm-up + {s['repeats']} timed "
+                   f"runs; throughput and TPOT are medians of runs, a speedup's range is the worst..best ratio the "
+                   f"runs allow, and a range containing 1 reads 'no measurable change'; TTFT p50 over all timed "
+                   f"requests; on {m['hardware']} ({m['device']}).")
     for e, em in engines.items():
-        out.append(f"- Engine {e}: " + ", ".join(f"{k} {v}" for k, v in (em.get("settings") or {}).items()
-                                                  if v is not None) + ".")
+        out.append(f"- Engine {e} {em.get('engine_version') or ''}: " + ", ".join(
+            f"{k} {v}" for k, v in (em.get("settings") or {}).items() if v is not None) + ".")
     if any(em.get("quantization") for a in report["artifacts"] for em in a["engines"].values()):
         out.append("- quant: weight bits, activation bits and group size (g128: 128 input channels share a "
                    "scale; g128/64: 64 on layers 128 does not divide; ch: one scale per output channel); "
                    "size MB = bytes of the safetensors on disk.")
-    out.append("- ppl retention = baseline perplexity / artifact perplexity (1.0 = no loss); "
-               "decode speedup = artifact decode tok/s / baseline decode tok/s.")
+    out.append("- ppl retention = baseline perplexity / artifact perplexity (1.0 = no loss); weights MiB = "
+               "the model's tensors in the engine's memory; peak RSS = this process and the engine's processes.")
     return out
 
 
@@ -125,6 +174,16 @@ def markdown(report: dict) -> str:
             v = list(per_layer.values())
             lines.append(f"- {a['name']}: sparsity per layer min {min(v):.3f}, mean {sum(v) / len(v):.3f}, "
                          f"max {max(v):.3f} over {len(v)} layers (all in stage.json)")
+    for entry in [report["baseline"]] + report["artifacts"]:
+        for e, em in entry["engines"].items():
+            mem = em.get("memory") or {}
+            if mem.get("kv_cache_tokens"):
+                lines.append(f"- {entry['name']} ({e}): KV cache holds {mem['kv_cache_tokens']:,} tokens")
+            if mem.get("peak_gpu_used_bytes") or mem.get("peak_torch_allocated_bytes"):
+                lines.append(f"- {entry['name']} ({e}): peak GPU memory "
+                             f"{_mb(mem.get('peak_gpu_used_bytes') or mem.get('peak_torch_allocated_bytes'))} MiB")
+            if em.get("error"):
+                lines.append(f"- **{entry['name']} ({e}) failed**: {em['error']} (figures before it are kept)")
     source = ((report.get("recipe") or {}).get("model") or {}).get("source")
     quantized = any(em.get("quantization") for a in report["artifacts"] for em in a["engines"].values())
     if source == "smollm2" and quantized:

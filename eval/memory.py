@@ -1,0 +1,138 @@
+"""Memory while a model is evaluated, and where it was measured (provenance).
+
+`MemorySampler` polls, every `interval` seconds on a background thread, the resident memory
+(RSS) of this process plus all its children (vLLM's engine and worker processes) and, on
+CUDA machines, the memory in use on the device through NVML (every process's, so vLLM's
+workers count); it keeps the peaks. On CUDA the HF engine's own peak comes from torch's
+allocator (`torch.cuda.max_memory_allocated`), which is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import struct
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+
+_FLOAT = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+_INT = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _nvml_used(index: int) -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+    except Exception:
+        return None
+
+
+def _rss_tree() -> int:
+    import psutil
+
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for c in me.children(recursive=True):
+        try:
+            total += c.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class MemorySampler:
+    """Peak RSS (this process and its children) and peak device memory in use, sampled."""
+
+    def __init__(self, device: str = "cpu", interval: float = 0.1):
+        self.device, self.interval = device, interval
+        self.gpu_index = (torch.device(device).index or 0) if device.startswith("cuda") else None
+        self.peak_rss = self.peak_gpu = 0
+        self.gpu_before = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="squeeze-memory")
+
+    def _sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, _rss_tree())
+        if self.gpu_index is not None:
+            used = _nvml_used(self.gpu_index)
+            if used is not None:
+                self.peak_gpu = max(self.peak_gpu, used)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "MemorySampler":
+        if self.gpu_index is not None:
+            self.gpu_before = _nvml_used(self.gpu_index)
+            torch.cuda.reset_peak_memory_stats(self.gpu_index)
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict:
+        out = {"peak_rss_bytes": self.peak_rss, "rss_scope": "this process and its children"}
+        if self.gpu_index is not None:
+            out["peak_torch_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.gpu_index))
+            if self.peak_gpu and self.gpu_before is not None:
+                out["peak_gpu_used_bytes"] = self.peak_gpu - self.gpu_before
+                out["gpu_scope"] = "device memory in use (NVML) above what was in use before the engine opened"
+        return out
+
+
+def checkpoint_weight_bytes(model_dir: Path, dtype: str) -> int:
+    """Bytes of the checkpoint's tensors with floating-point ones at the engine's `dtype` and
+    integer (packed) ones as stored: what an engine that loads it as written holds in memory."""
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            numel = 1
+            for s in t["shape"]:
+                numel *= s
+            total += numel * (_DTYPE_BYTES[dtype] if t["dtype"] in _FLOAT else _INT.get(t["dtype"], 1))
+    return total
+
+
+def device_info(device: str) -> dict:
+    """Device name and driver (GPU) or CPU model, for a result's provenance."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        i = torch.device(device).index or 0
+        info = {"device_name": torch.cuda.get_device_name(i), "cuda": torch.version.cuda}
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            d = pynvml.nvmlSystemGetDriverVersion()
+            info["driver"] = d.decode() if isinstance(d, bytes) else d
+        except Exception:
+            try:
+                info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                                capture_output=True, text=True, timeout=10).stdout.split("\n")[0]
+            except (OSError, subprocess.SubprocessError):
+                info["driver"] = None
+        return info
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"device_name": name, "threads": torch.get_num_threads()}

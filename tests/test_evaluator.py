@@ -1,0 +1,314 @@
+"""The evaluator: lm-eval tasks on both engines, the speed workload and its noise verdicts,
+memory and provenance, and bad input (one line, before any work; results kept; no engine
+process left behind)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from compress.cli import main
+from compress.errors import UserError
+from compress.recipe import EvalConfig, ModelSpec, TaskSpec, parse_recipe
+from conftest import tiny_recipe
+from eval.speed.workload import compare, distribution, per_request, RequestTiming
+
+MC_PROMPT = "Q: {{q}}\nA:"
+
+
+def mc_records(n: int = 12) -> list[dict]:
+    words = ["apple", "river", "stone", "cloud", "green", "quick", "lazy", "brown"]
+    return [{"q": f"is the {words[i % 8]} {words[(i * 3 + 1) % 8]}?", "a": words[(i + 2) % 8],
+             "b": f"{words[(i + 5) % 8]} dog", "y": i % 2} for i in range(n)]
+
+
+def write_jsonl(path, recs) -> str:
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    return str(path)
+
+
+def hand_acc(engine, recs) -> float:
+    """PIQA-style accuracy computed by hand from engine.score: the choice whose continuation
+    (' ' + text) has the highest summed log-probability after the rendered prompt."""
+    tok, right = engine.tokenizer, 0
+    for r in recs:
+        ctx = f"Q: {r['q']}\nA:"
+        n_ctx = len(tok(ctx, add_special_tokens=False).input_ids)
+        scores = []
+        for c in (r["a"], r["b"]):
+            ids = torch.tensor([tok(ctx + " " + c, add_special_tokens=False).input_ids])
+            scores.append(engine.score(ids)[0, n_ctx - 1:].double().sum().item())
+        right += int(max(range(2), key=scores.__getitem__) == r["y"])
+    return right / len(recs)
+
+
+# ---- pure parts -------------------------------------------------------------------------
+
+def test_noise_verdicts():
+    base = {"median": 100.0, "runs": [98.0, 100.0, 102.0]}
+    assert compare(base, {"median": 101.0, "runs": [99.0, 101.0, 103.0]})["verdict"] == "no measurable change"
+    c = compare(base, {"median": 130.0, "runs": [128.0, 130.0, 131.0]})
+    assert c["verdict"] == "faster" and c["lo"] == pytest.approx(128 / 102) and c["hi"] == pytest.approx(131 / 98)
+    # lower is better (TPOT): a higher artifact TPOT is a slowdown, the ratio below 1
+    t = compare({"median": 10.0, "runs": [9.9, 10.0, 10.1]}, {"median": 12.0, "runs": [11.9, 12.0, 12.2]},
+                higher_is_better=False)
+    assert t["verdict"] == "slower" and t["ratio"] == pytest.approx(10 / 12)
+    assert compare({"median": 1.0, "runs": [1.0]}, {"median": 2.0, "runs": [2.0]})["verdict"] == "spread unknown"
+
+
+def test_latency_from_token_stamps():
+    reqs = [RequestTiming(0.0, [0.5, 0.6, 0.8]), RequestTiming(0.1, [0.7, 0.9, 1.0])]
+    lat = per_request(reqs)
+    assert lat["ttft"] == pytest.approx([0.5, 0.6]) and lat["e2e"] == pytest.approx([0.8, 0.9])
+    assert lat["tpot"] == pytest.approx([0.15, 0.15]) and lat["itl"] == pytest.approx([0.1, 0.2, 0.2, 0.1])
+    d = distribution(lat["itl"])
+    assert d["n"] == 4 and d["mean"] == pytest.approx(150.0) and d["p50"] == pytest.approx(150.0)
+
+
+# ---- bad input: one line, before any work ------------------------------------------------
+
+def _recipe_with_task(tmp_path, tiny_model, text_file, task: dict) -> str:
+    r = tiny_recipe(tiny_model, text_file, stages=[])
+    r["eval"]["tasks"] = [task]
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(r))
+    return str(p)
+
+
+@pytest.mark.parametrize("task,records,expected", [
+    ({"file": "MISSING"}, None, "eval.tasks[0].file: {missing}: no such file"),
+    ({}, [{"q": "x", "a": "1", "b": "2", "y": 0}, {"q": "x", "a": "1", "y": 1}],
+     "record 2: no choice field 'b'"),
+    ({}, [{"q": "x", "a": "1", "b": "2", "y": 2}], "label 'y' = 2 is not a choice index in 0..1"),
+    ({}, [{"question": "x", "a": "1", "b": "2", "y": 0}], "no field 'q' (used by the prompt)"),
+    ({"kind": "generate", "answer": "a", "answer_pattern": "#### (.*)"}, [{"q": "x", "a": "7"}],
+     "answer_pattern '#### (.*)' finds nothing in 'a'"),
+    ({"kind": "generate", "answer": "a", "extract": "no group"}, [{"q": "x", "a": "7"}], "needs one capture group"),
+])
+def test_bad_task_files_refused_by_validate(task, records, expected, tmp_path, tiny_model, text_file, capsys):
+    f = tmp_path / "t.jsonl"
+    if records is not None:
+        write_jsonl(f, records)
+    spec = {"name": "mine", "file": str(f), "kind": "multiple_choice", "prompt": MC_PROMPT, "choices": ["a", "b"],
+            "label": "y"}
+    spec.update({k: v for k, v in task.items() if k != "file"})
+    if task.get("file") == "MISSING":
+        spec["file"] = str(tmp_path / "missing.jsonl")
+    rc = main(["validate", _recipe_with_task(tmp_path, tiny_model, text_file, spec)])
+    err = capsys.readouterr().err
+    assert rc == 2 and expected.format(missing=spec["file"]) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unknown_task_without_file_and_missing_perplexity_file(tmp_path, tiny_model, text_file, capsys):
+    r = tiny_recipe(tiny_model, text_file, stages=[])
+    r["eval"]["tasks"] = [{"name": "hellaswag"}]
+    r["eval"]["perplexity"]["dataset"] = str(tmp_path / "nope.txt")
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(r))
+    assert main(["validate", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "eval.perplexity.dataset" in err and "no such file" in err
+    r["eval"]["perplexity"]["dataset"] = str(text_file)
+    p.write_text(yaml.safe_dump(r))
+    assert main(["validate", str(p)]) == 2
+    assert "task 'hellaswag' is not built in (piqa, gsm8k); give `file:`" in capsys.readouterr().err
+
+
+def test_truncated_safetensors_is_one_line(tiny_model, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    st = bad / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    rc = main(["eval", str(bad), "--engine", "hf", "--no-speed", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "truncated" in err and "model.safetensors" in err and "Traceback" not in err
+    st.write_bytes(b"\x05\x00")
+    assert main(["eval", str(bad), "--engine", "hf", "--no-speed"]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_engine_not_installed_says_how(monkeypatch):
+    import importlib.util
+
+    import eval.evaluate as ev
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "vllm" else real(n, *a))
+    with pytest.raises(UserError, match=r"'vllm' is not installed here; pip install 'squeeze\[cpu\]'"):
+        ev.check_engines(["hf", "vllm"])
+    assert EvalConfig().engine_list() == ["hf"]  # the default is both engines only where vllm is there
+
+
+def test_out_of_memory_keeps_results_and_fails_the_run(tiny_model, text_file, home, tmp_path, monkeypatch, capsys):
+    import eval.speed.workload as wl
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(wl, "workload_speed", oom)
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(tiny_recipe(tiny_model, text_file)))
+    assert main(["run", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert "error: baseline" in err and "speed: out of memory" in err and "Traceback" not in err
+    rep = json.loads((home / "tiny" / "report.json").read_text())
+    base = rep["baseline"]["engines"]["hf"]
+    assert base["perplexity"]["perplexity"] > 1 and "speed" not in base and "out of memory" in base["error"]
+    assert "failed" in (home / "tiny" / "report.md").read_text()
+    assert not list((home / "_eval_cache").glob("*.json")), "a failed evaluation must not be cached"
+
+
+# ---- lm-eval tasks on the HF engine ------------------------------------------------------
+
+def test_multiple_choice_task_matches_hand_computed_accuracy(tiny_model, tmp_path):
+    from eval.accuracy.tasks import run_tasks
+    from eval.engines.hf import HFEngine
+
+    recs = mc_records(12)
+    spec = TaskSpec(name="mine", file=write_jsonl(tmp_path / "mc.jsonl", recs), kind="multiple_choice",
+                    prompt=MC_PROMPT, choices=["a", "b"], label="y", limit=10)
+    eng = HFEngine.load(tiny_model)
+    try:
+        res = run_tasks(eng, [spec], batch_size=4)["mine"]
+        expect = hand_acc(eng, recs[:10])
+    finally:
+        eng.close()
+    assert res["n"] == 10 and res["n_total"] == 12 and res["kind"] == "multiple_choice"
+    assert res["acc"] == pytest.approx(expect)
+    assert res["acc_stderr"] == pytest.approx((expect * (1 - expect) / 9) ** 0.5)
+    assert 0 <= res["acc_norm"] <= 1 and res["acc_norm_stderr"] is not None
+
+
+# ---- the vLLM engine (one per test, tiny model) ------------------------------------------
+
+def _gen_records(engine, n: int = 6) -> list[dict]:
+    """Word problems whose reference is the model's own greedy answer for even records and a
+    wrong one for odd records: exact match must be exactly 1/2 on an engine that follows the
+    prompt, the stop strings and the extraction."""
+    prompts = [f"Q: what comes after {w}?\nA:" for w in ("the", "a", "fox", "dog", "lazy", "model")[:n]]
+    outs = engine.generate_text(prompts, max_new_tokens=6)
+    recs = []
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        o = o.split("\n\n")[0].split("Question:")[0].strip()
+        recs.append({"q": p[3:-3], "sol": f"so: #### {o if i % 2 == 0 else 'zz' + o}"})
+    return recs
+
+
+@pytest.mark.vllm
+def test_vllm_engine_tasks_speed_and_memory(tiny_vllm_model, tmp_path):
+    from eval.accuracy.tasks import run_tasks
+    from eval.engines.hf import HFEngine
+    from eval.engines.vllm import VLLMEngine
+    from eval.speed.workload import workload_speed
+
+    recs = mc_records(12)
+    mc = TaskSpec(name="mine", file=write_jsonl(tmp_path / "mc.jsonl", recs), kind="multiple_choice",
+                  prompt=MC_PROMPT, choices=["a", "b"], label="y")
+    hf = HFEngine.load(tiny_vllm_model)
+    hf_acc = run_tasks(hf, [mc], batch_size=4)["mine"]["acc"]
+    hf.close()
+    eng = VLLMEngine.load(tiny_vllm_model, dtype="float32", device="cpu")
+    try:
+        gen_recs = _gen_records(eng)
+        gen = TaskSpec(name="gen", file=write_jsonl(tmp_path / "g.jsonl", gen_recs), kind="generate",
+                       prompt="Q: {{q}}\nA:", answer="sol", answer_pattern="#### (.*)", max_new_tokens=6)
+        res = run_tasks(eng, [mc, gen])
+        sp = workload_speed(eng, num_prompts=4, input_len=8, output_len=5, concurrency=2, batch1_requests=1,
+                            warmup=1, repeats=2, progress=False)
+        reqs = eng.stream([[11] * 8] * 4, 5, 2)
+        kv = eng.stats["memory"]["kv_cache_tokens"]
+    finally:
+        eng.close()
+    # lm-eval's vllm backend scores the same task as its hf backend on the same weights
+    assert res["mine"]["acc"] == pytest.approx(hf_acc) and res["mine"]["n"] == 12
+    assert res["gen"]["exact_match"] == pytest.approx(0.5)
+    c = sp["concurrent"]
+    assert c["ttft_ms"]["n"] == 2 * 4 and c["itl_ms"]["n"] == 2 * 4 * 4 and c["output_tok_s"]["median"] > 0
+    assert sp["batch1"]["ttft_ms"]["n"] == 2 and sp["protocol"]["concurrency"] == 2
+    assert all(len(r.token_times) == 5 for r in reqs)
+    # at most 2 in flight: the third request goes in only once one of the first two is done
+    assert reqs[2].submitted >= min(reqs[0].token_times[-1], reqs[1].token_times[-1])
+    assert kv and kv > 1000
+
+
+def _wrong_shape_copy(src, dst):
+    """A copy whose safetensors file is whole but one MLP weight lost a row: it passes the file
+    checks and fails inside vLLM's workers while they load it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    sd = load_file(dst / "model.safetensors")
+    k = "model.layers.0.mlp.down_proj.weight"
+    sd[k] = sd[k][:-1].contiguous()
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.vllm
+def test_vllm_failing_to_start_is_reported_and_leaves_no_process(tiny_vllm_model, tmp_path, home):
+    from eval.evaluate import evaluate
+
+    bad = _wrong_shape_copy(tiny_vllm_model, tmp_path / "bad")
+    cfg = EvalConfig(engines=["vllm"], perplexity=None, speed=None)
+    out = evaluate(bad, cfg, ModelSpec(dtype="float32"), engine="vllm", device="cpu")
+    assert out["error"].startswith("vllm failed to start on") and "\n" not in out["error"]
+    assert out["memory"]["peak_rss_bytes"] > 0
+    deadline = time.time() + 30
+    while _engine_children() and time.time() < deadline:
+        time.sleep(0.5)
+    assert _engine_children() == [], "engine processes left behind"
+
+
+@pytest.mark.vllm
+def test_ctrl_c_during_a_vllm_measurement_shuts_the_engine_down(tiny_vllm_model, home, monkeypatch):
+    import eval.evaluate as ev
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "perplexity", interrupted)
+    cfg = EvalConfig(engines=["vllm"], speed=None)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(tiny_vllm_model, cfg, ModelSpec(dtype="float32"), engine="vllm", device="cpu")
+    deadline = time.time() + 30
+    while _engine_children() and time.time() < deadline:
+        time.sleep(0.5)
+    assert _engine_children() == [], "engine processes left behind"
+
+
+def _engine_children() -> list[str]:
+    """Child processes of this test process, but Python's multiprocessing resource tracker (one
+    per parent, shared by everything that uses multiprocessing, gone when the parent exits)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "multiprocessing.resource_tracker" not in cmd:
+            out.append(cmd[:200])
+    return out
+
+
+def test_recipe_tasks_field_and_speed_fields_validate(tiny_model, text_file):
+    r = tiny_recipe(tiny_model, text_file)
+    r["eval"]["tasks"] = [{"name": "piqa", "limit": 5}, {"name": "piqa"}]
+    with pytest.raises(UserError, match="task names must be unique; repeated: piqa"):
+        parse_recipe(r)
+    r["eval"]["tasks"] = [{"name": "piqa", "limit": 0}]
+    with pytest.raises(UserError, match=r"eval.tasks\[0\].limit: Input should be greater than 0"):
+        parse_recipe(r)
+    r["eval"]["tasks"] = []
+    r["eval"]["speed"]["batch_size"] = 4
+    with pytest.raises(UserError, match="eval.speed.batch_size: unknown field; allowed: num_prompts"):
+        parse_recipe(r)
