@@ -7,6 +7,8 @@
 #      vLLM and HF evaluator throughput against bare scripts on SmolLM2
 #   B: vLLM evaluator against a bare script on SmolLM2 and on the Llama-3.1-8B shape (dummy
 #      weights), with the evaluator streaming a sample of 64 requests per run
+#   C: GSM8K 5-shot on both engines (200 items) after the few-shot fix (worked solutions in
+#      the examples); PIQA on 100 items
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}"
 export SQUEEZE_DATA_DIR="${SQUEEZE_DATA_DIR:-$PWD/.data}" SQUEEZE_HOME=/tmp/squeeze-home HF_HUB_OFFLINE=1
@@ -25,4 +27,6 @@ case "${1:?part A or B}" in
     b vllm-fidelity --model "$SMOL" --prompts 1024 --input-len 128 --output-len 128
     b llama8b-dir --out /tmp/llama8b --tokenizer-from "$SMOL"
     b vllm-fidelity --model /tmp/llama8b --dummy --prompts 512 --input-len 512 --output-len 128 ;;
+  C)
+    b agree --gguf "$GGUF" --dtype bfloat16 --piqa-limit 100 --gsm8k-limit 200 ;;
 esac

@@ -70,6 +70,25 @@ def test_latency_from_token_stamps():
     assert d["n"] == 4 and d["mean"] == pytest.approx(150.0) and d["p50"] == pytest.approx(150.0)
 
 
+def test_generation_task_shows_worked_answers_but_scores_the_extracted_one(tmp_path):
+    """GSM8K-style: few-shot examples carry the whole answer field (the worked solution), the
+    scored reference is what answer_pattern finds in it, and the scored item is never its own
+    example."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from eval.accuracy.tasks import lm_eval_config
+
+    recs = [{"q": f"what is {i}+1?", "sol": f"{i} plus one is {i + 1}\n#### {i + 1}"} for i in range(4)]
+    spec = TaskSpec(name="g", file=write_jsonl(tmp_path / "g.jsonl", recs), kind="generate", prompt="Q: {{q}}\nA:",
+                    answer="sol", answer_pattern="#### (.*)")
+    task = get_task_dict([lm_eval_config(spec)], TaskManager(include_defaults=False))["g"]
+    doc = list(task.test_docs())[0]
+    ctx = task.fewshot_context(doc, num_fewshot=2)
+    assert task.doc_to_target(doc) == "1"
+    assert ctx.endswith("Q: what is 0+1?\nA:") and ctx.count("what is 0+1?") == 1
+    assert ctx.count(" plus one is ") == 2 and ctx.count("\n#### ") == 2
+
+
 # ---- bad input: one line, before any work ------------------------------------------------
 
 def _recipe_with_task(tmp_path, tiny_model, text_file, task: dict) -> str:

@@ -192,6 +192,9 @@ def lm_eval_config(spec) -> dict:
     else:
         cfg.update(
             output_type="generate_until", doc_to_target=_target_fn(d["answer"], d.get("answer_pattern")),
+            # few-shot examples show the whole answer field (a worked solution ending in "#### 72"),
+            # the scored target is the answer the pattern finds in it ("72")
+            fewshot_config={"sampler": "default", "doc_to_target": "{{" + d["answer"] + "}}"},
             generation_kwargs={"until": list(d["until"]), "do_sample": False, "temperature": 0.0,
                                "max_gen_toks": d["max_new_tokens"]},
             filter_list=[{"name": "extract", "filter": [
