@@ -206,6 +206,26 @@ def test_multiple_choice_task_matches_hand_computed_accuracy(tiny_model, tmp_pat
     assert 0 <= res["acc_norm"] <= 1 and res["acc_norm_stderr"] is not None
 
 
+def test_eval_cli_runs_a_task_file_and_reports_it(tiny_model, text_file, tmp_path, home, capsys):
+    recs = mc_records(8)
+    spec = {"name": "mine", "file": write_jsonl(tmp_path / "mc.jsonl", recs), "kind": "multiple_choice",
+            "prompt": MC_PROMPT, "choices": ["a", "b"], "label": "y"}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(spec))
+    rc = main(["eval", str(tiny_model), "--engine", "hf", "--device", "cpu", "--task-file", str(tmp_path / "mine.yaml"),
+               "--limit", "6", "--dataset", str(text_file), "--max-tokens", "128", "--context-length", "64",
+               "--num-prompts", "2", "--input-len", "8", "--output-len", "3", "--repeats", "2",
+               "--output", str(tmp_path / "ev")])
+    assert rc == 0
+    m = json.loads((tmp_path / "ev" / "report.json").read_text())["baseline"]["engines"]["hf"]
+    assert m["tasks"]["mine"]["n"] == 6 and m["speed"]["protocol"]["num_prompts"] == 2
+    md = (tmp_path / "ev" / "report.md").read_text()
+    assert "| mine acc |" in md and "Task mine: multiple_choice, 6 of 8 records (limit 6), 0-shot" in md
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**spec, "kind": "essay"}))
+    assert main(["eval", str(tiny_model), "--engine", "hf", "--task-file", str(bad)]) == 2
+    assert f"{bad}: kind: Input should be 'multiple_choice' or 'generate'" in capsys.readouterr().err
+
+
 # ---- the vLLM engine (one per test, tiny model) ------------------------------------------
 
 def _gen_records(engine, n: int = 6) -> list[dict]:

@@ -142,8 +142,8 @@ def protocol_lines(report: dict) -> list[str]:
                    f"{s['output_len']} output tokens each (EOS ignored), {s['concurrency']} in flight; batch 1: "
                    f"{s['batch1_requests']} requests one at a time; {s['warmup']} warm-up + {s['repeats']} timed "
                    f"runs; throughput and TPOT are medians of runs, a speedup's range is the worst..best ratio the "
-                   f"runs allow, and a range containing 1 reads 'no measurable change'; TTFT p50 over all timed "
-                   f"requests; on {m['hardware']} ({m['device']}).")
+                   f"runs allow, and a range containing 1 reads 'no measurable change'; TTFT p50 over the timed "
+                   f"requests streamed token by token (vLLM: up to 64 per run); on {m['hardware']} ({m['device']}).")
     for e, em in engines.items():
         out.append(f"- Engine {e} {em.get('engine_version') or ''}: " + ", ".join(
             f"{k} {v}" for k, v in (em.get("settings") or {}).items() if v is not None) + ".")
