@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,22 +23,17 @@ TINY = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key
 
 
 def env() -> dict:
-    from importlib import metadata
+    """GPU (or "cpu"), library versions and driver: what every benchmark record carries."""
+    from compress.manifest import versions
+    from eval.memory import device_info
 
-    out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
-    for p in ("transformers", "vllm", "compressed-tensors"):
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            pass
+    cuda = torch.cuda.is_available()
+    dev = device_info("cuda" if cuda else "cpu")
+    out = {"gpu": dev["device_name"] if cuda else "cpu", **versions()}
+    if dev.get("driver"):
+        out["driver"] = dev["driver"]
     if os.environ.get("VLLM_DISABLED_KERNELS"):
         out["VLLM_DISABLED_KERNELS"] = os.environ["VLLM_DISABLED_KERNELS"]
-    if torch.cuda.is_available():
-        try:
-            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=20).stdout.strip()
-        except OSError:
-            pass
     return out
 
 

@@ -98,22 +98,28 @@ def check_model_dir(d: Path, allow_pickle: bool) -> None:
         raise UserError(f"model.source: {d} has no weights (*.safetensors)")
 
 
+def safetensors_header(f: Path) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file, read without its tensors. Raises ValueError
+    or OSError when the file is too short or the header is not JSON."""
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > f.stat().st_size - 8:
+            raise ValueError(f"header length {n} exceeds the file ({f.stat().st_size} bytes)")
+        return n, json.loads(fh.read(n))
+
+
 def check_safetensors(f: Path) -> None:
     """Raise a one-line UserError if `f` is not a whole safetensors file (a truncated copy, a
     corrupt header), without reading the tensors."""
     try:
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file ({size} bytes)")
-            header = json.loads(fh.read(n))
+        n, header = safetensors_header(f)
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # JSONDecodeError is a ValueError
         raise UserError(f"{f}: not a readable safetensors file ({e}); the checkpoint is corrupt or incomplete") from None
+    size = f.stat().st_size
     if 8 + n + end > size:
         raise UserError(f"{f}: truncated: its header needs {8 + n + end} bytes, the file has {size}; the checkpoint "
                         "is incomplete (copy it again)")
@@ -122,7 +128,7 @@ def check_safetensors(f: Path) -> None:
 def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
                trust_remote_code: bool = False, allow_pickle: bool = False):
     """Load (model, tokenizer) from a local HF directory, in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_model_dir(Path(model_dir), allow_pickle)
     try:
@@ -131,7 +137,7 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
                 use_safetensors=None if allow_pickle else True, **_dequantize_on_load(Path(model_dir)))
-        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        tok = load_tokenizer(model_dir, trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise UserError(f"model.source: {model_dir} needs custom code; set model.trust_remote_code: true "
@@ -144,7 +150,6 @@ def _dequantize_on_load(model_dir: Path) -> dict:
     """A compressed-tensors checkpoint loads as a dense model holding the dequantized weights
     (transformers has no packed-int forward on the CPU): exactly the fake-quantized model."""
     import inspect
-    import json
 
     cfg = model_dir / "config.json"
     q = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None

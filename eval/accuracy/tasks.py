@@ -278,11 +278,9 @@ def run_tasks(engine, tasks: list, seed: int = 0, batch_size: int | str = 32) ->
             bootstrap_iters=1000, log_samples=False, verbosity="WARNING")
         r = res["results"][spec.name]
         metrics = {}
-        for key, v in r.items():
-            if "," not in key or not isinstance(v, (int, float)):
-                continue
-            metric, _filt = key.split(",", 1)
-            metrics[metric] = float(v) if v != "N/A" else None
+        for key, v in r.items():  # "acc,none": 0.64, "acc_stderr,none": 0.011 (stderr "N/A" is skipped)
+            if "," in key and isinstance(v, (int, float)):
+                metrics[key.split(",", 1)[0]] = float(v)
         n = res.get("n-samples", {}).get(spec.name, {})
         out[spec.name] = {**metrics, "kind": "hub" if spec.hub else d["kind"],
                           "n": n.get("effective"), "n_total": n.get("original"),

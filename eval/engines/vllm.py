@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from eval.memory import checkpoint_weight_bytes
 from eval.speed.workload import RequestTiming
 
 
@@ -38,10 +39,7 @@ class VLLMEngine:
              max_model_len: int | None = None, enforce_eager: bool | None = None, **kw) -> "VLLMEngine":
         # vLLM logs every engine detail at INFO on stdout, through our tables; warnings stay on
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        try:
-            from vllm import LLM
-        except ImportError as e:
-            raise RuntimeError("vllm is not installed (pip install 'squeeze[cpu]' or 'squeeze[gpu]')") from e
+        from vllm import LLM  # open_engine checked that it is installed
         on_cpu = not device.startswith("cuda")
         if max_model_len is None:  # 2048, or less where the model's positions end sooner
             cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -62,7 +60,10 @@ class VLLMEngine:
         kw.setdefault("load_format", "auto" if allow_pickle else "safetensors")
         llm = LLM(model=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
                   max_model_len=max_model_len, enforce_eager=enforce_eager, seed=0, **kw)
-        return cls(llm, device)
+        eng = cls(llm, device)
+        eng.stats["memory"].update(weight_bytes=checkpoint_weight_bytes(Path(model_dir), dtype),
+                                   weight_bytes_method="checkpoint tensors, floating point ones at the engine dtype")
+        return eng
 
     def _params(self, **kw):
         from vllm import SamplingParams

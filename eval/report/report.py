@@ -145,7 +145,7 @@ def protocol_lines(report: dict) -> list[str]:
                    f"runs allow, and a range containing 1 reads 'no measurable change'; TTFT p50 over the timed "
                    f"requests streamed token by token (vLLM: up to 64 per run); on {m['hardware']} ({m['device']}).")
     for e, em in engines.items():
-        out.append(f"- Engine {e} {em.get('engine_version') or ''}: " + ", ".join(
+        out.append(f"- Engine {e} {(em.get('provenance') or {}).get('engine_version') or ''}: " + ", ".join(
             f"{k} {v}" for k, v in (em.get("settings") or {}).items() if v is not None) + ".")
     if any(em.get("quantization") for a in report["artifacts"] for em in a["engines"].values()):
         out.append("- quant: weight bits, activation bits and group size (g128: 128 input channels share a "

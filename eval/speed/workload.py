@@ -90,18 +90,17 @@ def _profile(engine, n, input_len, output_len, concurrency, warmup, repeats, see
         reqs = engine.stream(prompts, output_len, concurrency, stream_every=max(1, -(-n // LATENCY_SAMPLE)))
         if i >= warmup:
             runs.append(reqs)
-    durations, lat = [], {"ttft": [], "tpot": [], "itl": [], "e2e": []}
+    durations, tpot_runs, lat = [], [], {"ttft": [], "tpot": [], "itl": [], "e2e": []}
     for reqs in runs:
-        start = min(r.submitted for r in reqs)
-        end = max(r.end for r in reqs)
-        durations.append(end - start)
-        for k, v in per_request(reqs).items():
+        durations.append(max(r.end for r in reqs) - min(r.submitted for r in reqs))
+        one = per_request(reqs)
+        tpot_runs.append(statistics.mean(one["tpot"]) * 1e3)
+        for k, v in one.items():
             lat[k] += v
-    tpot_runs = [statistics.mean(per_request(reqs)["tpot"]) * 1e3 for reqs in runs]
     return {
         "output_tok_s": spread([n_out / d for d in durations]),
         "total_tok_s": spread([(n_in + n_out) / d for d in durations]),
-        "requests_s": spread([len(prompts) / d for d in durations]),
+        "requests_s": spread([n / d for d in durations]),
         "duration_s": spread(durations),
         "tpot_mean_ms": spread(tpot_runs),
         **{f"{k}_ms": distribution(v) for k, v in lat.items()},
