@@ -162,12 +162,13 @@ def cmd_speed(args) -> None:
         extra = ["--prompts", "16", "--input-len", "64", "--output-len", "16", "--max-model-len", "256"] if args.tiny \
             else []
         cmd = [sys.executable, str(ROOT / "benchmarks" / "vllm_speed.py"), path, "--label", label or Path(path).name,
-               *(["--dummy"] if mode == "dummy" else []), *extra]
+               *(["--dummy"] if mode == "dummy" else []), *(["--quantization", "bitsandbytes"] if mode == "bnb" else []),
+               "--tput-repeats", str(getattr(args, "tput_repeats", 1)), *extra]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         log = r.stdout + r.stderr
         Path(os.environ.get("OUT", "/tmp")).joinpath(f"vllm_{label or Path(path).name}.log").write_text(log[-200000:])
-        kernels = sorted(set(re.findall(r"Using (\w+Kernel) for (CompressedTensors\w+)", log)))
+        kernels = sorted(set(re.findall(r"Using (\w+Kernel) for (\w+)", log)))
         res = next((json.loads(ln[7:]) for ln in log.splitlines() if ln.startswith("RESULT ")), None)
         if res is None:
             tail = [ln for ln in log.splitlines() if "Error" in ln or "error" in ln][-5:]

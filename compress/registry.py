@@ -27,10 +27,10 @@ def _builtin() -> None:
         return
     _BUILTINS_LOADED = True
     from compress.prune import magnitude, sparsegpt, wanda
-    from compress.quant import awq, gptq, rtn, smoothquant, w8a8
+    from compress.quant import awq, bnb, gptq, rtn, smoothquant, w8a8
 
     for stage in (magnitude.STAGE, wanda.STAGE, sparsegpt.STAGE, rtn.STAGE, gptq.STAGE, awq.STAGE,
-                  smoothquant.STAGE, w8a8.INT8, w8a8.FP8):
+                  smoothquant.STAGE, w8a8.INT8, w8a8.FP8, bnb.STAGE):
         register(stage)
 
 

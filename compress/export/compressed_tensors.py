@@ -185,6 +185,12 @@ def describe(qcfg: dict | None) -> dict | None:
     if not qcfg:
         return None
     out = {"method": qcfg.get("quant_method"), "format": qcfg.get("format")}
+    if qcfg.get("quant_method") == "bitsandbytes":
+        four = bool(qcfg.get("load_in_4bit") or qcfg.get("_load_in_4bit"))
+        kind = (qcfg.get("bnb_4bit_quant_type") or "nf4").upper() if four else "LLM.int8"
+        return {**out, "format": "bitsandbytes", "bits": 4 if four else 8, "group_size": 64 if four else -1,
+                "group_sizes": [64 if four else -1], "symmetric": True, "scheme": f"{kind} (bitsandbytes)",
+                "kernels": {"hf": "bitsandbytes", "vllm": "bitsandbytes (CUDA only)"}}
     groups = list((qcfg.get("config_groups") or {}).values())
     sizes = sorted({(g.get("weights") or {}).get("group_size") or -1 for g in groups}, reverse=True)
     for g in groups[:1]:

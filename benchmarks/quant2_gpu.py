@@ -1,0 +1,185 @@
+"""GPU benchmarks for static and dynamic W8A8, SmoothQuant, AWQ and bitsandbytes (issue
+"Quantization II").
+
+    python3 benchmarks/quant2_gpu.py layouts --out DIR [--tiny]
+    python3 benchmarks/quant2_gpu.py speed DIR[:dummy|:bnb][=LABEL]... [--tput-repeats 3] [--tiny]
+    python3 benchmarks/quant2_gpu.py cost8b --method awq|sq-int8-static [--cap-gib 8] [--tiny]
+    python3 benchmarks/quant2_gpu.py bf16-dir --out DIR [--tiny]
+    python3 benchmarks/quant2_gpu.py smollm2 --gguf FILE
+
+layouts: config-only directories of the Llama-3.1-8B shape for vLLM's dummy weights (speed
+  does not depend on weight values at fixed output lengths): bf16, and the W8A8 int8 and FP8
+  checkpoints our stages write (dynamic per-token and static per-tensor activations), their
+  quantization_config built by the same export code (compress.export.compressed_tensors).
+speed: benchmarks/vllm_speed.py per model in a fresh process (512 prompts × 512 in / 128 out,
+  median of --tput-repeats runs on fresh prompts; batch-1 TTFT/TPOT), kernels from vLLM's log.
+  `:bnb` loads real bf16 weights with vLLM's in-flight bitsandbytes quantization.
+cost8b: the stage(s) on a random-weight 8B-shaped model in host memory with 128 × 2048
+  random calibration tokens, the process capped at --cap-gib of GPU memory: seconds and peak.
+bf16-dir: the random 8B model written as a bf16 checkpoint (for the bitsandbytes run).
+smollm2: each Quantization II recipe's stage on SmolLM2 on the GPU, the artifact measured on
+  transformers and vLLM (perplexity, WikiText-2, 8,192 tokens): our real checkpoints in vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from gpu_common import ROOT, add_common_args, bench_context, cap_gpu_memory, llama_config, random_llama, record
+from quant_gpu import cmd_speed
+
+
+def _ct_config(fp8: bool, dynamic: bool) -> dict:
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    from compress.export.compressed_tensors import ActScheme, WeightScheme
+
+    sch = WeightScheme(8, -1, True, type="float" if fp8 else "int",
+                       input_acts=ActScheme(type="float" if fp8 else "int", dynamic=dynamic))
+    q = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
+        targets=["Linear"], weights=sch.args(), input_activations=sch.input_acts.args())},
+        format=sch.format, quantization_status="compressed", ignore=["lm_head"])
+    return {"quant_method": "compressed-tensors", **q.model_dump(mode="json", exclude_none=False)}
+
+
+LAYOUTS = {"bf16": None, "int8-dynamic": (False, True), "int8-static": (False, False),
+           "fp8-dynamic": (True, True), "fp8-static": (True, False)}
+
+
+def cmd_layouts(args) -> None:
+    out = Path(args.out)
+    cfg = llama_config(args.tiny)
+    for name, q in LAYOUTS.items():
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        c = cfg.to_dict()
+        if q:
+            c["quantization_config"] = _ct_config(*q)
+        (d / "config.json").write_text(json.dumps(c, indent=1))
+    record(args, {"what": "layout configs written", "dirs": sorted(p.name for p in out.iterdir()),
+                  "int8_static_config": _ct_config(False, False)})
+
+
+def cmd_bf16_dir(args) -> None:
+    cfg = llama_config(args.tiny)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    model = random_llama(cfg, dev)
+    model.save_pretrained(args.out)
+    record(args, {"what": "random bf16 checkpoint written", "dir": args.out,
+                  "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def cmd_cost8b(args) -> None:
+    from compress import registry
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = llama_config(args.tiny)
+    model = random_llama(cfg, dev)
+    if dev == "cuda":
+        cap_gpu_memory(args.cap_gib)
+        torch.cuda.reset_peak_memory_stats()
+    n, seq = (8, 64) if args.tiny else (args.samples, args.seq_len)
+    cal = {"n_samples": n, "seq_len": seq}
+    stages = {"awq": [("awq", {"bits": 4, "group_size": 128, "symmetric": False, "calibration": cal})],
+              "sq-int8-static": [("smoothquant", {"alpha": 0.5, "calibration": cal}),
+                                 ("int8", {"activations": "static", "calibration": cal})]}[args.method]
+    ctx = bench_context(dev, cfg.vocab_size, n, seq)
+    per_stage, t_all = {}, time.perf_counter()
+    for name, conf in stages:
+        st = registry.get(name)
+        t0 = time.perf_counter()
+        model, info = st.apply(model, st.config.model_validate(conf), ctx)
+        per_stage[name] = {"seconds": round(time.perf_counter() - t0, 1), "peak_gpu_gib": info.get("peak_gpu_gib"),
+                           "memory": info.get("memory"), "capture_seconds": info.get("capture_seconds"),
+                           **{k: info[k] for k in ("seconds_search", "mean_search_loss_over_rtn", "scaled_modules",
+                                                   "smoothed_modules", "quantized_modules") if k in info}}
+    total = time.perf_counter() - t_all
+    record(args, {"what": f"{args.method} cost", "model": "tiny" if args.tiny else "llama-3.1-8b-shape random bf16",
+                  "calibration": f"{n} x {seq} random tokens", "gpu_cap_gib": args.cap_gib,
+                  "seconds": round(total, 1), "stages": per_stage,
+                  "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if dev == "cuda" else None})
+
+
+SMOLLM2_STAGES = {
+    "int8-dynamic": [{"type": "int8"}],
+    "int8-static": [{"type": "int8", "activations": "static", "calibration": "C"}],
+    "int8-static-percentile": [{"type": "int8", "activations": "static", "observer": "percentile",
+                                "calibration": "C"}],
+    "smoothquant-int8-static": [{"type": "smoothquant", "alpha": 0.5, "calibration": "C"},
+                                {"type": "int8", "activations": "static", "calibration": "C"}],
+    "fp8-dynamic": [{"type": "fp8"}],
+    "fp8-static": [{"type": "fp8", "activations": "static", "calibration": "C"}],
+    "rtn-w4-g128": [{"type": "rtn", "group_size": 128, "group_fallback": True, "symmetric": False}],
+    "awq-w4-g128": [{"type": "awq", "group_size": 128, "group_fallback": True, "calibration": "C"}],
+    "bnb-nf4": [{"type": "bnb", "quant_type": "nf4"}],
+}
+
+
+def cmd_smollm2(args) -> None:
+    """Each recipe's stages on SmolLM2 on the GPU; perplexity on both engines (bf16)."""
+    from compress import pipeline
+    from compress.models import import_gguf
+    from compress.recipe import parse_recipe
+
+    src = Path("/tmp/squeeze-home/_models/SmolLM2-135M-Instruct")
+    if not (src / "config.json").is_file():
+        import_gguf(Path(args.gguf), src)
+    cal = {"dataset": "wikitext2-valid", "n_samples": 128, "seq_len": 512}
+    for name in args.only or SMOLLM2_STAGES:
+        stages = [{k: (cal if v == "C" else v) for k, v in s.items()} for s in SMOLLM2_STAGES[name]]
+        rec = {"name": f"q2-{name}", "model": {"source": str(src), "dtype": "bfloat16"}, "device": "cuda",
+               "stages": stages, "eval": {"engines": ["hf", "vllm"], "artifacts": "last", "speed": None,
+                                          "vllm": {"enforce_eager": True, "gpu_memory_utilization": 0.3},
+                                          "perplexity": {"dataset": "wikitext2", "context_length": 1024,
+                                                         "max_tokens": 8192}}}
+        run_dir = Path("/tmp/q2runs") / name
+        t0 = time.perf_counter()
+        try:
+            report = pipeline.run(parse_recipe(rec), run_dir, force=True)
+        except Exception as e:  # noqa: BLE001 - one scheme failing is a result, not the end of the run
+            record(args, {"what": f"smollm2 {name}", "failed": f"{type(e).__name__}: {e}"[:2000]})
+            continue
+        a = report["artifacts"][-1]
+        ppl = {e: {"baseline": report["baseline"]["engines"][e].get("perplexity", {}).get("perplexity"),
+                   "artifact": m.get("perplexity", {}).get("perplexity"), "error": m.get("error")}
+               for e, m in a["engines"].items()}
+        record(args, {"what": f"smollm2 {name}", "seconds": round(time.perf_counter() - t0, 1),
+                      "scheme": (a["engines"]["hf"].get("quantization") or {}).get("scheme"), "perplexity": ppl,
+                      "stage_seconds": {s["type"]: None for s in stages}})
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("layouts")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("speed")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--timeout", type=int, default=400)
+    p.add_argument("--tput-repeats", type=int, default=3)
+    p = sub.add_parser("cost8b")
+    p.add_argument("--method", choices=["awq", "sq-int8-static"], required=True)
+    p.add_argument("--cap-gib", type=float, default=8.0)
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p = sub.add_parser("bf16-dir")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("smollm2")
+    p.add_argument("--gguf", required=True)
+    p.add_argument("--only", nargs="*")
+    add_common_args(sub)
+    args = ap.parse_args()
+    {"layouts": cmd_layouts, "speed": cmd_speed, "cost8b": cmd_cost8b, "bf16-dir": cmd_bf16_dir,
+     "smollm2": cmd_smollm2}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU figures of the issue "Quantization II", in parts that each fit one device call (10
+# minutes). Run from the repository root on the GPU host after the GPU bundle is installed
+# (. /tmp/gpu-env), with the data sets under .data; results go to $OUT/quant2_gpu.jsonl and
+# vLLM logs to $OUT.
+#   A: vLLM speed on the Llama-3.1-8B shape (dummy weights, 512 x 512/128, median of 3):
+#      bf16, FP8 dynamic, W8A8 int8 dynamic
+#   B: the static variants (FP8, int8); cost of SmoothQuant + static int8 on the 8B shape
+#   C: cost of AWQ W4A16 on the 8B shape (8 GiB GPU cap); our SmolLM2 checkpoints (static
+#      int8, FP8 dynamic and static, AWQ, bitsandbytes NF4) on transformers and vLLM
+#   D: bitsandbytes in vLLM on the 8B shape (real bf16 weights, in-flight quantization)
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}"
+export SQUEEZE_DATA_DIR="${SQUEEZE_DATA_DIR:-$PWD/.data}" SQUEEZE_HOME=/tmp/squeeze-home HF_HUB_OFFLINE=1
+mkdir -p "$OUT"
+q() { python3 benchmarks/quant2_gpu.py "$@" --jsonl "$OUT/quant2_gpu.jsonl" 2> >(grep -v -E "it/s\]|s/it\]|layer/s|window/s" >&2); }
+L=/tmp/q2layouts
+case "${1:?part A, B, C or D}" in
+  A)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    q layouts --out $L
+    q speed $L/bf16:dummy=bf16 $L/fp8-dynamic:dummy=fp8-dynamic $L/int8-dynamic:dummy=int8-dynamic ;;
+  B)
+    [ -d $L ] || q layouts --out $L
+    q speed $L/fp8-static:dummy=fp8-static $L/int8-static:dummy=int8-static
+    q cost8b --method sq-int8-static --cap-gib 8 ;;
+  C)
+    q cost8b --method awq --cap-gib 8
+    q smollm2 --gguf /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf \
+      --only int8-static fp8-dynamic fp8-static awq-w4-g128 bnb-nf4 ;;
+  D)
+    q bf16-dir --out /tmp/llama8b-bf16
+    cp /tmp/q2layouts/bf16/config.json /tmp/llama8b-bf16/config.json 2>/dev/null || true
+    q speed /tmp/llama8b-bf16:bnb=bnb-nf4-inflight ;;
+esac
