@@ -107,18 +107,33 @@ def cmd_cost8b(args) -> None:
                   "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if dev == "cuda" else None})
 
 
+SQ = {"type": "smoothquant", "alpha": 0.5, "calibration": "C"}
+SQ8 = {"type": "smoothquant", "alpha": 0.8, "calibration": "C"}
+STATIC = {"type": "int8", "activations": "static", "calibration": "C"}
+PCT = {"observer": "percentile", "percentile": 99.99}
 SMOLLM2_STAGES = {
     "int8-dynamic": [{"type": "int8"}],
-    "int8-static": [{"type": "int8", "activations": "static", "calibration": "C"}],
-    "int8-static-percentile": [{"type": "int8", "activations": "static", "observer": "percentile",
-                                "calibration": "C"}],
-    "smoothquant-int8-static": [{"type": "smoothquant", "alpha": 0.5, "calibration": "C"},
-                                {"type": "int8", "activations": "static", "calibration": "C"}],
+    "sq0.5-int8-dynamic": [SQ, {"type": "int8"}],
+    "sq0.8-int8-dynamic": [SQ8, {"type": "int8"}],
+    "int8-static": [STATIC],
+    "int8-static-percentile": [{**STATIC, **PCT}],
+    "sq0.5-int8-static": [SQ, STATIC],
+    "sq0.8-int8-static": [SQ8, STATIC],
+    "sq0.8-int8-static-percentile": [SQ8, {**STATIC, **PCT}],
+    "sq0.8-all-int8-static": [{**SQ8, "mappings": [
+        {"balance": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "smooth": "input_layernorm"},
+        {"balance": ["mlp.gate_proj", "mlp.up_proj"], "smooth": "post_attention_layernorm"},
+        {"balance": ["mlp.down_proj"], "smooth": "mlp.up_proj"}]}, STATIC],
+    "sq0.8-int8-static-down16": [SQ8, {**STATIC, "ignore": ["lm_head", "*.down_proj"]}],
     "fp8-dynamic": [{"type": "fp8"}],
     "fp8-static": [{"type": "fp8", "activations": "static", "calibration": "C"}],
     "rtn-w4-g128": [{"type": "rtn", "group_size": 128, "group_fallback": True, "symmetric": False}],
     "awq-w4-g128": [{"type": "awq", "group_size": 128, "group_fallback": True, "calibration": "C"}],
+    "awq-gptq-w4-g128": [{"type": "awq", "group_size": 128, "group_fallback": True, "quantizer": "gptq",
+                          "calibration": "C"}],
     "bnb-nf4": [{"type": "bnb", "quant_type": "nf4"}],
+    "bnb-fp4": [{"type": "bnb", "quant_type": "fp4"}],
+    "bnb-int8": [{"type": "bnb", "quant_type": "int8"}],
 }
 
 
@@ -133,12 +148,14 @@ def cmd_smollm2(args) -> None:
         import_gguf(Path(args.gguf), src)
     cal = {"dataset": "wikitext2-valid", "n_samples": 128, "seq_len": 512}
     for name in args.only or SMOLLM2_STAGES:
-        stages = [{k: (cal if v == "C" else v) for k, v in s.items()} for s in SMOLLM2_STAGES[name]]
+        stages = [{k: (cal if isinstance(v, str) and v == "C" else v) for k, v in s.items()}
+                  for s in SMOLLM2_STAGES[name]]
         rec = {"name": f"q2-{name}", "model": {"source": str(src), "dtype": "bfloat16"}, "device": "cuda",
-               "stages": stages, "eval": {"engines": ["hf", "vllm"], "artifacts": "last", "speed": None,
+               "stages": stages, "eval": {"engines": ["hf", "vllm"], "artifacts": "final", "speed": None,
                                           "vllm": {"enforce_eager": True, "gpu_memory_utilization": 0.3},
                                           "perplexity": {"dataset": "wikitext2", "context_length": 1024,
-                                                         "max_tokens": 8192}}}
+                                                         "max_tokens": 8192},
+                                          "tasks": [{"name": "piqa"}] if args.piqa else []}}
         run_dir = Path("/tmp/q2runs") / name
         t0 = time.perf_counter()
         try:
@@ -147,12 +164,19 @@ def cmd_smollm2(args) -> None:
             record(args, {"what": f"smollm2 {name}", "failed": f"{type(e).__name__}: {e}"[:2000]})
             continue
         a = report["artifacts"][-1]
+        def piqa(m):
+            return ((m.get("tasks") or {}).get("piqa") or {}).get("acc")
+
         ppl = {e: {"baseline": report["baseline"]["engines"][e].get("perplexity", {}).get("perplexity"),
-                   "artifact": m.get("perplexity", {}).get("perplexity"), "error": m.get("error")}
+                   "artifact": m.get("perplexity", {}).get("perplexity"), "error": m.get("error"),
+                   "piqa_baseline": piqa(report["baseline"]["engines"][e]), "piqa_artifact": piqa(m)}
                for e, m in a["engines"].items()}
         record(args, {"what": f"smollm2 {name}", "seconds": round(time.perf_counter() - t0, 1),
                       "scheme": (a["engines"]["hf"].get("quantization") or {}).get("scheme"), "perplexity": ppl,
-                      "stage_seconds": {s["type"]: None for s in stages}})
+                      "stage_seconds": [round(json.loads(f.read_text())["seconds"], 1)
+                                        for f in sorted(run_dir.glob("stages/*/stage.json"))],
+                      "stage_info": {k: v for k, v in (a.get("stage_info") or {}).items()
+                                     if not isinstance(v, (dict, list))}})
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -175,6 +199,7 @@ def main() -> None:
     p = sub.add_parser("smollm2")
     p.add_argument("--gguf", required=True)
     p.add_argument("--only", nargs="*")
+    p.add_argument("--piqa", action="store_true", help="full PIQA validation (1,838) on both engines")
     add_common_args(sub)
     args = ap.parse_args()
     {"layouts": cmd_layouts, "speed": cmd_speed, "cost8b": cmd_cost8b, "bf16-dir": cmd_bf16_dir,

@@ -9,6 +9,8 @@
 #   C: cost of AWQ W4A16 on the 8B shape (8 GiB GPU cap); our SmolLM2 checkpoints (static
 #      int8, FP8 dynamic and static, AWQ, bitsandbytes NF4) on transformers and vLLM
 #   D: bitsandbytes in vLLM on the 8B shape (real bf16 weights, in-flight quantization)
+#   E NAME...: SmolLM2 schemes (quant2_gpu.py SMOLLM2_STAGES) with perplexity and full PIQA on
+#      both engines
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}"
 export SQUEEZE_DATA_DIR="${SQUEEZE_DATA_DIR:-$PWD/.data}" SQUEEZE_HOME=/tmp/squeeze-home HF_HUB_OFFLINE=1
@@ -28,6 +30,8 @@ case "${1:?part A, B, C or D}" in
     q cost8b --method awq --cap-gib 8
     q smollm2 --gguf /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf \
       --only int8-static fp8-dynamic fp8-static awq-w4-g128 bnb-nf4 ;;
+  E)
+    q smollm2 --gguf /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf --piqa --only "${@:2}" ;;
   D)
     q bf16-dir --out /tmp/llama8b-bf16
     cp /tmp/q2layouts/bf16/config.json /tmp/llama8b-bf16/config.json 2>/dev/null || true

