@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_common import ROOT, add_common_args, bench_context, cap_gpu_memory, llama_config, random_llama, record
+from gpu_common import add_common_args, bench_context, cap_gpu_memory, llama_config, random_llama, record
 from quant_gpu import cmd_speed
 
 

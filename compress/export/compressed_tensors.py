@@ -182,6 +182,16 @@ def quantization_config(model_dir: Path) -> dict | None:
     return json.loads(cfg.read_text()).get("quantization_config")
 
 
+def refuse_quantized(model_dir: Path | None, stage: str, hint: str = "start from the unquantized model") -> None:
+    """UserError when the stage's input checkpoint is already quantized (any method)."""
+    from compress.errors import UserError
+
+    q = quantization_config(model_dir) if model_dir is not None else None
+    if q:
+        raise UserError(f"{stage}: {model_dir} is already quantized ({q.get('quant_method', '?')}, format "
+                        f"{q.get('format', '?')}); {hint}")
+
+
 def describe(qcfg: dict | None) -> dict | None:
     """Short description of a compressed-tensors config for reports: scheme, bits, group size."""
     if not qcfg:

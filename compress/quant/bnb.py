@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from compress.errors import UserError
-from compress.export.compressed_tensors import quantization_config
+from compress.export.compressed_tensors import refuse_quantized
 from compress.select import linear_names, unmatched
 from compress.stage import Stage, StageContext
 
@@ -57,10 +57,7 @@ def engine_problems(ctx: StageContext) -> list[str]:
 
 
 def check(cfg: BnBConfig, model, ctx: StageContext) -> None:
-    q = quantization_config(ctx.model_dir) if ctx.model_dir is not None else None
-    if q:
-        raise UserError(f"bnb: {ctx.model_dir} is already quantized ({q.get('quant_method', '?')}); start from the "
-                        "unquantized model")
+    refuse_quantized(ctx.model_dir, "bnb")
     problems = engine_problems(ctx)
     if problems:
         raise UserError(*(f"bnb: {p}" for p in problems))

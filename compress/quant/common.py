@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from compress.errors import UserError
-from compress.export.compressed_tensors import QuantRecord, WeightScheme, quantization_config
+from compress.export.compressed_tensors import QuantRecord, WeightScheme, refuse_quantized
 from compress.select import select_linears
 from compress.stage import StageContext
 
@@ -61,10 +61,7 @@ def engine_problems(scheme: WeightScheme, ctx: StageContext) -> list[str]:
 def check_weight_quant(cfg: WeightQuantConfig, model: torch.nn.Module, ctx: StageContext, stage: str,
                        actorder: str | None = None) -> list[str]:
     """Checks before any work; returns the module names to quantize."""
-    q = quantization_config(ctx.model_dir) if ctx.model_dir is not None else None
-    if q:
-        raise UserError(f"{stage}: {ctx.model_dir} is already quantized ({q.get('quant_method', '?')}, "
-                        f"format {q.get('format', '?')}); start from the unquantized model")
+    refuse_quantized(ctx.model_dir, stage)
     names = select_linears(model, cfg.targets, cfg.ignore, stage)
     widths = {n: model.get_submodule(n).in_features for n in names}
     bad = [(n, w) for n, w in widths.items() if cfg.group_for(w) is None]

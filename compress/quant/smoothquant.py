@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from compress.calibration import CalibrationConfig, check_calibration
 from compress.collectors import AbsMaxCollector
 from compress.errors import UserError
-from compress.export.compressed_tensors import quantization_config
+from compress.export.compressed_tensors import refuse_quantized
 from compress.layerwise import decoder_layers, run_layerwise
 from compress.quant.smooth import SMOOTHQUANT_MAPPINGS, Mapping, fold, mapping_for, resolve
 from compress.select import linear_names
@@ -50,10 +50,7 @@ def _plan(cfg: SmoothQuantConfig, model, stage="smoothquant"):
 
 
 def check(cfg: SmoothQuantConfig, model, ctx: StageContext) -> None:
-    q = quantization_config(ctx.model_dir) if ctx.model_dir is not None else None
-    if q:
-        raise UserError(f"smoothquant: {ctx.model_dir} is already quantized ({q.get('format', '?')}); smooth the "
-                        "unquantized model, then quantize")
+    refuse_quantized(ctx.model_dir, "smoothquant", "smooth the unquantized model, then quantize")
     _plan(cfg, model)
     if ctx.tokenizer is not None:
         check_calibration(ctx.tokenizer, cfg.calibration, "smoothquant")

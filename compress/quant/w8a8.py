@@ -30,7 +30,7 @@ from compress.calibration import CalibrationConfig, check_calibration
 from compress.collectors import RangeCollector
 from compress.errors import UserError
 from compress.export.compressed_tensors import (FP8_MAX, ActScheme, QuantRecord, WeightScheme, attach, fp8_round,
-                                                kernels_for, quantization_config)
+                                                kernels_for, refuse_quantized)
 from compress.layerwise import decoder_layers, run_layerwise
 from compress.quant.grid import Grid, rtn
 from compress.select import select_linears
@@ -99,10 +99,7 @@ def engine_note(cfg: W8A8Config, ctx: StageContext, fp8: bool) -> str | None:
 
 def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool) -> list[str]:
     """Checks before any work; returns the module names to quantize."""
-    q = quantization_config(ctx.model_dir) if ctx.model_dir is not None else None
-    if q:
-        raise UserError(f"{stage}: {ctx.model_dir} is already quantized ({q.get('quant_method', '?')}, "
-                        f"format {q.get('format', '?')}); start from the unquantized model")
+    refuse_quantized(ctx.model_dir, stage)
     if cfg.activations == "static" and cfg.calibration is None:
         raise UserError(f"{stage}.calibration: static activation scales come from calibration data; add e.g. "
                         "calibration: {dataset: wikitext2-valid, n_samples: 128, seq_len: 2048}, or use "
