@@ -88,6 +88,17 @@ def cap_gpu_memory(gib: float) -> None:
     torch.cuda.set_per_process_memory_fraction(gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
 
 
+def capped_random_llama(args):
+    """(device, config, model): the random Llama of --tiny's shape in host memory, the process then
+    capped at --cap-gib of GPU memory (the larger-than-GPU case the runner plans for)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = llama_config(args.tiny)
+    model = random_llama(cfg, dev)
+    if dev == "cuda":
+        cap_gpu_memory(args.cap_gib)
+    return dev, cfg, model
+
+
 def add_common_args(sub) -> None:
     for p in sub.choices.values():
         p.add_argument("--tiny", action="store_true", help="a tiny config, for a dry run on the CPU")

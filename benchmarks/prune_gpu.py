@@ -19,17 +19,13 @@ import time
 
 import torch
 
-from gpu_common import add_common_args, bench_context, cap_gpu_memory, llama_config, random_llama, record
+from gpu_common import add_common_args, bench_context, capped_random_llama, llama_config, random_llama, record
 
 
 def cmd_cost(args) -> None:
     from compress import registry
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = llama_config(args.tiny)
-    model = random_llama(cfg, dev)
-    if dev == "cuda":
-        cap_gpu_memory(args.cap_gib)
+    dev, cfg, model = capped_random_llama(args)
     n, seq = (8, 64) if args.tiny else (128, 2048)
     stage = registry.get(args.method)
     pattern = {"nm": args.nm} if args.nm else {"sparsity": 0.5}

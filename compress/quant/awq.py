@@ -30,7 +30,7 @@ from compress.calibration import CalibrationConfig, check_calibration
 from compress.collectors import HessianCollector
 from compress.export.compressed_tensors import QuantRecord, WeightScheme, attach
 from compress.layerwise import decoder_layers, run_layerwise, split_by_layer
-from compress.quant.common import WeightQuantConfig, check_weight_quant, group_summary, store
+from compress.quant.common import WeightQuantConfig, check_weight_quant, group_summary, row_slices, store
 from compress.quant.cuda_graph import graph_fn
 from compress.quant.gptq import gptq_quantize, solve_block
 from compress.quant.grid import Grid, rtn
@@ -46,10 +46,10 @@ class AWQCollector(HessianCollector):
         self.mean_abs = torch.zeros(in_features, dtype=torch.float32, device=device)
 
     def add_batch(self, x: torch.Tensor) -> None:
-        m = x.reshape(-1, x.shape[-1]).shape[0]
-        self.mean_abs.mul_(self.n / (self.n + m)).add_(x.reshape(-1, x.shape[-1]).abs().float().sum(0),
-                                                       alpha=1.0 / (self.n + m))
-        super().add_batch(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        m = x2.shape[0]
+        self.mean_abs.mul_(self.n / (self.n + m)).add_(x2.abs().float().sum(0), alpha=1.0 / (self.n + m))
+        super().add_batch(x2)
 
 
 class AWQConfig(WeightQuantConfig):
@@ -144,10 +144,7 @@ def apply(model, cfg: AWQConfig, ctx: StageContext):
             else:
                 q, scale, zero = rtn(w, grid)
             stats.h = None
-            row = 0
-            for rel, m in group.items():
-                rows = slice(row, row + m.out_features)
-                row += m.out_features
+            for rel, m, rows in row_slices(group):
                 name = f"{layers_name}.{i}.{rel}"
                 err = ((w[rows] - q[rows]).norm() / w[rows].norm().clamp(min=1e-30)).item()
                 records[name] = store(m, q[rows], scale[rows], zero[rows])

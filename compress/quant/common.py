@@ -84,6 +84,14 @@ def group_summary(schemes: dict[str, WeightScheme]) -> dict[str, int]:
     return out
 
 
+def row_slices(group: dict[str, torch.nn.Linear]):
+    """(name, module, rows) of modules solved as one matrix: their weights stacked in order."""
+    row = 0
+    for rel, m in group.items():
+        yield rel, m, slice(row, row + m.out_features)
+        row += m.out_features
+
+
 @torch.no_grad()
 def store(module: torch.nn.Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
           g_idx: torch.Tensor | None = None) -> QuantRecord:

@@ -31,7 +31,7 @@ from compress.calibration import CalibrationConfig, check_calibration
 from compress.collectors import HessianCollector
 from compress.export.compressed_tensors import QuantRecord, WeightScheme, attach
 from compress.layerwise import decoder_layers, run_layerwise
-from compress.quant.common import WeightQuantConfig, check_weight_quant, group_summary, store
+from compress.quant.common import WeightQuantConfig, check_weight_quant, group_summary, row_slices, store
 from compress.quant.cuda_graph import graph_fn
 from compress.quant.grid import Grid, fake_quantize, group_qparams, qparams
 from compress.stage import Stage, StageContext
@@ -227,10 +227,8 @@ def apply(model, cfg: GPTQConfig, ctx: StageContext):
                           overwrite_h=True, keep=keep if pruned else None)  # H is not needed after this
         stats.h = None
         secs = time.perf_counter() - t0
-        out, row = {}, 0
-        for rel, m in group.items():
-            rows = slice(row, row + m.out_features)
-            row += m.out_features
+        out = {}
+        for rel, m, rows in row_slices(group):
             name = f"{layers_name}.{layer_idx}.{rel}"
             err = (r.row_error[rows].sum() / r.row_energy[rows].sum().clamp(min=1e-30)).item()
             records[name] = store(m, r.q[rows], r.scale[rows], r.zero[rows], r.g_idx)

@@ -122,12 +122,8 @@ def fold(smooth: torch.nn.Module, balance: list[torch.nn.Linear], s: torch.Tenso
     """Divide `smooth`'s output channels by s and multiply the balance linears' columns by s
     (computed in float32, stored in each tensor's dtype)."""
     s = s.float()
-    if isinstance(smooth, torch.nn.Linear):
-        w = smooth.weight
-        w.copy_((w.float() / s.to(w.device)[:, None]).to(w.dtype))
-    else:
-        w = smooth.weight
-        w.copy_((w.float() / s.to(w.device)).to(w.dtype))
+    w = smooth.weight  # a linear's output channels are its rows; a norm's, its weight vector
+    w.copy_((w.float() / s.to(w.device).reshape(-1, *[1] * (w.ndim - 1))).to(w.dtype))
     b = getattr(smooth, "bias", None)
     if b is not None:
         b.copy_((b.float() / s.to(b.device)).to(b.dtype))

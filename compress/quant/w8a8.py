@@ -52,6 +52,11 @@ class W8A8Config(BaseModel):
     calibration: CalibrationConfig | None = Field(
         None, description="calibration data: required for static activations, unused for dynamic ones")
 
+    @property
+    def histogram(self) -> bool:
+        """Static scales from the percentile observer (which needs the |x| histogram)."""
+        return self.activations == "static" and self.observer == "percentile"
+
     @model_validator(mode="after")
     def _static_needs_data(self):
         if self.activations == "dynamic" and self.calibration is not None:
@@ -133,9 +138,14 @@ def _record(mod: torch.nn.Linear, q, scale, input_scale=None) -> QuantRecord:
                        input_scale=None if input_scale is None else input_scale.to(dt).cpu())
 
 
+def half_range(fp8: bool) -> float:
+    """What one scale unit covers: x = code * scale with |code| <= this."""
+    return FP8_MAX if fp8 else INT8_HALF_RANGE
+
+
 def static_scale(stats: RangeCollector, cfg: W8A8Config, fp8: bool, dtype: torch.dtype) -> torch.Tensor:
-    r = stats.percentile(cfg.percentile) if cfg.observer == "percentile" else stats.absmax.item()
-    s = max(r, 1e-8) / (FP8_MAX if fp8 else INT8_HALF_RANGE)
+    r = stats.percentile(cfg.percentile) if cfg.histogram else stats.absmax.item()
+    s = max(r, 1e-8) / half_range(fp8)
     return torch.tensor([s], dtype=torch.float32).to(dtype).float()
 
 
@@ -165,56 +175,37 @@ def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
         c = cfg.calibration
         calib = ctx.calibration(c)
         layers_name = decoder_layers(model)[0]
-        hist = cfg.observer == "percentile"
-
         def solve(i, group, stats: RangeCollector):
             s = static_scale(stats, cfg, fp8, next(iter(group.values())).weight.dtype)
-            clipped = 0.0 if not hist else stats.absmax.item() / (s.item() * (FP8_MAX if fp8 else INT8_HALF_RANGE))
-            out = {}
-            for rel, m in group.items():
-                out[rel] = {**quantize(f"{layers_name}.{i}.{rel}", m, s), "input_absmax": stats.absmax.item(),
-                            **({"absmax_over_range": round(clipped, 3)} if hist else {})}
-            return out
+            extra = {"input_absmax": stats.absmax.item()}
+            if cfg.histogram:
+                extra["absmax_over_range"] = round(stats.absmax.item() / (s.item() * half_range(fp8)), 3)
+            return {rel: {**quantize(f"{layers_name}.{i}.{rel}", m, s), **extra} for rel, m in group.items()}
 
-        info = run_layerwise(model, calib, names, lambda m, dev: RangeCollector(m.in_features, dev, hist), solve,
+        info = run_layerwise(model, calib, names,
+                             lambda m, dev: RangeCollector(m.in_features, dev, cfg.histogram), solve,
                              ctx.device, sequential=True, batch_size=c.batch_size, progress=ctx.progress, desc=stage)
         per_module = info.pop("modules")
     attach(model, records, {n: scheme for n in records})
     errs = [m["weight_rel_error"] for m in per_module.values()]
     return model, {"scheme": scheme.name, "format": scheme.format, "weights": "per channel, symmetric, RTN",
                    "activations": "per token, dynamic" if cfg.activations == "dynamic"
-                   else f"per tensor, static ({cfg.observer}{f' {cfg.percentile}' if hist_of(cfg) else ''})",
+                   else f"per tensor, static ({cfg.observer}{f' {cfg.percentile}' if cfg.histogram else ''})",
                    "kernels": kernels_for(scheme.name), "quantized_modules": len(records),
                    **({"vllm_note": note} if (note := engine_note(cfg, ctx, fp8)) else {}),
                    "mean_weight_rel_error": round(sum(errs) / len(errs), 6),
                    "seconds_solve": round(time.perf_counter() - t0, 3), **info, "modules": per_module}
 
 
-def hist_of(cfg: W8A8Config) -> bool:
-    return cfg.activations == "static" and cfg.observer == "percentile"
+def _stage(name: str, fp8: bool, summary: str) -> Stage:
+    def check(cfg, model, ctx) -> None:
+        check_w8a8(cfg, model, ctx, name, fp8)
+
+    return Stage(name=name, config=W8A8Config, apply=lambda m, c, x: run_w8a8(m, c, x, name, fp8), check=check,
+                 quantizes=True, summary=summary)
 
 
-class Int8Config(W8A8Config):
-    pass
-
-
-class FP8Config(W8A8Config):
-    pass
-
-
-def check_int8(cfg, model, ctx):
-    check_w8a8(cfg, model, ctx, "int8", fp8=False)
-
-
-def check_fp8(cfg, model, ctx):
-    check_w8a8(cfg, model, ctx, "fp8", fp8=True)
-
-
-INT8 = Stage(name="int8", config=Int8Config, apply=lambda m, c, x: run_w8a8(m, c, x, "int8", False),
-             check=check_int8, quantizes=True,
-             summary="W8A8 int8: per-channel weights, dynamic per-token or static per-tensor activations "
-                     "(min-max or percentile), compressed-tensors int-quantized.")
-FP8 = Stage(name="fp8", config=FP8Config, apply=lambda m, c, x: run_w8a8(m, c, x, "fp8", True),
-            check=check_fp8, quantizes=True,
-            summary="W8A8 FP8 (E4M3): per-channel weights, dynamic per-token or static per-tensor activations, "
-                    "compressed-tensors float-quantized.")
+INT8 = _stage("int8", False, "W8A8 int8: per-channel weights, dynamic per-token or static per-tensor activations "
+                             "(min-max or percentile), compressed-tensors int-quantized.")
+FP8 = _stage("fp8", True, "W8A8 FP8 (E4M3): per-channel weights, dynamic per-token or static per-tensor activations, "
+                          "compressed-tensors float-quantized.")
