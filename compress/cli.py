@@ -1,4 +1,4 @@
-"""`squeeze` command line: run | eval | validate | import-gguf | stages.
+"""`squeeze` command line: run | eval | compare | gate | validate | import-gguf | stages.
 
 Bad input (a recipe, a path, a flag) is reported as one line per problem and exit code 2,
 never a traceback.
@@ -32,8 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", epilog=EPILOG, help="run a recipe: stages, evaluation, report",
                        description="Run RECIPE's stages in order (each saved as an HF directory), evaluate the "
-                       "baseline and every artifact, and write report.json / report.md in the run directory. "
-                       "Re-running resumes after the last completed stage.")
+                       "baseline and every artifact, and write report.json / .md / .html in the run directory; a "
+                       "matrix recipe runs every variant (shared stages once) and writes the comparison too. "
+                       "Re-running resumes after the last completed stage. With a `gate:` in the recipe, exits 1 "
+                       "when the gate fails.")
     p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
     p.add_argument("--output", "-o", metavar="DIR", help="run directory (default: checkpoints/<recipe name>)")
     p.add_argument("--force", action="store_true", help="discard an existing run directory and redo everything")
@@ -75,6 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (unsafe)")
     _common(p)
+
+    p = sub.add_parser("compare", epilog=EPILOG, help="one tradeoff table and Pareto charts over runs",
+                       description="Read the report.json of each RUN (a run directory or the file), put every "
+                       "artifact of every run in one table against its baseline, mark the Pareto-optimal ones "
+                       "(quality vs throughput, quality vs peak memory, per engine), and write comparison.md, "
+                       ".csv, .html and pareto.png. Runs with a different baseline or protocol go in separate "
+                       "groups, each with the reason. Nothing is measured again.")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--output", "-o", metavar="DIR", help="where to write (default: print the table only)")
+    p.add_argument("--quality", metavar="METRIC",
+                   help="quality axis: perplexity (default where measured) or TASK.METRIC, e.g. piqa.acc")
+    p.add_argument("--only", metavar="GLOB", help="artifacts whose name matches (the baseline always stays)")
+
+    p = sub.add_parser("gate", epilog=EPILOG, help="check a report against release thresholds (exit 0/1/2)",
+                       description="Check REPORT (report.json or its run directory) against the criteria in "
+                       "--gate FILE (or the recipe's own gate when no file is given). Prints a verdict per "
+                       "criterion, artifact and engine; exits 0 when all pass, 1 when one fails, 2 on an error. "
+                       "Nothing is measured again.")
+    p.add_argument("report", metavar="REPORT")
+    p.add_argument("--gate", metavar="FILE", help="YAML: a list of criteria, or a mapping with `gate:` (a recipe "
+                   "works too)")
+    p.add_argument("--junit", metavar="FILE", help="also write the verdicts as JUnit XML")
 
     p = sub.add_parser("validate", epilog=EPILOG, help="check a recipe without running it",
                        description="Validate RECIPE: exit 0 if good, 2 with one line per problem if not. Where "
@@ -194,11 +218,55 @@ def cmd_run(a) -> int:
     run_dir = run_dir_for(recipe, a.output)
     report = run(recipe, run_dir, force=a.force, recipe_text=Path(a.recipe).read_text(),
                  evaluate_outputs=not a.no_eval)
-    if report is not None:
+    if report is None:
+        return 0
+    if recipe.is_matrix:
+        from eval.report.compare import compare, markdown_table, write_comparison
+
+        groups = compare([run_dir])
+        paths = write_comparison(groups, run_dir)
+        print(markdown_table(groups[0].rows))
+        print(f"\ncomparison: {paths['md']}, {paths['csv']}, {paths['html']}; Pareto chart: {paths['png1']}")
+    else:
         print(table(report))
-        print(f"\nreport: {run_dir / 'report.md'}")
-        return _report_errors(report)
+    print(f"report: {run_dir / 'report.md'}, {run_dir / 'report.html'}")
+    rc = _report_errors(report)
+    if report.get("gate"):
+        from eval.report.gate import verdict_lines
+
+        print("\n" + "\n".join(verdict_lines(report["gate"])) + f"\n(gate.json, gate.xml in {run_dir})")
+        rc = rc or (0 if report["gate"]["passed"] else 1)
+    return rc
+
+
+def cmd_compare(a) -> int:
+    from eval.report.compare import compare, markdown, write_comparison
+
+    groups = compare(a.runs, quality=a.quality, only=a.only)
+    print(markdown(groups))
+    if a.output:
+        paths = write_comparison(groups, a.output, quality=a.quality)
+        print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def cmd_gate(a) -> int:
+    from compress.fsutil import atomic_write_text
+    from eval.report.compare import load_report
+    from eval.report.gate import apply_gate, junit_xml, load_gate, parse_gate, verdict_lines
+
+    report = load_report(a.report)
+    if a.gate:
+        criteria, where = load_gate(a.gate), a.gate
+    elif (report.get("recipe") or {}).get("gate"):
+        criteria, where = parse_gate(report["recipe"]["gate"], f"{report['_path']} (recipe.gate)"), "recipe.gate"
+    else:
+        raise UserError(f"{a.report}: its recipe has no gate; pass --gate FILE")
+    gate = apply_gate(report, criteria, where)
+    print("\n".join(verdict_lines(gate)))
+    if a.junit:
+        atomic_write_text(Path(a.junit), junit_xml(gate, f"squeeze gate: {Path(report['_path']).parent.name}"))
+    return 0 if gate["passed"] else 1
 
 
 def _report_errors(report: dict) -> int:
@@ -277,7 +345,7 @@ def _eval_config(a):
 def cmd_eval(a) -> int:
     from compress.models import resolve_device, resolve_model
     from compress.recipe import ModelSpec
-    from eval.evaluate import check_eval, evaluate
+    from eval.evaluate import check_eval, evaluate, protocol
     from eval.report.report import build_report, markdown, table, write_report
 
     cfg, device = _eval_config(a), resolve_device(a.device)
@@ -294,8 +362,8 @@ def cmd_eval(a) -> int:
         return {"name": src, "model_dir": str(dirs[src]), "engines": per_engine}
 
     model = measure(a.model)
-    report = build_report(measure(a.baseline), [model], device=device) if a.baseline \
-        else build_report(model, [], device=device)
+    kw = {"device": device, "protocol": protocol(cfg, spec, device), "provenance": {"seeds": {"eval": 0}}}
+    report = build_report(measure(a.baseline), [model], **kw) if a.baseline else build_report(model, [], **kw)
     print(table(report))
     if a.output:
         print("\nreport:", write_report(report, a.output)[1])
@@ -304,8 +372,8 @@ def cmd_eval(a) -> int:
     return _report_errors(report)
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "validate": cmd_validate, "import-gguf": cmd_import,
-            "stages": cmd_stages}
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "compare": cmd_compare, "gate": cmd_gate, "validate": cmd_validate,
+            "import-gguf": cmd_import, "stages": cmd_stages}
 
 
 def main(argv: list[str] | None = None) -> int:

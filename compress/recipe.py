@@ -147,6 +147,59 @@ class StageSpec(_Strict):
     config: Any  # the stage's own frozen config model
 
 
+class Variant(_Strict):
+    """One chain of a recipe matrix: its name and the stages after the recipe's own `stages`."""
+
+    name: str
+    stages: list[StageSpec]
+
+
+GATE_METRICS = {
+    "perplexity_increase_pct": "perplexity change against the baseline, in % (use max)",
+    "perplexity_retention": "baseline perplexity / artifact perplexity (use min)",
+    "task_retention": "artifact accuracy / baseline accuracy for `task` (use min)",
+    "task_drop_points": "baseline accuracy - artifact accuracy for `task`, in points (use max)",
+    "throughput_speedup": "artifact / baseline output tok/s with requests in flight (use min)",
+    "tpot_speedup": "baseline / artifact batch-1 time per output token (use min)",
+    "throughput_tok_s": "output tok/s with requests in flight (use min)",
+    "peak_memory_mib": "peak memory while measured (GPU if used, else resident set), MiB (use max)",
+    "size_mb": "bytes of the safetensors on disk / 1e6 (use max)",
+    "size_ratio": "artifact bytes on disk / baseline bytes (use max)",
+}
+
+
+class GateCriterion(_Strict):
+    """One release-gate threshold, checked on every matching artifact and engine of a report."""
+
+    metric: Literal[tuple(GATE_METRICS)]  # type: ignore[valid-type]
+    min: float | None = Field(None, description="pass when the value is >= min")
+    max: float | None = Field(None, description="pass when the value is <= max")
+    task: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                             description="task_*: 'piqa' (its acc, else exact_match) or 'piqa.acc_norm'")
+    engine: Literal["hf", "vllm"] | None = Field(None, description="one engine; default: every engine measured")
+    artifacts: str = Field("final", min_length=1, description="'final' (the last stage of a recipe, every "
+                           "variant of a matrix), 'all', or a glob over artifact names")
+    name: str | None = Field(None, description="label in the verdict and JUnit XML (default: derived)")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min is None and self.max is None:
+            raise ValueError("give `min` or `max` (or both)")
+        if self.metric.startswith("task_") and not self.task:
+            raise ValueError(f"metric {self.metric} needs `task` (e.g. piqa or piqa.acc_norm)")
+        if self.task and not self.metric.startswith("task_"):
+            raise ValueError(f"`task` applies to task_retention and task_drop_points only, not {self.metric}")
+        return self
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        what = f"{self.metric}[{self.task}]" if self.task else self.metric
+        bounds = " and ".join(b for b in (self.min is not None and f">= {self.min:g}",
+                                           self.max is not None and f"<= {self.max:g}") if b)
+        return f"{what} {bounds}"
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
                       description="1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
@@ -155,7 +208,9 @@ class Recipe(_Strict):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     stages: list[StageSpec] = Field(default_factory=list)
+    variants: list[Variant] = Field(default_factory=list)  # from `matrix:` (compress.matrix); empty: one chain
     eval: EvalConfig = EvalConfig()
+    gate: list[GateCriterion] = Field(default_factory=list, description="release gate checked after evaluation")
 
     @model_validator(mode="after")
     def _sparse_kernels_need_16_bits(self):
@@ -164,17 +219,39 @@ class Recipe(_Strict):
                              "have no float32 path)")
         return self
 
+    @property
+    def is_matrix(self) -> bool:
+        return bool(self.variants)
+
     def compression_hash(self) -> str:
         """Hash of what determines the stage outputs (model, seed, stages); eval settings excluded."""
-        return _hash({"model": self.model.model_dump(), "seed": self.seed, "stages": self.stage_dicts()})
+        d = {"model": self.model.model_dump(), "seed": self.seed, "stages": stage_dicts(self.stages)}
+        if self.variants:
+            d["variants"] = {v.name: stage_dicts(v.stages) for v in self.variants}
+        return _hash(d)
+
+    def recipe_hash(self) -> str:
+        """Hash of the whole validated recipe (evaluation and gate included), for provenance."""
+        return _hash(self.as_dict())
 
     def stage_dicts(self) -> list[dict]:
-        return [{"type": s.type, **s.config.model_dump()} for s in self.stages]
+        return stage_dicts(self.stages)
 
     def as_dict(self) -> dict:
-        d = self.model_dump(exclude={"stages"})
+        d = self.model_dump(exclude={"stages", "variants"})
         d["stages"] = self.stage_dicts()
+        if self.variants:
+            d["variants"] = {v.name: stage_dicts(v.stages) for v in self.variants}
         return d
+
+
+def stage_dicts(stages: list[StageSpec]) -> list[dict]:
+    return [{"type": s.type, **s.config.model_dump()} for s in stages]
+
+
+def chain_key(model: ModelSpec, seed: int, stages: list[StageSpec]) -> str:
+    """Content key of a chain's output: what determines it (model, seed, the stages in order)."""
+    return _hash({"model": model.model_dump(), "seed": seed, "stages": stage_dicts(stages)})
 
 
 def _hash(obj: Any) -> str:
@@ -227,6 +304,7 @@ def parse_recipe(raw: Any, where: str = "<recipe>") -> Recipe:
     errors: list[str] = []
     raw = dict(raw)
     raw_stages = raw.pop("stages", [])
+    raw_matrix = raw.pop("matrix", None)
     try:
         top = Recipe.model_validate(raw)
     except ValidationError as e:
@@ -240,24 +318,32 @@ def parse_recipe(raw: Any, where: str = "<recipe>") -> Recipe:
         spec = _parse_stage(st, i, where, errors)
         if spec is not None:
             stages.append(spec)
-    errors += _order_errors(stages, where)
+    variants = []
+    if raw_matrix is not None:
+        from compress.matrix import parse_matrix
+
+        variants = parse_matrix(raw_matrix, where, errors)
+        for v in variants:
+            errors += _order_errors(stages + v.stages, where, f"matrix variant {v.name!r}: ")
+    else:
+        errors += _order_errors(stages, where)
     if errors:
         raise UserError(*errors)
-    return top.model_copy(update={"stages": stages})
+    return top.model_copy(update={"stages": stages, "variants": variants})
 
 
-def _order_errors(stages: list[StageSpec], where: str) -> list[str]:
+def _order_errors(stages: list[StageSpec], where: str, what: str = "") -> list[str]:
     """Quantized weights are final: nothing may change the weights after a quantization stage."""
     first = next((i for i, s in enumerate(stages) if registry.get(s.type).quantizes), None)
     if first is None:
         return []
     q = stages[first].type
-    return [f"{where}: stages[{i}].type: {s.type!r} after {q!r} (stages[{first}]): quantized checkpoints are "
-            "final; put quantization last" for i, s in enumerate(stages) if i > first]
+    return [f"{where}: {what}stages[{i}].type: {s.type!r} after {q!r} (stages[{first}]): quantized checkpoints "
+            "are final; put quantization last" for i, s in enumerate(stages) if i > first]
 
 
-def _parse_stage(st: Any, i: int, where: str, errors: list[str]) -> StageSpec | None:
-    at = f"stages[{i}]"
+def _parse_stage(st: Any, i: int, where: str, errors: list[str], at: str | None = None) -> StageSpec | None:
+    at = at or f"stages[{i}]"
     if not isinstance(st, dict):
         errors.append(f"{where}: {at}: must be a mapping with a `type` field, got {type(st).__name__}")
         return None
@@ -274,7 +360,7 @@ def _parse_stage(st: Any, i: int, where: str, errors: list[str]) -> StageSpec | 
     try:
         return StageSpec(type=name, config=stage.config.model_validate(st))
     except ValidationError as e:
-        errors += _format(e, stage.config, where, ("stages", i))
+        errors += _format(e, stage.config, where, at)
         return None
 
 
@@ -317,10 +403,16 @@ def _unwrap(t: Any) -> Any:
     return t
 
 
-def _format(e: ValidationError, cls: type[BaseModel], where: str, prefix: tuple) -> list[str]:
+def _format(e: ValidationError, cls: type[BaseModel], where: str, prefix: tuple | str) -> list[str]:
+    """One line per error: '<where>: <field path>: <what is wrong and what is allowed>'; `prefix` is
+    the path of `cls` in the file (a tuple of keys, or a path string such as 'stages[1]')."""
     lines = []
     for err in e.errors(include_url=False):
-        loc = prefix + tuple(err["loc"])
+        if isinstance(prefix, str):
+            rest = _path(tuple(err["loc"]))
+            path = prefix + ("." + rest if rest and not rest.startswith("[") else rest)
+        else:
+            path = _path(prefix + tuple(err["loc"]))
         got = err.get("input")
         if err["type"] == "extra_forbidden":
             allowed = _fields_at(cls, tuple(err["loc"])[:-1])
@@ -331,5 +423,5 @@ def _format(e: ValidationError, cls: type[BaseModel], where: str, prefix: tuple)
             msg = f"must be {info.description} (got {got!r})"
         else:
             msg = f"{err['msg']} (got {got!r})" if not isinstance(got, (dict, list)) else err["msg"]
-        lines.append(f"{where}: {_path(loc)}: {msg}")
+        lines.append(f"{where}: {path}: {msg}")
     return lines

@@ -93,6 +93,16 @@ def _task_key(cfg: EvalConfig) -> list:
     return out
 
 
+def protocol(cfg: EvalConfig, model: ModelSpec, device: str, seed: int = 0) -> dict:
+    """What makes two evaluations comparable: the measurement protocol, every engine's settings,
+    the hardware and the seed (the evaluation cache key, less the model). Reports keep it so
+    that `squeeze compare` never mixes runs measured differently."""
+    return {"perplexity": cfg.perplexity and cfg.perplexity.model_dump(), "speed": cfg.speed and cfg.speed.model_dump(),
+            "tasks": [{k: v for k, v in t.items() if k != "file"} for t in _task_key(cfg)],
+            "task_batch_size": cfg.task_batch_size, "engines": {e: engine_settings(e, cfg, model) for e in cfg.engine_list()},
+            "device": device.split(":")[0], "hardware": hardware(), "seed": seed}
+
+
 def one_line(e: BaseException) -> str:
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
     return f"{type(e).__name__}: {lines[0] if lines else 'no message'}"

@@ -1,49 +1,80 @@
 """Build, write and render the run report.
 
-report.json schema (version 3):
-  schema_version, squeeze_version, created, recipe (as run), recipe_hash, device, versions,
+report.json schema (version 4; eval/report/report.schema.json is its JSON Schema, the README
+section "Report schema" its prose):
+  schema_version, squeeze_version, created, recipe (as run, or null for `squeeze eval`),
+  recipe_hash, device, versions,
+  protocol: what makes runs comparable (eval.evaluate.protocol): perplexity, speed, tasks,
+            task_batch_size, engines {engine: settings}, device, hardware, seed,
+  provenance: host {device_name, cpu, gpus, driver, cuda, platform}, versions, git_sha,
+              recipe_hash, compression_hash, seeds,
   baseline: {name, model_dir, engines: {engine: metrics}},
-  artifacts: [{name, stage, model_dir, stage_info, engines: {engine: metrics},
+  artifacts: [{name, stage, stages (the chain that made it), final, model_dir, stage_info,
+               engines: {engine: metrics},
                retention: {engine: {ppl_retention, ppl_change_pct, tasks: {"task.metric":
                            {retention, change_points}}, speed: {throughput | batch1_tpot:
-                           {ratio, lo, hi, verdict}}, size_ratio}}}].
+                           {ratio, lo, hi, verdict}}, size_ratio}}}],
+  gate (where a gate was applied): {passed, verdicts: [...]} (eval.report.gate).
   metrics (eval.evaluate): perplexity, tasks {name: {acc, acc_stderr, acc_norm, ...}},
   speed {concurrent, batch1: per-repeat throughput and latency distributions, protocol},
   memory, provenance, settings, size_bytes, quantization, params, error (if it failed).
   Retention compares an artifact with the baseline measured on the same engine.
   Version 1 had one engine (`metrics`); version 2 had `engines` and batch-1 speed only
-  (decode_speedup). Readers check schema_version.
+  (decode_speedup); version 3 had no protocol, provenance, stages or final (readers derive
+  them: eval.report.compare.load_report). Readers check schema_version.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import time
 from pathlib import Path
 
 from compress import __version__
-from compress.manifest import versions
 from compress.fsutil import atomic_write_text
+from compress.manifest import git_sha, versions
 from eval.evaluate import retention
 from eval.speed.workload import fmt_speedup
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
-def build_report(baseline: dict, artifacts: list[dict], recipe: dict | None = None,
-                 recipe_hash: str | None = None, device: str | None = None) -> dict:
+def host_info(device: str | None) -> dict:
+    """CPU model, GPUs, driver, CUDA and platform of the machine that measured."""
+    import torch
+
+    from eval.memory import device_info
+
+    info = {"cpu": device_info("cpu")["device_name"], "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if device and device.startswith("cuda"):
+        info.update(device_info(device))
+    else:
+        info["device_name"] = info["cpu"]
+    return info
+
+
+def build_report(baseline: dict, artifacts: list[dict], recipe: dict | None = None, device: str | None = None,
+                 protocol: dict | None = None, provenance: dict | None = None) -> dict:
     """`baseline` = {name, model_dir, engines: {engine: metrics}}; each artifact likewise, plus
-    stage and stage_info."""
+    stage, stages, final and stage_info. `provenance` adds recipe_hash, compression_hash, seeds."""
     arts = [{**a, "retention": {e: retention(baseline["engines"][e], m) for e, m in a["engines"].items()
                                 if e in baseline["engines"]}} for a in artifacts]
+    if arts and not any(a.get("final") for a in arts):
+        arts[-1]["final"] = True
+    prov = {"host": host_info(device), "versions": versions(), "git_sha": git_sha(), **(provenance or {})}
     return {
         "schema_version": SCHEMA_VERSION,
         "squeeze_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "recipe": recipe,
-        "recipe_hash": recipe_hash,
+        "recipe_hash": prov.get("recipe_hash"),
         "device": device,
-        "versions": versions(),
+        "versions": prov["versions"],
+        "protocol": protocol,
+        "provenance": prov,
         "baseline": baseline,
         "artifacts": arts,
     }
@@ -156,15 +187,18 @@ def protocol_lines(report: dict) -> list[str]:
     return out
 
 
-def markdown(report: dict) -> str:
-    title = (report.get("recipe") or {}).get("name", "evaluation")
-    lines = [f"# Squeeze report: {title}", "", table(report), "", "Protocol:", *protocol_lines(report)]
+def notes(report: dict) -> list[str]:
+    """Per-model notes ('- ...' lines): sizes, stage settings, kernels, sparsity, memory, failures."""
+    lines = []
     for entry in [report["baseline"]] + report["artifacts"]:
         m = next((em for em in entry["engines"].values() if "params" in em), None)
         if m:
             lines.append(f"- {entry['name']}: {m['params'] / 1e6:.2f} M parameters, "
                          f"{m.get('nonzero_params', m['params']) / 1e6:.2f} M non-zero, "
                          f"{m.get('size_bytes', 0) / 1e6:.1f} MB on disk")
+    for a in report["artifacts"]:
+        if len(a.get("stages") or []) > 1:
+            lines.append(f"- {a['name']}: made by {' -> '.join(a['stages'])}")
     for a in report["artifacts"]:
         info = {k: v for k, v in (a.get("stage_info") or {}).items() if not isinstance(v, (dict, list))}
         if info:
@@ -194,14 +228,50 @@ def markdown(report: dict) -> str:
         lines.append("- Note: the built-in SmolLM2 is dequantized from a Q4_1 GGUF, so its weights already sit on a "
                      "4-bit grid with blocks of 32: 4-bit quantization at group 32 can look lossless on it; judge "
                      "quantizers at group 128 (64 where 128 does not divide a layer) or per channel.")
+    return lines
+
+
+def provenance_lines(report: dict) -> list[str]:
+    prov = report.get("provenance") or {}
+    host = prov.get("host") or {}
+    out = [f"- Host: {host.get('device_name') or report.get('device')}"
+           + (f", driver {host['driver']}" if host.get("driver") else "")
+           + (f", CUDA {host['cuda']}" if host.get("cuda") else "") + (f"; {host['platform']}" if host.get("platform")
+                                                                      else "")]
+    v = prov.get("versions") or report.get("versions") or {}
+    out.append("- Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()))
+    ids = {k: prov.get(k) for k in ("git_sha", "recipe_hash", "compression_hash")}
+    out.append("- " + ", ".join(f"{k} {x[:12] if k != 'git_sha' else x}" for k, x in ids.items() if x)
+               + (f"; seeds {prov['seeds']}" if prov.get("seeds") else ""))
+    return out
+
+
+def gate_lines(gate: dict | None) -> list[str]:
+    if not gate:
+        return []
+    out = ["", f"Release gate: **{'PASSED' if gate['passed'] else 'FAILED'}**", ""]
+    out += [f"- {'PASS' if v['passed'] else 'FAIL'}: {v['criterion']} on {v['artifact']} ({v['engine']}): "
+            f"{v['detail']}" for v in gate["verdicts"]]
+    return out
+
+
+def markdown(report: dict) -> str:
+    title = (report.get("recipe") or {}).get("name", "evaluation")
+    lines = [f"# Squeeze report: {title}", *gate_lines(report.get("gate")), "", table(report), "", "Protocol:",
+             *protocol_lines(report), *notes(report), "", "Provenance:", *provenance_lines(report)]
     lines += ["", f"squeeze {report['squeeze_version']}, report schema {report['schema_version']}, "
               f"{report['created']}"]
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
+def write_report(report: dict, out_dir: Path) -> tuple[Path, Path, Path]:
+    """report.json, report.md and the self-contained report.html in `out_dir`."""
+    from eval.report.html import report_page
+
     out_dir = Path(out_dir)
-    j, m = out_dir / "report.json", out_dir / "report.md"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    j, m, h = out_dir / "report.json", out_dir / "report.md", out_dir / "report.html"
     atomic_write_text(j, json.dumps(report, indent=1, default=str))
     atomic_write_text(m, markdown(report))
-    return j, m
+    atomic_write_text(h, report_page(report))
+    return j, m, h

@@ -1,0 +1,367 @@
+"""Compare runs: one tradeoff table over every artifact of every run, Pareto sets, groups.
+
+`squeeze compare RUN_DIR...` reads each run's report.json (nothing is re-measured), puts
+every (artifact, engine) in one table against its baseline, and marks the Pareto-optimal
+ones for quality against throughput and against memory. Runs are only compared when they
+measured the same way: same baseline model (content hash, per engine) and same protocol
+(perplexity, tasks, speed workload, engine settings, hardware, seed). Otherwise they are
+put in separate groups, each with the reason it was split off.
+
+Pareto sets (`pareto_front`): a point is optimal when no other point is at least as good on
+both axes and better on one. Identical points do not dominate each other (ties are all
+optimal); a point missing either metric is left out of that chart and is never optimal.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compress.errors import UserError
+
+READABLE_SCHEMAS = (3, 4)
+
+
+def load_report(path: str | Path) -> dict:
+    """report.json of a run directory (or the file itself), upgraded in memory to schema 4."""
+    p = Path(path)
+    f = p / "report.json" if p.is_dir() else p
+    if not f.is_file():
+        raise UserError(f"{path}: no report.json (run `squeeze run` there first, or name the file)")
+    try:
+        rep = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{f}: not a readable report: {e}") from None
+    v = rep.get("schema_version") if isinstance(rep, dict) else None
+    if v not in READABLE_SCHEMAS:
+        raise UserError(f"{f}: report schema {v!r} is not readable here (readable: "
+                        f"{', '.join(map(str, READABLE_SCHEMAS))}); evaluate again with this version")
+    rep["_path"] = str(f)
+    if v == 3:  # no protocol / provenance / chain: derive what comparing needs
+        eng = {e: m for e, m in rep["baseline"]["engines"].items()}
+        rep["protocol"] = {"derived_from": "schema 3", "eval": {k: v2 for k, v2 in ((rep.get("recipe") or {}).get(
+            "eval") or {}).items() if k not in ("artifacts", "engines")},
+            "engines": {e: m.get("settings") for e, m in eng.items()},
+            "hardware": next((m.get("hardware") for m in eng.values()), None)}
+        rep.setdefault("provenance", {"versions": rep.get("versions"), "recipe_hash": rep.get("recipe_hash")})
+        for i, a in enumerate(rep["artifacts"]):
+            a.setdefault("stages", [a.get("stage")])
+            a.setdefault("final", i == len(rep["artifacts"]) - 1)
+    return rep
+
+
+def run_label(rep: dict) -> str:
+    return (rep.get("recipe") or {}).get("name") or Path(rep.get("_path", "report")).parent.name or "report"
+
+
+# -- one row per (model, engine) ------------------------------------------------------------
+
+def peak_memory(m: dict) -> int | None:
+    """Peak memory while measured: the GPU's where one was used, else the resident set."""
+    mem = m.get("memory") or {}
+    return mem.get("peak_gpu_used_bytes") or mem.get("peak_torch_allocated_bytes") or mem.get("peak_rss_bytes")
+
+
+def task_metric(tm: dict) -> str | None:
+    return next((k for k in ("acc", "exact_match") if tm.get(k) is not None), None)
+
+
+def flat_row(run: str, entry: dict, engine: str, m: dict, ret: dict, is_base: bool) -> dict:
+    """The figures of one model on one engine, flat (None where not measured)."""
+    from eval.report.report import quant_label
+
+    sp = m.get("speed") or {}
+    conc, b1 = sp.get("concurrent") or {}, sp.get("batch1") or {}
+    tasks = {}
+    for t, tm in (m.get("tasks") or {}).items():
+        metric = task_metric(tm)
+        if metric:
+            tasks[f"{t}.{metric}"] = {"value": tm[metric], "stderr": tm.get(f"{metric}_stderr"),
+                                      "retention": 1.0 if is_base else (ret.get("tasks") or {}).get(
+                                          f"{t}.{metric}", {}).get("retention")}
+    speed = ret.get("speed") or {}
+    return {
+        "run": run, "artifact": entry["name"], "baseline": is_base, "final": bool(entry.get("final")),
+        "stages": entry.get("stages") or ([entry["stage"]] if entry.get("stage") else []), "engine": engine,
+        "quant": quant_label(m), "params": m.get("params"), "nonzero_params": m.get("nonzero_params"),
+        "size_bytes": m.get("size_bytes") or None,
+        "perplexity": (m.get("perplexity") or {}).get("perplexity"),
+        "ppl_change_pct": 0.0 if is_base and m.get("perplexity") else ret.get("ppl_change_pct"),
+        "ppl_retention": 1.0 if is_base and m.get("perplexity") else ret.get("ppl_retention"),
+        "tasks": tasks,
+        "throughput": (conc.get("output_tok_s") or {}).get("median"),
+        "throughput_speedup": None if is_base else speed.get("throughput"),
+        "ttft_p50_ms": (conc.get("ttft_ms") or {}).get("p50"),
+        "tpot_ms": (b1.get("tpot_mean_ms") or {}).get("median"),
+        "tpot_speedup": None if is_base else speed.get("batch1_tpot"),
+        "peak_memory_bytes": peak_memory(m), "weight_bytes": (m.get("memory") or {}).get("weight_bytes"),
+        "size_ratio": 1.0 if is_base and m.get("size_bytes") else ret.get("size_ratio"),
+        "error": m.get("error"),
+    }
+
+
+def report_rows(rep: dict, run: str | None = None, with_baseline: bool = True) -> list[dict]:
+    run = run or run_label(rep)
+    base = rep["baseline"]
+    out = [flat_row(run, base, e, m, {}, True) for e, m in base["engines"].items()] if with_baseline else []
+    for a in rep["artifacts"]:
+        out += [flat_row(run, a, e, m, a.get("retention", {}).get(e, {}), False) for e, m in a["engines"].items()]
+    return out
+
+
+# -- Pareto ---------------------------------------------------------------------------------
+
+def pareto_front(points: list[tuple[float | None, float | None]],
+                 maximize: tuple[bool, bool] = (True, True)) -> set[int]:
+    """Indices of the Pareto-optimal points (see the module docstring for ties and gaps)."""
+    sign = [1 if up else -1 for up in maximize]
+    ok = [i for i, p in enumerate(points) if p[0] is not None and p[1] is not None]
+    v = {i: (sign[0] * points[i][0], sign[1] * points[i][1]) for i in ok}
+    front = set()
+    for i in ok:
+        if not any(v[j][0] >= v[i][0] and v[j][1] >= v[i][1] and v[j] != v[i] for j in ok):
+            front.add(i)
+    return front
+
+
+@dataclass(frozen=True)
+class Axis:
+    key: str         # row field
+    label: str
+    maximize: bool
+
+
+def quality_axis(rows: list[dict], quality: str | None = None) -> Axis:
+    """Perplexity (lower is better) by default where measured, else the first task's metric;
+    `quality` = 'perplexity' or 'TASK.METRIC' (e.g. piqa.acc) to choose."""
+    tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
+    if quality in (None, "perplexity") and (quality or any(r["perplexity"] is not None for r in rows) or not tasks):
+        return Axis("perplexity", "perplexity (lower is better)", False)
+    q = quality or tasks[0]
+    if q not in tasks:
+        raise UserError(f"--quality: {q!r} is not measured in these runs; measured: "
+                        f"{', '.join(['perplexity', *tasks])}")
+    return Axis(f"task:{q}", f"{q} (higher is better)", True)
+
+
+THROUGHPUT = Axis("throughput", "output tok/s (higher is better)", True)
+MEMORY = Axis("peak_memory_bytes", "peak memory MiB (lower is better)", False)
+
+
+def value(row: dict, axis: Axis) -> float | None:
+    if axis.key.startswith("task:"):
+        return (row["tasks"].get(axis.key[5:]) or {}).get("value")
+    v = row.get(axis.key)
+    return v / 2**20 if v is not None and axis is MEMORY else v
+
+
+def mark_pareto(rows: list[dict], quality: Axis) -> None:
+    """Set row['pareto'] = {'throughput': bool, 'memory': bool}, per engine."""
+    for r in rows:
+        r["pareto"] = {}
+    for engine in dict.fromkeys(r["engine"] for r in rows):
+        sub = [r for r in rows if r["engine"] == engine and not r["error"]]
+        for name, x in (("throughput", THROUGHPUT), ("memory", MEMORY)):
+            front = pareto_front([(value(r, quality), value(r, x)) for r in sub], (quality.maximize, x.maximize))
+            for i, r in enumerate(sub):
+                r["pareto"][name] = i in front
+
+
+# -- groups ---------------------------------------------------------------------------------
+
+def comparability(rep: dict) -> dict:
+    """What two runs must share to sit in one table."""
+    return {"baseline": {e: m.get("model_hash") for e, m in rep["baseline"]["engines"].items()},
+            "protocol": rep.get("protocol")}
+
+
+def differences(a, b, path: str = "", limit: int = 3) -> list[str]:
+    """Up to `limit` 'path: a vs b' lines where two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in list(dict.fromkeys([*a, *b])):
+            out += differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k), limit - len(out))
+            if len(out) >= limit:
+                break
+        return out
+    if a != b:
+        def short(x):
+            s = json.dumps(x, default=str)
+            return s if len(s) <= 40 else s[:37] + "..."
+        return [f"{path}: {short(a)} vs {short(b)}"]
+    return []
+
+
+@dataclass
+class Group:
+    reports: list[dict]
+    reason: str = ""                       # why it is not with the first group
+    rows: list[dict] = field(default_factory=list)
+
+
+def group_reports(reports: list[dict]) -> list[Group]:
+    """Reports that measured alike, together; each later group says how it differs from the first."""
+    groups: list[tuple[dict, Group]] = []
+    for rep in reports:
+        key = comparability(rep)
+        g = next((g for k, g in groups if k == key), None)
+        if g is not None:
+            g.reports.append(rep)
+            continue
+        g = Group([rep])
+        if groups:
+            first_key, first = groups[0]
+            g.reason = (f"{run_label(rep)} differs from {run_label(first.reports[0])}: "
+                        + "; ".join(differences(first_key, key)))
+        groups.append((key, g))
+    return [g for _, g in groups]
+
+
+def group_rows(g: Group) -> list[dict]:
+    """The baseline once (it is the same model measured the same way), then every artifact; with
+    several runs, artifact names are prefixed by their run's name (#k where two runs share one)."""
+    labels = [run_label(rep) for rep in g.reports]
+    labels = [f"{x}#{k + 1}" if labels.count(x) > 1 else x for k, x in enumerate(labels)]
+    rows = []
+    for k, (rep, run) in enumerate(zip(g.reports, labels)):
+        for r in report_rows(rep, run, with_baseline=k == 0):
+            if len(g.reports) > 1 and not r["baseline"]:
+                r["artifact"] = f"{run}/{r['artifact']}"
+            rows.append(r)
+    return rows
+
+
+def compare(paths: list[str | Path], quality: str | None = None, only: str | None = None) -> list[Group]:
+    """Load, group and flatten reports; mark Pareto sets per group and engine. `only`: glob over
+    artifact names (the baseline always stays)."""
+    if not paths:
+        raise UserError("compare: name at least one run directory or report.json")
+    reports = [load_report(p) for p in paths]
+    groups = group_reports(reports)
+    for g in groups:
+        g.rows = [r for r in group_rows(g) if r["baseline"] or not only or fnmatch.fnmatchcase(r["artifact"], only)]
+        mark_pareto(g.rows, quality_axis(g.rows, quality))
+    return groups
+
+
+# -- rendering ------------------------------------------------------------------------------
+
+def _f(x, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _speed(c: dict | None) -> str:
+    from eval.speed.workload import fmt_speedup
+
+    return fmt_speedup(c)
+
+
+def task_keys(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(t for r in rows for t in r["tasks"]))
+
+
+def columns(rows: list[dict]) -> list[tuple[str, callable]]:
+    """(header, cell function) of the comparison table; columns nobody measured are left out."""
+    def has(key):
+        return any(r.get(key) is not None for r in rows)
+
+    cols = [("model", lambda r: r["artifact"]),
+            ("engine", lambda r: r["engine"]), ("quant", lambda r: r["quant"])]
+    if has("params"):
+        cols.append(("params M", lambda r: _f(r["params"] and r["params"] / 1e6, ".1f")))
+    if has("size_bytes"):
+        cols.append(("size MB", lambda r: _f(r["size_bytes"] and r["size_bytes"] / 1e6, ".1f")))
+    if has("perplexity"):
+        cols += [("perplexity", lambda r: "error" if r["error"] and r["perplexity"] is None
+                  else _f(r["perplexity"], ".3f")),
+                 ("ppl Δ %", lambda r: "base" if r["baseline"] else _f(r["ppl_change_pct"], "+.1f"))]
+    for t in task_keys(rows):
+        def cell(r, t=t):
+            tv = r["tasks"].get(t)
+            if not tv:
+                return "–"
+            s = f"{tv['value']:.3f}" + (f" ± {tv['stderr']:.3f}" if tv.get("stderr") is not None else "")
+            return s if r["baseline"] or tv.get("retention") is None else f"{s} ({tv['retention']:.1%})"
+        cols.append((t, cell))
+    if has("throughput"):
+        cols += [("out tok/s", lambda r: _f(r["throughput"], ".1f")),
+                 ("speedup", lambda r: "base" if r["baseline"] else _speed(r["throughput_speedup"])),
+                 ("TTFT p50 ms", lambda r: _f(r["ttft_p50_ms"], ".1f"))]
+    if has("tpot_ms"):
+        cols += [("b1 TPOT ms", lambda r: _f(r["tpot_ms"], ".2f")),
+                 ("TPOT speedup", lambda r: "base" if r["baseline"] else _speed(r["tpot_speedup"]))]
+    if has("peak_memory_bytes"):
+        cols.append(("peak mem MiB", lambda r: _f(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20, ".0f")))
+    cols.append(("Pareto", lambda r: ", ".join(k for k, v in r.get("pareto", {}).items() if v) or "–"))
+    return cols
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = columns(rows)
+    out = ["| " + " | ".join(h for h, _ in cols) + " |", "|---|---|---|" + "---:|" * (len(cols) - 3)]
+    out += ["| " + " | ".join(str(f(r)) for _, f in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+CSV_FIELDS = ["group", "run", "artifact", "baseline", "final", "stages", "engine", "quant", "params",
+              "nonzero_params", "size_bytes", "size_ratio", "perplexity", "ppl_change_pct", "ppl_retention",
+              "throughput", "throughput_speedup", "throughput_speedup_lo", "throughput_speedup_hi",
+              "ttft_p50_ms", "tpot_ms", "tpot_speedup", "tpot_speedup_lo", "tpot_speedup_hi",
+              "peak_memory_bytes", "weight_bytes", "pareto_throughput", "pareto_memory", "error"]
+
+
+def csv_text(groups: list[Group]) -> str:
+    tkeys = list(dict.fromkeys(t for g in groups for t in task_keys(g.rows)))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_FIELDS + [f"{t}{s}" for t in tkeys for s in ("", "_stderr", "_retention")])
+    for gi, g in enumerate(groups):
+        for r in g.rows:
+            flat = {**r, "group": gi + 1, "stages": "+".join(r["stages"]),
+                    "pareto_throughput": r["pareto"].get("throughput"), "pareto_memory": r["pareto"].get("memory")}
+            for k in ("throughput_speedup", "tpot_speedup"):
+                c = r[k] or {}
+                flat[k], flat[f"{k}_lo"], flat[f"{k}_hi"] = c.get("ratio"), c.get("lo"), c.get("hi")
+            cells = ["" if flat.get(f) is None else flat[f] for f in CSV_FIELDS]
+            for t in tkeys:
+                tv = r["tasks"].get(t) or {}
+                cells += ["" if tv.get(s) is None else tv[s] for s in ("value", "stderr", "retention")]
+            w.writerow(cells)
+    return buf.getvalue()
+
+
+def markdown(groups: list[Group]) -> str:
+    lines = ["# Squeeze comparison", ""]
+    for gi, g in enumerate(groups):
+        runs = ", ".join(f"{run_label(r)} ({r['_path']})" for r in g.reports)
+        lines += [f"## Group {gi + 1}" if len(groups) > 1 else "## Runs", "", f"Runs: {runs}", ""]
+        if g.reason:
+            lines += [f"Not compared with group 1: {g.reason}.", ""]
+        lines += [markdown_table(g.rows), ""]
+    lines += ["Pareto: optimal for quality against throughput and/or against peak memory on the same engine "
+              "(nothing else is at least as good on both and better on one); a model missing either figure is "
+              "not placed. Task cells: value ± standard error (retention against the baseline).", ""]
+    return "\n".join(lines)
+
+
+def write_comparison(groups: list[Group], out_dir: str | Path, quality: str | None = None) -> dict[str, Path]:
+    """comparison.md, comparison.csv, comparison.html and one Pareto chart (PNG) per group."""
+    from compress.fsutil import atomic_write_text
+    from eval.report.charts import pareto_figure
+    from eval.report.html import comparison_page
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "comparison.md", "csv": out / "comparison.csv", "html": out / "comparison.html"}
+    atomic_write_text(paths["md"], markdown(groups))
+    atomic_write_text(paths["csv"], csv_text(groups))
+    atomic_write_text(paths["html"], comparison_page(groups, quality))
+    for gi, g in enumerate(groups):
+        png = out / ("pareto.png" if len(groups) == 1 else f"pareto-group{gi + 1}.png")
+        pareto_figure(g.rows, quality_axis(g.rows, quality), fmt="png", path=png)
+        paths[f"png{gi + 1}"] = png
+    return paths

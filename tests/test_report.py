@@ -1,0 +1,267 @@
+"""Reports: Pareto sets, comparison across runs (and its refusal to mix protocols), the release
+gate and its exit codes, JUnit XML against the Jenkins/Surefire schema, the report schema."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from compress.cli import main
+from eval.report.compare import compare, pareto_front, write_comparison
+from eval.report.report import build_report, write_report
+
+
+# -- Pareto -----------------------------------------------------------------------------------
+
+def test_pareto_front_exact():
+    # (quality, throughput), both higher is better
+    pts = [(1.0, 1.0), (2.0, 1.0), (1.0, 2.0), (2.0, 2.0), (0.5, 3.0), (2.0, 2.0), (None, 9.0), (3.0, None)]
+    # (2,2) twice: a tie, neither dominates the other, both optimal; (0.5, 3) is optimal on
+    # throughput; points with a missing figure are never placed
+    assert pareto_front(pts) == {3, 4, 5}
+    # lower-is-better on the first axis (perplexity) flips it: (0.5, 3) dominates (1, 2) and (1, 1)
+    assert pareto_front(pts, (False, True)) == {4}
+    assert pareto_front(pts, (False, False)) == {0, 4}
+    assert pareto_front([]) == set() and pareto_front([(None, None)]) == set()
+    # equal on one axis, better on the other: dominated
+    assert pareto_front([(1.0, 5.0), (1.0, 4.0)]) == {0}
+
+
+# -- synthetic reports with known numbers -----------------------------------------------------
+
+def metrics(ppl, acc, tok_s, tpot, mem_mib, size_mb, model_hash):
+    spread = tok_s and [tok_s * 0.99, tok_s, tok_s * 1.01]
+    ppl_proto = {"dataset": "wikitext2", "max_tokens": 8192, "tokens_in_text": 300_000, "context_length": 1024,
+                 "stride": 1024}
+    speed_proto = {"num_prompts": 8, "input_len": 128, "output_len": 32, "concurrency": 8, "batch1_requests": 2,
+                   "warmup": 1, "repeats": 3}
+    return {
+        "model_hash": model_hash, "size_bytes": int(size_mb * 1e6), "params": 1_000_000, "dtype": "float32",
+        "device": "cpu", "hardware": "x86_64 cpu x2 threads", "settings": {"dtype": "float32"},
+        "perplexity": None if ppl is None else {"perplexity": ppl, "protocol": ppl_proto, "tokens_scored": 8184},
+        "tasks": {"piqa": {"acc": acc, "acc_stderr": 0.01, "kind": "multiple_choice", "n": 100, "n_total": 1838,
+                           "limit": 100, "num_fewshot": 0, "lm_eval": "0.4.13", "source": "piqa.jsonl"}}
+        if acc is not None else {},
+        "speed": None if tok_s is None else {
+            "concurrent": {"output_tok_s": {"median": tok_s, "runs": spread}, "ttft_ms": {"p50": 10.0}},
+            "batch1": {"tpot_mean_ms": {"median": tpot, "runs": [tpot * 0.99, tpot, tpot * 1.01]}},
+            "protocol": speed_proto},
+        "memory": {"peak_rss_bytes": int(mem_mib * 2**20)},
+    }
+
+
+def _clean(m):
+    return {k: v for k, v in m.items() if v is not None}
+
+
+PROTOCOL = {"perplexity": {"dataset": "wikitext2", "max_tokens": 8192}, "speed": {"num_prompts": 8},
+            "tasks": [{"name": "piqa", "limit": 100}], "engines": {"hf": {"dtype": "float32"}},
+            "device": "cpu", "hardware": "x86_64 cpu x2 threads", "seed": 0}
+
+
+def make_report(name, arts, base=(30.0, 0.65, 100.0, 50.0, 1000, 500), protocol=PROTOCOL, base_hash="b0"):
+    """arts: {name: (ppl, acc, tok_s, tpot, mem MiB, size MB)}; engine hf only."""
+    baseline = {"name": "baseline (tiny)", "model_dir": "/x", "engines": {"hf": _clean(metrics(*base, base_hash))}}
+    artifacts = [{"name": n, "stage": "magnitude_prune", "stages": ["magnitude_prune"], "final": True,
+                  "model_dir": f"/x/{n}", "stage_info": {}, "engines": {"hf": _clean(metrics(*v, f"h-{n}"))}}
+                 for n, v in arts.items()]
+    rep = build_report(baseline, artifacts, recipe={"name": name}, device="cpu", protocol=copy.deepcopy(protocol),
+                       provenance={"recipe_hash": "r" * 64, "seeds": {"recipe": 0}})
+    return rep
+
+
+def write_run(tmp_path, name, rep) -> Path:
+    d = tmp_path / name
+    write_report(rep, d)
+    return d
+
+
+ARTS = {
+    "fast-bad": (60.0, 0.55, 200.0, 25.0, 600, 250),     # fastest, smallest, worst
+    "slow-good": (31.0, 0.64, 90.0, 55.0, 1100, 500),     # dominated by the baseline (better + faster + smaller)
+    "mid": (40.0, 0.60, 150.0, 40.0, 800, 300),           # a tradeoff: optimal
+    "mid-twin": (40.0, 0.60, 150.0, 40.0, 800, 300),      # identical to mid: a tie, optimal too
+    "no-speed": (35.0, 0.62, None, None, 700, 300),       # missing throughput: not on that chart
+}
+
+
+def test_compare_marks_the_pareto_set_exactly(tmp_path):
+    d = write_run(tmp_path, "run-a", make_report("run-a", ARTS))
+    (g,) = compare([d])
+    opt = {r["artifact"]: r["pareto"] for r in g.rows}
+    assert {k for k, v in opt.items() if v["throughput"]} == {"baseline (tiny)", "fast-bad", "mid", "mid-twin"}
+    # memory: no-speed (35, 700 MiB) is placed here and is optimal; mid (40, 800) is dominated by it
+    assert {k for k, v in opt.items() if v["memory"]} == {"baseline (tiny)", "fast-bad", "no-speed"}
+    row = next(r for r in g.rows if r["artifact"] == "mid")
+    assert row["ppl_change_pct"] == pytest.approx(100 * 10 / 30) and row["throughput_speedup"]["ratio"] == 1.5
+    assert row["tasks"]["piqa.acc"]["retention"] == pytest.approx(0.60 / 0.65)
+    # quality on a task instead of perplexity
+    (g2,) = compare([d], quality="piqa.acc")
+    assert {r["artifact"] for r in g2.rows if r["pareto"]["throughput"]} == {"baseline (tiny)", "fast-bad", "mid",
+                                                                               "mid-twin"}
+    with pytest.raises(Exception, match="not measured"):
+        compare([d], quality="hellaswag.acc")
+
+
+def test_compare_groups_runs_measured_differently(tmp_path, capsys):
+    a = write_run(tmp_path, "run-a", make_report("run-a", {"mid": ARTS["mid"]}))
+    b = write_run(tmp_path, "run-b", make_report("run-b", {"fast-bad": ARTS["fast-bad"]}))
+    other = {**PROTOCOL, "perplexity": {"dataset": "wikitext2", "max_tokens": 4096}}
+    c = write_run(tmp_path, "run-c", make_report("run-c", {"x": ARTS["mid"]}, protocol=other))
+    dd = write_run(tmp_path, "run-d", make_report("run-d", {"y": ARTS["mid"]}, base_hash="other-model"))
+    groups = compare([a, b, c, dd])
+    assert [[r["recipe"]["name"] for r in g.reports] for g in groups] == [["run-a", "run-b"], ["run-c"], ["run-d"]]
+    assert "perplexity.max_tokens: 8192 vs 4096" in groups[1].reason
+    assert "baseline.hf" in groups[2].reason
+    # one baseline row per group, artifacts prefixed by their run where runs are merged
+    assert [r["artifact"] for r in groups[0].rows] == ["baseline (tiny)", "run-a/mid", "run-b/fast-bad"]
+    paths = write_comparison(groups, tmp_path / "cmp")
+    md = paths["md"].read_text()
+    assert md.count("## Group") == 3 and "Not compared with group 1: run-c differs from run-a" in md
+    rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert len(rows) == 3 + 2 + 2 and {r["group"] for r in rows} == {"1", "2", "3"}
+    assert rows[1]["artifact"] == "run-a/mid" and float(rows[1]["perplexity"]) == 40.0
+    assert rows[1]["pareto_throughput"] == "True" and rows[1]["piqa.acc"] == "0.6"
+    assert paths["png1"].stat().st_size > 10_000 and paths["png3"].is_file()
+    # the CLI prints the same and writes the same files
+    assert main(["compare", str(a), str(c), "-o", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "## Group 2" in out and (tmp_path / "cli" / "comparison.html").is_file()
+
+
+def test_compare_bad_input(tmp_path, capsys):
+    assert main(["compare", str(tmp_path / "nope")]) == 2
+    assert "no report.json" in capsys.readouterr().err
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "report.json").write_text(json.dumps({"schema_version": 1}))
+    assert main(["compare", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert "report schema 1 is not readable" in err and len(err.strip().splitlines()) == 1
+
+
+# -- the release gate -------------------------------------------------------------------------
+
+GATE_OK = """\
+gate:
+  - metric: perplexity_increase_pct
+    max: 40
+  - metric: task_retention
+    task: piqa
+    min: 0.9
+  - metric: throughput_speedup
+    min: 1.2
+  - metric: size_mb
+    max: 400
+"""
+
+
+def test_gate_pass_fail_and_junit(tmp_path, capsys, junit_xsd):
+    d = write_run(tmp_path, "run", make_report("run", {"mid": ARTS["mid"]}))
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(GATE_OK)
+    assert main(["gate", str(d), "--gate", str(ok)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 4 and "gate passed: 4 of 4" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GATE_OK.replace("max: 40\n", "max: 5\n").replace("min: 1.2", "min: 2"))
+    junit = tmp_path / "gate.xml"
+    assert main(["gate", str(d / "report.json"), "--gate", str(bad), "--junit", str(junit)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  perplexity_increase_pct <= 5  [mid / hf]: +33.33 %; needs <= 5" in out
+    assert "FAIL  throughput_speedup >= 2  [mid / hf]: 1.50x (1.47-1.53); needs >= 2" in out
+    assert "PASS  size_mb <= 400" in out and "gate FAILED: 2 of 4 checks pass" in out
+    validate_junit(junit.read_text(), junit_xsd)
+    assert junit.read_text().count("<failure") == 2
+
+
+def test_gate_fails_on_a_figure_not_measured(tmp_path, capsys):
+    d = write_run(tmp_path, "run", make_report("run", {"no-speed": ARTS["no-speed"]}))
+    g = tmp_path / "g.yaml"
+    g.write_text("- {metric: tpot_speedup, min: 1.0}\n")
+    assert main(["gate", str(d), "--gate", str(g)]) == 1
+    assert "FAIL  tpot_speedup >= 1  [no-speed / hf]: not measured" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("gate:\n  - metric: speed\n    min: 1\n", "gate[0].metric: Input should be 'perplexity_increase_pct'"),
+    ("gate:\n  - metric: size_mb\n", "gate[0]: Value error, give `min` or `max`"),
+    ("gate:\n  - metric: size_mb\n    max: big\n", "gate[0].max: Input should be a valid number"),
+    ("gate:\n  - metric: task_retention\n    min: 0.9\n", "needs `task`"),
+    ("gate:\n  - metric: size_mb\n    max: 1\n    colour: red\n", "gate[0].colour: unknown field; allowed: metric"),
+    ("gate: []\n", "gate: must be a non-empty list"),
+    ("gate:\n  - metric: size_mb\n    max: 1\n    engine: vllm\n", "gate[0].engine: 'vllm' was not measured"),
+    ("gate:\n  - metric: size_mb\n    max: 1\n    artifacts: 'w8*'\n", "gate[0].artifacts: 'w8*' selects no "
+     "artifact"),
+    ("gate: [\n", "invalid YAML"),
+])
+def test_malformed_gate_exits_2_with_one_line(tmp_path, capsys, text, expect):
+    d = write_run(tmp_path, "run", make_report("run", {"mid": ARTS["mid"]}))
+    g = tmp_path / "g.yaml"
+    g.write_text(text)
+    assert main(["gate", str(d), "--gate", str(g)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {g}") and expect in err, err
+
+
+@pytest.fixture(scope="session")
+def junit_xsd(tmp_path_factory) -> Path:
+    """The Jenkins/Surefire JUnit schema (junit-10.xsd) that pytest validates its own XML with,
+    taken from pytest's source distribution on PyPI (not vendored here)."""
+    import pytest as _pytest
+
+    d = tmp_path_factory.mktemp("xsd")
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        "-d", str(d), f"pytest=={_pytest.__version__}"], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        pytest.skip(f"pytest's sdist (for junit-10.xsd) could not be downloaded: {r.stderr.strip()[-200:]}")
+    sdist = next(d.glob("pytest-*.tar.gz"))
+    with tarfile.open(sdist) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith("testing/example_scripts/junit-10.xsd"))
+        (d / "junit-10.xsd").write_bytes(t.extractfile(member).read())
+    return d / "junit-10.xsd"
+
+
+def validate_junit(text: str, xsd: Path) -> None:
+    import xmlschema
+
+    xmlschema.XMLSchema(str(xsd)).validate(text)  # raises on any violation
+
+
+def test_junit_validator_rejects_invalid_xml(junit_xsd):
+    """The schema check is real: a testcase without its required name fails it."""
+    import xmlschema
+
+    with pytest.raises(xmlschema.XMLSchemaValidationError):
+        validate_junit('<testsuites><testsuite name="s" tests="1" failures="0" errors="0"><testcase '
+                       'classname="c"/></testsuite></testsuites>', junit_xsd)
+
+
+# -- the report file ----------------------------------------------------------------------------
+
+def test_report_matches_its_json_schema(tmp_path):
+    import jsonschema
+
+    from eval.report.gate import apply_gate, parse_gate
+    schema = json.loads((Path(__file__).parent.parent / "eval" / "report" / "report.schema.json").read_text())
+    rep = make_report("run", ARTS)
+    rep["gate"] = apply_gate(rep, parse_gate([{"metric": "size_mb", "max": 400}], "g"))
+    d = write_run(tmp_path, "run", rep)
+    doc = json.loads((d / "report.json").read_text())
+    jsonschema.validate(doc, schema)
+    assert doc["schema_version"] == 4 and doc["provenance"]["host"]["cpu"]
+    assert {"torch", "transformers", "python"} <= set(doc["provenance"]["versions"])
+    bad = copy.deepcopy(doc)
+    del bad["artifacts"][0]["engines"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    md = (d / "report.md").read_text()
+    assert "Release gate: **FAILED**" in md and "Provenance:" in md and "recipe_hash rrrrrrrrrrrr" in md
