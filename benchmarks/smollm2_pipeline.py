@@ -1,6 +1,6 @@
-"""The demo recipe end to end on one device, on both engines.
+"""The magnitude-50 recipe (the first demo) end to end on one device, on both engines.
 
-Runs recipes/demo.yaml (50 % magnitude pruning of SmolLM2-135M-Instruct) through the
+Runs recipes/magnitude-50.yaml (50 % magnitude pruning of SmolLM2-135M-Instruct) through the
 pipeline on --device: perplexity, PIQA, speed and memory of the baseline and the pruned
 model on transformers and on vLLM (`--no-vllm`: transformers only). Prints the report's
 table and appends one JSONL record per (engine, model) to --out.
@@ -44,7 +44,7 @@ def main() -> None:
     from eval.evaluate import hardware
     from eval.report.report import table
 
-    recipe = load_recipe(REPO / "recipes" / "demo.yaml")
+    recipe = load_recipe(REPO / "recipes" / "magnitude-50.yaml")
     model = recipe.model.model_copy(update={"source": a.gguf}) if a.gguf else recipe.model
     ev = recipe.eval.model_copy(update={"engines": ["hf"] if a.no_vllm else ["hf", "vllm"]})
     recipe = recipe.model_copy(update={"model": model, "device": a.device, "eval": ev})
@@ -55,7 +55,7 @@ def main() -> None:
     print(table(report))
     common = {"benchmark": "smollm2_pipeline", "date": time.strftime("%F"), "device": device,
               "hardware": hardware(), "versions": versions(), "command": " ".join(["python"] + sys.argv),
-              "recipe": "recipes/demo.yaml", "dtype": recipe.model.dtype}
+              "recipe": "recipes/magnitude-50.yaml", "dtype": recipe.model.dtype}
     records = []
     for entry in [report["baseline"]] + report["artifacts"]:
         for engine, m in entry["engines"].items():

@@ -133,8 +133,10 @@ def cmd_validate(a) -> int:
 
         check_eval(r.eval)
     checked = "" if base is not None else "; model checks skipped: the model is not on this machine yet"
-    print(f"{a.recipe}: ok ({r.name}: {len(r.stages)} stage(s): {', '.join(s.type for s in r.stages) or 'none'}"
-          f"{checked})")
+    what = (f"{len(r.variants)} variant(s): " + ", ".join(v.name for v in r.variants)) if r.is_matrix else \
+        f"{len(r.stages)} stage(s): {', '.join(s.type for s in r.stages) or 'none'}"
+    gate = f"; gate of {len(r.gate)} criteria" if r.gate else ""
+    print(f"{a.recipe}: ok ({r.name}: {what}{gate}{checked})")
     return 0
 
 

@@ -46,8 +46,17 @@ def test_recipe_end_to_end(tiny_model, text_file, home, capsys, tmp_path):
     assert manifest["seed"] == 0 and len(manifest["recipe_hash"]) == 64 and "git_sha" in manifest
 
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["schema_version"] == 3
+    assert report["schema_version"] == 4
     base, art = report["baseline"]["engines"]["hf"], report["artifacts"][0]
+    assert art["stages"] == ["magnitude_prune"] and art["final"] is True
+    # provenance: host, versions, git sha, the recipe's hashes and seeds; the protocol that compare checks
+    prov = report["provenance"]
+    assert prov["host"]["cpu"] and {"torch", "transformers", "python"} <= set(prov["versions"])
+    assert "git_sha" in prov and len(prov["recipe_hash"]) == 64 and prov["seeds"] == {"recipe": 0, "eval": 0}
+    assert report["protocol"]["perplexity"]["context_length"] == 64 and report["protocol"]["engines"] == {
+        "hf": {"dtype": "float32"}}
+    html = (run_dir / "report.html").read_text()
+    assert html.count('id="point-memory-') == 2 and "<script>" in html and "http" not in html.split("<svg")[0]
     assert base["perplexity"]["tokens_scored"] > 400 and base["perplexity"]["perplexity"] > 1
     lin = [m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     expected = 0.5 * (sum(lin) - model.lm_head.weight.numel()) / sum(lin)  # lm_head stays dense

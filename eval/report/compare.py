@@ -87,7 +87,9 @@ def flat_row(run: str, entry: dict, engine: str, m: dict, ret: dict, is_base: bo
     return {
         "run": run, "artifact": entry["name"], "baseline": is_base, "final": bool(entry.get("final")),
         "stages": entry.get("stages") or ([entry["stage"]] if entry.get("stage") else []), "engine": engine,
-        "quant": quant_label(m), "params": m.get("params"), "nonzero_params": m.get("nonzero_params"),
+        "quant": quant_label(m), "params": m.get("params") or next(
+            (em["params"] for em in entry["engines"].values() if em.get("params")), None),
+        "nonzero_params": m.get("nonzero_params"),
         "size_bytes": m.get("size_bytes") or None,
         "perplexity": (m.get("perplexity") or {}).get("perplexity"),
         "ppl_change_pct": 0.0 if is_base and m.get("perplexity") else ret.get("ppl_change_pct"),
