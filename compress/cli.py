@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", metavar="DIR", help="where to write (default: print the table only)")
     p.add_argument("--quality", metavar="METRIC",
                    help="quality axis: perplexity (default where measured) or TASK.METRIC, e.g. piqa.acc")
+    p.add_argument("--memory", choices=["peak", "weights", "disk"],
+                   help="memory axis: peak (GPU, else resident set), weights (the model's tensors in the engine) "
+                   "or disk; default: peak where a GPU was measured, else weights")
     p.add_argument("--only", metavar="GLOB", help="artifacts whose name matches (the baseline always stays)")
 
     p = sub.add_parser("gate", epilog=EPILOG, help="check a report against release thresholds (exit 0/1/2)",
@@ -244,10 +247,10 @@ def cmd_run(a) -> int:
 def cmd_compare(a) -> int:
     from eval.report.compare import compare, markdown, write_comparison
 
-    groups = compare(a.runs, quality=a.quality, only=a.only)
+    groups = compare(a.runs, quality=a.quality, only=a.only, memory=a.memory)
     print(markdown(groups))
     if a.output:
-        paths = write_comparison(groups, a.output, quality=a.quality)
+        paths = write_comparison(groups, a.output)
         print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -165,12 +165,12 @@ def chain_dirs(recipe: Recipe, run_dir: Path, stages: list[StageSpec]) -> list[P
 
 
 def run_chain(recipe: Recipe, stages: list[StageSpec], outs: list[Path], device: str, base_dir: Path,
-              label: str = "") -> int:
-    """Run (or resume) one chain of stages into `outs`; return how many stages ran (others were
-    complete already). The model is held in host memory; stages move what they work on to `device`."""
+              label: str = "") -> None:
+    """Run (or resume) one chain of stages into `outs`; stages already complete are kept. The
+    model is held in host memory; stages move what they work on to `device`."""
     m = recipe.model
     model = tok = None
-    prev, ran = base_dir, 0
+    prev = base_dir
     for i, (spec, out) in enumerate(zip(stages, outs)):
         tag = f"{label}[{i + 1}/{len(outs)}] {spec.type}"
         if is_complete(out):
@@ -185,7 +185,6 @@ def run_chain(recipe: Recipe, stages: list[StageSpec], outs: list[Path], device:
         t0 = time.perf_counter()
         log(f"{tag}: running")
         model, info = stage.apply(model, spec.config, ctx)
-        ran += 1
         secs = time.perf_counter() - t0
         with atomic_dir(out) as tmp:
             save_model(model, tok, tmp)
@@ -198,7 +197,6 @@ def run_chain(recipe: Recipe, stages: list[StageSpec], outs: list[Path], device:
         prev = out
         if is_quantized(model):  # packed in place by the export: later stages reload it
             model = None
-    return ran
 
 
 def run_stages(recipe: Recipe, run_dir: Path, device: str, base_dir: Path) -> list[tuple[str, list[Path]]]:
@@ -266,8 +264,10 @@ def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: P
         for engine in ecfg.engine_list():
             tag = f"[eval {i + 1}/{len(entries)}] {name} ({engine})"
             log(tag)
+            t0 = time.perf_counter()
             per_engine[engine] = evaluate(d, ecfg, m, engine=engine, device=device, seed=recipe.seed)
-            log(f"{tag}: " + ("cached" if per_engine[engine].get("cached") else "measured"))
+            log(f"{tag}: " + ("cached" if per_engine[engine].get("cached") else
+                              f"measured in {time.perf_counter() - t0:.0f} s"))
         results.append((name, d, per_engine))
     (_, bdir, bmetrics), arts = results[0], results[1:]
     artifacts = []

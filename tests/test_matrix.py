@@ -81,7 +81,7 @@ def test_matrix_reuses_shared_stages_and_gates(tiny_model, text_file, home, tmp_
     # again: nothing runs, nothing is measured again
     assert main(["run", str(p), "--output", str(out)]) == 0
     err = capsys.readouterr().err
-    assert ": running" not in err and "measured" not in err.replace("cached", "")
+    assert ": running" not in err and ": measured" not in err and err.count("(hf): cached") == 1 + 5
     # a new variant and a failing gate: only the new stage runs; `run` exits 1 and names the criterion
     r["matrix"]["variants"] = {"m70": [{"type": "magnitude_prune", "sparsity": 0.7}]}
     r["gate"].append({"metric": "size_mb", "max": 0.0, "name": "fits in no bytes"})

@@ -109,6 +109,13 @@ def test_compare_marks_the_pareto_set_exactly(tmp_path):
                                                                                "mid-twin"}
     with pytest.raises(Exception, match="not measured"):
         compare([d], quality="hellaswag.acc")
+    # memory on disk instead of the peak: no-speed (35, 300 MB) now dominates mid and mid-twin (40, 300 MB)
+    (g3,) = compare([d], memory="disk")
+    assert g3.memory.key == "size_bytes"
+    assert {r["artifact"] for r in g3.rows if r["pareto"]["memory"]} == {"baseline (tiny)", "fast-bad", "no-speed"}
+    (g4,) = compare([d], memory="disk", only="mid*")
+    assert [r["artifact"] for r in g4.rows] == ["baseline (tiny)", "mid", "mid-twin"]
+    assert all(r["pareto"]["memory"] for r in g4.rows)  # baseline: best quality; mid, mid-twin: smaller, tied
 
 
 def test_compare_groups_runs_measured_differently(tmp_path, capsys):

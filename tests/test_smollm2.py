@@ -19,10 +19,19 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo_run(smol_home) -> Path:
+def demo_run(smol_home, tmp_path_factory) -> Path:
+    """recipes/magnitude-50.yaml as shipped, but for PIQA on its first 50 items and 2 timed speed
+    runs (the suite's time budget on 2 cores)."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "recipes" / "magnitude-50.yaml").read_text())
+    raw["eval"]["tasks"][0]["limit"] = 50
+    raw["eval"]["speed"]["repeats"] = 2
+    recipe = tmp_path_factory.mktemp("recipe") / "magnitude-50.yaml"
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
     run_dir = smol_home / "magnitude-50"
     env = {**os.environ, "SQUEEZE_HOME": str(smol_home)}
-    r = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(REPO / "recipes" / "magnitude-50.yaml"),
+    r = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(recipe),
                         "--output", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| 01-magnitude_prune" in r.stdout
@@ -40,7 +49,7 @@ def test_demo_report(demo_run):
     assert base["perplexity"]["tokens_scored"] == 8 * 1023
     assert pruned["perplexity"]["perplexity"] > base["perplexity"]["perplexity"]
     for m in (base, pruned):
-        assert m["speed"]["concurrent"]["output_tok_s"]["median"] > 0 and m["speed"]["batch1"]["ttft_ms"]["n"] == 3
+        assert m["speed"]["concurrent"]["output_tok_s"]["median"] > 0 and m["speed"]["batch1"]["ttft_ms"]["n"] == 2
     md = (demo_run / "report.md").read_text()
     assert f"| baseline (smollm2) | hf | – | {base['perplexity']['perplexity']:.3f} |" in md
     assert "| 01-magnitude_prune |" in md and "out tok/s" in md and "context 1024, stride 1024" in md
@@ -53,7 +62,7 @@ def test_demo_report(demo_run):
 
 
 def test_demo_engines_agree(demo_run):
-    """Both engines measure the same models alike: WikiText-2 perplexity within 1 %, PIQA (100
+    """Both engines measure the same models alike: WikiText-2 perplexity within 1 %, PIQA (50
     items, lm-eval's hf and vllm backends) within 2 points, and PIQA near the published ~0.66."""
     rep = json.loads((demo_run / "report.json").read_text())
     for entry in [rep["baseline"], *rep["artifacts"]]:
@@ -62,9 +71,9 @@ def test_demo_engines_agree(demo_run):
         ph, pv = hf["perplexity"]["perplexity"], vl["perplexity"]["perplexity"]
         assert abs(pv - ph) / ph < 0.01, (entry["name"], ph, pv)
         ah, av = hf["tasks"]["piqa"]["acc"], vl["tasks"]["piqa"]["acc"]
-        assert hf["tasks"]["piqa"]["n"] == vl["tasks"]["piqa"]["n"] == 100
+        assert hf["tasks"]["piqa"]["n"] == vl["tasks"]["piqa"]["n"] == 50
         assert abs(ah - av) <= 0.02, (entry["name"], ah, av)
-    assert 0.58 < rep["baseline"]["engines"]["hf"]["tasks"]["piqa"]["acc"] < 0.75
+    assert 0.55 < rep["baseline"]["engines"]["hf"]["tasks"]["piqa"]["acc"] < 0.8
     assert rep["baseline"]["engines"]["vllm"]["memory"]["kv_cache_tokens"] > 0
 
 

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from eval.report.compare import MEMORY, THROUGHPUT, Axis, pareto_front, value  # noqa: E402
+from eval.report.compare import THROUGHPUT, Axis, Group, pareto_front, value  # noqa: E402
 
 plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "squeeze", "font.size": 8})
 
@@ -52,13 +52,14 @@ def _panel(ax, rows: list[dict], quality: Axis, x: Axis, engine: str, name: str)
         ax.invert_yaxis()
 
 
-def pareto_figure(rows: list[dict], quality: Axis, fmt: str = "svg", path: Path | None = None) -> str | None:
-    """One figure, a row of two panels per engine; SVG text (fmt='svg') or a PNG written to `path`."""
-    engines = list(dict.fromkeys(r["engine"] for r in rows))
+def pareto_figure(g: Group, fmt: str = "svg", path: Path | None = None) -> str | None:
+    """One figure, a row of two panels per engine (quality vs throughput, vs memory); SVG text
+    (fmt='svg') or a PNG written to `path`."""
+    engines = list(dict.fromkeys(r["engine"] for r in g.rows))
     fig, axes = plt.subplots(len(engines), 2, figsize=(11, 4.2 * len(engines)), squeeze=False)
     for k, engine in enumerate(engines):
-        _panel(axes[k][0], rows, quality, THROUGHPUT, engine, "throughput")
-        _panel(axes[k][1], rows, quality, MEMORY, engine, "memory")
+        _panel(axes[k][0], g.rows, g.quality, THROUGHPUT, engine, "throughput")
+        _panel(axes[k][1], g.rows, g.quality, g.memory, engine, "memory")
     fig.tight_layout()
     try:
         if fmt == "png":

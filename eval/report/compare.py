@@ -101,6 +101,8 @@ def flat_row(run: str, entry: dict, engine: str, m: dict, ret: dict, is_base: bo
         "tpot_ms": (b1.get("tpot_mean_ms") or {}).get("median"),
         "tpot_speedup": None if is_base else speed.get("batch1_tpot"),
         "peak_memory_bytes": peak_memory(m), "weight_bytes": (m.get("memory") or {}).get("weight_bytes"),
+        "peak_is_gpu": bool((m.get("memory") or {}).get("peak_gpu_used_bytes")
+                            or (m.get("memory") or {}).get("peak_torch_allocated_bytes")),
         "size_ratio": 1.0 if is_base and m.get("size_bytes") else ret.get("size_ratio"),
         "error": m.get("error"),
     }
@@ -151,23 +153,36 @@ def quality_axis(rows: list[dict], quality: str | None = None) -> Axis:
 
 
 THROUGHPUT = Axis("throughput", "output tok/s (higher is better)", True)
-MEMORY = Axis("peak_memory_bytes", "peak memory MiB (lower is better)", False)
+MEMORY_AXES = {"peak": Axis("peak_memory_bytes", "peak memory MiB (lower is better)", False),
+               "weights": Axis("weight_bytes", "weights in memory MiB (lower is better)", False),
+               "disk": Axis("size_bytes", "size on disk MiB (lower is better)", False)}
+
+
+def memory_axis(rows: list[dict], memory: str | None = None) -> Axis:
+    """`memory` = peak | weights | disk. Default: peak where a GPU was measured; on CPUs the
+    resident set is mostly the runtime's, so the weights the engine holds, where measured."""
+    if memory is None:
+        gpu = any(r["peak_is_gpu"] for r in rows)
+        memory = "peak" if gpu or not any(r["weight_bytes"] for r in rows) else "weights"
+    if memory not in MEMORY_AXES:
+        raise UserError(f"--memory: {memory!r} is not one of {', '.join(MEMORY_AXES)}")
+    return MEMORY_AXES[memory]
 
 
 def value(row: dict, axis: Axis) -> float | None:
     if axis.key.startswith("task:"):
         return (row["tasks"].get(axis.key[5:]) or {}).get("value")
     v = row.get(axis.key)
-    return v / 2**20 if v is not None and axis is MEMORY else v
+    return v / 2**20 if v is not None and axis.key.endswith("_bytes") else v
 
 
-def mark_pareto(rows: list[dict], quality: Axis) -> None:
+def mark_pareto(rows: list[dict], quality: Axis, memory: Axis) -> None:
     """Set row['pareto'] = {'throughput': bool, 'memory': bool}, per engine."""
     for r in rows:
         r["pareto"] = {}
     for engine in dict.fromkeys(r["engine"] for r in rows):
         sub = [r for r in rows if r["engine"] == engine and not r["error"]]
-        for name, x in (("throughput", THROUGHPUT), ("memory", MEMORY)):
+        for name, x in (("throughput", THROUGHPUT), ("memory", memory)):
             front = pareto_front([(value(r, quality), value(r, x)) for r in sub], (quality.maximize, x.maximize))
             for i, r in enumerate(sub):
                 r["pareto"][name] = i in front
@@ -203,6 +218,14 @@ class Group:
     reports: list[dict]
     reason: str = ""                       # why it is not with the first group
     rows: list[dict] = field(default_factory=list)
+    quality: Axis | None = None            # the charts' axes (set by `finish`)
+    memory: Axis | None = None
+
+    def finish(self, quality: str | None = None, memory: str | None = None) -> Group:
+        """Choose the axes and mark the Pareto sets."""
+        self.quality, self.memory = quality_axis(self.rows, quality), memory_axis(self.rows, memory)
+        mark_pareto(self.rows, self.quality, self.memory)
+        return self
 
 
 def group_reports(reports: list[dict]) -> list[Group]:
@@ -237,16 +260,17 @@ def group_rows(g: Group) -> list[dict]:
     return rows
 
 
-def compare(paths: list[str | Path], quality: str | None = None, only: str | None = None) -> list[Group]:
+def compare(paths: list[str | Path], quality: str | None = None, only: str | None = None,
+            memory: str | None = None) -> list[Group]:
     """Load, group and flatten reports; mark Pareto sets per group and engine. `only`: glob over
-    artifact names (the baseline always stays)."""
+    artifact names (the baseline always stays); `quality`, `memory`: the charts' axes."""
     if not paths:
         raise UserError("compare: name at least one run directory or report.json")
     reports = [load_report(p) for p in paths]
     groups = group_reports(reports)
     for g in groups:
         g.rows = [r for r in group_rows(g) if r["baseline"] or not only or fnmatch.fnmatchcase(r["artifact"], only)]
-        mark_pareto(g.rows, quality_axis(g.rows, quality))
+        g.finish(quality, memory)
     return groups
 
 
@@ -296,6 +320,8 @@ def columns(rows: list[dict]) -> list[tuple[str, callable]]:
     if has("tpot_ms"):
         cols += [("b1 TPOT ms", lambda r: _f(r["tpot_ms"], ".2f")),
                  ("TPOT speedup", lambda r: "base" if r["baseline"] else _speed(r["tpot_speedup"]))]
+    if has("weight_bytes"):
+        cols.append(("weights MiB", lambda r: _f(r["weight_bytes"] and r["weight_bytes"] / 2**20, ".0f")))
     if has("peak_memory_bytes"):
         cols.append(("peak mem MiB", lambda r: _f(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20, ".0f")))
     cols.append(("Pareto", lambda r: ", ".join(k for k, v in r.get("pareto", {}).items() if v) or "–"))
@@ -344,13 +370,14 @@ def markdown(groups: list[Group]) -> str:
         if g.reason:
             lines += [f"Not compared with group 1: {g.reason}.", ""]
         lines += [markdown_table(g.rows), ""]
-    lines += ["Pareto: optimal for quality against throughput and/or against peak memory on the same engine "
+    lines += [f"Pareto: optimal for quality ({groups[0].quality.label.split(' (')[0]}) against throughput and/or "
+              f"against {groups[0].memory.label.split(' (')[0]} on the same engine "
               "(nothing else is at least as good on both and better on one); a model missing either figure is "
               "not placed. Task cells: value ± standard error (retention against the baseline).", ""]
     return "\n".join(lines)
 
 
-def write_comparison(groups: list[Group], out_dir: str | Path, quality: str | None = None) -> dict[str, Path]:
+def write_comparison(groups: list[Group], out_dir: str | Path) -> dict[str, Path]:
     """comparison.md, comparison.csv, comparison.html and one Pareto chart (PNG) per group."""
     from compress.fsutil import atomic_write_text
     from eval.report.charts import pareto_figure
@@ -361,9 +388,9 @@ def write_comparison(groups: list[Group], out_dir: str | Path, quality: str | No
     paths = {"md": out / "comparison.md", "csv": out / "comparison.csv", "html": out / "comparison.html"}
     atomic_write_text(paths["md"], markdown(groups))
     atomic_write_text(paths["csv"], csv_text(groups))
-    atomic_write_text(paths["html"], comparison_page(groups, quality))
+    atomic_write_text(paths["html"], comparison_page(groups))
     for gi, g in enumerate(groups):
         png = out / ("pareto.png" if len(groups) == 1 else f"pareto-group{gi + 1}.png")
-        pareto_figure(g.rows, quality_axis(g.rows, quality), fmt="png", path=png)
+        pareto_figure(g, fmt="png", path=png)
         paths[f"png{gi + 1}"] = png
     return paths

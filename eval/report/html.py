@@ -11,7 +11,7 @@ import html
 import json
 
 from eval.report.charts import pareto_figure
-from eval.report.compare import Group, columns, group_reports, group_rows, mark_pareto, quality_axis, run_label
+from eval.report.compare import Group, columns, group_reports, group_rows, run_label
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1400px;
@@ -79,15 +79,14 @@ def table_html(rows: list[dict]) -> str:
     return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def group_section(g: Group, gi: int, n_groups: int, quality: str | None) -> str:
-    q = quality_axis(g.rows, quality)
+def group_section(g: Group, gi: int, n_groups: int) -> str:
     parts = [f'<section data-group="{gi}">']
     if n_groups > 1:
         parts.append(f"<h2>Group {gi + 1}</h2>")
     parts.append(f'<p class="muted">Runs: {e(", ".join(run_label(r) for r in g.reports))}</p>')
     if g.reason:
         parts.append(f"<p><b>Not compared with group 1:</b> {e(g.reason)}.</p>")
-    parts.append(f'<div class="chart">{pareto_figure(g.rows, q)}</div>')
+    parts.append(f'<div class="chart">{pareto_figure(g)}</div>')
     parts.append('<p class="muted">Stars: Pareto-optimal on that engine (nothing else is at least as good on both '
                  'axes and better on one); green: the baseline. A model missing either figure is not placed.</p>')
     parts.append(table_html(g.rows))
@@ -101,11 +100,11 @@ def page(title: str, body: str) -> str:
             f"<body>\n{body}\n<script>{SCRIPT}</script></body></html>\n")
 
 
-def comparison_page(groups: list[Group], quality: str | None = None) -> str:
+def comparison_page(groups: list[Group]) -> str:
     body = ["<h1>Squeeze comparison</h1>",
             f'<p class="muted">{sum(len(g.reports) for g in groups)} run(s) in {len(groups)} group(s); runs are '
             "compared only where the baseline and the measurement protocol are the same.</p>"]
-    body += [group_section(g, gi, len(groups), quality) for gi, g in enumerate(groups)]
+    body += [group_section(g, gi, len(groups)) for gi, g in enumerate(groups)]
     return page("Squeeze comparison", "\n".join(body))
 
 
@@ -132,12 +131,12 @@ def report_page(report: dict) -> str:
     rep = {**report, "_path": "report.json"}
     g = group_reports([rep])[0]
     g.rows = group_rows(g)
-    mark_pareto(g.rows, quality_axis(g.rows))
+    g.finish()
     prov = report.get("provenance") or {}
     body = [f"<h1>Squeeze report: {e(title)}</h1>",
             f'<p class="muted">{e(report.get("created", ""))}, squeeze {e(report.get("squeeze_version", "?"))}, '
             f"report schema {report.get('schema_version')}</p>",
-            gate_html(report.get("gate")), group_section(g, 0, 1, None),
+            gate_html(report.get("gate")), group_section(g, 0, 1),
             "<h2>Protocol</h2><ul>" + "".join(f"<li>{e(x[2:])}</li>" for x in protocol_lines(report)) + "</ul>",
             "<h2>Notes</h2><ul>" + "".join(f"<li>{e(x[2:])}</li>" for x in notes(report)) + "</ul>",
             "<h2>Provenance</h2>" + _kv({k: v for k, v in prov.items() if k not in ("host", "versions")}),
