@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from eval.report.compare import THROUGHPUT, Axis, Group, pareto_front, value  # noqa: E402
 
@@ -48,6 +49,9 @@ def _panel(ax, rows: list[dict], quality: Axis, x: Axis, engine: str, name: str)
     ys = [py for *_, py in pts]
     if quality.key == "perplexity" and min(ys) > 0 and max(ys) / min(ys) > 3:
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     if not quality.maximize:  # lower perplexity is better: put better at the top
         ax.invert_yaxis()
 
