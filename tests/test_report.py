@@ -132,7 +132,7 @@ def test_compare_groups_runs_measured_differently(tmp_path, capsys):
     assert [r["artifact"] for r in groups[0].rows] == ["baseline (tiny)", "run-a/mid", "run-b/fast-bad"]
     paths = write_comparison(groups, tmp_path / "cmp")
     md = paths["md"].read_text()
-    assert md.count("## Group") == 3 and "Not compared with group 1: run-c differs from run-a" in md
+    assert md.count("## Group") == 3 and f"Not compared with group 1: run-c ({c}/report.json) differs from run-a" in md
     rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
     assert len(rows) == 3 + 2 + 2 and {r["group"] for r in rows} == {"1", "2", "3"}
     assert rows[1]["artifact"] == "run-a/mid" and float(rows[1]["perplexity"]) == 40.0

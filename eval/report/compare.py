@@ -240,8 +240,14 @@ def group_reports(reports: list[dict]) -> list[Group]:
         g = Group([rep])
         if groups:
             first_key, first = groups[0]
-            g.reason = (f"{run_label(rep)} differs from {run_label(first.reports[0])}: "
-                        + "; ".join(differences(first_key, key)))
+            a, b = first.reports[0], rep
+            who = f"{run_label(b)} ({b['_path']}) differs from {run_label(a)} ({a['_path']})"
+            old = [r for r in (a, b) if (r.get("protocol") or {}).get("derived_from")]
+            if len(old) == 1:
+                g.reason = (f"{who}: {run_label(old[0])} is a schema 3 report, whose protocol was not recorded; it "
+                            "is only compared with other schema 3 reports")
+            else:
+                g.reason = f"{who}: " + "; ".join(differences(first_key, key))
         groups.append((key, g))
     return [g for _, g in groups]
 
