@@ -9,10 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import types
-import typing
 from pathlib import Path
-from typing import Any
 
 from compress.errors import UserError
 
@@ -143,53 +140,10 @@ def cmd_validate(a) -> int:
     return 0
 
 
-_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-
-
-def _bounds(metadata) -> str:
-    return ", ".join(f"{sym} {getattr(m, a)}" for m in metadata for a, sym in _BOUNDS if hasattr(m, a))
-
-
-def type_name(t: Any) -> str:
-    """Readable type: float, list[str], dict[str, float (>= 0.0, < 1.0)], int | None, 'a' | 'b'."""
-    origin, args = typing.get_origin(t), typing.get_args(t)
-    if origin is typing.Annotated:
-        b = _bounds(args[1:])
-        return type_name(args[0]) + (f" ({b})" if b else "")
-    if origin is typing.Literal:
-        return " | ".join(repr(a) for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(type_name(a) for a in args)
-    if origin is not None:
-        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
-    if t is type(None):
-        return "None"
-    return getattr(t, "__name__", str(t))
-
-
-def _plain(v: Any) -> Any:
-    return v.model_dump() if hasattr(v, "model_dump") else v
-
-
-def describe(stage) -> dict:
-    """Config fields of a stage with their types, bounds, defaults and help (for `squeeze stages`)."""
-    fields = []
-    for fname, f in stage.config.model_fields.items():
-        b = _bounds(f.metadata)
-        fields.append({
-            "name": fname,
-            "type": type_name(f.annotation) + (f" ({b})" if b else ""),
-            "required": f.is_required(),
-            "default": None if f.is_required() else _plain(f.get_default(call_default_factory=True)),
-            "help": f.description or "",
-        })
-    return {"name": stage.name, "summary": stage.summary, "fields": fields}
-
-
 def cmd_stages(a) -> int:
     from compress import registry
 
-    docs = [describe(s) for s in registry.all_stages().values()]
+    docs = [registry.describe(s) for s in registry.all_stages().values()]
     if a.json:
         print(json.dumps(docs, indent=1, default=str))
         return 0
@@ -226,9 +180,10 @@ def cmd_run(a) -> int:
     if report is None:
         return 0
     if recipe.is_matrix:
-        from eval.report.compare import compare, markdown_table, write_comparison
+        from eval.report.compare import compare_reports
+        from eval.report.tables import markdown_table, write_comparison
 
-        groups = compare([run_dir])
+        groups = compare_reports([{**report, "_path": str(run_dir / "report.json")}])
         paths = write_comparison(groups, run_dir)
         print(markdown_table(groups[0].rows))
         print(f"\ncomparison: {paths['md']}, {paths['csv']}, {paths['html']}; Pareto chart: {paths['png1']}")
@@ -245,7 +200,8 @@ def cmd_run(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from eval.report.compare import compare, markdown, write_comparison
+    from eval.report.compare import compare
+    from eval.report.tables import markdown, write_comparison
 
     groups = compare(a.runs, quality=a.quality, only=a.only, memory=a.memory)
     print(markdown(groups))
@@ -300,7 +256,8 @@ def _flag_errors(e) -> UserError:
 def _task_specs(a) -> list:
     from pydantic import ValidationError
 
-    from compress.recipe import TaskSpec, _format, load_yaml
+    from compress.recipe import TaskSpec
+    from compress.yamlio import format_errors, load_yaml
 
     specs = []
     over = {k: v for k, v in (("limit", a.limit), ("num_fewshot", a.num_fewshot)) if v is not None}
@@ -317,14 +274,15 @@ def _task_specs(a) -> list:
         try:
             specs.append(TaskSpec.model_validate({**raw, **over}))
         except ValidationError as e:
-            raise UserError(*_format(e, TaskSpec, f, ())) from None
+            raise UserError(*format_errors(e, TaskSpec, f, ())) from None
     return specs
 
 
 def _eval_config(a):
     from pydantic import ValidationError
 
-    from compress.recipe import EvalConfig, PerplexityConfig, SpeedConfig, VLLMOptions, _format, load_yaml
+    from compress.recipe import EvalConfig, PerplexityConfig, SpeedConfig, VLLMOptions
+    from compress.yamlio import format_errors, load_yaml
 
     engines = {"auto": None, "both": ["hf", "vllm"]}.get(a.engine, [a.engine])
     if a.eval_config:
@@ -333,7 +291,7 @@ def _eval_config(a):
         try:
             cfg = EvalConfig.model_validate(raw if raw is not None else {})
         except ValidationError as e:
-            raise UserError(*_format(e, EvalConfig, a.eval_config, ())) from None
+            raise UserError(*format_errors(e, EvalConfig, a.eval_config, ())) from None
         return cfg if a.engine == "auto" else cfg.model_copy(update={"engines": engines})
     try:
         ppl = None if a.no_perplexity else PerplexityConfig(

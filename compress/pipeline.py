@@ -121,8 +121,11 @@ def preflight(recipe: Recipe, device: str, base_dir: Path) -> None:
     from eval.evaluate import check_eval
 
     check_eval(recipe.eval)
-    if errs := gate_errors(recipe):
-        raise UserError(*errs)
+    if recipe.gate:
+        from eval.report.gate import recipe_gate_errors
+
+        if errs := recipe_gate_errors(recipe, artifact_names(recipe)):
+            raise UserError(*errs)
     specs = [(f"stages[{i}]", s) for i, s in enumerate(recipe.stages)]
     specs += [(f"matrix variant {v.name!r} stages[{i}]", s) for v in recipe.variants for i, s in enumerate(v.stages)]
     seen, checks = set(), []
@@ -199,20 +202,25 @@ def run_chain(recipe: Recipe, stages: list[StageSpec], outs: list[Path], device:
             model = None
 
 
-def run_stages(recipe: Recipe, run_dir: Path, device: str, base_dir: Path) -> list[tuple[str, list[Path]]]:
-    """Run (or resume) every chain of the recipe: [(variant name or '', its stage dirs)]."""
+def chains(recipe: Recipe) -> list[tuple[str, list[StageSpec]]]:
+    """(variant name, its stages) for a matrix; ('', the stages) for one recipe."""
     if not recipe.is_matrix:
-        outs = chain_dirs(recipe, run_dir, recipe.stages)
-        run_chain(recipe, recipe.stages, outs, device, base_dir)
-        return [("", outs)]
+        return [("", list(recipe.stages))]
+    return [(v.name, recipe.stages + v.stages) for v in recipe.variants]
+
+
+def run_stages(recipe: Recipe, run_dir: Path, device: str, base_dir: Path) -> list[tuple[str, list[StageSpec],
+                                                                                        list[Path]]]:
+    """Run (or resume) every chain of the recipe: [(variant name or '', its stages, their dirs)]."""
     done = []
-    for k, v in enumerate(recipe.variants):
-        chain = recipe.stages + v.stages
-        outs = chain_dirs(recipe, run_dir, chain)
-        run_chain(recipe, chain, outs, device, base_dir, label=f"{v.name} ({k + 1}/{len(recipe.variants)}) ")
-        done.append((v.name, outs))
-    atomic_write_text(run_dir / "variants.json", json.dumps(
-        {name: [str(d) for d in outs] for name, outs in done}, indent=1))
+    for k, (name, stages) in enumerate(chains(recipe)):
+        outs = chain_dirs(recipe, run_dir, stages)
+        run_chain(recipe, stages, outs, device, base_dir, label=f"{name} ({k + 1}/{len(recipe.variants)}) " if name
+                  else "")
+        done.append((name, stages, outs))
+    if recipe.is_matrix:
+        atomic_write_text(run_dir / "variants.json", json.dumps(
+            {name: [str(d) for d in outs] for name, _, outs in done}, indent=1))
     return done
 
 
@@ -226,57 +234,45 @@ def run(recipe: Recipe, run_dir: Path | None = None, force: bool = False, recipe
     with run_lock(run_dir):
         prepare_run_dir(recipe, run_dir, force, recipe_text)
         clear_partial(run_dir)
-        chains = run_stages(recipe, run_dir, device, base_dir)
+        done = run_stages(recipe, run_dir, device, base_dir)
         if evaluate_outputs:
-            return _evaluate_and_report(recipe, run_dir, device, base_dir, chains)
+            return _evaluate_and_report(recipe, run_dir, device, base_dir, done)
     return None
 
 
-def _targets(recipe: Recipe, chains: list[tuple[str, list[Path]]]) -> list[tuple[str, Path, bool]]:
-    """(artifact name, model dir, is final) to evaluate: every stage output of one recipe (or its
-    last with eval.artifacts: final); each variant's final output for a matrix."""
-    if recipe.is_matrix:
-        return [(name, outs[-1], True) for name, outs in chains]
-    outs = chains[0][1]
-    targets = outs if recipe.eval.artifacts == "all" else outs[-1:]
-    return [(d.name, d, d == outs[-1]) for d in targets]
-
-
-def _chain_types(recipe: Recipe, name: str) -> list[str]:
-    """Stage types that made an artifact, in order."""
-    if recipe.is_matrix:
-        v = next(v for v in recipe.variants if v.name == name)
-        return [s.type for s in recipe.stages + v.stages]
-    return [s.type for s in recipe.stages[:int(name.split("-", 1)[0])]]
+def _targets(recipe: Recipe, done: list[tuple[str, list[StageSpec], list[Path]]]) -> list[dict]:
+    """What to evaluate: each variant's final output for a matrix; every stage output of one
+    recipe (or its last with eval.artifacts: final). Artifact entries without metrics yet."""
+    out = []
+    for name, stages, outs in filter(lambda c: c[2], done):
+        keep = range(len(outs)) if not recipe.is_matrix and recipe.eval.artifacts == "all" else [len(outs) - 1]
+        out += [{"name": name or outs[i].name, "stages": [s.type for s in stages[:i + 1]], "model_dir": outs[i],
+                 "final": i == len(outs) - 1} for i in keep]
+    return out
 
 
 def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: Path,
-                         chains: list[tuple[str, list[Path]]]) -> dict:
+                         done: list[tuple[str, list[StageSpec], list[Path]]]) -> dict:
     from eval.evaluate import evaluate, protocol
     from eval.report.report import build_report, write_report
 
     m, ecfg = recipe.model, recipe.eval
-    targets = _targets(recipe, chains)
-    entries = [("baseline", base_dir)] + [(name, d) for name, d, _ in targets]
-    results = []
-    for i, (name, d) in enumerate(entries):
-        per_engine = {}
+    targets = _targets(recipe, done)
+    entries = [{"name": "baseline", "model_dir": base_dir}] + targets
+    for i, entry in enumerate(entries):
+        entry["engines"] = {}
         for engine in ecfg.engine_list():
-            tag = f"[eval {i + 1}/{len(entries)}] {name} ({engine})"
+            tag = f"[eval {i + 1}/{len(entries)}] {entry['name']} ({engine})"
             log(tag)
             t0 = time.perf_counter()
-            per_engine[engine] = evaluate(d, ecfg, m, engine=engine, device=device, seed=recipe.seed)
-            log(f"{tag}: " + ("cached" if per_engine[engine].get("cached") else
-                              f"measured in {time.perf_counter() - t0:.0f} s"))
-        results.append((name, d, per_engine))
-    (_, bdir, bmetrics), arts = results[0], results[1:]
-    artifacts = []
-    for (name, d, per_engine), (_, _, final) in zip(arts, targets):
-        st = json.loads((d / "stage.json").read_text())
-        artifacts.append({"name": name, "stage": st["type"], "stages": _chain_types(recipe, name),
-                          "model_dir": str(d), "stage_info": st["info"], "final": final, "engines": per_engine})
-    report = build_report({"name": f"baseline ({m.source})", "model_dir": str(bdir), "engines": bmetrics},
-                          artifacts, recipe=recipe.as_dict(), device=device,
+            res = evaluate(entry["model_dir"], ecfg, m, engine=engine, device=device, seed=recipe.seed)
+            entry["engines"][engine] = res
+            log(f"{tag}: " + ("cached" if res.get("cached") else f"measured in {time.perf_counter() - t0:.0f} s"))
+    for a in targets:
+        st = json.loads((a["model_dir"] / "stage.json").read_text())
+        a.update(stage=st["type"], stage_info=st["info"], model_dir=str(a["model_dir"]))
+    report = build_report({"name": f"baseline ({m.source})", "model_dir": str(base_dir),
+                           "engines": entries[0]["engines"]}, targets, recipe=recipe.as_dict(), device=device,
                           protocol=protocol(ecfg, m, device, recipe.seed),
                           provenance={"recipe_hash": recipe.recipe_hash(),
                                       "compression_hash": recipe.compression_hash(),
@@ -295,29 +291,7 @@ def artifact_names(recipe: Recipe) -> list[str]:
     """Names the report will give the artifacts (what a gate's `artifacts` glob matches)."""
     if recipe.is_matrix:
         return [v.name for v in recipe.variants]
-    return [stage_dir(Path(), i, s.type).name for i, s in enumerate(recipe.stages)]
-
-
-def gate_errors(recipe: Recipe) -> list[str]:
-    """A gate that can select nothing (engine not measured, glob matching no artifact), before any work."""
-    import fnmatch
-
-    names, engines, out = artifact_names(recipe), recipe.eval.engine_list(), []
-    for i, c in enumerate(recipe.gate):
-        if c.engine and c.engine not in engines:
-            out.append(f"gate[{i}].engine: {c.engine!r} is not among eval.engines ({', '.join(engines)})")
-        if c.artifacts not in ("final", "all") and not any(fnmatch.fnmatchcase(n, c.artifacts) for n in names):
-            out.append(f"gate[{i}].artifacts: {c.artifacts!r} matches no artifact (artifacts: {', '.join(names)})")
-        if c.metric.startswith(("perplexity_",)) and recipe.eval.perplexity is None:
-            out.append(f"gate[{i}].metric: {c.metric} needs eval.perplexity (it is null)")
-        if c.metric in ("throughput_speedup", "tpot_speedup", "throughput_tok_s") and recipe.eval.speed is None:
-            out.append(f"gate[{i}].metric: {c.metric} needs eval.speed (it is null)")
-        if c.task and c.task.split(".")[0] not in [t.name for t in recipe.eval.tasks]:
-            out.append(f"gate[{i}].task: {c.task.split('.')[0]!r} is not among eval.tasks "
-                       f"({', '.join(t.name for t in recipe.eval.tasks) or 'none'})")
-    if recipe.gate and not names:
-        out.append("gate: the recipe has no stages, so there is no artifact to gate")
-    return out
+    return [d.name for d in chain_dirs(recipe, Path(), recipe.stages)]
 
 
 def evaluation_errors(report: dict) -> list[str]:

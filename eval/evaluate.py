@@ -97,10 +97,16 @@ def protocol(cfg: EvalConfig, model: ModelSpec, device: str, seed: int = 0) -> d
     """What makes two evaluations comparable: the measurement protocol, every engine's settings,
     the hardware and the seed (the evaluation cache key, less the model). Reports keep it so
     that `squeeze compare` never mixes runs measured differently."""
-    return {"perplexity": cfg.perplexity and cfg.perplexity.model_dump(), "speed": cfg.speed and cfg.speed.model_dump(),
-            "tasks": [{k: v for k, v in t.items() if k != "file"} for t in _task_key(cfg)],
-            "task_batch_size": cfg.task_batch_size, "engines": {e: engine_settings(e, cfg, model) for e in cfg.engine_list()},
+    parts = _measurement(cfg)
+    parts["tasks"] = [{k: v for k, v in t.items() if k != "file"} for t in parts["tasks"]]  # paths differ by machine
+    return {**parts, "engines": {e: engine_settings(e, cfg, model) for e in cfg.engine_list()},
             "device": device.split(":")[0], "hardware": hardware(), "seed": seed}
+
+
+def _measurement(cfg: EvalConfig) -> dict:
+    """What is measured and how (perplexity, speed, tasks with their files' sha256, task batch)."""
+    return {"perplexity": cfg.perplexity and cfg.perplexity.model_dump(), "speed": cfg.speed and cfg.speed.model_dump(),
+            "tasks": _task_key(cfg), "task_batch_size": cfg.task_batch_size}
 
 
 def one_line(e: BaseException) -> str:
@@ -114,9 +120,7 @@ def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "
     model_dir = Path(model_dir)
     check_model_dir(model_dir, model.allow_pickle)
     settings = engine_settings(engine, cfg, model)
-    key_src = {"model": model_hash(model_dir), "perplexity": cfg.perplexity and cfg.perplexity.model_dump(),
-               "speed": cfg.speed and cfg.speed.model_dump(), "tasks": _task_key(cfg),
-               "task_batch_size": cfg.task_batch_size, "engine": engine, "settings": settings,
+    key_src = {"model": model_hash(model_dir), **_measurement(cfg), "engine": engine, "settings": settings,
                "device": device, "hardware": hardware(), "seed": seed, "v": CACHE_VERSION}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
     cache = home() / "_eval_cache" / f"{key}.json"

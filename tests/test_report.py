@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from compress.cli import main
-from eval.report.compare import compare, pareto_front, write_comparison
+from eval.report.compare import compare, pareto_front
+from eval.report.tables import write_comparison
 from eval.report.report import build_report, write_report
 
 

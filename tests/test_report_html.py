@@ -75,7 +75,8 @@ def test_report_html_renders_with_one_point_per_model(browser, tmp_path):
 
 
 def test_comparison_html_renders_every_group(browser, tmp_path):
-    from eval.report.compare import compare, write_comparison
+    from eval.report.compare import compare
+    from eval.report.tables import write_comparison
 
     a = write_run(tmp_path, "a", make_report("a", {"mid": ARTS["mid"], "fast-bad": ARTS["fast-bad"]}))
     b = write_run(tmp_path, "b", make_report("b", {"x": ARTS["mid"]}, base_hash="other"))

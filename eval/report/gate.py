@@ -17,12 +17,13 @@ import json
 import socket
 import time
 from pathlib import Path
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape, quoteattr
 
 from pydantic import ValidationError
 
 from compress.errors import UserError
-from compress.recipe import GATE_METRICS, GateCriterion, _format, load_yaml
+from compress.recipe import GATE_METRICS, GateCriterion
+from compress.yamlio import format_errors, load_yaml
 from eval.report.compare import peak_memory, task_metric
 from eval.speed.workload import fmt_speedup
 
@@ -30,21 +31,19 @@ from eval.speed.workload import fmt_speedup
 def parse_gate(raw, where: str) -> list[GateCriterion]:
     """Criteria from YAML data: a list, or a mapping whose `gate` is one."""
     if isinstance(raw, dict) and "gate" in raw:
-        raw, prefix = raw["gate"], "gate"
-    else:
-        prefix = "gate"
+        raw = raw["gate"]
     if not isinstance(raw, list) or not raw:
         raise UserError(f"{where}: gate: must be a non-empty list of criteria (each with metric and min or max; "
                         f"metrics: {', '.join(GATE_METRICS)})")
     out, errors = [], []
     for i, c in enumerate(raw):
         if not isinstance(c, dict):
-            errors.append(f"{where}: {prefix}[{i}]: must be a mapping with metric and min or max")
+            errors.append(f"{where}: gate[{i}]: must be a mapping with metric and min or max")
             continue
         try:
             out.append(GateCriterion.model_validate(c))
         except ValidationError as e:
-            errors += _format(e, GateCriterion, where, f"{prefix}[{i}]")
+            errors += format_errors(e, GateCriterion, where, f"gate[{i}]")
     if errors:
         raise UserError(*errors)
     return out
@@ -97,6 +96,27 @@ def measure(c: GateCriterion, a: dict, engine: str) -> tuple[float | None, str]:
         return (None, "") if not v else (v / 1e6, f"{v / 1e6:.1f} MB")
     v = ret.get("size_ratio")  # size_ratio
     return v, "" if v is None else f"{v:.3f}"
+
+
+def recipe_gate_errors(recipe, names: list[str]) -> list[str]:
+    """A recipe's gate that could select nothing, checked before any work: an engine not
+    measured, a glob matching none of `names` (the artifacts the run will make), a metric or
+    task the evaluation does not measure."""
+    engines, tasks, out = recipe.eval.engine_list(), [t.name for t in recipe.eval.tasks], []
+    for i, c in enumerate(recipe.gate):
+        if c.engine and c.engine not in engines:
+            out.append(f"gate[{i}].engine: {c.engine!r} is not among eval.engines ({', '.join(engines)})")
+        if c.artifacts not in ("final", "all") and not any(fnmatch.fnmatchcase(n, c.artifacts) for n in names):
+            out.append(f"gate[{i}].artifacts: {c.artifacts!r} matches no artifact (artifacts: {', '.join(names)})")
+        if c.metric.startswith("perplexity_") and recipe.eval.perplexity is None:
+            out.append(f"gate[{i}].metric: {c.metric} needs eval.perplexity (it is null)")
+        if c.metric in ("throughput_speedup", "tpot_speedup", "throughput_tok_s") and recipe.eval.speed is None:
+            out.append(f"gate[{i}].metric: {c.metric} needs eval.speed (it is null)")
+        if c.task and c.task.split(".")[0] not in tasks:
+            out.append(f"gate[{i}].task: {c.task.split('.')[0]!r} is not among eval.tasks ({', '.join(tasks) or 'none'})")
+    if not names:
+        out.append("gate: the recipe has no stages, so there is no artifact to gate")
+    return out
 
 
 def _select(c: GateCriterion, i: int, report: dict, where: str) -> list[tuple[dict, str]]:
@@ -156,19 +176,13 @@ def junit_xml(gate: dict, suite: str = "squeeze gate") -> str:
         cls = quoteattr(f"squeeze.gate.{v['artifact'].replace('.', '_')}.{v['engine']}")
         head = f'    <testcase classname={cls} name={quoteattr(v["criterion"])} time="0">'
         if v["passed"]:
-            cases.append(head + f"\n      <system-out>{_text(v['detail'])}</system-out>\n    </testcase>")
+            cases.append(head + f"\n      <system-out>{escape(v['detail'])}</system-out>\n    </testcase>")
         else:
             cases.append(head + f"\n      <failure type=\"threshold\" message={quoteattr(v['detail'])}>"
-                         f"{_text(json.dumps(v, default=str))}</failure>\n    </testcase>")
+                         f"{escape(json.dumps(v, default=str))}</failure>\n    </testcase>")
     n, f = len(gate["verdicts"]), sum(not v["passed"] for v in gate["verdicts"])
     return ('<?xml version="1.0" encoding="UTF-8"?>\n'
             f'<testsuites name={quoteattr(suite)} tests="{n}" failures="{f}" errors="0" time="0">\n'
             f'  <testsuite name={quoteattr(suite)} tests="{n}" failures="{f}" errors="0" skipped="0" time="0" '
             f'timestamp={quoteattr(gate.get("checked", ""))} hostname={quoteattr(socket.gethostname())}>\n'
             + "\n".join(cases) + "\n  </testsuite>\n</testsuites>\n")
-
-
-def _text(s: str) -> str:
-    from xml.sax.saxutils import escape
-
-    return escape(s)

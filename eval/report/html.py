@@ -11,7 +11,8 @@ import html
 import json
 
 from eval.report.charts import pareto_figure
-from eval.report.compare import Group, columns, group_reports, group_rows, run_label
+from eval.report.compare import Group, compare_reports, run_label
+from eval.report.tables import columns
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1400px;
@@ -128,10 +129,7 @@ def report_page(report: dict) -> str:
     from eval.report.report import notes, protocol_lines
 
     title = (report.get("recipe") or {}).get("name", "evaluation")
-    rep = {**report, "_path": "report.json"}
-    g = group_reports([rep])[0]
-    g.rows = group_rows(g)
-    g.finish()
+    (g,) = compare_reports([{**report, "_path": "report.json"}])
     prov = report.get("provenance") or {}
     body = [f"<h1>Squeeze report: {e(title)}</h1>",
             f'<p class="muted">{e(report.get("created", ""))}, squeeze {e(report.get("squeeze_version", "?"))}, '
@@ -141,6 +139,6 @@ def report_page(report: dict) -> str:
             "<h2>Notes</h2><ul>" + "".join(f"<li>{e(x[2:])}</li>" for x in notes(report)) + "</ul>",
             "<h2>Provenance</h2>" + _kv({k: v for k, v in prov.items() if k not in ("host", "versions")}),
             "<details open><summary>Host</summary>" + _kv(prov.get("host") or {}) + "</details>",
-            "<details><summary>Versions</summary>" + _kv(prov.get("versions") or report.get("versions") or {})
+            "<details><summary>Versions</summary>" + _kv(prov.get("versions") or {})
             + "</details>"]
     return page(f"Squeeze report: {title}", "\n".join(body))

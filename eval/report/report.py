@@ -3,7 +3,7 @@
 report.json schema (version 4; eval/report/report.schema.json is its JSON Schema, the README
 section "Report schema" its prose):
   schema_version, squeeze_version, created, recipe (as run, or null for `squeeze eval`),
-  recipe_hash, device, versions,
+  device,
   protocol: what makes runs comparable (eval.evaluate.protocol): perplexity, speed, tasks,
             task_batch_size, engines {engine: settings}, device, hardware, seed,
   provenance: host {device_name, cpu, gpus, driver, cuda, platform}, versions, git_sha,
@@ -20,8 +20,9 @@ section "Report schema" its prose):
   memory, provenance, settings, size_bytes, quantization, params, error (if it failed).
   Retention compares an artifact with the baseline measured on the same engine.
   Version 1 had one engine (`metrics`); version 2 had `engines` and batch-1 speed only
-  (decode_speedup); version 3 had no protocol, provenance, stages or final (readers derive
-  them: eval.report.compare.load_report). Readers check schema_version.
+  (decode_speedup); version 3 had no protocol, provenance, stages or final, and versions and
+  recipe_hash at the top (readers derive the rest: eval.report.compare.load_report). Readers
+  check schema_version.
 """
 
 from __future__ import annotations
@@ -70,9 +71,7 @@ def build_report(baseline: dict, artifacts: list[dict], recipe: dict | None = No
         "squeeze_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "recipe": recipe,
-        "recipe_hash": prov.get("recipe_hash"),
         "device": device,
-        "versions": prov["versions"],
         "protocol": protocol,
         "provenance": prov,
         "baseline": baseline,
@@ -238,7 +237,7 @@ def provenance_lines(report: dict) -> list[str]:
            + (f", driver {host['driver']}" if host.get("driver") else "")
            + (f", CUDA {host['cuda']}" if host.get("cuda") else "") + (f"; {host['platform']}" if host.get("platform")
                                                                       else "")]
-    v = prov.get("versions") or report.get("versions") or {}
+    v = prov.get("versions") or {}
     out.append("- Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()))
     ids = {k: prov.get(k) for k in ("git_sha", "recipe_hash", "compression_hash")}
     out.append("- " + ", ".join(f"{k} {x[:12] if k != 'git_sha' else x}" for k, x in ids.items() if x)
