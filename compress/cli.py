@@ -1,4 +1,4 @@
-"""`squeeze` command line: run | eval | compare | gate | validate | import-gguf | stages.
+"""`squeeze` command line: run | eval | compare | gate | serving | tune | validate | import-gguf | stages.
 
 Bad input (a recipe, a path, a flag) is reported as one line per problem and exit code 2,
 never a traceback.
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate", metavar="FILE", help="YAML: a list of criteria, or a mapping with `gate:` (a recipe "
                    "works too)")
     p.add_argument("--junit", metavar="FILE", help="also write the verdicts as JUnit XML")
+
+    from compress.cli_engines import add_parsers
+
+    add_parsers(sub, EPILOG, _common)
 
     p = sub.add_parser("validate", epilog=EPILOG, help="check a recipe without running it",
                        description="Validate RECIPE: exit 0 if good, 2 with one line per problem if not. Where "
@@ -335,8 +339,20 @@ def cmd_eval(a) -> int:
     return _report_errors(report)
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "compare": cmd_compare, "gate": cmd_gate, "validate": cmd_validate,
-            "import-gguf": cmd_import, "stages": cmd_stages}
+def cmd_serving(a) -> int:
+    from compress.cli_engines import cmd_serving
+
+    return cmd_serving(a)
+
+
+def cmd_tune(a) -> int:
+    from compress.cli_engines import cmd_tune
+
+    return cmd_tune(a)
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "compare": cmd_compare, "gate": cmd_gate, "serving": cmd_serving,
+            "tune": cmd_tune, "validate": cmd_validate, "import-gguf": cmd_import, "stages": cmd_stages}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; completed stages are kept and a re-run resumes after them", file=sys.stderr)
+        print("interrupted; completed work is kept (stages, tuning trials) and a re-run resumes after it",
+              file=sys.stderr)
         return 130
 
 

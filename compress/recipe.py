@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress import registry
 from compress.errors import UserError
@@ -109,6 +109,64 @@ class HFOptions(_Strict):
                                  "torch's semi-structured sparse kernels (CUDA, 16-bit dtypes)")
 
 
+class SLOConfig(_Strict):
+    """Latency targets a request must meet to count towards goodput (null: not checked)."""
+
+    ttft_ms: float | None = Field(200.0, gt=0, description="time to first token")
+    tpot_ms: float | None = Field(50.0, gt=0, description="time per output token after the first")
+    e2e_ms: float | None = Field(None, gt=0, description="whole request")
+
+
+class ServingConfig(_Strict):
+    """Load on an OpenAI-compatible server (eval.speed.serving): one load point per rate and
+    per concurrency given."""
+
+    num_prompts: int = Field(32, gt=0, description="requests per load point")
+    input_len: int = Field(128, gt=0, description="prompt tokens")
+    output_len: int = Field(64, gt=1, description="generated tokens per request (EOS ignored)")
+    prompts: str = Field("random", description="'random' token ids, or a data set (built-in name, text file, "
+                         "hf:ID) cut into input_len-token prompts")
+    rates: list[float] = Field(default_factory=lambda: [float("inf")], description="requests/s; .inf = all at once")
+    concurrency: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=list, description="fixed-concurrency load points (closed loop), besides the rates")
+    arrival: Literal["poisson", "burst"] = "poisson"
+    burst_size: int = Field(8, gt=0, description="burst arrivals: requests per burst")
+    warmup: int = Field(2, ge=0, description="untimed requests before each load point")
+    slo: SLOConfig = SLOConfig()
+
+    @field_validator("rates")
+    @classmethod
+    def _positive(cls, v):
+        if any(not r > 0 for r in v):
+            raise ValueError("rates must be > 0 (.inf for all at once)")
+        return v
+
+
+class TuneConfig(_Strict):
+    """Engine-settings search for one model (eval.tune)."""
+
+    engine: Literal["vllm", "hf"] = "vllm"
+    strategy: Literal["grid", "random", "tpe"] = Field("tpe", description="tpe: optuna's Bayesian TPE sampler")
+    budget: int = Field(12, gt=0, description="trials measured (settings already measured are not re-run)")
+    repeats: int = Field(2, gt=0, description="timed runs per trial; figures are medians, spreads the min..max")
+    objective: Literal["throughput", "goodput", "p99_latency"] = Field(
+        "throughput", description="output tok/s; requests/s within the SLO; p99 end-to-end latency under "
+        "throughput_floor")
+    throughput_floor: float | None = Field(None, gt=0, description="p99_latency: output tok/s a setting must reach")
+    space: dict[str, list[Any]] | None = Field(None, description="setting -> values; default: eval.tune.space's "
+                                               "built-in space for the engine and device")
+    workload: ServingConfig = ServingConfig(num_prompts=64, rates=[float("inf")], warmup=2)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _floor(self):
+        if self.objective == "p99_latency" and self.throughput_floor is None:
+            raise ValueError("objective p99_latency needs throughput_floor (output tok/s)")
+        if len(self.workload.rates) + len(self.workload.concurrency) != 1:
+            raise ValueError("workload: give exactly one load point (one rate, or one concurrency)")
+        return self
+
+
 class EvalConfig(_Strict):
     engines: list[Literal["hf", "vllm"]] | None = Field(
         None, min_length=1, description="inference engines that measure every model; default: hf and vllm where "
@@ -118,6 +176,8 @@ class EvalConfig(_Strict):
     perplexity: PerplexityConfig | None = PerplexityConfig()
     speed: SpeedConfig | None = SpeedConfig()
     tasks: list[TaskSpec] = Field(default_factory=list, description="accuracy tasks through lm-eval")
+    serving: ServingConfig | None = Field(None, description="load on a vLLM server per model (engine vllm)")
+    tune: TuneConfig | None = Field(None, description="engine-settings search for each final artifact")
     task_batch_size: int | Literal["auto"] = Field(
         32, gt=0, description="lm-eval batch size on the HF engine ('auto' probes at the model's full context "
         "length: slow on CPUs); vLLM batches by itself")

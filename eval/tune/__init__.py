@@ -1,0 +1,1 @@
+"""Engine-settings tuning: search spaces, trials, studies, landscapes."""

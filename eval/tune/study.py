@@ -1,0 +1,234 @@
+"""A tuning study: search an engine's settings for one model under a trial budget.
+
+Strategies: `grid` (every point, or a seeded random subset when the budget is smaller),
+`random` (distinct points at random) and `tpe` (optuna's Bayesian TPE sampler, multivariate).
+All three run through one optuna study stored in SQLite, so a study killed midway resumes
+where it stopped: the same command finds the study (its name hashes the engine, space,
+strategy, objective, workload, repeats and seed), marks a trial the kill interrupted as
+failed and measures its point again. The engine's defaults are measured once per study
+first, so the gain of the best setting is measured in the same session, with its noise.
+
+A trial that crashes, runs out of memory or whose server fails to start is recorded as a
+failed trial with its one-line error and the study goes on; Ctrl-C and SIGTERM stop it
+(the server is killed) and keep every finished trial. A setting TPE proposes again is not
+re-measured: its earlier result is told once more, and only measured trials use the budget.
+
+Studies live per (model, engine, GPU): <SQUEEZE_HOME>/tune/<model>-<hash>/<engine>/<gpu>/,
+so tuning results of one GPU never pass for another's, and a change of GPU is re-tunable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+from compress.errors import UserError
+from compress.fsutil import atomic_write_text
+from compress.models import home, load_tokenizer, model_hash
+from compress.recipe import ModelSpec, TuneConfig, VLLMOptions
+from eval.evaluate import hardware, one_line
+from eval.tune import space as sp
+from eval.tune.trials import INTERRUPTED, OBJECTIVES, measure_hf, measure_vllm, score, vllm_base
+
+MAX_ASKS_PER_TRIAL = 20  # TPE proposals of already-measured points before the space counts as exhausted
+
+
+def study_dir(model_dir: Path, engine: str, device: str) -> Path:
+    """Where the studies of (model, engine, GPU) live."""
+    gpu = re.sub(r"[^A-Za-z0-9._]+", "-", hardware())
+    return home() / "tune" / f"{Path(model_dir).name}-{model_hash(model_dir)[:10]}" / engine / gpu.strip("-")
+
+
+def study_name(cfg: TuneConfig, space: dict, base: dict) -> str:
+    ident = {"engine": cfg.engine, "space": space, "strategy": cfg.strategy, "objective": cfg.objective,
+             "floor": cfg.throughput_floor, "workload": cfg.workload.model_dump(), "repeats": cfg.repeats,
+             "seed": cfg.seed, "base": base}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{cfg.engine}-{cfg.strategy}-{cfg.objective}-{digest}"
+
+
+def _distributions(space: dict) -> dict:
+    from optuna.distributions import CategoricalDistribution
+
+    return {k: CategoricalDistribution([json.dumps(v) for v in vals]) for k, vals in space.items()}
+
+
+def _settings(params: dict) -> dict:
+    return {k: json.loads(v) for k, v in params.items()}
+
+
+def _sampler(cfg: TuneConfig):
+    import optuna
+
+    if cfg.strategy == "tpe":
+        kw = {} if hasattr(optuna.trial.Trial, "set_constraint") else \
+            {"constraints_func": lambda t: [t.user_attrs.get("violation", 0.0)]}  # optuna < 5
+        return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, n_startup_trials=max(2, cfg.budget // 4),
+                                          **kw)
+    return optuna.samplers.RandomSampler(seed=cfg.seed)  # grid/random: the points are enqueued
+
+
+class Study:
+    """One study over one model (see the module docstring). `run()` returns the landscape."""
+
+    def __init__(self, model_dir: Path, cfg: TuneConfig, model: ModelSpec = ModelSpec(),
+                 vllm: VLLMOptions = VLLMOptions(), device: str = "cpu", out_dir: Path | None = None,
+                 progress: bool = True, log=print):
+        self.model_dir, self.cfg, self.model, self.device = Path(model_dir), cfg, model, device
+        self.space = sp.check_space(cfg.engine, cfg.space if cfg.space is not None else sp.builtin_space(cfg.engine, device))
+        self.base = vllm_base(vllm, model, device) if cfg.engine == "vllm" else {"dtype": model.dtype}
+        self.root = Path(out_dir) if out_dir else study_dir(self.model_dir, cfg.engine, device)
+        self.name = study_name(cfg, self.space, self.base)
+        self.dir = self.root / self.name
+        self.progress, self.log = progress, log
+        self._tokenizer = None
+        if cfg.engine == "hf" and cfg.objective == "goodput":
+            raise UserError("eval.tune.objective: goodput needs a server's per-request latencies; with engine hf "
+                            "use throughput or p99_latency")
+
+    # -- measuring -------------------------------------------------------------------------
+    def measure(self, settings: dict, label: str) -> dict:
+        """Figures for one setting; {"error": ...} if it failed (crash, OOM, no server)."""
+        t0 = time.perf_counter()
+        try:
+            if self.cfg.engine == "vllm":
+                if self._tokenizer is None:
+                    self._tokenizer = load_tokenizer(self.model_dir, self.model.trust_remote_code)
+                m = measure_vllm(self.model_dir, settings, self.base, self.cfg, self.device,
+                                 self.dir / f"server-{label}.log", self._tokenizer)
+            else:
+                m = measure_hf(self.model_dir, settings, self.model, self.cfg, self.device)
+            return {**m, **score(m, self.cfg), "seconds": time.perf_counter() - t0}
+        except Exception as e:  # noqa: BLE001 - a failed trial is a result (OOM, bad setting, no server)
+            _free_gpu()
+            return {"error": one_line(e), "seconds": time.perf_counter() - t0}
+
+    # -- the study -------------------------------------------------------------------------
+    def _open(self):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{self.root / 'study.db'}"
+        direction = OBJECTIVES[self.cfg.objective][0]
+        study = optuna.create_study(study_name=self.name, storage=storage, direction=direction,
+                                    sampler=_sampler(self.cfg), load_if_exists=True)
+        return study
+
+    def _recover(self, study) -> None:
+        """Trials a kill left running are failed ('interrupted') and their points queued again."""
+        from optuna.trial import TrialState
+
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study._storage.set_trial_user_attr(t._trial_id, "error", INTERRUPTED)
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            self.log(f"trial {t.number} was interrupted; its setting is measured again")
+            study.enqueue_trial(t.params, skip_if_exists=False)
+
+    def _plan(self) -> list[dict]:
+        if self.cfg.strategy == "grid":
+            pts = sp.grid(self.space)
+            return pts if len(pts) <= self.cfg.budget else sp.sample(self.space, self.cfg.budget, self.cfg.seed)
+        if self.cfg.strategy == "random":
+            return sp.sample(self.space, self.cfg.budget, self.cfg.seed)
+        return []
+
+    def run(self) -> dict:
+        from optuna.trial import TrialState
+        from tqdm.auto import tqdm
+
+        from eval.tune.landscape import landscape, write_landscape
+
+        study = self._open()
+        self._recover(study)
+        if "defaults" not in study.user_attrs:
+            self.log(f"measuring the engine's defaults ({self.cfg.engine}, {self.device})")
+            study.set_user_attr("defaults", self.measure({}, "defaults"))
+        measured = self._measured(study)
+        grid_size = len(sp.grid(self.space))
+        if self.cfg.strategy == "grid" and grid_size > self.cfg.budget:
+            self.log(f"grid of {grid_size} points, budget {self.cfg.budget}: a random {self.cfg.budget} of them")
+        if measured:
+            self.log(f"resuming study {self.name}: {len(measured)} of {self.cfg.budget} trials measured")
+        queued = {sp.key(_settings(t.params)) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+        for pt in self._plan():
+            k = sp.key(pt)
+            if k not in measured and k not in queued:
+                study.enqueue_trial({n: json.dumps(v) for n, v in pt.items()})
+        dists = _distributions(self.space)
+        bar = tqdm(total=min(self.cfg.budget, grid_size), initial=len(measured), desc=f"tune {self.cfg.engine}",
+                   unit="trial", disable=not self.progress)
+        asks = 0
+        try:
+            while len(measured) < min(self.cfg.budget, grid_size):
+                if self.cfg.strategy != "tpe" and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                    break
+                trial = study.ask(dists)
+                settings = _settings(trial.params)
+                k = sp.key(settings)
+                if k in measured:  # TPE proposed a point again: tell its result, measure nothing
+                    asks += 1
+                    self._tell(study, trial, measured[k], repeat_of=measured[k]["number"])
+                    if asks > MAX_ASKS_PER_TRIAL * self.cfg.budget:
+                        self.log("the sampler keeps proposing measured settings; stopping early")
+                        break
+                    continue
+                m = self.measure(settings, f"t{trial.number}")
+                m["number"] = trial.number
+                self._tell(study, trial, m)
+                measured[k] = m
+                bar.update(1)
+                self.log(_trial_line(trial.number, settings, m, self.cfg.objective))
+        finally:
+            bar.close()
+            result = landscape(self, study)
+            write_landscape(result, self.dir)
+        return result
+
+    def _tell(self, study, trial, m: dict, repeat_of: int | None = None) -> None:
+        from optuna.trial import TrialState
+
+        trial.set_user_attr("measurement", m)
+        if repeat_of is not None:
+            trial.set_user_attr("repeat_of", repeat_of)
+        if "error" in m:
+            trial.set_user_attr("error", m["error"])
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        trial.set_user_attr("violation", m["violation"])
+        if hasattr(trial, "set_constraint"):  # a setting below the throughput floor is infeasible for TPE
+            trial.set_constraint("throughput_floor", m["violation"])
+        study.tell(trial, m["value"])
+
+    def _measured(self, study) -> dict[str, dict]:
+        from optuna.trial import TrialState
+
+        out = {}
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+            m = t.user_attrs.get("measurement")
+            if m is not None and "repeat_of" not in t.user_attrs and t.user_attrs.get("error") != INTERRUPTED:
+                out[sp.key(_settings(t.params))] = {**m, "number": t.number}
+        return out
+
+
+def _trial_line(n: int, settings: dict, m: dict, objective: str) -> str:
+    s = " ".join(f"{k}={v}" for k, v in settings.items())
+    if "error" in m:
+        return f"trial {n}: {s}: FAILED {m['error']}"
+    sp_ = m["spread"]
+    extra = "" if m["feasible"] else " (below the throughput floor)"
+    return (f"trial {n}: {s}: {sp_['median']:.2f} {OBJECTIVES[objective][1]} "
+            f"({sp_['min']:.2f}-{sp_['max']:.2f}){extra}")
+
+
+def _free_gpu() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,109 @@
+"""One trial: measure a model under one engine setting, and read the objective off it.
+
+vLLM: start a server with the setting (eval.engines.server), warm it, run the workload's
+load point `repeats` times with fresh prompts (eval.speed.serving), stop the server.
+HF: open the transformers engine with the setting and run the offline workload in static
+batches of `batch_size` (eval.speed.workload). Either way the trial's figure per repeat is
+kept, so a gain over the defaults carries its noise (eval.speed.workload.compare).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from compress.recipe import ModelSpec, ServingConfig, TuneConfig, VLLMOptions
+from eval.speed.serving import Load, make_prompts, run_load
+from eval.speed.serving_report import loads_of, slo_of
+from eval.speed.workload import spread
+
+INTERRUPTED = "interrupted (the study was stopped)"
+# objective -> (direction, figure per repeat, unit)
+OBJECTIVES = {
+    "throughput": ("maximize", "output tok/s"),
+    "goodput": ("maximize", "good req/s"),
+    "p99_latency": ("minimize", "p99 E2E ms"),
+}
+
+
+def load_of(w: ServingConfig) -> Load:
+    """A study's one load point."""
+    return loads_of(w)[0]
+
+
+def vllm_base(opts: VLLMOptions, model: ModelSpec, device: str) -> dict:
+    """The recipe's vLLM options as server settings, under every trial's own setting."""
+    base = {"dtype": opts.dtype or model.dtype, "max_model_len": opts.max_model_len,
+            "kv_cache_dtype": opts.kv_cache_dtype, "tensor_parallel_size": opts.tensor_parallel_size,
+            "enforce_eager": opts.enforce_eager, "trust_remote_code": model.trust_remote_code or None}
+    if device.startswith("cuda"):
+        base["gpu_memory_utilization"] = opts.gpu_memory_utilization
+    if opts.tensor_parallel_size == 1:
+        base.pop("tensor_parallel_size")
+    return base
+
+
+def measure_vllm(model_dir: Path, settings: dict, base: dict, cfg: TuneConfig, device: str, log_path: Path,
+                 tokenizer) -> dict:
+    from eval.engines.server import VLLMServer
+
+    w = cfg.workload
+    need = w.input_len + w.output_len + 8
+    srv_settings = {**{k: v for k, v in base.items() if v is not None}, **settings}
+    if srv_settings.get("max_model_len") is None:
+        srv_settings["max_model_len"] = max(need, 512)
+    runs = []
+    with VLLMServer(model_dir, srv_settings, device=device, log_path=log_path) as srv:
+        for i in range(cfg.repeats):
+            prompts = make_prompts(w, tokenizer, seed=cfg.seed * 1000 + i, as_text=False)
+            runs.append(run_load(srv.endpoint, prompts, w.output_len, load_of(w), slo_of(w), seed=cfg.seed + i,
+                                 warmup=w.warmup))
+        startup = srv.startup_s
+    failed = sum(r["failed"] for r in runs)
+    if failed:
+        errs = sorted({e for r in runs for e in r.get("errors", [])})
+        raise RuntimeError(f"{failed} requests failed: {errs[0] if errs else 'no message'}")
+    return {"runs": runs, "startup_s": startup}
+
+
+def measure_hf(model_dir: Path, settings: dict, model: ModelSpec, cfg: TuneConfig, device: str) -> dict:
+    from eval.engines.hf import HFEngine
+    from eval.speed.workload import workload_speed
+
+    w = cfg.workload
+    s = {"decode": "dynamic", **settings}
+    eng = HFEngine.load(model_dir, dtype=s.get("dtype", model.dtype), device=device,
+                        trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle,
+                        attn_implementation=s.get("attn_implementation"), decode=s["decode"])
+    try:
+        res = workload_speed(eng, num_prompts=w.num_prompts, input_len=w.input_len, output_len=w.output_len,
+                             concurrency=s.get("batch_size", 8), batch1_requests=0, warmup=1, repeats=cfg.repeats,
+                             seed=cfg.seed, progress=False)["concurrent"]
+    finally:
+        eng.close()
+    runs = [{"output_tok_s": t, "requests_s": r, "e2e_ms": {"p99": res["e2e_ms"]["p99"]}}
+            for t, r in zip(res["output_tok_s"]["runs"], res["requests_s"]["runs"])]
+    return {"runs": runs, "ttft_ms": res["ttft_ms"], "tpot_ms": res["tpot_ms"]}
+
+
+def objective_runs(measurement: dict, objective: str) -> list[float]:
+    """The objective's figure per repeat."""
+    pick = {"throughput": lambda r: r["output_tok_s"], "goodput": lambda r: r["goodput_requests_s"],
+            "p99_latency": lambda r: r["e2e_ms"]["p99"]}[objective]
+    return [float(pick(r)) for r in measurement["runs"]]
+
+
+def score(measurement: dict, cfg: TuneConfig) -> dict:
+    """{value (median), spread, feasible, throughput}: what the study records for a trial."""
+    vals = objective_runs(measurement, cfg.objective)
+    tput = spread(objective_runs(measurement, "throughput"))
+    feasible = cfg.objective != "p99_latency" or tput["median"] >= cfg.throughput_floor
+    value = spread(vals)
+    return {"value": value["median"], "spread": value, "throughput": tput, "feasible": feasible,
+            "violation": 0.0 if feasible else (cfg.throughput_floor - tput["median"]) / cfg.throughput_floor}
+
+
+def fmt_value(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
