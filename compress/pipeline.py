@@ -118,9 +118,11 @@ def preflight(recipe: Recipe, device: str, base_dir: Path) -> None:
     if recipe.eval.hf.sparse_kernels and "hf" in recipe.eval.engine_list() and not device.startswith("cuda"):
         raise UserError(f"eval.hf.sparse_kernels: torch's semi-structured (2:4) kernels need a CUDA GPU; the "
                         f"device is {device}")
+    from eval import serve_tune
     from eval.evaluate import check_eval
 
     check_eval(recipe.eval)
+    serve_tune.check(recipe.eval, device)
     if recipe.gate:
         from eval.report.gate import recipe_gate_errors
 
@@ -277,6 +279,15 @@ def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: P
                           provenance={"recipe_hash": recipe.recipe_hash(),
                                       "compression_hash": recipe.compression_hash(),
                                       "seeds": {"recipe": recipe.seed, "eval": recipe.seed}})
+    finals = [(a["name"], Path(a["model_dir"])) for a in targets if a["final"]]
+    if ecfg.serving is not None:
+        from eval import serve_tune
+
+        report["serving"] = serve_tune.serving(recipe, run_dir, device, [("baseline", base_dir), *finals], log)
+    if ecfg.tune is not None:
+        from eval import serve_tune
+
+        report["tuning"] = serve_tune.tuning(recipe, run_dir, device, finals, log)
     if recipe.gate:
         from eval.report.gate import apply_gate, junit_xml
 

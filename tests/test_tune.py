@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,8 @@ from compress.errors import UserError
 from compress.recipe import ModelSpec, TuneConfig
 from eval.tune import space as sp
 from eval.tune.study import Study
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FAST = {"num_prompts": 4, "input_len": 4, "output_len": 8, "rates": [math.inf], "warmup": 0}
 
@@ -152,3 +155,53 @@ def test_studies_are_kept_per_model_engine_and_gpu(tiny_model, home):
     d = study_dir(tiny_model, "vllm", "cpu")
     assert d.parts[-4] == "tune" and d.parts[-2] == "vllm" and d.name.startswith(hardware().split()[0])
     assert d.parts[-3].startswith("model-") and study_dir(tiny_model, "hf", "cpu").parts[-2] == "hf"
+
+
+def test_recipe_serving_and_tuning_sections(fake, tiny_model, text_file, home, tmp_path, monkeypatch):
+    """`squeeze run` with eval.serving (servers: the fake one) and eval.tune (HF engine, 2 trials):
+    both sections in report.json (schema-valid) and report.md; a re-run serves from its cache
+    and the study measures nothing more."""
+    import jsonschema
+    import yaml
+
+    from compress.cli import main
+    from tests.conftest import tiny_recipe
+
+    r = tiny_recipe(tiny_model, text_file)
+    r["eval"]["serving"] = {"num_prompts": 3, "input_len": 4, "output_len": 4, "rates": [".inf"], "warmup": 0}
+    r["eval"]["tune"] = {"engine": "hf", "strategy": "grid", "budget": 2, "repeats": 1,
+                         "space": {"batch_size": [1, 3]}, "workload": {"num_prompts": 3, "input_len": 4,
+                                                                      "output_len": 4}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r).replace("'.inf'", ".inf"))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    run = home / "tiny"
+    rep = json.loads((run / "report.json").read_text())
+    schema = json.loads((ROOT / "eval" / "report" / "report.schema.json").read_text())
+    jsonschema.validate(rep, schema)
+    assert [row["target"] for row in rep["serving"]["rows"]] == ["baseline", "01-magnitude_prune"]
+    assert all(row["completed"] == 3 for row in rep["serving"]["rows"])
+    t = rep["tuning"]["01-magnitude_prune"]
+    assert t["measured"] == 2 and t["best"]["settings"]["batch_size"] in (1, 3)
+    md = (run / "report.md").read_text()
+    assert "Serving (vLLM server, streaming load):" in md and "Engine tuning, 01-magnitude_prune (hf" in md
+
+    served = []
+    monkeypatch.setattr("eval.speed.serving_report.run_targets", lambda *a, **k: served.append(a))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    assert served == []  # cached per model: no server started again
+    assert json.loads((run / "report.json").read_text())["tuning"]["01-magnitude_prune"]["measured"] == 2
+
+
+def test_recipe_refuses_a_bad_tuning_space_before_any_work(tiny_model, text_file, home, tmp_path, capsys):
+    import yaml
+
+    from compress.cli import main
+    from tests.conftest import tiny_recipe
+
+    r = tiny_recipe(tiny_model, text_file)
+    r["eval"]["tune"] = {"engine": "hf", "space": {"batch_size": [0]}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: eval.tune.space.batch_size: 0 is not allowed; expected a positive integer (requests per static batch)"
+    assert not (home / "tiny" / "stages").exists()

@@ -161,6 +161,7 @@ class VLLMServer:
         if port_in_use(self.host, self.port):
             raise UserError(f"port {self.port} on {self.host} is in use; choose another (--port) or stop what holds it")
         t0 = time.perf_counter()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self._env(),
                                          stdin=subprocess.DEVNULL, start_new_session=True)

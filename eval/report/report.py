@@ -256,8 +256,10 @@ def gate_lines(gate: dict | None) -> list[str]:
 
 def markdown(report: dict) -> str:
     title = (report.get("recipe") or {}).get("name", "evaluation")
-    lines = [f"# Squeeze report: {title}", *gate_lines(report.get("gate")), "", table(report), "", "Protocol:",
-             *protocol_lines(report), *notes(report), "", "Provenance:", *provenance_lines(report)]
+    from eval.serve_tune import report_lines
+
+    lines = [f"# Squeeze report: {title}", *gate_lines(report.get("gate")), "", table(report), *report_lines(report),
+             "", "Protocol:", *protocol_lines(report), *notes(report), "", "Provenance:", *provenance_lines(report)]
     lines += ["", f"squeeze {report['squeeze_version']}, report schema {report['schema_version']}, "
               f"{report['created']}"]
     return "\n".join(lines) + "\n"

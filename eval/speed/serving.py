@@ -14,7 +14,7 @@ from a data set. Arrivals: `poisson` (exponential gaps at the rate), `burst` (gr
 or a fixed `concurrency` (a closed loop: a new request as soon as one ends). A few
 untimed requests warm the server first.
 
-Per request: TTFT = first streamed text - send; ITL = the gaps between streamed chunks;
+Per request: TTFT = first streamed chunk - send; ITL = the gaps between streamed chunks;
 TPOT = (end - first text) / (output tokens - 1); E2E = end - send. Per load point:
 duration = last end - first send; achieved requests/s and output tok/s over it; mean,
 p50, p90, p99 of each latency (ms); goodput = requests that met the SLO per second, and
@@ -131,7 +131,7 @@ async def _one(session, ep: Endpoint, prompt, output_len: int, extra: dict) -> R
             r.output_tokens = len(r.chunks)
         r.ok = bool(r.chunks)
         if not r.ok:
-            r.error = "no text streamed"
+            r.error = "nothing streamed"
     except Exception as e:  # noqa: BLE001 - a failed request is a figure, not a crash
         r.error = f"{type(e).__name__}: {e}"
     return r
@@ -144,7 +144,7 @@ def _event(r: Result, line: bytes) -> None:
     if data == b"[DONE]":
         return
     msg = json.loads(data)
-    if msg.get("choices") and msg["choices"][0].get("text"):
+    if msg.get("choices"):  # a token event, even where its text is empty (ids a tokenizer cannot spell)
         r.chunks.append(time.perf_counter())
     usage = msg.get("usage")
     if usage:

@@ -63,8 +63,10 @@ def _bench_points(name, srv, w, seed, log) -> list[dict]:
             if load.arrival == "burst" and not math.isinf(load.rate):
                 log(f"{name}: vllm bench serve has no burst arrivals; {load.label} skipped for it")
                 continue
+        slo = {k: v for k, v in (("ttft", w.slo.ttft_ms), ("tpot", w.slo.tpot_ms), ("e2el", w.slo.e2e_ms)) if v}
         r = run_vllm_bench(srv.endpoint.base_url, srv.endpoint.model, srv.model_dir, num_prompts=w.num_prompts,
-                           input_len=w.input_len, output_len=w.output_len, seed=seed, **kw)
+                           input_len=w.input_len, output_len=w.output_len, seed=seed, goodput=slo or None,
+                           num_warmups=w.warmup, **kw)
         log(f"{name}: vllm bench serve {load.label}: {r['requests_s']:.2f} req/s, {r['output_tok_s']:.1f} out tok/s")
         out.append({"target": name, "client": "vllm bench serve", "load": load.label, **r})
     return out

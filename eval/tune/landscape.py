@@ -121,23 +121,24 @@ def markdown(res: dict) -> str:
 
 
 def summary_lines(res: dict) -> list[str]:
-    out = [f"{res['measured']} trials measured ({res['failed']} failed) of a budget of {res['budget']}, "
-           f"{res['repeats']} repeats each."]
+    return [f"{res['measured']} trials measured ({res['failed']} failed) of a budget of {res['budget']}, "
+            f"{res['repeats']} repeats each.", *recommendation(res)]
+
+
+def recommendation(res: dict) -> list[str]:
+    """The best setting, its gain over the defaults, and how to use it (or why there is none)."""
     b = res["best"]
     if b is None:
-        out.append("No trial succeeded" + ("" if res["objective"] != "p99_latency" else " above the throughput floor")
-                   + "; nothing to recommend.")
-        return out
+        return ["No trial succeeded" + ("" if res["objective"] != "p99_latency" else " above the throughput floor")
+                + "; nothing to recommend."]
     s = ", ".join(f"{k}={_cell(v)}" for k, v in b["settings"].items())
-    out.append(f"Best: trial {b['number']} ({s}): {fmt_value(b['value'])} {res['unit']}; over the defaults: "
-               f"{fmt_speedup(res['gain']) if res['gain'] else 'defaults not measured'}.")
+    out = [f"Best: trial {b['number']} ({s}): {fmt_value(b['value'])} {res['unit']}; over the defaults: "
+           f"{fmt_speedup(res['gain']) if res['gain'] else 'defaults not measured'}."]
     if res["gain"] and res["gain"]["verdict"] == "slower":
-        out.append("The defaults beat every setting tried: keep them (or widen the space).")
-        return out
+        return out + ["The defaults beat every setting tried: keep them (or widen the space)."]
     ap = res["apply"]
-    out.append(f"Use it: `{ap['vllm_serve']}`" if "vllm_serve" in ap else
-               f"Use it: HF engine keywords {json.dumps(ap['hf'])}")
-    return out
+    return out + [f"Use it: `{ap['vllm_serve']}`" if "vllm_serve" in ap else
+                  f"Use it: HF engine keywords {json.dumps(ap['hf'])}"]
 
 
 def _cell(v) -> str:

@@ -33,9 +33,8 @@ HF_SETTINGS = {
 }
 SETTINGS = {"vllm": VLLM_SETTINGS, "hf": HF_SETTINGS}
 
-# What each engine does when a setting is not given: the "defaults" trial every study measures.
-# vLLM's own defaults are left to vLLM (an empty setting list); HF's are our engine's.
-HF_DEFAULTS = {"batch_size": 8, "attn_implementation": "sdpa", "decode": "dynamic"}
+# The "defaults" trial every study measures sets nothing: vLLM's own defaults, and for HF
+# transformers' (its default attention, a dynamic cache) at the workload's concurrency.
 
 
 def builtin_space(engine: str, device: str) -> dict[str, list]:

@@ -76,10 +76,12 @@ class Study:
 
     def __init__(self, model_dir: Path, cfg: TuneConfig, model: ModelSpec = ModelSpec(),
                  vllm: VLLMOptions = VLLMOptions(), device: str = "cpu", out_dir: Path | None = None,
-                 progress: bool = True, log=print):
+                 progress: bool = True, log=print, server_extra: dict | None = None):
         self.model_dir, self.cfg, self.model, self.device = Path(model_dir), cfg, model, device
         self.space = sp.check_space(cfg.engine, cfg.space if cfg.space is not None else sp.builtin_space(cfg.engine, device))
-        self.base = vllm_base(vllm, model, device) if cfg.engine == "vllm" else {"dtype": model.dtype}
+        # server_extra: more vLLM engine arguments for every trial (e.g. load_format: dummy)
+        self.base = {**vllm_base(vllm, model, device), **(server_extra or {})} if cfg.engine == "vllm" \
+            else {"dtype": model.dtype}
         self.root = Path(out_dir) if out_dir else study_dir(self.model_dir, cfg.engine, device)
         self.name = study_name(cfg, self.space, self.base)
         self.dir = self.root / self.name

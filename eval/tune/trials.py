@@ -71,19 +71,24 @@ def measure_hf(model_dir: Path, settings: dict, model: ModelSpec, cfg: TuneConfi
     from eval.speed.workload import workload_speed
 
     w = cfg.workload
-    s = {"decode": "dynamic", **settings}
+    s = dict(settings)
+    opts = {k: s[k] for k in ("attn_implementation", "decode") if k in s}  # else the engine's defaults
     eng = HFEngine.load(model_dir, dtype=s.get("dtype", model.dtype), device=device,
-                        trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle,
-                        attn_implementation=s.get("attn_implementation"), decode=s["decode"])
+                        trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle, **opts)
     try:
         res = workload_speed(eng, num_prompts=w.num_prompts, input_len=w.input_len, output_len=w.output_len,
-                             concurrency=s.get("batch_size", 8), batch1_requests=0, warmup=1, repeats=cfg.repeats,
+                             concurrency=s.get("batch_size", default_batch(w)), batch1_requests=0, warmup=1, repeats=cfg.repeats,
                              seed=cfg.seed, progress=False)["concurrent"]
     finally:
         eng.close()
     runs = [{"output_tok_s": t, "requests_s": r, "e2e_ms": {"p99": res["e2e_ms"]["p99"]}}
             for t, r in zip(res["output_tok_s"]["runs"], res["requests_s"]["runs"])]
     return {"runs": runs, "ttft_ms": res["ttft_ms"], "tpot_ms": res["tpot_ms"]}
+
+
+def default_batch(w: ServingConfig) -> int:
+    """HF's batch size when the setting is not tuned: the workload's concurrency, else 8."""
+    return w.concurrency[0] if w.concurrency else 8
 
 
 def objective_runs(measurement: dict, objective: str) -> list[float]:

@@ -1,0 +1,108 @@
+"""A recipe's `eval.serving` and `eval.tune`: serving load and engine tuning per model.
+
+Serving runs the workload against a vLLM server for the baseline and every final artifact
+(one server at a time, each stopped before the next starts); a model's result is kept in
+<run>/serving/<model>.json under a key of its content hash, the workload and the server
+settings, so a re-run measures only what changed. Tuning runs one study per final artifact
+in <run>/tune/<artifact>/ (resumable, eval.tune.study). Both add a section to the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from compress.errors import UserError
+from compress.fsutil import atomic_write_text
+from compress.models import model_hash
+from compress.recipe import EvalConfig, Recipe
+
+
+def check(cfg: EvalConfig, device: str) -> None:
+    """Before any work: vLLM installed where serving or vLLM tuning needs it, a valid space."""
+    from eval.engines import check_engines
+    from eval.tune.space import builtin_space, check_space
+
+    if cfg.serving is not None:
+        check_engines(["vllm"])
+    if cfg.tune is not None:
+        t = cfg.tune
+        if t.engine == "vllm":
+            check_engines(["vllm"])
+        if t.engine == "hf" and t.objective == "goodput":
+            raise UserError("eval.tune.objective: goodput needs a server's per-request latencies; with engine hf "
+                            "use throughput or p99_latency")
+        check_space(t.engine, t.space if t.space is not None else builtin_space(t.engine, device))
+
+
+def _server_settings(recipe: Recipe, device: str) -> dict:
+    from eval.tune.trials import vllm_base
+
+    w = recipe.eval.serving
+    base = {k: v for k, v in vllm_base(recipe.eval.vllm, recipe.model, device).items() if v is not None}
+    base.setdefault("max_model_len", max(512, w.input_len + w.output_len + 8))
+    return base
+
+
+def serving(recipe: Recipe, run_dir: Path, device: str, models: list[tuple[str, Path]], log) -> dict:
+    """The serving section: every model's load points (cached per model) and the SLO lines."""
+    from compress.models import load_tokenizer
+    from eval.engines.server import VLLMServer
+    from eval.speed.serving_report import run_targets, serving_markdown
+
+    w, settings = recipe.eval.serving, _server_settings(recipe, device)
+    rows, summaries = [], {}
+    tok = load_tokenizer(models[0][1], recipe.model.trust_remote_code)
+    for name, d in models:
+        key = hashlib.sha256(json.dumps([model_hash(d), w.model_dump(mode="json"), settings, recipe.seed],
+                                        default=str).encode()).hexdigest()[:16]
+        cache = run_dir / "serving" / f"{name}.json"
+        hit = json.loads(cache.read_text()) if cache.is_file() else None
+        if hit is None or hit.get("key") != key:
+            log(f"[serving] {name}: starting a vLLM server")
+            res = run_targets([("vllm", name, lambda d=d: VLLMServer(d, settings, device=device,
+                                                                      log_path=run_dir / "serving" / f"{name}.log"))],
+                              w, tok, seed=recipe.seed, log=log)
+            hit = {"key": key, **res}
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache, json.dumps(hit, indent=1, default=str))
+        else:
+            log(f"[serving] {name}: cached")
+        rows += hit["rows"]
+        summaries.update(hit["summaries"])
+    res = {"workload": w.model_dump(mode="json"), "slo": hit["slo"], "settings": settings, "rows": rows,
+           "summaries": summaries}
+    atomic_write_text(run_dir / "serving.md", serving_markdown(res))
+    return res
+
+
+def tuning(recipe: Recipe, run_dir: Path, device: str, artifacts: list[tuple[str, Path]], log) -> dict:
+    """The tuning section: one study per final artifact; its best setting and gain."""
+    from eval.tune.study import Study
+
+    out = {}
+    for name, d in artifacts:
+        log(f"[tune] {name}: {recipe.eval.tune.strategy} search, budget {recipe.eval.tune.budget}")
+        st = Study(d, recipe.eval.tune, recipe.model, recipe.eval.vllm, device, out_dir=run_dir / "tune" / name,
+                   log=log)
+        res = st.run()
+        out[name] = {k: res[k] for k in ("engine", "hardware", "strategy", "objective", "unit", "measured", "failed",
+                                         "best", "gain", "apply")}
+        out[name]["landscape"] = str(st.dir / "landscape.md")
+    return out
+
+
+def report_lines(report: dict) -> list[str]:
+    """Markdown for report.md: the serving table and one tuning summary per artifact."""
+    from eval.speed.serving_report import serving_markdown
+    from eval.tune.landscape import recommendation
+
+    lines = []
+    if report.get("serving"):
+        lines += ["", "Serving (vLLM server, streaming load):", "", serving_markdown(report["serving"]).rstrip()]
+    for name, t in (report.get("tuning") or {}).items():
+        lines += ["", f"Engine tuning, {name} ({t['engine']} on {t['hardware']}, {t['strategy']}, "
+                      f"objective {t['objective']}): {t['landscape']}",
+                  *recommendation(t)]
+    return lines
