@@ -4,6 +4,7 @@
     python3 benchmarks/tune_gpu.py study --engine vllm --model DIR [--dummy] --strategy grid ...
     python3 benchmarks/tune_gpu.py cross A/landscape.json B/landscape.json     (here, after both GPUs ran)
     python3 benchmarks/tune_gpu.py tpe-vs-grid GRID/landscape.json TPE/landscape.json
+    python3 benchmarks/tune_gpu.py random-model --shape smollm2|llama8b --out DIR
 
 study: one tuning study through eval.tune.study.Study (the code `squeeze tune` runs), its
 landscape files copied to --copy-to, one JSONL record: every trial, the best, the gain over
@@ -38,7 +39,7 @@ def cmd_study(args) -> None:
                                      "repeats": args.repeats, "seed": args.seed, "workload": wl,
                                      "space": dict(_parse_set(s) for s in args.set) or None})
     st = Study(Path(args.model), cfg, ModelSpec(dtype=args.dtype), VLLMOptions(max_model_len=args.max_model_len),
-               device="cuda", out_dir=Path(args.study_dir), log=lambda s: print(s, file=sys.stderr, flush=True),
+               device=args.device, out_dir=Path(args.study_dir), log=lambda s: print(s, file=sys.stderr, flush=True),
                server_extra={"load_format": "dummy"} if args.dummy else None)
     res = st.run()
     if args.copy_to:
@@ -49,11 +50,32 @@ def cmd_study(args) -> None:
                 shutil.copy(st.dir / f, dst / f"{args.label}-{f}")
     print((st.dir / "landscape.md").read_text(), file=sys.stderr)
     record(args, {"label": args.label, "model": Path(args.model).name, "engine": args.engine,
-                  "strategy": args.strategy, "budget": args.budget, "workload": wl, "space": st.space,
+                  "strategy": args.strategy, "budget": args.budget, "workload": cfg.workload.model_dump(mode="json"), "space": st.space,
                   "measured": res["measured"], "failed": res["failed"], "defaults": res["defaults"],
                   "best": res["best"], "gain": res["gain"], "apply": res["apply"],
                   "trials": [{k: t.get(k) for k in ("number", "settings", "state", "value", "min", "max", "error")}
                              for t in res["trials"]]})
+
+
+def cmd_random_model(args) -> None:
+    """A model directory of a real shape with random bf16 weights (speed does not depend on the
+    values) and a small tokenizer (prompts are random ids; only the model's vocabulary counts)."""
+    import tempfile
+
+    import torch
+    from transformers import LlamaConfig
+
+    from gpu_common import LLAMA_8B, SMOLLM2, random_llama
+    from tests.conftest import make_tiny_llama
+
+    cfg = LlamaConfig(**{"smollm2": SMOLLM2, "llama8b": LLAMA_8B}[args.shape], torch_dtype="bfloat16")
+    model = random_llama(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    model.save_pretrained(args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = make_tiny_llama(Path(tmp) / "t")
+        for f in tok.glob("*token*"):
+            shutil.copy(f, Path(args.out) / f.name)
+    print(f"{args.shape} with random weights in {args.out}", file=sys.stderr)
 
 
 def _value_at(res: dict, settings: dict) -> float | None:
@@ -107,9 +129,13 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--study-dir", default="/tmp/squeeze-home/tune-bench")
     p.add_argument("--copy-to", default=None)
+    p = sub.add_parser("random-model")
+    p.add_argument("--shape", choices=["smollm2", "llama8b"], required=True)
+    p.add_argument("--out", required=True)
     p = sub.add_parser("cross")
     p.add_argument("a")
     p.add_argument("b")
@@ -119,7 +145,8 @@ def main() -> None:
     for p in sub.choices.values():
         p.add_argument("--jsonl", default=str(ROOT / "benchmarks" / "results" / "tune_gpu.jsonl"))
     args = ap.parse_args()
-    {"study": cmd_study, "cross": cmd_cross, "tpe-vs-grid": cmd_tpe_vs_grid}[args.cmd](args)
+    {"study": cmd_study, "cross": cmd_cross, "tpe-vs-grid": cmd_tpe_vs_grid,
+     "random-model": cmd_random_model}[args.cmd](args)
 
 
 if __name__ == "__main__":

