@@ -72,7 +72,12 @@ def add_parsers(sub, epilog: str, common) -> None:
     p.add_argument("models", nargs="*", metavar="MODEL", help="model directories or built-in names (vLLM servers)")
     p.add_argument("--url", action="append", default=[], metavar="URL",
                    help="a running OpenAI-compatible server, e.g. http://host:8000 (TGI, trtllm-serve, SGLang)")
+    p.add_argument("--engine", choices=["vllm", "hf", "both"], default="vllm",
+                   help="servers to start per MODEL: vLLM's, transformers serve (continuous batching), or both")
     p.add_argument("--served-model", metavar="NAME", help="--url: the model name to request (default: its first)")
+    p.add_argument("--dialect", choices=["vllm", "transformers", "openai"], default="vllm",
+                   help="--url: how to ask for exactly N tokens: vllm (ignore_eos, min_tokens; SGLang too), "
+                   "transformers (generation_config), openai (max_tokens only)")
     p.add_argument("--tokenizer", metavar="DIR", help="--url: tokenizer for text prompts (default: the first MODEL)")
     p.add_argument("--rates", type=_floats, default=None, help="request rates, e.g. 1,2,4,inf (default inf)")
     p.add_argument("--concurrency", type=_ints, default=[], help="fixed-concurrency load points, e.g. 1,8")
@@ -126,7 +131,8 @@ def _serving_config(a):
 
 def cmd_serving(a) -> int:
     from compress.models import load_tokenizer, resolve_device, resolve_model
-    from eval.engines.server import VLLMServer, endpoint_for, signals_raise
+    from eval.engines import check_engines
+    from eval.engines.server import SERVERS, endpoint_for, signals_raise
     from eval.speed.serving_report import run_targets, serving_markdown
 
     if not a.models and not a.url:
@@ -137,12 +143,18 @@ def cmd_serving(a) -> int:
     tok_dir = a.tokenizer or (dirs[0] if dirs else None)
     if a.url and tok_dir is None and w.prompts == "random":
         raise UserError("serving --url: give --tokenizer DIR (or a MODEL) to make text prompts of --input-len tokens")
-    if a.port is not None and len(dirs) > 1:
-        raise UserError("serving --port: one MODEL only (each server needs its own port)")
     settings = {"dtype": a.dtype, "max_model_len": a.max_model_len or max(512, w.input_len + w.output_len + 8),
                 "trust_remote_code": a.trust_remote_code or None}
-    targets = [("vllm", str(d), lambda d=d: VLLMServer(d, settings, port=a.port, device=device)) for d in dirs]
-    targets += [("url", u, lambda u=u: endpoint_for(u, a.served_model)) for u in a.url]
+    engines = ["vllm", "hf"] if a.engine == "both" else [a.engine]
+    if "vllm" in engines and dirs:
+        check_engines(["vllm"])
+    if a.port is not None and len(dirs) * len(engines) > 1:
+        raise UserError("serving --port: one MODEL and one engine only (each server needs its own port)")
+    hf_settings = {"dtype": a.dtype}
+    targets = [("server", f"{d} ({e})" if len(engines) > 1 else str(d),
+                lambda d=d, e=e: SERVERS[e](d, settings if e == "vllm" else hf_settings, port=a.port, device=device))
+               for d in dirs for e in engines]
+    targets += [("url", u, lambda u=u: endpoint_for(u, a.served_model, a.dialect)) for u in a.url]
     tokenizer = load_tokenizer(Path(tok_dir), a.trust_remote_code) if tok_dir else None
     with signals_raise():
         res = run_targets(targets, w, tokenizer, vllm_bench=a.vllm_bench, log=lambda s: print(s, file=sys.stderr))

@@ -61,7 +61,7 @@ def serving(recipe: Recipe, run_dir: Path, device: str, models: list[tuple[str, 
         hit = json.loads(cache.read_text()) if cache.is_file() else None
         if hit is None or hit.get("key") != key:
             log(f"[serving] {name}: starting a vLLM server")
-            res = run_targets([("vllm", name, lambda d=d: VLLMServer(d, settings, device=device,
+            res = run_targets([("server", name, lambda d=d: VLLMServer(d, settings, device=device,
                                                                       log_path=run_dir / "serving" / f"{name}.log"))],
                               w, tok, seed=recipe.seed, log=log)
             hit = {"key": key, **res}

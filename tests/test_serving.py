@@ -194,3 +194,22 @@ def _cmd(p) -> list[str]:
         return p.cmdline()
     except psutil.Error:
         return []
+
+
+def test_transformers_serve_under_load(tiny_model, tmp_path):
+    """`transformers serve --continuous-batching` (the HF engine's server), for real: text
+    prompts and a generation_config for the exact length, since it refuses ids and ignore_eos."""
+    from compress.models import load_tokenizer
+    from compress.recipe import ServingConfig
+    from eval.engines.server import TransformersServer
+    from eval.speed.serving import make_prompts
+
+    w = ServingConfig(num_prompts=4, input_len=8, output_len=6, warmup=1)
+    with TransformersServer(tiny_model, {"dtype": "float32"}, log_path=tmp_path / "hf.log") as s:
+        pgid, port = s.proc.pid, s.port
+        prompts = make_prompts(w, load_tokenizer(tiny_model), as_text=not s.endpoint.takes_token_ids)
+        r = run_load(s.endpoint, prompts, 6, Load(concurrency=4), warmup=1)
+    assert all(isinstance(p, str) for p in prompts)
+    assert r["completed"] == 4 and r["failed"] == 0 and r["output_tokens"] == 4 * 6, r.get("errors")
+    assert r["ttft_ms"]["p50"] > 0 and r["tpot_ms"]["p50"] > 0
+    assert _gone(pgid, port)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from compress.errors import UserError
-from compress.recipe import ModelSpec, TuneConfig
+from compress.recipe import TuneConfig
 from eval.tune import space as sp
 from eval.tune.study import Study
 
@@ -109,7 +109,7 @@ def test_hf_study_of_four_trials(tiny_model, tmp_path):
     cfg = TuneConfig.model_validate({"engine": "hf", "strategy": "grid", "budget": 4, "repeats": 2,
                                      "space": {"batch_size": [1, 4], "attn_implementation": ["eager", "sdpa"]},
                                      "workload": {"num_prompts": 4, "input_len": 8, "output_len": 4}})
-    res = _study(tiny_model, tmp_path, cfg, model=ModelSpec()).run()
+    res = _study(tiny_model, tmp_path, cfg).run()
     assert res["measured"] == 4 and res["failed"] == 0
     assert all(t["value"] > 0 and len(t["runs"]) == 2 for t in res["trials"])
     assert res["defaults"]["value"] > 0 and res["gain"] is not None

@@ -32,13 +32,23 @@ import psutil
 from compress.errors import UserError
 
 LOG_TAIL_LINES = 25
-_LIVE: set["VLLMServer"] = set()  # servers to kill if the interpreter exits with them running
+_LIVE: set["ManagedServer"] = set()  # servers to kill if the interpreter exits with them running
+
+
+DIALECTS = ("vllm", "transformers", "openai")
 
 
 @dataclass(frozen=True)
 class Endpoint:
     base_url: str  # e.g. http://127.0.0.1:8000 (no /v1)
     model: str     # the name requests carry in their "model" field
+    # how to ask for exactly N tokens: vllm (ignore_eos + min_tokens; SGLang too), transformers
+    # (a generation_config string; it refuses unknown fields), openai (max_tokens only)
+    dialect: str = "vllm"
+
+    @property
+    def takes_token_ids(self) -> bool:
+        return self.dialect == "vllm"
 
 
 def http_json(url: str, timeout: float = 5.0) -> dict:
@@ -46,18 +56,18 @@ def http_json(url: str, timeout: float = 5.0) -> dict:
         return json.loads(r.read().decode() or "{}")
 
 
-def endpoint_for(url: str, model: str | None = None) -> Endpoint:
+def endpoint_for(url: str, model: str | None = None, dialect: str = "vllm") -> Endpoint:
     """An already running OpenAI-compatible server: its first served model unless named."""
     base = url.rstrip("/").removesuffix("/v1")
     if model:
-        return Endpoint(base, model)
+        return Endpoint(base, model, dialect)
     try:
         models = http_json(f"{base}/v1/models")["data"]
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"--url {url}: no OpenAI-compatible /v1/models answer ({e}); is the server up?") from None
     if not models:
         raise UserError(f"--url {url}: the server lists no model; name one with --served-model")
-    return Endpoint(base, models[0]["id"])
+    return Endpoint(base, models[0]["id"], dialect)
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -98,14 +108,13 @@ def serve_command(model: str, settings: dict) -> str:
     return shlex.join(["vllm", "serve", model, *flag_args(settings)])
 
 
-class VLLMServer:
-    """A vLLM OpenAI-compatible server for one model directory (see the module docstring).
+class ManagedServer:
+    """A server process we own, for one model directory (see the module docstring): started
+    in its own process group, health-checked, its output in a log file, the group killed by
+    `stop`. Subclasses give the command line and the request dialect."""
 
-    `settings` are vLLM engine arguments by their Python names (max_num_seqs, block_size,
-    enable_chunked_prefill, ...). On a CPU the KV cache gets `kv_cache_memory_bytes`
-    (default 1 GiB), as the in-process engine does."""
-
-    MODULE = "vllm.entrypoints.openai.api_server"  # what `vllm serve` runs
+    dialect = "vllm"
+    kind = "vLLM"
 
     def __init__(self, model_dir: str | Path, settings: dict | None = None, *, host: str = "127.0.0.1",
                  port: int | None = None, served_name: str | None = None, device: str = "cpu",
@@ -115,34 +124,19 @@ class VLLMServer:
         self.port = port or free_port(host)
         self.served_name = served_name or Path(self.model_dir).name
         self.startup_timeout_s = startup_timeout_s
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="server-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
     @property
     def endpoint(self) -> Endpoint:
-        return Endpoint(f"http://{self.host}:{self.port}", self.served_name)
+        return Endpoint(f"http://{self.host}:{self.port}", self.served_name, self.dialect)
 
     def command(self) -> list[str]:
-        s = dict(self.settings)
-        on_cpu = not self.device.startswith("cuda")
-        if on_cpu:
-            s.setdefault("kv_cache_memory_bytes", 1 << 30)
-            s.setdefault("enforce_eager", True)  # compilation costs minutes on small CPUs
-            s.pop("gpu_memory_utilization", None)
-        return [sys.executable, "-m", self.MODULE, "--model", self.model_dir,
-                "--served-model-name", self.served_name, "--host", self.host, "--port", str(self.port),
-                "--disable-log-stats", "--uvicorn-log-level", "warning", *flag_args(s)]
+        raise NotImplementedError
 
     def _env(self) -> dict:
-        env = dict(os.environ)
-        if not self.device.startswith("cuda"):
-            env.setdefault("VLLM_CPU_INT4_W4A8", "0")
-            if (os.cpu_count() or 1) <= 4:  # see eval.engines.vllm: no core kept back on small machines
-                env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        elif self.device.startswith("cuda:"):
-            env["CUDA_VISIBLE_DEVICES"] = self.device.split(":", 1)[1]
-        return env
+        return dict(os.environ)
 
     def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
         try:
@@ -157,7 +151,7 @@ class VLLMServer:
         errs = [ln for ln in lines if "Error" in ln or "error:" in ln]
         return (errs or lines or ["no output"])[-1][:300]
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> "ManagedServer":
         if port_in_use(self.host, self.port):
             raise UserError(f"port {self.port} on {self.host} is in use; choose another (--port) or stop what holds it")
         t0 = time.perf_counter()
@@ -180,14 +174,14 @@ class VLLMServer:
         while True:
             code = self.proc.poll()
             if code is not None:
-                raise UserError(f"vLLM server for {self.model_dir} exited with code {code} before it was ready "
+                raise UserError(f"{self.kind} server for {self.model_dir} exited with code {code} before it was ready "
                                 f"({self._cause()}); log {self.log_path}, last lines:\n{self.log_tail()}")
             with contextlib.suppress(OSError, urllib.error.URLError):
                 with urllib.request.urlopen(url, timeout=2) as r:
                     if r.status == 200:
                         return
             if time.monotonic() > deadline:
-                raise UserError(f"vLLM server for {self.model_dir} not healthy after {self.startup_timeout_s:.0f} s; "
+                raise UserError(f"{self.kind} server for {self.model_dir} not healthy after {self.startup_timeout_s:.0f} s; "
                                 f"log {self.log_path}, last lines:\n{self.log_tail()}")
             time.sleep(0.5)
 
@@ -209,11 +203,73 @@ class VLLMServer:
                 pass
         _wait_group_gone(p.pid, 10.0)
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> "ManagedServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class VLLMServer(ManagedServer):
+    """vLLM's OpenAI-compatible server. `settings` are vLLM engine arguments by their Python
+    names (max_num_seqs, block_size, enable_chunked_prefill, ...). On a CPU the KV cache gets
+    `kv_cache_memory_bytes` (default 1 GiB), as the in-process engine does."""
+
+    MODULE = "vllm.entrypoints.openai.api_server"  # what `vllm serve` runs
+
+    def command(self) -> list[str]:
+        s = dict(self.settings)
+        if not self.device.startswith("cuda"):
+            s.setdefault("kv_cache_memory_bytes", 1 << 30)
+            s.setdefault("enforce_eager", True)  # compilation costs minutes on small CPUs
+            s.pop("gpu_memory_utilization", None)
+        return [sys.executable, "-m", self.MODULE, "--model", self.model_dir,
+                "--served-model-name", self.served_name, "--host", self.host, "--port", str(self.port),
+                "--disable-log-stats", "--uvicorn-log-level", "warning", *flag_args(s)]
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        if not self.device.startswith("cuda"):
+            env.setdefault("VLLM_CPU_INT4_W4A8", "0")
+            if (os.cpu_count() or 1) <= 4:  # see eval.engines.vllm: no core kept back on small machines
+                env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        elif self.device.startswith("cuda:"):
+            env["CUDA_VISIBLE_DEVICES"] = self.device.split(":", 1)[1]
+        return env
+
+
+class TransformersServer(ManagedServer):
+    """`transformers serve MODEL --continuous-batching` (transformers' own OpenAI-compatible
+    server; it runs offline on a local directory). Requests name the model by its path; it
+    refuses token-id prompts and unknown request fields, so the load client sends text and a
+    `generation_config` for the exact length. On a CPU its paged KV cache is capped at
+    `cb_num_blocks` (default 256): left alone it sizes itself from total RAM (21 GB on a 23 GB
+    machine for a tiny model)."""
+
+    dialect = "transformers"
+    kind = "transformers"
+    ENTRY = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; sys.exit(main())"
+
+    def __init__(self, model_dir, settings=None, **kw):
+        super().__init__(model_dir, settings, **kw)
+        self.served_name = self.model_dir
+
+    def command(self) -> list[str]:
+        s = {"continuous_batching": True, **self.settings}
+        if not self.device.startswith("cuda"):
+            s.setdefault("cb_num_blocks", 256)
+        s.setdefault("device", self.device)
+        flags = [f for k, v in s.items() if v is not None and v is not False
+                 for f in (["--" + k.replace("_", "-")] if v is True else ["--" + k.replace("_", "-"), str(v)])]
+        return [sys.executable, "-c", self.ENTRY, "serve", self.model_dir, "--host", self.host,
+                "--port", str(self.port), "--log-level", "warning", *flags]
+
+    def _env(self) -> dict:
+        return {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+
+
+SERVERS = {"vllm": VLLMServer, "hf": TransformersServer}
 
 
 def group_members(pgid: int) -> list[int]:

@@ -6,7 +6,8 @@ against servers that are not vLLM, with the SLO and result shape the reports use
 vLLM's client is a CLI whose module layout changes between releases.
 
 Protocol. `num_prompts` requests per load point, each asking for exactly `output_len`
-tokens (greedy, `ignore_eos` and `min_tokens` where the server knows them), streamed
+tokens (greedy; `ignore_eos` and `min_tokens` for vLLM and SGLang, a `generation_config` for
+`transformers serve`, max_tokens alone for other servers), streamed
 (`stream: true`, usage in the last chunk). Prompts are `input_len` random token ids (sent
 as ids to vLLM, or as the text they decode to for servers that take text only), or text
 from a data set. Arrivals: `poisson` (exponential gaps at the rate), `burst` (groups of
@@ -159,7 +160,7 @@ async def _run(ep: Endpoint, prompts: list, output_len: int, load: Load, seed: i
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         for p in prompts[:warmup]:
-            await _one(session, ep, p, min(output_len, 4), extra)
+            await _one(session, ep, p, min(output_len, 4), exact_length(ep, min(output_len, 4)))
         offsets = send_times(len(prompts), load, seed)
         sem = asyncio.Semaphore(load.concurrency) if load.concurrency else None
         t0 = time.perf_counter()
@@ -200,10 +201,19 @@ def summarize(results: list[Result], slo: SLO, t0: float | None = None) -> dict:
     }
 
 
+def exact_length(ep: Endpoint, n: int) -> dict:
+    """Request fields that make the server generate exactly n tokens, in its dialect."""
+    if ep.dialect == "vllm":
+        return {"ignore_eos": True, "min_tokens": n}
+    if ep.dialect == "transformers":
+        return {"generation_config": json.dumps({"max_new_tokens": n, "min_new_tokens": n, "do_sample": False})}
+    return {}  # plain OpenAI: max_tokens only; the output may end early (counted from usage)
+
+
 def run_load(ep: Endpoint, prompts: list, output_len: int, load: Load, slo: SLO = SLO(), seed: int = 0,
-             ignore_eos: bool = True, warmup: int = 2, timeout_s: float = 3600.0) -> dict:
+             warmup: int = 2, timeout_s: float = 3600.0) -> dict:
     """Send `prompts` (token-id lists or strings) to `ep` under `load`; the load point's figures."""
-    extra = {"ignore_eos": True, "min_tokens": output_len} if ignore_eos else {}
+    extra = exact_length(ep, output_len)
     results, t0 = asyncio.run(_run(ep, prompts, output_len, load, seed, extra, warmup, timeout_s))
     return {"load": load.label, "rate": None if load.concurrency else load.rate, "concurrency": load.concurrency,
             "arrival": None if load.concurrency or math.isinf(load.rate) else load.arrival,

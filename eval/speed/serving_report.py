@@ -18,30 +18,30 @@ def slo_of(w) -> SLO:
 
 
 def run_targets(targets: list, w, tokenizer, vllm_bench: bool = False, seed: int = 0, log=print) -> dict:
-    """Each target is (kind, name, opener): kind "vllm" opens a VLLMServer (a context manager,
-    stopped on every way out), kind "url" returns the Endpoint of a running server. Every
-    load point of `w` runs against every target, with the same prompts (ids to our vLLM
-    servers, their text to others); with `vllm_bench`, vLLM's own client runs the same rates
-    against our servers right after ours, for a side-by-side check."""
+    """Each target is (kind, name, opener): kind "server" opens a ManagedServer (a context
+    manager, stopped on every way out), kind "url" returns the Endpoint of a running server.
+    Every load point of `w` runs against every target with the same prompts (token ids where
+    the server takes them, else their text); with `vllm_bench`, vLLM's own client runs the
+    same load points against our vLLM servers right after ours, for a side-by-side check."""
     slo, rows, summaries = slo_of(w), [], {}
     for kind, name, opener in targets:
-        if kind == "vllm":
+        if kind == "server":
             with opener() as srv:
-                log(f"{name}: vLLM server up in {srv.startup_s:.0f} s at {srv.endpoint.base_url}")
-                pts = _points(name, "squeeze", srv.endpoint, w, tokenizer, False, slo, seed, log)
-                if vllm_bench:
+                log(f"{name}: {srv.kind} server up in {srv.startup_s:.0f} s at {srv.endpoint.base_url}")
+                pts = _points(name, "squeeze", srv.endpoint, w, tokenizer, slo, seed, log)
+                if vllm_bench and srv.dialect == "vllm":
                     pts += _bench_points(name, srv, w, seed, log)
         else:
             ep = opener()
             log(f"{name}: serving {ep.model}")
-            pts = _points(name, "squeeze", ep, w, tokenizer, True, slo, seed, log)
+            pts = _points(name, "squeeze", ep, w, tokenizer, slo, seed, log)
         rows += pts
         summaries[name] = slo_summary([p for p in pts if p["client"] == "squeeze"], slo)
     return {"workload": w.model_dump(mode="json"), "slo": slo.text(), "rows": rows, "summaries": summaries}
 
 
-def _points(name, client, ep, w, tokenizer, as_text, slo, seed, log) -> list[dict]:
-    prompts = make_prompts(w, tokenizer, seed, as_text=as_text)
+def _points(name, client, ep, w, tokenizer, slo, seed, log) -> list[dict]:
+    prompts = make_prompts(w, tokenizer, seed, as_text=not ep.takes_token_ids)
     out = []
     for load in loads_of(w):
         p = run_load(ep, prompts, w.output_len, load, slo, seed=seed, warmup=w.warmup)
