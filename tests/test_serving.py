@@ -179,12 +179,18 @@ def test_vllm_server_under_load(tiny_vllm_model, tmp_path, capsys):
 
     before = {p.pid for p in psutil.process_iter() if "api_server" in " ".join(_cmd(p))}
     rc = main(["serving", str(tiny_vllm_model), "--rates", "inf", "--concurrency", "2", "--num-prompts", "8",
-               "--input-len", "32", "--output-len", "16", "-o", str(tmp_path / "out")])
+               "--input-len", "32", "--output-len", "16", "--vllm-bench", "-o", str(tmp_path / "out")])
     assert rc == 0
     res = json.loads((tmp_path / "out" / "serving.json").read_text())
+    assert [(r["client"], r["load"]) for r in res["rows"]] == [
+        ("squeeze", "rate inf"), ("squeeze", "concurrency 2"),
+        ("vllm bench serve", "rate inf"), ("vllm bench serve", "concurrency 2")]
     for r in res["rows"]:
         assert r["completed"] == 8 and r["failed"] == 0 and r["output_tokens"] == 8 * 16
         assert r["ttft_ms"]["p50"] > 0 and r["tpot_ms"]["p50"] > 0 and r["output_tok_s"] > 0
+    ours, theirs = res["rows"][:2], res["rows"][2:]
+    for a, b in zip(ours, theirs):  # the same load measured by both clients, minutes apart on shared cores
+        assert 0.5 < a["output_tok_s"] / b["output_tok_s"] < 2.0
     after = {p.pid for p in psutil.process_iter() if "api_server" in " ".join(_cmd(p))}
     assert after <= before, "a vLLM server process was left running"
 
@@ -213,3 +219,23 @@ def test_transformers_serve_under_load(tiny_model, tmp_path):
     assert r["completed"] == 4 and r["failed"] == 0 and r["output_tokens"] == 4 * 6, r.get("errors")
     assert r["ttft_ms"]["p50"] > 0 and r["tpot_ms"]["p50"] > 0
     assert _gone(pgid, port)
+
+
+def test_vllm_bench_arguments_and_result_mapping():
+    from eval.speed.vllm_bench import bench_args, normalize
+
+    args = bench_args("http://h:1/", "m", "/tok", num_prompts=8, input_len=32, output_len=16, request_rate=4.0,
+                      max_concurrency=2, goodput={"ttft": 200, "tpot": 50}, result_dir="/r", result_filename="f.json")
+    joined = " ".join(args)
+    for part in ("--base-url http://h:1 ", "--dataset-name random", "--random-input-len 32", "--random-output-len 16",
+                 "--random-range-ratio 0", "--request-rate 4.0", "--ignore-eos", "--temperature 0",
+                 "--max-concurrency 2", "--goodput ttft:200 tpot:50"):
+        assert part in joined, part
+    raw = {"request_throughput": 2.0, "output_throughput": 32.0, "total_token_throughput": 96.0, "completed": 8,
+           "failed": 0, "duration": 4.0, "total_input_tokens": 256, "total_output_tokens": 128,
+           "request_goodput": 1.5, **{f"{s}_{m}_ms": float(i) for i, (s, m) in enumerate(
+               (s, m) for s in ("mean", "p50", "p90", "p99") for m in ("ttft", "tpot", "itl", "e2el"))}}
+    r = normalize(raw, 8)
+    assert (r["requests_s"], r["output_tok_s"], r["duration_s"]) == (2.0, 32.0, 4.0)
+    assert r["e2e_ms"] == {"mean": 3.0, "p50": 7.0, "p90": 11.0, "p99": 15.0} and r["ttft_ms"]["p99"] == 12.0
+    assert r["goodput_requests_s"] == 1.5 and r["slo_attainment"] == 0.75
