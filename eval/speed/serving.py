@@ -10,7 +10,9 @@ tokens (greedy; `ignore_eos` and `min_tokens` for vLLM and SGLang, a `generation
 `transformers serve`, max_tokens alone for other servers), streamed
 (`stream: true`, usage in the last chunk). Prompts are `input_len` random token ids (sent
 as ids to vLLM, or as the text they decode to for servers that take text only), or text
-from a data set. Arrivals: `poisson` (exponential gaps at the rate), `burst` (groups of
+from a data set. Arrivals: `poisson` (exponential gaps, scaled so that the
+last request is sent at num_prompts / rate: the achieved rate does not wander with the draw),
+`burst` (groups of
 `burst_size` requests at once, the same mean rate), or at an infinite rate all at once;
 or a fixed `concurrency` (a closed loop: a new request as soon as one ends). A few
 untimed requests warm the server first.
@@ -19,7 +21,8 @@ Per request: TTFT = first streamed chunk - send; ITL = the gaps between streamed
 TPOT = (end - first text) / (output tokens - 1); E2E = end - send. Per load point:
 duration = last end - first send; achieved requests/s and output tok/s over it; mean,
 p50, p90, p99 of each latency (ms); goodput = requests that met the SLO per second, and
-the share that met it.
+the share that met it. `client_cpu_share` is the client's CPU time over the run's wall time:
+near 1.0 the client, not the server, set the pace (the figures are then a lower bound).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -104,8 +108,9 @@ def send_times(n: int, load: Load, seed: int) -> list[float]:
     if load.concurrency or math.isinf(load.rate):
         return [0.0] * n
     rng = np.random.default_rng(seed)
-    if load.arrival == "poisson":
-        return np.cumsum(rng.exponential(1.0 / load.rate, n)).tolist()
+    if load.arrival == "poisson":  # exponential gaps, scaled so that the n-th arrival is at n / rate
+        t = np.cumsum(rng.exponential(1.0, n))
+        return (t * (n / load.rate) / t[-1]).tolist()
     if load.arrival == "burst":
         gap = load.burst_size / load.rate
         return [(i // load.burst_size) * gap for i in range(n)]
@@ -121,12 +126,8 @@ async def _one(session, ep: Endpoint, prompt, output_len: int, extra: dict) -> R
             if resp.status != 200:
                 r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return r
-            buf = b""
-            async for piece in resp.content.iter_any():
-                buf += piece
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    _event(r, line.strip())
+            async for line in resp.content:  # aiohttp splits the stream at newlines
+                _event(r, line)
         r.end = time.perf_counter()
         if r.output_tokens == 0:  # no usage block: one token per chunk
             r.output_tokens = len(r.chunks)
@@ -138,19 +139,26 @@ async def _one(session, ep: Endpoint, prompt, output_len: int, extra: dict) -> R
     return r
 
 
+_CHOICE = re.compile(rb'"choices"\s*:\s*\[\s*\{')
+
+
 def _event(r: Result, line: bytes) -> None:
+    """One SSE line. Hot path (every token of every request): a chunk is stamped before it is
+    parsed, and parsed as JSON only when it carries the usage block; a chunk with a choice
+    counts as a token event even where its text is empty (a token that ends mid-character)."""
+    t = time.perf_counter()
     if not line.startswith(b"data:"):
         return
     data = line[5:].strip()
-    if data == b"[DONE]":
-        return
-    msg = json.loads(data)
-    if msg.get("choices"):  # a token event, even where its text is empty (ids a tokenizer cannot spell)
-        r.chunks.append(time.perf_counter())
-    usage = msg.get("usage")
-    if usage:
+    if b'"completion_tokens"' in data:
+        msg = json.loads(data)
+        if msg.get("choices"):
+            r.chunks.append(t)
+        usage = msg.get("usage") or {}
         r.output_tokens = usage.get("completion_tokens") or 0
         r.prompt_tokens = usage.get("prompt_tokens") or 0
+    elif _CHOICE.search(data):
+        r.chunks.append(t)
 
 
 async def _run(ep: Endpoint, prompts: list, output_len: int, load: Load, seed: int, extra: dict,
@@ -176,6 +184,16 @@ async def _run(ep: Endpoint, prompts: list, output_len: int, load: Load, seed: i
 
         results = await asyncio.gather(*(fire(p, at) for p, at in zip(prompts, offsets)))
     return list(results), t0
+
+
+def _loop_factory():
+    """uvloop's event loop where installed (vLLM brings it): the client's own cost per token is
+    what caps the throughput it can measure."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def summarize(results: list[Result], slo: SLO, t0: float | None = None) -> dict:
@@ -214,8 +232,12 @@ def run_load(ep: Endpoint, prompts: list, output_len: int, load: Load, slo: SLO 
              warmup: int = 2, timeout_s: float = 3600.0) -> dict:
     """Send `prompts` (token-id lists or strings) to `ep` under `load`; the load point's figures."""
     extra = exact_length(ep, output_len)
-    results, t0 = asyncio.run(_run(ep, prompts, output_len, load, seed, extra, warmup, timeout_s))
-    return {"load": load.label, "rate": None if load.concurrency else load.rate, "concurrency": load.concurrency,
+    cpu0 = time.process_time()
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        results, t0 = runner.run(_run(ep, prompts, output_len, load, seed, extra, warmup, timeout_s))
+    wall = time.perf_counter() - t0
+    cpu_share = (time.process_time() - cpu0) / wall if wall > 0 else None
+    return {"client_cpu_share": cpu_share, "load": load.label, "rate": None if load.concurrency else load.rate, "concurrency": load.concurrency,
             "arrival": None if load.concurrency or math.isinf(load.rate) else load.arrival,
             **summarize(results, slo, t0)}
 

@@ -47,6 +47,9 @@ def _points(name, client, ep, w, tokenizer, slo, seed, log) -> list[dict]:
         p = run_load(ep, prompts, w.output_len, load, slo, seed=seed, warmup=w.warmup)
         log(f"{name}: {load.label}: {p['requests_s'] or 0:.2f} req/s, {p['output_tok_s'] or 0:.1f} out tok/s, "
             f"{p['failed']} failed")
+        if (p["client_cpu_share"] or 0) > 0.9:
+            log(f"{name}: {load.label}: the load client used {p['client_cpu_share']:.0%} of a core: it, not the "
+                "server, may have set the pace (figures are a lower bound)")
         out.append({"target": name, "client": client, **p})
     return out
 
