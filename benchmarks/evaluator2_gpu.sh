@@ -27,7 +27,7 @@ t=benchmarks/tune_gpu.py
 case "$part" in
   decode)
     python3 benchmarks/hf_decode_gpu.py --model llama8b --dtype bfloat16 --input-len 128 --new-tokens 128 \
-      --repeats 3 --out $res/hf_decode_gpu.jsonl 2> >(quiet) ;;
+      --repeats 3 --jsonl $res/hf_decode_gpu.jsonl 2> >(quiet) ;;
   hf)
     python3 $t random-model --shape smollm2 --out /tmp/smolrand 2> >(quiet)
     common=(--engine hf --model /tmp/smolrand --num-prompts 128 --input-len 128 --output-len 64 --concurrency 64

@@ -126,8 +126,9 @@ def check_safetensors(f: Path) -> None:
 
 
 def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
-               trust_remote_code: bool = False, allow_pickle: bool = False):
-    """Load (model, tokenizer) from a local HF directory, in eval mode on `device`."""
+               trust_remote_code: bool = False, allow_pickle: bool = False, attn_implementation: str | None = None):
+    """Load (model, tokenizer) from a local HF directory, in eval mode on `device` (with
+    transformers' default attention unless `attn_implementation` names one)."""
     from transformers import AutoModelForCausalLM
 
     check_model_dir(Path(model_dir), allow_pickle)
@@ -136,7 +137,8 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-                use_safetensors=None if allow_pickle else True, **_dequantize_on_load(Path(model_dir)))
+                use_safetensors=None if allow_pickle else True, **_dequantize_on_load(Path(model_dir)),
+                **({"attn_implementation": attn_implementation} if attn_implementation else {}))
         tok = load_tokenizer(model_dir, trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" in str(e):

@@ -1,4 +1,5 @@
-"""Hugging Face transformers engine: eager PyTorch forward passes with a DynamicCache."""
+"""Hugging Face transformers engine: eager PyTorch forward passes with a DynamicCache, or a static
+cache with the decode step replayed as a CUDA graph (eval.engines.hf_static)."""
 
 from __future__ import annotations
 
@@ -64,16 +65,23 @@ def to_semi_structured_(model) -> int:
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model, tokenizer, device: str):
+    def __init__(self, model, tokenizer, device: str, decode: str = "dynamic"):
+        from eval.engines.hf_static import StaticDecoder
+
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.vocab_size = model.config.vocab_size
+        self.decoder = None if decode == "dynamic" else StaticDecoder(model, decode)
 
     @classmethod
     def load(cls, model_dir: Path, dtype: str = "float32", device: str = "cpu",
              trust_remote_code: bool = False, allow_pickle: bool = False,
-             sparse_kernels: bool = False) -> "HFEngine":
-        model, tok = load_model(model_dir, dtype, device, trust_remote_code, allow_pickle)
-        eng = cls(model, tok, device)
+             sparse_kernels: bool = False, decode: str = "dynamic",
+             attn_implementation: str | None = None) -> "HFEngine":
+        """`decode`: "dynamic" (transformers' DynamicCache, eager), "static" (a static cache) or
+        "cuda_graph" (a static cache and the decode step replayed as a CUDA graph;
+        eval.engines.hf_static)."""
+        model, tok = load_model(model_dir, dtype, device, trust_remote_code, allow_pickle, attn_implementation)
+        eng = cls(model, tok, device, decode)
         eng.stats = weight_stats(model)
         if sparse_kernels:
             eng.stats["semi_structured_layers"] = to_semi_structured_(model)
@@ -98,19 +106,26 @@ class HFEngine:
             ids = torch.tensor(prompts[i:i + concurrency], device=self.device)
             _sync(self.device)
             reqs = [RequestTiming(time.perf_counter()) for _ in range(ids.shape[0])]
+            if self.decoder is not None:
+                self.decoder.generate(ids, output_len, on_step=lambda _, reqs=reqs: self._stamp(reqs))
+                out += reqs
+                continue
             res = self.model(ids, use_cache=True)
             nxt = res.logits[:, -1:].argmax(-1)
             for step in range(output_len):
                 if step:
                     res = self.model(nxt, past_key_values=res.past_key_values, use_cache=True)
                     nxt = res.logits[:, -1:].argmax(-1)
-                _sync(self.device)
-                t = time.perf_counter()
-                for r in reqs:
-                    r.token_times.append(t)
+                self._stamp(reqs)
             out += reqs
             del res
         return out
+
+    def _stamp(self, reqs: list[RequestTiming]) -> None:
+        _sync(self.device)
+        t = time.perf_counter()
+        for r in reqs:
+            r.token_times.append(t)
 
     @torch.inference_mode()
     def generate_text(self, prompts: list[str], max_new_tokens: int) -> list[str]:

@@ -1,0 +1,63 @@
+"""The static-cache decode path of the HF engine (eval.engines.hf_static): the same greedy
+tokens as transformers' own generate, cache reuse across calls, the engine's stamps, and
+the one-line errors. The CUDA-graph mode runs on GPUs only (benchmarks/hf_decode_gpu.py
+checks its tokens against the static path there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.errors import UserError
+from eval.engines.hf import HFEngine
+from eval.engines.hf_static import StaticDecoder
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return HFEngine.load(tiny_model, decode="static")
+
+
+def _generate(model, ids, n):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_static_decode_matches_generate(engine, batch):
+    ids = torch.randint(10, engine.vocab_size, (batch, 9), generator=torch.Generator().manual_seed(batch))
+    ref = _generate(engine.model, ids, 17)
+    assert (engine.decoder.generate(ids, 17) == ref).all()
+    # the slot (cache) is reused and reset: a different prompt, then the first again
+    other = torch.randint(10, engine.vocab_size, (batch, 9), generator=torch.Generator().manual_seed(99))
+    assert (engine.decoder.generate(other, 17) == _generate(engine.model, other, 17)).all()
+    assert (engine.decoder.generate(ids, 17) == ref).all()
+    assert (batch, 256) in engine.decoder.slots
+
+
+def test_static_decode_across_a_length_bucket(engine):
+    """A prompt plus output longer than one cache bucket gets a larger cache, same tokens."""
+    ids = torch.randint(10, engine.vocab_size, (1, 250), generator=torch.Generator().manual_seed(5))
+    assert (engine.decoder.generate(ids, 12) == _generate(engine.model, ids, 12)).all()
+    assert (1, 512) in engine.decoder.slots
+
+
+def test_engine_stream_stamps_every_token(engine):
+    reqs = engine.stream([[11] * 6, [12] * 6, [13] * 6], 5, concurrency=2)
+    assert len(reqs) == 3 and all(len(r.token_times) == 5 for r in reqs)
+    assert all(r.token_times == sorted(r.token_times) and r.token_times[0] >= r.submitted for r in reqs)
+
+
+def test_engine_options_reach_the_model(tiny_model):
+    eng = HFEngine.load(tiny_model, attn_implementation="eager")
+    assert eng.model.config._attn_implementation == "eager" and eng.decoder is None
+
+
+def test_bad_decode_options(tiny_model, engine):
+    with pytest.raises(UserError, match=r"^hf.decode: cuda_graph needs a CUDA device; the model is on cpu") as e:
+        StaticDecoder(engine.model, "cuda_graph")
+    assert len(e.value.lines) == 1
+    with pytest.raises(UserError, match=r"hf.decode: 'fast'; allowed: dynamic, static, cuda_graph"):
+        StaticDecoder(engine.model, "fast")
+    with pytest.raises(UserError, match=r"hf.decode: 600 tokens exceed the model's 512 positions"):
+        engine.decoder.generate(torch.ones(1, 500, dtype=torch.long), 100)
