@@ -4,8 +4,8 @@
 # $OUT/evaluator2-<part>-<GPU>.tgz (JSONL records, landscapes, logs).
 #   decode: the fast HF decode path against bare `generate`, Llama-3.1-8B shape (random
 #           weights), batch 1 (and 8), in one process. Needs only optuna/pydantic wheels (.whl).
-#   hf:     HF engine tuning on the SmolLM2 shape (random weights): a grid of 18 settings and
-#           a TPE study of 6 (a third) on the same workload. Same wheels.
+#   hf, hf-grid: HF engine tuning on the SmolLM2 shape (random weights): a grid of 18 settings and
+#           a TPE study of 6 (a third) on the same workload (hf-grid: the grid alone). Same wheels.
 #   vllm-serve, vllm-smol, vllm-8b: after the GPU bundle (. /tmp/gpu-env): our serving
 #           client against `vllm bench serve` on SmolLM2; vLLM tuning landscapes for SmolLM2
 #           and for the 8B shape (dummy weights).
@@ -28,14 +28,17 @@ case "$part" in
   decode)
     python3 benchmarks/hf_decode_gpu.py --model llama8b --dtype bfloat16 --input-len 128 --new-tokens 128 \
       --repeats 3 --jsonl $res/hf_decode_gpu.jsonl 2> >(quiet) ;;
-  hf)
+  hf|hf-grid)
     python3 $t random-model --shape smollm2 --out /tmp/smolrand 2> >(quiet)
     common=(--engine hf --model /tmp/smolrand --num-prompts 128 --input-len 128 --output-len 64 --concurrency 64
             --set batch_size=32,64,128 --set attn_implementation=eager,sdpa --set decode=dynamic,static,cuda_graph
             --copy-to $res --jsonl $res/tune_gpu.jsonl)
     python3 $t study "${common[@]}" --label "hf-grid-$gpu" --strategy grid --budget 18 2> >(quiet)
-    python3 $t study "${common[@]}" --label "hf-tpe-$gpu" --strategy tpe --budget 6 2> >(quiet)
-    python3 $t tpe-vs-grid $res/hf-grid-$gpu-landscape.json $res/hf-tpe-$gpu-landscape.json --jsonl $res/tune_gpu.jsonl ;;
+    [ "$part" = hf-grid ] && exit_after=1 || exit_after=0
+    if [ $exit_after = 0 ]; then
+      python3 $t study "${common[@]}" --label "hf-tpe-$gpu" --strategy tpe --budget 6 2> >(quiet)
+      python3 $t tpe-vs-grid $res/hf-grid-$gpu-landscape.json $res/hf-tpe-$gpu-landscape.json --jsonl $res/tune_gpu.jsonl
+    fi ;;
   vllm-*)
     GGUF=/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf SMOL=/tmp/squeeze-home/_models/SmolLM2-135M-Instruct
     [ -f "$SMOL/config.json" ] || python3 -c "from compress.models import import_gguf; import_gguf('$GGUF', '$SMOL')" 2> >(quiet)

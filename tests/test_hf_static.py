@@ -61,3 +61,12 @@ def test_bad_decode_options(tiny_model, engine):
         StaticDecoder(engine.model, "fast")
     with pytest.raises(UserError, match=r"hf.decode: 600 tokens exceed the model's 512 positions"):
         engine.decoder.generate(torch.ones(1, 500, dtype=torch.long), 100)
+
+
+def test_compiled_static_step_matches_generate(tiny_model):
+    """compile_decode: the static step through torch.compile (inductor), same tokens."""
+    eng = HFEngine.load(tiny_model, decode="static", compile_decode=True)
+    ids = torch.randint(10, eng.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    assert (eng.decoder.generate(ids, 9) == _generate(eng.model, ids, 9)).all()
+    with pytest.raises(UserError, match="hf.compile_decode: needs decode static or cuda_graph"):
+        HFEngine.load(tiny_model, compile_decode=True)

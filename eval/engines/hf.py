@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from compress.errors import UserError
 from compress.models import load_model
 from eval.speed.workload import RequestTiming
 
@@ -65,23 +66,25 @@ def to_semi_structured_(model) -> int:
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model, tokenizer, device: str, decode: str = "dynamic"):
+    def __init__(self, model, tokenizer, device: str, decode: str = "dynamic", compile_decode: bool = False):
         from eval.engines.hf_static import StaticDecoder
 
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.vocab_size = model.config.vocab_size
-        self.decoder = None if decode == "dynamic" else StaticDecoder(model, decode)
+        self.decoder = None if decode == "dynamic" else StaticDecoder(model, decode, compile_decode)
 
     @classmethod
     def load(cls, model_dir: Path, dtype: str = "float32", device: str = "cpu",
              trust_remote_code: bool = False, allow_pickle: bool = False,
              sparse_kernels: bool = False, decode: str = "dynamic",
-             attn_implementation: str | None = None) -> "HFEngine":
+             attn_implementation: str | None = None, compile_decode: bool = False) -> "HFEngine":
         """`decode`: "dynamic" (transformers' DynamicCache, eager), "static" (a static cache) or
-        "cuda_graph" (a static cache and the decode step replayed as a CUDA graph;
-        eval.engines.hf_static)."""
+        "cuda_graph" (a static cache and the decode step replayed as a CUDA graph); with
+        `compile_decode` the static step is torch.compile'd (eval.engines.hf_static)."""
+        if compile_decode and decode == "dynamic":
+            raise UserError("hf.compile_decode: needs decode static or cuda_graph")
         model, tok = load_model(model_dir, dtype, device, trust_remote_code, allow_pickle, attn_implementation)
-        eng = cls(model, tok, device, decode)
+        eng = cls(model, tok, device, decode, compile_decode)
         eng.stats = weight_stats(model)
         if sparse_kernels:
             eng.stats["semi_structured_layers"] = to_semi_structured_(model)

@@ -36,17 +36,23 @@ WARMUP_STEPS = 2
 class _Slot:
     """One static cache (and on CUDA one captured step) for a batch size and cache length."""
 
-    def __init__(self, model, batch: int, max_len: int):
+    def __init__(self, model, batch: int, max_len: int, compile: bool = False):
         from transformers import StaticCache
 
         self.model, self.batch, self.max_len = model, batch, max_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.ids = None  # [B, 1] the step's input token; the step writes its output here
         self.graph: torch.cuda.CUDAGraph | None = None
+        # torch.compile fuses the step's small elementwise kernels (norms, rotary, SiLU x up);
+        # its first call compiles (in the warm-up, never inside a capture)
+        self._next = torch.compile(self._forward, dynamic=False) if compile else self._forward
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1:].argmax(-1)
 
     def step(self) -> None:
-        out = self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True)
-        self.ids.copy_(out.logits[:, -1:].argmax(-1))
+        self.ids.copy_(self._next(self.ids))
 
     def positions(self) -> list[torch.Tensor]:
         return [layer.cumulative_length for layer in self.cache.layers]
@@ -76,12 +82,13 @@ class _Slot:
 
 class StaticDecoder:
     """Greedy decoding of exactly `n_new` tokens (EOS ignored) on a static cache; mode
-    "cuda_graph" replays the captured step (CUDA only), "static" runs it eagerly."""
+    "cuda_graph" replays the captured step (CUDA only), "static" runs it eagerly; with
+    `compile` the step is a torch.compile'd function (captured as well in cuda_graph)."""
 
-    def __init__(self, model, mode: str = "cuda_graph"):
+    def __init__(self, model, mode: str = "cuda_graph", compile: bool = False):
         if mode not in MODES:
             raise UserError(f"hf.decode: {mode!r}; allowed: dynamic, {', '.join(MODES)}")
-        self.model, self.mode = model, mode
+        self.model, self.mode, self.compile = model, mode, compile
         self.device = next(model.parameters()).device
         if mode == "cuda_graph" and self.device.type != "cuda":
             raise UserError(f"hf.decode: cuda_graph needs a CUDA device; the model is on {self.device} "
@@ -98,7 +105,7 @@ class StaticDecoder:
             max_len = min(max_len, limit)
         key = (batch, max_len)
         if key not in self.slots:
-            self.slots[key] = _Slot(self.model, batch, max_len)
+            self.slots[key] = _Slot(self.model, batch, max_len, self.compile)
         return self.slots[key]
 
     @torch.inference_mode()

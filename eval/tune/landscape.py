@@ -36,7 +36,7 @@ def landscape(st, study) -> dict:
         if "spread" in m:
             row.update(value=m["spread"]["median"], min=m["spread"]["min"], max=m["spread"]["max"],
                        runs=m["spread"]["runs"], throughput=m["throughput"]["median"], feasible=m["feasible"],
-                       seconds=m.get("seconds"))
+                       seconds=m.get("seconds"), note=m.get("note"))
         trials.append(row)
     defaults = study.user_attrs.get("defaults") or {}
     ok = [t for t in trials if t["state"] == "ok" and t.get("feasible")]
@@ -112,7 +112,7 @@ def markdown(res: dict) -> str:
             status = "best" if res["best"] and t["number"] == res["best"]["number"] else \
                 ("ok" if t["feasible"] else "below floor")
             cells += [fmt_value(t["value"]), f"{fmt_value(t['min'])}-{fmt_value(t['max'])}",
-                      fmt_value(t["throughput"]), status]
+                      fmt_value(t["throughput"]), status + (f" ({t['note']})" if t.get("note") else "")]
         else:
             cells += ["–", "–", "–", f"failed: {t['error']}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -29,6 +29,7 @@ HF_SETTINGS = {
     "batch_size": (lambda v: isinstance(v, int) and v > 0, "a positive integer (requests per static batch)"),
     "attn_implementation": (lambda v: v in ("eager", "sdpa", "flash_attention_2"), "eager, sdpa, flash_attention_2"),
     "decode": (lambda v: v in ("dynamic", "static", "cuda_graph"), "dynamic, static, cuda_graph"),
+    "compile_decode": (lambda v: isinstance(v, bool), "true or false (torch.compile the static decode step)"),
     "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16, float16"),
 }
 SETTINGS = {"vllm": VLLM_SETTINGS, "hf": HF_SETTINGS}

@@ -72,18 +72,22 @@ def measure_hf(model_dir: Path, settings: dict, model: ModelSpec, cfg: TuneConfi
 
     w = cfg.workload
     s = dict(settings)
-    opts = {k: s[k] for k in ("attn_implementation", "decode") if k in s}  # else the engine's defaults
+    opts = {k: s[k] for k in ("attn_implementation", "decode", "compile_decode") if k in s}  # else the defaults
+    if opts.get("compile_decode") and opts.get("decode", "dynamic") == "dynamic":
+        raise ValueError("compile_decode needs decode static or cuda_graph")  # a failed trial, not a crash
     eng = HFEngine.load(model_dir, dtype=s.get("dtype", model.dtype), device=device,
                         trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle, **opts)
+    note = None
     try:
         res = workload_speed(eng, num_prompts=w.num_prompts, input_len=w.input_len, output_len=w.output_len,
                              concurrency=s.get("batch_size", default_batch(w)), batch1_requests=0, warmup=1, repeats=cfg.repeats,
                              seed=cfg.seed, progress=False)["concurrent"]
+        note = eng.decoder.fallback if eng.decoder is not None else None
     finally:
         eng.close()
     runs = [{"output_tok_s": t, "requests_s": r, "e2e_ms": {"p99": res["e2e_ms"]["p99"]}}
             for t, r in zip(res["output_tok_s"]["runs"], res["requests_s"]["runs"])]
-    return {"runs": runs, "ttft_ms": res["ttft_ms"], "tpot_ms": res["tpot_ms"]}
+    return {"runs": runs, "ttft_ms": res["ttft_ms"], "tpot_ms": res["tpot_ms"], **({"note": note} if note else {})}
 
 
 def default_batch(w: ServingConfig) -> int:
