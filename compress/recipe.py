@@ -107,6 +107,12 @@ class HFOptions(_Strict):
 
     sparse_kernels: bool = Field(False, description="run linear layers whose weights are exactly 2:4 sparse with "
                                  "torch's semi-structured sparse kernels (CUDA, 16-bit dtypes)")
+    decode: Literal["dynamic", "static", "cuda_graph"] = Field(
+        "dynamic", description="dynamic: transformers' DynamicCache; static: a static KV cache; cuda_graph: a static "
+        "cache and the decode step replayed as a CUDA graph (CUDA only; eval/engines/hf_static.py)")
+    compile_decode: bool = Field(False, description="torch.compile the static decode step (decode static or cuda_graph)")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="transformers' attention kernel (default: the model's own choice, usually sdpa)")
 
 
 class SLOConfig(_Strict):

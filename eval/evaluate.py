@@ -33,7 +33,7 @@ from compress.errors import UserError
 from compress.export.compressed_tensors import describe, quantization_config
 from compress.fsutil import atomic_write_text, sha256_file
 from compress.models import check_model_dir, home, model_hash
-from compress.recipe import EvalConfig, ModelSpec
+from compress.recipe import EvalConfig, HFOptions, ModelSpec
 from eval.accuracy.perplexity import perplexity
 from eval.engines import check_engines, open_engine
 from eval.memory import MemorySampler, device_info
@@ -79,7 +79,9 @@ def engine_settings(engine: str, cfg: EvalConfig, model: ModelSpec) -> dict:
         opts = cfg.vllm.model_dump()
         opts["dtype"] = opts["dtype"] or model.dtype
         return opts
-    return {"dtype": model.dtype, **({"sparse_kernels": True} if cfg.hf.sparse_kernels else {})}
+    # only what differs from the defaults: cache keys of earlier runs stay valid
+    defaults = HFOptions()
+    return {"dtype": model.dtype, **{k: v for k, v in cfg.hf.model_dump().items() if v != getattr(defaults, k)}}
 
 
 def _task_key(cfg: EvalConfig) -> list:

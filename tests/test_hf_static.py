@@ -70,3 +70,27 @@ def test_compiled_static_step_matches_generate(tiny_model):
     assert (eng.decoder.generate(ids, 9) == _generate(eng.model, ids, 9)).all()
     with pytest.raises(UserError, match="hf.compile_decode: needs decode static or cuda_graph"):
         HFEngine.load(tiny_model, compile_decode=True)
+
+
+def test_recipe_decode_options(tiny_model, text_file, home, tmp_path, capsys):
+    """eval.hf.decode reaches the evaluator (static on the CPU), and cuda_graph on a CPU is
+    refused before any work."""
+    import json
+
+    import yaml
+
+    from compress.cli import main
+    from tests.conftest import tiny_recipe
+
+    r = tiny_recipe(tiny_model, text_file)
+    r["eval"]["hf"] = {"decode": "static"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    rep = json.loads((home / "tiny" / "report.json").read_text())
+    assert rep["protocol"]["engines"]["hf"] == {"dtype": "float32", "decode": "static"}
+    assert rep["artifacts"][0]["engines"]["hf"]["speed"]["concurrent"]["output_tok_s"]["median"] > 0
+    r["eval"]["hf"] = {"decode": "cuda_graph"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "error: eval.hf.decode: cuda_graph needs a CUDA GPU; the device is cpu (use static or dynamic)"
