@@ -4,7 +4,7 @@ Strategies: `grid` (every point, or a seeded random subset when the budget is sm
 `random` (distinct points at random) and `tpe` (optuna's Bayesian TPE sampler, multivariate).
 All three run through one optuna study stored in SQLite, so a study killed midway resumes
 where it stopped: the same command finds the study (its name hashes the engine, space,
-strategy, objective, workload, repeats and seed), marks a trial the kill interrupted as
+strategy, objective, workload, repeats, seed and the GPU), marks a trial the kill interrupted as
 failed and measures its point again. The engine's defaults are measured once per study
 first, so the gain of the best setting is measured in the same session, with its noise.
 
@@ -43,7 +43,8 @@ def study_dir(model_dir: Path, engine: str, device: str) -> Path:
 
 
 def study_name(cfg: TuneConfig, space: dict, base: dict) -> str:
-    ident = {"engine": cfg.engine, "space": space, "strategy": cfg.strategy, "objective": cfg.objective,
+    ident = {"engine": cfg.engine, "hardware": hardware(), "space": space, "strategy": cfg.strategy,
+             "objective": cfg.objective,
              "floor": cfg.throughput_floor, "workload": cfg.workload.model_dump(), "repeats": cfg.repeats,
              "seed": cfg.seed, "base": base}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -125,8 +126,8 @@ class Study:
         from optuna.trial import TrialState
 
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study._storage.set_trial_user_attr(t._trial_id, "error", INTERRUPTED)
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            study._storage.set_trial_user_attr(t._trial_id, "error", INTERRUPTED)  # no public setter once asked
+            study.tell(t.number, state=TrialState.FAIL)
             self.log(f"trial {t.number} was interrupted; its setting is measured again")
             study.enqueue_trial(t.params, skip_if_exists=False)
 
