@@ -281,14 +281,17 @@ Solver = Callable[[int, dict[str, torch.nn.Linear], Any], dict[str, dict]]
 def run_layerwise(model: torch.nn.Module, calib: torch.Tensor, names: list[str],
                   make_collector: Callable[[torch.nn.Linear, str], Any], solve: Solver, device: str,
                   sequential: bool = True, batch_size: int = 1, progress: bool = True,
-                  desc: str = "calibrate") -> dict:
+                  desc: str = "calibrate", observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+                  ) -> dict:
     """Run the layer-wise loop over `model` with calibration tokens `calib` [n, seq].
 
     `names`: full names of the nn.Linear modules to solve (all inside decoder layers).
     `make_collector(module, device)`: the statistic to accumulate for a group of modules
     that share one input. `solve(...)` changes the modules' weights in place and returns
-    what it measured per module. Returns the run's info (memory plan, per-module results,
-    timings); the model comes back on its original device with the new weights.
+    what it measured per module. `observe(i, x_in, x_out)`, if given, sees each batch's hidden
+    states before and after layer i (block influence for depth pruning). Returns the run's
+    info (memory plan, per-module results, timings); the model comes back on its original
+    device with the new weights.
     """
     t_start = time.perf_counter()
     layers_name, layers = decoder_layers(model)
@@ -340,7 +343,10 @@ def run_layerwise(model: torch.nn.Module, calib: torch.Tensor, names: list[str],
                         results[f"{layers_name}.{i}.{rel}"] = info
                 del stats
         for b in range(len(acts)):
-            acts[b] = to_store(_hidden(forward(layer, i, b)), store, acts[b])
+            out = _hidden(forward(layer, i, b))
+            if observe is not None:
+                observe(i, acts[b].to(device), out)
+            acts[b] = to_store(out, store, acts[b])
         layer.to(home)
         layer_s.append(round(time.perf_counter() - t_layer, 3))
     bar.close()
