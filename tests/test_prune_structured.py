@@ -181,3 +181,30 @@ def test_vllm_cpu_loads_a_pruned_checkpoint(tiny_vllm_model, tmp_path):
     hf, vl = engine_scores(out, ids, "float32"), engine_scores(out, ids, "float32", engine="vllm")
     assert info["heads"] == [2, 1]
     torch.testing.assert_close(vl, hf, rtol=0, atol=2e-3)
+
+
+def test_hidden_cut_equals_zeroed_channels(model):
+    """Removing hidden channels equals zeroing them in the residual stream of the original
+    (embedding columns, o/down output rows), RMSNorm's mean over the width compensated."""
+    m, _ = model
+    masked = copy.deepcopy(m)
+    keep = torch.randperm(64, generator=torch.Generator().manual_seed(4))[:48].sort().values
+    drop = torch.tensor(sorted(set(range(64)) - set(keep.tolist())))
+    with torch.no_grad():
+        masked.model.embed_tokens.weight[:, drop] = 0
+        for layer in masked.model.layers:
+            layer.self_attn.o_proj.weight[drop] = 0
+            layer.mlp.down_proj.weight[drop] = 0
+    st.cut_hidden(m, m.model.layers, keep)
+    assert m.config.hidden_size == 48 and m.config.head_dim == 8 and m.lm_head.weight.shape == (m.config.vocab_size, 48)
+    torch.testing.assert_close(_logits(m), _logits(masked), rtol=1e-4, atol=1e-4)
+
+
+def test_hidden_stage_round_trips(model, text_file, tmp_path):
+    m, d = model
+    calib = {"dataset": str(text_file), "n_samples": 4, "seq_len": 16}
+    m, info = st.apply_hidden(m, st.HiddenCutConfig(ratio=0.25, calibration=calib), _ctx(d, text_file))
+    assert info["hidden_size"] == [64, 48]
+    m.save_pretrained(tmp_path / "h")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "h").eval()
+    torch.testing.assert_close(_logits(back), _logits(m))

@@ -7,6 +7,8 @@ Cuts (each a stage; the same count in every layer, so the config stays one numbe
   - `prune_heads`: attention heads, GQA-aware: `kv_groups` removes whole KV heads with their
     query heads; `query_heads` removes the same number of query heads inside every KV group.
     The config's `head_dim` is written explicitly (hidden / heads no longer gives it).
+  - `prune_hidden`: hidden (embedding) channels through every layer, the norms and the
+    (tied) head included; RMSNorm weights and eps rescaled for the narrower width.
   - `prune_depth`: whole decoder layers, the least influential by block influence (ShortGPT:
     1 - cos(layer input, layer output), averaged over calibration tokens), or the last ones.
 Importance comes from calibration activations collected through the shared layer-wise
@@ -57,6 +59,10 @@ class HeadCutConfig(_Cut):
     mode: Literal["kv_groups", "query_heads"] = Field(
         "kv_groups", description="kv_groups: whole KV heads with their query heads; query_heads: the same number of "
         "query heads inside every KV group")
+
+
+class HiddenCutConfig(_Cut):
+    pass
 
 
 class DepthCutConfig(_Cut):
@@ -153,6 +159,47 @@ def heads_to_keep(scores: torch.Tensor, kv: int, remove: int, mode: str) -> tupl
     return (torch.arange(kv)[:, None] * g + kept).flatten(), torch.arange(kv)
 
 
+def _norms(layer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layer's norms over the hidden width (those whose weight has hidden_size entries)."""
+    return [m for n, m in layer.named_children() if "norm" in n.lower() and getattr(m, "weight", None) is not None]
+
+
+def cut_hidden(model: torch.nn.Module, layers: torch.nn.ModuleList, keep: torch.Tensor) -> None:
+    """Keep hidden channels `keep` through the whole model: embedding columns, every layer's
+    reads (q/k/v, gate/up: input columns) and writes (o, down: output rows), the norms, the
+    final norm and the head. RMSNorm divides by the root mean square over the width: with d'
+    of d channels kept, its weights are scaled by sqrt(d / d') and its eps by d / d', so that
+    the cut model equals the original with those channels zeroed in the residual stream."""
+    c = model.config
+    d, d2 = c.hidden_size, len(keep)
+    emb = model.get_input_embeddings()
+    emb.weight = torch.nn.Parameter(emb.weight.data[:, keep].clone(), requires_grad=False)
+    emb.embedding_dim = d2
+    norms = [n for layer in layers for n in _norms(layer)]
+    decoder = model.get_decoder()
+    if getattr(decoder, "norm", None) is not None:
+        norms.append(decoder.norm)
+    for layer in layers:
+        a, mlp = layer.self_attn, layer.mlp
+        a.q_proj, a.k_proj, a.v_proj = (keep_cols(x, keep) for x in (a.q_proj, a.k_proj, a.v_proj))
+        mlp.gate_proj, mlp.up_proj = keep_cols(mlp.gate_proj, keep), keep_cols(mlp.up_proj, keep)
+        a.o_proj, mlp.down_proj = keep_rows(a.o_proj, keep), keep_rows(mlp.down_proj, keep)
+    for norm in norms:
+        norm.weight = torch.nn.Parameter(norm.weight.data[keep] * (d / d2) ** 0.5, requires_grad=False)
+        for attr in ("variance_epsilon", "eps"):
+            if isinstance(getattr(norm, attr, None), float):
+                setattr(norm, attr, getattr(norm, attr) * d / d2)
+    head = model.get_output_embeddings()
+    if getattr(c, "tie_word_embeddings", False):
+        head.weight = emb.weight
+    else:
+        model.lm_head = keep_cols(head, keep)
+    c.head_dim = head_shape(model)[2]
+    c.hidden_size = d2
+    if hasattr(c, "rms_norm_eps"):
+        c.rms_norm_eps = c.rms_norm_eps * d / d2
+
+
 def cut_depth(model: torch.nn.Module, layers_name: str, keep: list[int]) -> None:
     """Keep decoder layers `keep` (in order), renumbering their cache indices."""
     layers = model.get_submodule(layers_name)
@@ -209,6 +256,17 @@ def head_scores(model, layers_name, layers, cfg: HeadCutConfig, ctx: StageContex
     return [(st[f"{i}.self_attn.o_proj"].sqrt() * o[i]).view(heads, hd).square().sum(1) for i in range(len(layers))]
 
 
+def hidden_scores(model, layers_name, layers, cfg: HiddenCutConfig, ctx: StageContext) -> torch.Tensor:
+    """Per hidden channel: magnitude, the embedding column norms; activation (Minitron), the
+    RMS of the normalised hidden states every layer reads (q_proj's and gate_proj's inputs),
+    summed over layers."""
+    if cfg.importance == "magnitude":
+        return model.get_input_embeddings().weight.float().norm(dim=0).cpu()
+    names = [f"{layers_name}.{i}.{rel}" for i in range(len(layers)) for rel in ("self_attn.q_proj", "mlp.gate_proj")]
+    stats = _calibrated(model, names, cfg, ctx, "hidden importance")
+    return sum(v.sqrt() for v in stats.values())
+
+
 def block_influence(model, layers_name, layers, cfg: DepthCutConfig, ctx: StageContext) -> list[float]:
     """1 - mean cosine(input, output) per layer over the calibration tokens."""
     sums = torch.zeros(len(layers), dtype=torch.float64)
@@ -256,6 +314,12 @@ def check_heads(cfg: HeadCutConfig, model, ctx: StageContext) -> None:
     else:
         _count(heads // kv, cfg.ratio, "query heads per KV group", "prune_heads")
     _check_common(cfg, model, ctx, "prune_heads")
+
+
+def check_hidden(cfg: HiddenCutConfig, model, ctx: StageContext) -> None:
+    blocks(model, "prune_hidden", ATTN + MLP)
+    _count(model.config.hidden_size, cfg.ratio, "hidden channels", "prune_hidden")
+    _check_common(cfg, model, ctx, "prune_hidden")
 
 
 def check_depth(cfg: DepthCutConfig, model, ctx: StageContext) -> None:
@@ -312,6 +376,17 @@ def apply_heads(model, cfg: HeadCutConfig, ctx: StageContext):
 
 
 @torch.no_grad()
+def apply_hidden(model, cfg: HiddenCutConfig, ctx: StageContext):
+    name, layers = blocks(model, "prune_hidden", ATTN + MLP)
+    before, d = size_info(model), model.config.hidden_size
+    k = _count(d, cfg.ratio, "hidden channels", "prune_hidden")
+    keep = hidden_scores(model, name, layers, cfg, ctx).argsort(descending=True, stable=True)[:d - k].sort().values
+    cut_hidden(model, layers, keep)
+    return model, {"hidden_size": [d, d - k], "before": before, "after": size_info(model),
+                   "importance": cfg.importance}
+
+
+@torch.no_grad()
 def apply_depth(model, cfg: DepthCutConfig, ctx: StageContext):
     name, layers = decoder_layers(model)
     before, n = size_info(model), len(layers)
@@ -331,6 +406,8 @@ STAGES = [
           summary="Structured: remove MLP intermediate channels (gate/up/down together); a smaller dense model."),
     Stage(name="prune_heads", config=HeadCutConfig, apply=apply_heads, check=check_heads,
           summary="Structured: remove attention heads, GQA-aware (whole KV groups or query heads within groups)."),
+    Stage(name="prune_hidden", config=HiddenCutConfig, apply=apply_hidden, check=check_hidden,
+          summary="Structured: remove hidden (embedding) channels through every layer, norms and head included."),
     Stage(name="prune_depth", config=DepthCutConfig, apply=apply_depth, check=check_depth,
           summary="Structured: remove whole decoder layers by block influence (ShortGPT) or the last ones."),
 ]
