@@ -168,7 +168,10 @@ def cmd_serving(a) -> int:
         atomic_write_text(out / "serving.json", json.dumps(res, indent=1, default=str))
         atomic_write_text(out / "serving.md", md)
         print(f"wrote {out / 'serving.json'} and serving.md", file=sys.stderr)
-    return 0
+    for e in res["errors"]:
+        print(f"error: {e}", file=sys.stderr)
+    failed = any(r.get("failed") for r in res["rows"])
+    return 1 if res["errors"] or failed else 0
 
 
 def _tune_config(a):

@@ -52,7 +52,7 @@ def serving(recipe: Recipe, run_dir: Path, device: str, models: list[tuple[str, 
     from eval.speed.serving_report import run_targets, serving_markdown
 
     w, settings = recipe.eval.serving, _server_settings(recipe, device)
-    rows, summaries = [], {}
+    rows, summaries, errors = [], {}, []
     tok = load_tokenizer(models[0][1], recipe.model.trust_remote_code)
     for name, d in models:
         key = hashlib.sha256(json.dumps([model_hash(d), w.model_dump(mode="json"), settings, recipe.seed],
@@ -65,14 +65,16 @@ def serving(recipe: Recipe, run_dir: Path, device: str, models: list[tuple[str, 
                                                                       log_path=run_dir / "serving" / f"{name}.log"))],
                               w, tok, seed=recipe.seed, log=log)
             hit = {"key": key, **res}
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cache, json.dumps(hit, indent=1, default=str))
+            if not res["errors"]:  # a server that did not start is tried again next run
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(cache, json.dumps(hit, indent=1, default=str))
         else:
             log(f"[serving] {name}: cached")
         rows += hit["rows"]
         summaries.update(hit["summaries"])
+        errors += hit.get("errors", [])
     res = {"workload": w.model_dump(mode="json"), "slo": hit["slo"], "settings": settings, "rows": rows,
-           "summaries": summaries}
+           "summaries": summaries, "errors": errors}
     atomic_write_text(run_dir / "serving.md", serving_markdown(res))
     return res
 

@@ -242,3 +242,26 @@ def test_vllm_bench_arguments_and_result_mapping():
     assert (r["requests_s"], r["output_tok_s"], r["duration_s"]) == (2.0, 32.0, 4.0)
     assert r["e2e_ms"] == {"mean": 3.0, "p50": 7.0, "p90": 11.0, "p99": 15.0} and r["ttft_ms"]["p99"] == 12.0
     assert r["goodput_requests_s"] == 1.5 and r["slo_attainment"] == 0.75
+
+
+def test_a_server_that_fails_does_not_lose_the_others(fake, tmp_path, tiny_model, monkeypatch, capsys):
+    """Two targets, the first refuses to start: its error is one line, the second is still
+    measured and written, and the command exits 1."""
+    from compress.cli import main
+
+    real = VLLMServer.command
+    calls = []
+
+    def command(self):
+        calls.append(1)
+        cmd = real(self)
+        return cmd + ["--max-num-seqs", "3"] if len(calls) == 1 else cmd  # the fake refuses 3
+
+    monkeypatch.setattr(VLLMServer, "command", command)
+    rc = main(["serving", str(tiny_model), str(tiny_model), "--num-prompts", "2", "--input-len", "4",
+               "--output-len", "3", "-o", str(tmp_path / "out")])
+    assert rc == 1
+    res = json.loads((tmp_path / "out" / "serving.json").read_text())
+    assert len(res["errors"]) == 1 and "max_num_seqs=3 is not supported" in res["errors"][0]
+    assert [r["completed"] for r in res["rows"]] == [2]
+    assert "error: " in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from compress.errors import UserError
 from eval.speed.serving import SLO, Load, make_prompts, run_load, slo_summary
 
 
@@ -23,21 +24,28 @@ def run_targets(targets: list, w, tokenizer, vllm_bench: bool = False, seed: int
     Every load point of `w` runs against every target with the same prompts (token ids where
     the server takes them, else their text); with `vllm_bench`, vLLM's own client runs the
     same load points against our vLLM servers right after ours, for a side-by-side check."""
-    slo, rows, summaries = slo_of(w), [], {}
+    slo, rows, summaries, errors = slo_of(w), [], {}, []
     for kind, name, opener in targets:
-        if kind == "server":
-            with opener() as srv:
-                log(f"{name}: {srv.kind} server up in {srv.startup_s:.0f} s at {srv.endpoint.base_url}")
-                pts = _points(name, "squeeze", srv.endpoint, w, tokenizer, slo, seed, log)
-                if vllm_bench and srv.dialect == "vllm":
-                    pts += _bench_points(name, srv, w, seed, log)
-        else:
-            ep = opener()
-            log(f"{name}: serving {ep.model}")
-            pts = _points(name, "squeeze", ep, w, tokenizer, slo, seed, log)
+        try:
+            if kind == "server":
+                with opener() as srv:
+                    log(f"{name}: {srv.kind} server up in {srv.startup_s:.0f} s at {srv.endpoint.base_url}")
+                    pts = _points(name, "squeeze", srv.endpoint, w, tokenizer, slo, seed, log)
+                    if vllm_bench and srv.dialect == "vllm":
+                        pts += _bench_points(name, srv, w, seed, log)
+            else:
+                ep = opener()
+                log(f"{name}: serving {ep.model}")
+                pts = _points(name, "squeeze", ep, w, tokenizer, slo, seed, log)
+        except UserError as e:  # a server that will not start: said, and the other targets still run
+            log(f"{name}: {e}")
+            errors.append(f"{name}: {e.lines[0]}")
+            summaries[name] = f"failed: {e.lines[0]}"
+            continue
         rows += pts
         summaries[name] = slo_summary([p for p in pts if p["client"] == "squeeze"], slo)
-    return {"workload": w.model_dump(mode="json"), "slo": slo.text(), "rows": rows, "summaries": summaries}
+    return {"workload": w.model_dump(mode="json"), "slo": slo.text(), "rows": rows, "summaries": summaries,
+            "errors": errors}
 
 
 def _points(name, client, ep, w, tokenizer, slo, seed, log) -> list[dict]:
