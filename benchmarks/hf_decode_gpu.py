@@ -2,8 +2,11 @@
 process on one model (issue "Evaluator II": batch-1 decode >= 3x bare generate on the
 Llama-3.1-8B shape).
 
-    python3 benchmarks/hf_decode_gpu.py [--model llama8b|smollm2|DIR] [--batch 1 --batch 8]
-                                        [--input-len 128] [--new-tokens 128] [--repeats 3]
+    python3 benchmarks/hf_decode_gpu.py [--model llama8b|smollm2|tiny|DIR] [--batch 1 --batch 8]
+                                        [--input-len 128] [--new-tokens 128] [--repeats 3] [--out JSONL]
+
+CPU smoke run (the graph modes record their one-line error there):
+    python3 benchmarks/hf_decode_gpu.py --model tiny --dtype float32 --new-tokens 8 --repeats 1 --out /tmp/d.jsonl
 
 Per batch size, in turn on the same model and prompts (random token ids), each run timed
 from the call to the last token (synchronized): bare `model.generate(ids, max_new_tokens=N,
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_common import LLAMA_8B, SMOLLM2, record  # noqa: F401 - puts the repo on sys.path
+from gpu_common import LLAMA_8B, SMOLLM2, TINY, record  # noqa: F401 - puts the repo on sys.path
 
 
 def _model(args):
@@ -35,8 +38,9 @@ def _model(args):
     from gpu_common import random_llama
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.model in ("llama8b", "smollm2"):
-        cfg = LlamaConfig(**{"llama8b": LLAMA_8B, "smollm2": SMOLLM2}[args.model], torch_dtype=args.dtype)
+    shapes = {"llama8b": LLAMA_8B, "smollm2": SMOLLM2, "tiny": TINY}
+    if args.model in shapes:
+        cfg = LlamaConfig(**shapes[args.model], torch_dtype=args.dtype)
         return random_llama(cfg, dev).to(dev, getattr(torch, args.dtype)), dev
     m = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     return m.to(dev).eval(), dev
@@ -54,13 +58,15 @@ def _timed(fn, dev: str) -> tuple[float, torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama8b")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--batch", type=int, action="append", default=None)
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--jsonl", default=str(Path(__file__).parent / "results" / "hf_decode_gpu.jsonl"))
+    ap.add_argument("--model", default="llama8b",
+                    help="llama8b, smollm2 or tiny (that Llama shape, random weights) or an HF directory")
+    ap.add_argument("--dtype", default="bfloat16", help="torch dtype of the weights")
+    ap.add_argument("--batch", type=int, action="append", default=None, help="batch size; repeat it (default 1 and 8)")
+    ap.add_argument("--input-len", type=int, default=128, help="prompt tokens per sequence")
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (EOS ignored)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode after one warm-up")
+    ap.add_argument("--jsonl", "--out", dest="jsonl", help="JSONL file the records are appended to",
+                    default=str(Path(__file__).parent / "results" / "hf_decode_gpu.jsonl"))
     args = ap.parse_args()
     args.cmd = "hf-decode"
     from eval.engines.hf_static import StaticDecoder

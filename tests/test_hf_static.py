@@ -94,3 +94,21 @@ def test_recipe_decode_options(tiny_model, text_file, home, tmp_path, capsys):
     assert main(["run", str(tmp_path / "r.yaml")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "error: eval.hf.decode: cuda_graph needs a CUDA GPU; the device is cpu (use static or dynamic)"
+
+
+def test_sliding_window_cache_refuses_cuda_graph():
+    """A sliding-window model decodes right on the static path (eager), but its cache keeps the
+    position on the host, so cuda_graph is refused (before the device check: testable on a CPU)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512)
+    model = MistralForCausalLM(MistralConfig(**cfg, sliding_window=8)).eval()
+    ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    assert (StaticDecoder(model, "static").generate(ids, 12) == _generate(model, ids, 12)).all()  # crosses the window
+    with pytest.raises(UserError, match=r"^hf.decode: cuda_graph cannot replay mistral's cache \(2 of its 2 cache "
+                                        r"layers are sliding-window; .*use static$"):
+        StaticDecoder(model, "cuda_graph")
+    with pytest.raises(UserError, match="needs a CUDA device"):  # no sliding window: the device check
+        StaticDecoder(MistralForCausalLM(MistralConfig(**cfg, sliding_window=None)).eval(), "cuda_graph")

@@ -80,6 +80,18 @@ class _Slot:
             self.ids.copy_(ids0)
 
 
+def graph_hazard(model) -> str | None:
+    """Why a replayed step would decode wrongly on this model's static cache, or None. A
+    sliding-window layer (StaticSlidingWindowLayer) keeps its length as a host int, and the
+    model reads positions and mask offsets from it (`get_seq_length`), so a capture would freeze
+    them at the captured position: replays run and return wrong tokens, no error."""
+    from transformers import StaticCache
+
+    layers = StaticCache(config=model.config, max_cache_len=1).layers  # allocates nothing until used
+    sliding = sum(getattr(layer, "is_sliding", False) for layer in layers)
+    return f"{sliding} of its {len(layers)} cache layers are sliding-window" if sliding else None
+
+
 class StaticDecoder:
     """Greedy decoding of exactly `n_new` tokens (EOS ignored) on a static cache; mode
     "cuda_graph" replays the captured step (CUDA only), "static" runs it eagerly; with
@@ -90,6 +102,10 @@ class StaticDecoder:
             raise UserError(f"hf.decode: {mode!r}; allowed: dynamic, {', '.join(MODES)}")
         self.model, self.mode, self.compile = model, mode, compile
         self.device = next(model.parameters()).device
+        why = graph_hazard(model) if mode == "cuda_graph" else None
+        if why:
+            raise UserError(f"hf.decode: cuda_graph cannot replay {model.config.model_type}'s cache ({why}; "
+                            "transformers tracks their position on the host); use static")
         if mode == "cuda_graph" and self.device.type != "cuda":
             raise UserError(f"hf.decode: cuda_graph needs a CUDA device; the model is on {self.device} "
                             "(use static or dynamic)")
