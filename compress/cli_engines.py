@@ -133,6 +133,7 @@ def cmd_serving(a) -> int:
     from compress.models import load_tokenizer, resolve_device, resolve_model
     from eval.engines import check_engines
     from eval.engines.server import SERVERS, endpoint_for, signals_raise
+    from eval.speed.serving import context_len
     from eval.speed.serving_report import run_targets, serving_markdown
 
     if not a.models and not a.url:
@@ -143,7 +144,7 @@ def cmd_serving(a) -> int:
     tok_dir = a.tokenizer or (dirs[0] if dirs else None)
     if a.url and tok_dir is None and w.prompts == "random":
         raise UserError("serving --url: give --tokenizer DIR (or a MODEL) to make text prompts of --input-len tokens")
-    settings = {"dtype": a.dtype, "max_model_len": a.max_model_len or max(512, w.input_len + w.output_len + 8),
+    settings = {"dtype": a.dtype, "max_model_len": a.max_model_len or context_len(w),
                 "trust_remote_code": a.trust_remote_code or None}
     engines = ["vllm", "hf"] if a.engine == "both" else [a.engine]
     if "vllm" in engines and dirs:
@@ -223,14 +224,11 @@ def _parse_set(s: str) -> tuple[str, list]:
 def cmd_tune(a) -> int:
     from compress.models import resolve_device, resolve_model
     from compress.recipe import ModelSpec, VLLMOptions
-    from eval.engines import check_engines
     from eval.engines.server import signals_raise
     from eval.tune.landscape import markdown
     from eval.tune.study import Study
 
     cfg = _tune_config(a)
-    if cfg.engine == "vllm":
-        check_engines(["vllm"])
     device = resolve_device(a.device)
     model_dir = resolve_model(a.model)
     spec = ModelSpec(dtype=a.dtype, trust_remote_code=a.trust_remote_code)

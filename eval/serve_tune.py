@@ -13,7 +13,6 @@ import hashlib
 import json
 from pathlib import Path
 
-from compress.errors import UserError
 from compress.fsutil import atomic_write_text
 from compress.models import model_hash
 from compress.recipe import EvalConfig, Recipe
@@ -22,26 +21,21 @@ from compress.recipe import EvalConfig, Recipe
 def check(cfg: EvalConfig, device: str) -> None:
     """Before any work: vLLM installed where serving or vLLM tuning needs it, a valid space."""
     from eval.engines import check_engines
-    from eval.tune.space import builtin_space, check_space
+    from eval.tune.study import check_tune
 
     if cfg.serving is not None:
         check_engines(["vllm"])
     if cfg.tune is not None:
-        t = cfg.tune
-        if t.engine == "vllm":
-            check_engines(["vllm"])
-        if t.engine == "hf" and t.objective == "goodput":
-            raise UserError("eval.tune.objective: goodput needs a server's per-request latencies; with engine hf "
-                            "use throughput or p99_latency")
-        check_space(t.engine, t.space if t.space is not None else builtin_space(t.engine, device))
+        check_tune(cfg.tune, device)
 
 
 def _server_settings(recipe: Recipe, device: str) -> dict:
+    from eval.speed.serving import context_len
     from eval.tune.trials import vllm_base
 
     w = recipe.eval.serving
     base = {k: v for k, v in vllm_base(recipe.eval.vllm, recipe.model, device).items() if v is not None}
-    base.setdefault("max_model_len", max(512, w.input_len + w.output_len + 8))
+    base.setdefault("max_model_len", context_len(w))
     return base
 
 

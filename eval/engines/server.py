@@ -51,6 +51,14 @@ class Endpoint:
         return self.dialect == "vllm"
 
 
+def file_tail(path: Path, n: int = LOG_TAIL_LINES) -> list[str]:
+    """The last n lines of a log file (["(no log)"] if it cannot be read)."""
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return ["(no log)"]
+
+
 def http_json(url: str, timeout: float = 5.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read().decode() or "{}")
@@ -139,11 +147,7 @@ class ManagedServer:
         return dict(os.environ)
 
     def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(lines[-n:])
+        return "\n".join(file_tail(self.log_path, n))
 
     def _cause(self) -> str:
         """The log's last line that names an error, else its last line."""

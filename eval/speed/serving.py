@@ -254,6 +254,12 @@ def slo_summary(points: list[dict], slo: SLO, attainment: float = 0.9) -> str:
             f"({top['requests_s']:.2f} req/s achieved); best goodput {best['goodput_requests_s']:.2f} req/s at {best['load']}")
 
 
+def context_len(w) -> int:
+    """The context a server needs for a workload (w: ServingConfig): prompt + output + a
+    margin for special tokens, at least 512."""
+    return max(512, w.input_len + w.output_len + 8)
+
+
 def make_prompts(w, tokenizer, seed: int = 0, as_text: bool = False) -> list:
     """`w.num_prompts` prompts of `w.input_len` tokens (w: compress.recipe.ServingConfig):
     random token ids, or windows of a data set's text at random offsets; as token-id lists,

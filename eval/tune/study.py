@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 from compress.errors import UserError
-from compress.fsutil import atomic_write_text
 from compress.models import home, load_tokenizer, model_hash
 from compress.recipe import ModelSpec, TuneConfig, VLLMOptions
 from eval.evaluate import hardware, one_line
@@ -34,6 +33,18 @@ from eval.tune import space as sp
 from eval.tune.trials import INTERRUPTED, OBJECTIVES, measure_hf, measure_vllm, score, vllm_base
 
 MAX_ASKS_PER_TRIAL = 20  # TPE proposals of already-measured points before the space counts as exhausted
+
+
+def check_tune(cfg: TuneConfig, device: str) -> dict[str, list]:
+    """Everything about a study checkable before any work; returns its search space."""
+    if cfg.engine == "vllm":
+        from eval.engines import check_engines
+
+        check_engines(["vllm"])
+    if cfg.engine == "hf" and cfg.objective == "goodput":
+        raise UserError("eval.tune.objective: goodput needs a server's per-request latencies; with engine hf "
+                        "use throughput or p99_latency")
+    return sp.check_space(cfg.engine, cfg.space if cfg.space is not None else sp.builtin_space(cfg.engine, device))
 
 
 def study_dir(model_dir: Path, engine: str, device: str) -> Path:
@@ -79,7 +90,7 @@ class Study:
                  vllm: VLLMOptions = VLLMOptions(), device: str = "cpu", out_dir: Path | None = None,
                  progress: bool = True, log=print, server_extra: dict | None = None):
         self.model_dir, self.cfg, self.model, self.device = Path(model_dir), cfg, model, device
-        self.space = sp.check_space(cfg.engine, cfg.space if cfg.space is not None else sp.builtin_space(cfg.engine, device))
+        self.space = check_tune(cfg, device)
         # server_extra: more vLLM engine arguments for every trial (e.g. load_format: dummy)
         self.base = {**vllm_base(vllm, model, device), **(server_extra or {})} if cfg.engine == "vllm" \
             else {"dtype": model.dtype}
@@ -88,9 +99,6 @@ class Study:
         self.dir = self.root / self.name
         self.progress, self.log = progress, log
         self._tokenizer = None
-        if cfg.engine == "hf" and cfg.objective == "goodput":
-            raise UserError("eval.tune.objective: goodput needs a server's per-request latencies; with engine hf "
-                            "use throughput or p99_latency")
 
     # -- measuring -------------------------------------------------------------------------
     def measure(self, settings: dict, label: str) -> dict:

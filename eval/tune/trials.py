@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from compress.recipe import ModelSpec, ServingConfig, TuneConfig, VLLMOptions
-from eval.speed.serving import Load, make_prompts, run_load
+from eval.speed.serving import Load, context_len, make_prompts, run_load
 from eval.speed.serving_report import loads_of, slo_of
 from eval.speed.workload import spread
 
@@ -48,10 +48,9 @@ def measure_vllm(model_dir: Path, settings: dict, base: dict, cfg: TuneConfig, d
     from eval.engines.server import VLLMServer
 
     w = cfg.workload
-    need = w.input_len + w.output_len + 8
     srv_settings = {**{k: v for k, v in base.items() if v is not None}, **settings}
     if srv_settings.get("max_model_len") is None:
-        srv_settings["max_model_len"] = max(need, 512)
+        srv_settings["max_model_len"] = context_len(w)
     runs = []
     with VLLMServer(model_dir, srv_settings, device=device, log_path=log_path) as srv:
         for i in range(cfg.repeats):
