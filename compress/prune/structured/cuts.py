@@ -157,6 +157,56 @@ def cut_depth(model: torch.nn.Module, layers_name: str, keep: list[int]) -> None
     c.num_hidden_layers = len(keep)
 
 
+# Llama config fields that a Mistral config has no place for (they must hold their defaults).
+_LLAMA_ONLY = {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+
+
+def heads_fit_width(config) -> bool:
+    """Whether transformers' LlamaConfig accepts the head count: it refuses hidden_size not
+    divisible by num_attention_heads even when head_dim is given (huggingface/transformers
+    #46082, still so in 5.19), and vLLM reads configs through it."""
+    return config.hidden_size % config.num_attention_heads == 0
+
+
+def mistral_config(config):
+    """The same network as a Mistral config: Llama's modules and weight names, head_dim taken
+    as given, no sliding window; or a UserError when the Llama config uses a field Mistral lacks."""
+    from transformers import MistralConfig
+
+    d = config.to_dict()
+    for k in ("model_type", "architectures", "transformers_version", "_name_or_path"):
+        d.pop(k, None)
+    for k, default in _LLAMA_ONLY.items():
+        if d.pop(k, default) != default:
+            raise UserError(f"the cut leaves {config.num_attention_heads} heads on a hidden width of "
+                            f"{config.hidden_size}, which transformers' Llama config refuses, and the Mistral "
+                            f"config it would be saved as has no {k}={getattr(config, k)}; choose a ratio that "
+                            f"keeps hidden_size divisible by the head count")
+    return MistralConfig(**d, sliding_window=None)
+
+
+def as_loadable(model):
+    """The model itself, or, when its Llama config would no longer load (heads_fit_width), the
+    same weights in a MistralForCausalLM: identical modules, names and logits (a test), loaded by
+    transformers and vLLM with no custom code. Other model types are returned as they are."""
+    if getattr(model.config, "model_type", None) != "llama" or heads_fit_width(model.config):
+        return model
+    from transformers import MistralForCausalLM
+
+    cfg = mistral_config(model.config)
+    ref = next(model.parameters())
+    with torch.device("meta"):
+        out = MistralForCausalLM(cfg)
+    out.load_state_dict(model.state_dict(), assign=True, strict=True)
+    if model.config.tie_word_embeddings:
+        out.tie_weights()
+    rope = out.model.rotary_emb  # its frequencies are a buffer the state dict does not carry
+    with torch.device(ref.device):
+        out.model.rotary_emb = type(rope)(cfg)
+    out.generation_config = model.generation_config
+    return out.to(ref.dtype).train(model.training)
+
+
 def size_info(model) -> dict:
     """Parameters and the linear layers' FLOPs per token (2 x their weights; attention's
     score and value products, which grow with the context, not counted)."""
