@@ -205,3 +205,20 @@ def test_recipe_refuses_a_bad_tuning_space_before_any_work(tiny_model, text_file
     assert capsys.readouterr().err.strip() == \
         "error: eval.tune.space.batch_size: 0 is not allowed; expected a positive integer (requests per static batch)"
     assert not (home / "tiny" / "stages").exists()
+
+
+@pytest.mark.parametrize("gain,last", [
+    ({"ratio": 1.37, "lo": 1.32, "hi": 1.43, "verdict": "faster"}, "Use it: `vllm serve m --max-num-seqs 256`"),
+    ({"ratio": 1.02, "lo": 0.97, "hi": 1.08, "verdict": "no measurable change"}, "Use it: `vllm serve m --max-num-seqs 256`"),
+    ({"ratio": 0.94, "lo": 0.85, "hi": 1.04, "verdict": "no measurable change"},
+     "The defaults' median is higher, inside the noise: keep them (or widen the space)."),
+    ({"ratio": 0.80, "lo": 0.75, "hi": 0.85, "verdict": "slower"},
+     "The defaults beat every setting tried: keep them (or widen the space)."),
+])
+def test_recommendation_keeps_the_defaults_when_they_measure_higher(gain, last):
+    from eval.tune.landscape import recommendation
+
+    res = {"best": {"number": 2, "settings": {"max_num_seqs": 256}, "value": 4986.7}, "unit": "output tok/s",
+           "gain": gain, "objective": "throughput", "apply": {"vllm_serve": "vllm serve m --max-num-seqs 256"}}
+    lines = recommendation(res)
+    assert lines[0].startswith("Best: trial 2 (max_num_seqs=256): ") and lines[-1] == last

@@ -136,6 +136,8 @@ def recommendation(res: dict) -> list[str]:
            f"{fmt_speedup(res['gain']) if res['gain'] else 'defaults not measured'}."]
     if res["gain"] and res["gain"]["verdict"] == "slower":
         return out + ["The defaults beat every setting tried: keep them (or widen the space)."]
+    if res["gain"] and res["gain"]["ratio"] < 1:
+        return out + ["The defaults' median is higher, inside the noise: keep them (or widen the space)."]
     ap = res["apply"]
     return out + [f"Use it: `{ap['vllm_serve']}`" if "vllm_serve" in ap else
                   f"Use it: HF engine keywords {json.dumps(ap['hf'])}"]
