@@ -22,6 +22,7 @@ BUILTIN_TEXT = {
     "wikitext2": ("wikitext-2-raw/wiki.test.raw", ("wikitext", "wikitext-2-raw-v1", "test")),
     "wikitext2-valid": ("wikitext-2/valid.txt", ("wikitext", "wikitext-2-v1", "validation")),
     "tinyshakespeare": ("tinyshakespeare/input.txt", None),
+    "gsm8k": ("gsm8k/train.jsonl", None),  # question + answer per item (distillation text)
 }
 _override: Path | None = None
 
@@ -58,7 +59,7 @@ def load_text(spec: str) -> str:
         rel, hub = BUILTIN_TEXT[spec]
         d = data_dir()
         if d is not None and (d / rel).is_file():
-            return (d / rel).read_text(encoding="utf-8")
+            return _jsonl_text(d / rel) if rel.endswith(".jsonl") else (d / rel).read_text(encoding="utf-8")
         if hub is not None:
             try:
                 return _hub_text(*hub)
@@ -105,9 +106,11 @@ def _jsonl_text(p: Path) -> str:
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line)["text"])
+                row = json.loads(line)
+                out.append(row["text"] if "text" in row else f"{row['question']}\n{row['answer']}")
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{p}:{i}: each line must be a JSON object with a 'text' field") from None
+                raise UserError(f"{p}:{i}: each line must be a JSON object with a 'text' field "
+                                "(or 'question' and 'answer', as GSM8K's)") from None
     return "\n\n".join(out)
 
 

@@ -146,6 +146,7 @@ def preflight(recipe: Recipe, device: str, base_dir: Path) -> None:
     m = recipe.model
     meta = meta_model(base_dir, m.dtype, m.trust_remote_code)
     ctx = stage_context(recipe, device, load_tokenizer(base_dir, m.trust_remote_code), base_dir)
+    ctx.base_dir = base_dir
     errors = []
     for at, spec, check in checks:
         try:
@@ -191,6 +192,7 @@ def run_chain(recipe: Recipe, stages: list[StageSpec], outs: list[Path], device:
             model, tok = load_model(prev, m.dtype, "cpu", m.trust_remote_code, m.allow_pickle)
         stage = registry.get(spec.type)
         ctx = stage_context(recipe, device, tok, prev)
+        ctx.base_dir, ctx.work_dir = base_dir, out.parent.parent / "work" / out.name
         torch.manual_seed(recipe.seed)
         t0 = time.perf_counter()
         log(f"{tag}: running")
@@ -203,6 +205,7 @@ def run_chain(recipe: Recipe, stages: list[StageSpec], outs: list[Path], device:
             write_manifest(tmp, {"seed": recipe.seed, "recipe_hash": recipe.compression_hash(),
                                  "chain_key": chain_key(m, recipe.seed, stages[:i + 1]),
                                  "stage_index": i, "input": str(prev), "device": device})
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)  # its checkpoints are no longer needed
         log(f"{tag}: done in {secs:.1f} s -> {out}")
         prev = out
         if is_quantized(model):  # packed in place by the export: later stages reload it

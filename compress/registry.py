@@ -30,11 +30,12 @@ def _builtin() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
+    from compress import distill
     from compress.prune import magnitude, sparsegpt, structured, wanda
     from compress.quant import awq, bnb, gptq, rtn, smoothquant, w8a8
 
     for stage in (magnitude.STAGE, wanda.STAGE, sparsegpt.STAGE, *structured.STAGES, rtn.STAGE, gptq.STAGE,
-                  awq.STAGE, smoothquant.STAGE, w8a8.INT8, w8a8.FP8, bnb.STAGE):
+                  awq.STAGE, smoothquant.STAGE, w8a8.INT8, w8a8.FP8, bnb.STAGE, distill.STAGE):
         register(stage)
 
 

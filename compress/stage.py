@@ -36,6 +36,10 @@ class StageContext:
     progress: bool = True
     engines: tuple[str, ...] = ("hf",)
     engine_dtypes: dict[str, str] = field(default_factory=dict)
+    # the recipe's input model (a distillation teacher), and a directory a long stage keeps its
+    # checkpoints in across a crash (removed once the stage is complete)
+    base_dir: Path | None = None
+    work_dir: Path | None = None
 
     def calibration(self, cfg) -> torch.Tensor:
         """[n_samples, seq_len] LongTensor of calibration tokens for a CalibrationConfig (seeded by

@@ -1,0 +1,192 @@
+"""Knowledge distillation as a stage: a frozen teacher teaches the stage's input model (or a
+smaller copy of the teacher) on packed text, and the trained student is the stage's output, a
+normal HF checkpoint that later stages take (prune -> distil -> quantize).
+
+    - type: distill
+      teacher: base            # the recipe's input model (default), or a model directory
+      student: input           # the previous stage's output (default); every_other: the
+                               # teacher's even layers (a half-depth copy)
+      loss: {kd: 1.0, kind: forward, temperature: 1.0, ce: 0.0, hidden: 0.0}
+      data: {datasets: [wikitext2-valid], seq_len: 512, eval_blocks: 8}
+      steps: 200
+      batch_size: 8
+      lr: 1.0e-4
+
+Losses (compress.distill.losses): forward / reverse KL, Jensen-Shannon, skew KL, with a
+temperature, computed in chunks of positions; cross-entropy on the data; MSE between mapped
+layers' hidden states through a learned projection where the widths differ. The trainer
+(compress.distill.trainer) checkpoints every `save_every` steps under the run's work
+directory and a re-run resumes there.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from compress.distill.data import Packed, pack
+from compress.distill.losses import KINDS  # noqa: F401
+from compress.errors import UserError
+from compress.stage import Stage, StageContext
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class LossConfig(_Strict):
+    kd: float = Field(1.0, ge=0.0, description="weight of the teacher-student divergence on the logits")
+    kind: Literal["forward", "reverse", "jsd", "skew"] = Field(
+        "forward", description="forward KL(teacher||student), reverse KL(student||teacher), jsd (Jensen-Shannon, "
+        "mixture weight beta), skew (KL(teacher || beta teacher + (1-beta) student))")
+    temperature: float = Field(1.0, gt=0.0, description="softens both distributions; the loss is scaled by T^2")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: the teacher's weight in the mixture; skew: alpha")
+    ce: float = Field(0.0, ge=0.0, description="weight of cross-entropy on the data's next tokens")
+    hidden: float = Field(0.0, ge=0.0, description="weight of MSE between mapped layers' hidden states")
+    layer_map: list[Annotated[list[int], Field(min_length=2, max_length=2)]] | None = Field(
+        None, description="hidden: [[student_layer, teacher_layer], ...]; default: every student layer to the "
+        "teacher layer at the same relative depth")
+    chunk: int = Field(1024, gt=0, description="positions per loss chunk (logits never held for more)")
+
+
+class DataConfig(_Strict):
+    datasets: list[str] = Field(["wikitext2-valid"], min_length=1, description="built-in names (wikitext2-valid, "
+                                "tinyshakespeare, gsm8k, ...), text/.jsonl files or hf:ID, joined")
+    seq_len: int = Field(512, gt=1, description="tokens per packed sequence")
+    eval_blocks: int = Field(8, ge=0, description="sequences held out for the periodic perplexity")
+
+
+class DistillConfig(_Strict):
+    teacher: str = Field("base", description="base: the recipe's input model; or a model directory")
+    student: Literal["input", "every_other"] = Field(
+        "input", description="input: the stage's input model; every_other: the teacher's even-numbered layers")
+    loss: LossConfig = Field(default_factory=LossConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    steps: int = Field(100, gt=0, description="optimizer steps")
+    batch_size: int = Field(8, gt=0, description="sequences per optimizer step, over all processes")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per step, of batch_size / grad_accum sequences each")
+    lr: float = Field(1e-4, gt=0.0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0, description="0: no clipping")
+    eval_every: int = Field(50, ge=0, description="held-out perplexity every N steps (0: at the end only)")
+    save_every: int = Field(50, ge=0, description="checkpoint every N steps for resume (0: none)")
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU, fp32 "
+                                                      "on the CPU")
+
+
+def teacher_dir(cfg: DistillConfig, ctx: StageContext) -> Path:
+    if cfg.teacher == "base":
+        if ctx.base_dir is None:
+            raise UserError("distill.teacher: base needs the recipe's input model; give a model directory")
+        return Path(ctx.base_dir)
+    p = Path(cfg.teacher).expanduser()
+    if not (p / "config.json").is_file():
+        raise UserError(f"distill.teacher: {cfg.teacher}: not a model directory (no config.json)")
+    return p
+
+
+def student_depth(cfg: DistillConfig, n_input: int, n_teacher: int) -> tuple[int, list[int] | None]:
+    """(student layers, the teacher layers an every_other student keeps)."""
+    if cfg.student == "every_other":
+        keep = list(range(0, n_teacher, 2))
+        return len(keep), keep
+    return n_input, None
+
+
+def layer_map(cfg: DistillConfig, n_s: int, n_t: int, kept: list[int] | None) -> list[tuple[int, int]]:
+    if cfg.loss.hidden == 0:
+        return []
+    if cfg.loss.layer_map is not None:
+        for s, t in cfg.loss.layer_map:
+            if not (0 <= s < n_s and 0 <= t < n_t):
+                raise UserError(f"distill.loss.layer_map: [{s}, {t}] does not fit a student of {n_s} layers and a "
+                                f"teacher of {n_t} (indices from 0)")
+        return list(cfg.loss.layer_map)
+    if kept is not None:
+        return list(enumerate(kept))
+    return [(i, round((i + 1) * n_t / n_s) - 1) for i in range(n_s)]
+
+
+def _vocab_check(student_cfg, teacher_cfg, student_tok, t_dir: Path) -> None:
+    from compress.models import load_tokenizer
+
+    if student_cfg.vocab_size != teacher_cfg.vocab_size:
+        raise UserError(f"distill.teacher: {t_dir} has a vocabulary of {teacher_cfg.vocab_size} and the student "
+                        f"{student_cfg.vocab_size}; teacher and student must share a tokenizer")
+    if student_tok is not None:
+        try:
+            t_tok = load_tokenizer(t_dir)
+        except Exception as e:  # noqa: BLE001 - reported as the user's problem, in one line
+            raise UserError(f"distill.teacher: {t_dir}: no tokenizer loads ({type(e).__name__})") from None
+        if t_tok.get_vocab() != student_tok.get_vocab():
+            raise UserError(f"distill.teacher: {t_dir}'s tokenizer differs from the student's; teacher and student "
+                            "must share a tokenizer")
+
+
+def check(cfg: DistillConfig, model, ctx: StageContext) -> None:
+    from transformers import AutoConfig
+
+    t_dir = teacher_dir(cfg, ctx)
+    t_cfg = AutoConfig.from_pretrained(t_dir)
+    _vocab_check(model.config, t_cfg, ctx.tokenizer, t_dir)
+    if cfg.batch_size % cfg.grad_accum:
+        raise UserError(f"distill.grad_accum: {cfg.grad_accum} does not divide batch_size {cfg.batch_size}")
+    n_s, kept = student_depth(cfg, model.config.num_hidden_layers, t_cfg.num_hidden_layers)
+    layer_map(cfg, n_s, t_cfg.num_hidden_layers, kept)
+    if ctx.tokenizer is not None:
+        Packed(pack(ctx.tokenizer, tuple(cfg.data.datasets), cfg.data.seq_len), cfg.batch_size // cfg.grad_accum,
+               cfg.data.eval_blocks, ctx.seed)
+
+
+def _every_other(teacher, kept: list[int]):
+    from compress.layerwise import decoder_layers
+    from compress.prune.structured.cuts import cut_depth
+
+    student = copy.deepcopy(teacher)
+    name, _ = decoder_layers(student)
+    cut_depth(student, name, kept)
+    return student
+
+
+def apply(model, cfg: DistillConfig, ctx: StageContext):
+    from compress.models import load_model
+    from compress.prune.structured.cuts import size_info
+
+    t_dir = teacher_dir(cfg, ctx)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    teacher, _ = load_model(t_dir, dtype, "cpu")
+    n_t = teacher.config.num_hidden_layers
+    n_s, kept = student_depth(cfg, model.config.num_hidden_layers, n_t)
+    student = _every_other(teacher, kept) if kept is not None else model
+    pairs = layer_map(cfg, n_s, n_t, kept)
+    proj = None
+    d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
+    if pairs and d_s != d_t:
+        torch.manual_seed(ctx.seed)
+        proj = torch.nn.Linear(d_s, d_t, bias=False)
+    micro = cfg.batch_size // cfg.grad_accum
+    packed = Packed(pack(ctx.tokenizer, tuple(cfg.data.datasets), cfg.data.seq_len), micro, cfg.data.eval_blocks,
+                    ctx.seed)
+    before = size_info(student)
+    # model FLOPs per trained token: the student's forward and backward (3x its forward), the teacher's forward
+    fpt = 3 * before["flops_per_token"] + size_info(teacher)["flops_per_token"]
+    from compress.distill.trainer import train
+
+    info = train(student, teacher, packed, cfg, ctx.work_dir, ctx.device, ctx.seed, ctx.progress, fpt,
+                 [s for s, _ in pairs], [t for _, t in pairs], proj)
+    student = student.to("cpu")
+    info.update({"teacher": str(t_dir), "student": cfg.student, "layer_map": pairs or None,
+                 "projection": f"{d_s} -> {d_t}" if proj is not None else None, "student_size": before,
+                 "train_windows": int(packed.train.shape[0]), "held_out_windows": int(packed.held_out.shape[0])})
+    return student, json.loads(json.dumps(info, default=float))
+
+
+STAGE = Stage("distill", DistillConfig, apply, "knowledge distillation from a teacher (KL / JS / skew, CE, hidden "
+              "MSE), resumable", check)

@@ -1,0 +1,223 @@
+"""The distillation trainer: a student learns from a frozen teacher on packed text.
+
+Runs through accelerate (one process here; several through `accelerate launch`, each
+process reading its slice of every global batch), with bf16 autocast on a GPU, gradient
+accumulation, a cosine schedule with warmup, optional gradient checkpointing, a periodic
+held-out perplexity, and a checkpoint every `save_every` steps: model, optimizer, scheduler
+and RNG states through accelerate's save_state, plus the step. The batch of a step is a pure
+function of (seed, step) (compress.distill.data), so a run killed after a checkpoint resumes
+exactly where it was and ends as an uninterrupted run would (a test compares the weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from compress.distill.data import Packed
+from compress.distill.losses import chunked_losses, hidden_mse
+
+# dense bf16 tensor-core peaks (FLOP/s) for model-FLOPs utilization; other devices report none
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+@contextlib.contextmanager
+def layer_outputs(model, idx: list[int]):
+    """{layer index: its output hidden states} for the decoder layers `idx`, filled by the next
+    forward pass (hooks on the layers themselves: transformers' output_hidden_states gives the
+    last layer's output after the final norm, the others before it)."""
+    from compress.layerwise import decoder_layers
+
+    got: dict[int, torch.Tensor] = {}
+    if not idx:
+        yield got
+        return
+    _, layers = decoder_layers(model)
+
+    def hook(i):
+        return lambda mod, args, out: got.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+
+    handles = [layers[i].register_forward_hook(hook(i)) for i in idx]
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class Pair(torch.nn.Module):
+    """The student and, where hidden widths differ, its learned projections: the module that
+    is trained (and wrapped for data parallelism), returning the loss parts of one batch."""
+
+    def __init__(self, student, proj: torch.nn.Module | None, student_layers: list[int], loss_cfg):
+        super().__init__()
+        self.student, self.proj, self.layers, self.cfg = student, proj, student_layers, loss_cfg
+
+    def forward(self, ids: torch.Tensor, t_final: torch.Tensor | None, t_states: list[torch.Tensor],
+                head_t: torch.nn.Module | None) -> dict:
+        c = self.cfg
+        with layer_outputs(self.student, self.layers) as got:
+            h = self.student.base_model(ids[:, :-1], use_cache=False).last_hidden_state
+        labels = ids[:, 1:].reshape(-1)
+        kd, ce, n = chunked_losses(h.reshape(-1, h.shape[-1]), None if t_final is None else
+                                   t_final.reshape(-1, t_final.shape[-1]), labels,
+                                   self.student.get_output_embeddings(), head_t, kind=c.kind,
+                                   temperature=c.temperature, beta=c.beta, chunk=c.chunk,
+                                   want_kd=c.kd > 0, want_ce=c.ce > 0)
+        parts = {"kd": kd / n, "ce": ce / n}
+        if self.layers:
+            parts["hidden"] = hidden_mse([got[i] for i in self.layers], t_states, self.proj)
+        parts["loss"] = c.kd * parts["kd"] + c.ce * parts["ce"] + c.hidden * parts.get("hidden", 0.0)
+        return parts
+
+
+def _teacher(teacher, ids: torch.Tensor, teacher_layers: list[int]):
+    with torch.no_grad(), layer_outputs(teacher, teacher_layers) as got:
+        h = teacher.base_model(ids[:, :-1], use_cache=False).last_hidden_state
+    return h, [got[i] for i in teacher_layers]
+
+
+@torch.no_grad()
+def held_out_perplexity(student, windows: torch.Tensor, device, autocast, chunk: int = 1024,
+                        batch_size: int = 4) -> float | None:
+    """exp(mean next-token cross-entropy) of `student` over the held-out windows."""
+    if windows.shape[0] == 0:
+        return None
+    was = student.training
+    student.eval()
+    ce_sum, n_sum = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i:i + batch_size].to(device)
+        with autocast():
+            h = student.base_model(ids[:, :-1], use_cache=False).last_hidden_state
+        _, ce, n = chunked_losses(h.reshape(-1, h.shape[-1]), None, ids[:, 1:].reshape(-1),
+                                  student.get_output_embeddings(), None, want_kd=False, want_ce=True, chunk=chunk)
+        ce_sum, n_sum = ce_sum + float(ce), n_sum + n
+    student.train(was)
+    return math.exp(ce_sum / max(1, n_sum))
+
+
+def _save(acc, step: int, work: Path, extra: dict) -> None:
+    """Checkpoint atomically as work/ckpt (the previous one is replaced only once this one is whole)."""
+    tmp, final = work / "ckpt.tmp", work / "ckpt"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp), safe_serialization=True)
+    if acc.is_main_process:
+        (tmp / "step.json").write_text(json.dumps({"step": step, **extra}))
+        old = work / "ckpt.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: str, seed: int,
+          progress: bool = True, flops_per_token: float | None = None, student_layers: list[int] = (),
+          teacher_layers: list[int] = (), proj: torch.nn.Module | None = None, log=print,
+          on_step=None) -> dict:
+    """Train `student` in place for cfg.steps optimizer steps; the run's figures.
+    on_step(step): called after each optimizer step (and its checkpoint), for tests."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    on_gpu = device.startswith("cuda")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+    acc = Accelerator(cpu=not on_gpu, mixed_precision="bf16" if bf16 else "no")
+    set_seed(seed)
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.config.use_cache = False
+    student.train()
+    pair = Pair(student, proj, list(student_layers), cfg.loss)
+    params = [p for p in pair.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
+    pair, opt = acc.prepare(pair, opt)
+    acc.register_for_checkpointing(sched)  # stepped once per optimizer step, on any number of processes
+    teacher = teacher.to(acc.device).eval() if teacher is not None else None
+    head_t = teacher.get_output_embeddings() if teacher is not None and cfg.loss.kd > 0 else None
+    if teacher is not None:
+        teacher.requires_grad_(False)
+
+    start, work, saved = 0, Path(work_dir) if work_dir else None, {}
+    if work is not None and (work / "ckpt" / "step.json").is_file():
+        acc.load_state(str(work / "ckpt"))
+        saved = json.loads((work / "ckpt" / "step.json").read_text())
+        start = saved["step"]
+        log(f"distill: resuming at step {start} of {cfg.steps} from {work / 'ckpt'}")
+    elif work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+
+    inner = acc.unwrap_model(pair).student
+    ppl = saved["held_out_perplexity"] if start else {"start": None, "end": None, "teacher": None}
+    curve: list[dict] = saved["curve"] if start else []
+    if start == 0:
+        ppl["start"] = held_out_perplexity(inner, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk)
+        if teacher is not None:
+            ppl["teacher"] = held_out_perplexity(teacher, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk)
+    tokens_step, ga = packed.tokens_per_step() * cfg.grad_accum, cfg.grad_accum
+    bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not (progress and acc.is_main_process))
+    t_run, trained, last = time.perf_counter(), 0, {}
+    for step in range(start, cfg.steps):
+        parts_sum: dict[str, float] = {}
+        for micro in range(ga):
+            ids = packed.batch(step * ga + micro, acc.process_index, acc.num_processes).to(acc.device)
+            sync = contextlib.nullcontext() if micro == ga - 1 else acc.no_sync(pair)
+            with sync, acc.autocast():
+                t_final, t_states = _teacher(teacher, ids, list(teacher_layers)) if teacher is not None else (None, [])
+                parts = pair(ids, t_final if head_t is not None else None, t_states, head_t)
+                acc.backward(parts["loss"] / ga)
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / ga
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        trained += tokens_step
+        last = {k: round(v, 5) for k, v in parts_sum.items()}
+        done = step + 1
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+            p = held_out_perplexity(inner, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk)
+            curve.append({"step": done, **last, "held_out_ppl": p})
+        if work is not None and cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            _save(acc, done, work, {"held_out_perplexity": ppl, "curve": curve})
+        secs = time.perf_counter() - t_run
+        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{trained / secs:,.0f}")
+        bar.update(1)
+        if on_step is not None:
+            on_step(done)
+    bar.close()
+    secs = time.perf_counter() - t_run
+    ppl["end"] = held_out_perplexity(inner, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk)
+    tok_s = trained / secs if secs > 0 and trained else None
+    peak = peak_flops(acc.device)
+    mfu = (tok_s * flops_per_token / (peak * acc.num_processes)) if (tok_s and flops_per_token and peak) else None
+    inner.config.use_cache = True
+    if cfg.gradient_checkpointing:
+        inner.gradient_checkpointing_disable()
+    inner.eval()
+    return {"steps": cfg.steps, "resumed_at": start or None, "tokens_trained_this_run": trained,
+            "tokens_per_step": tokens_step, "seconds": round(secs, 2), "tokens_per_s": tok_s,
+            "processes": acc.num_processes, "precision": "bf16 autocast" if bf16 else "fp32",
+            "mfu": mfu, "flops_per_token": flops_per_token, "last_losses": last, "curve": curve,
+            "held_out_perplexity": ppl}

@@ -1,0 +1,218 @@
+"""Distillation (compress.distill): chunked losses equal unchunked ones (values and gradients),
+the divergences are what they say, a few steps lower the distillation loss, a run killed after
+a checkpoint resumes and ends bit-identical to an uninterrupted run, the stage runs in a recipe
+and its output is a normal checkpoint, and bad input is one line before training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from compress import distill as D
+from compress.distill import trainer as T
+from compress.distill.losses import chunked_losses, token_divergence
+from compress.errors import UserError
+from compress.models import load_model
+from compress.stage import StageContext
+from tests.conftest import TEXT, make_tiny_llama, tiny_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("distill") / "teacher", layers=4)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("distill_data") / "text.txt"
+    p.write_text(TEXT * 30)
+    return p
+
+
+def _cfg(corpus: Path, **over) -> D.DistillConfig:
+    raw = {"student": "every_other", "steps": 8, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "eval_every": 0,
+           "save_every": 2, "data": {"datasets": [str(corpus)], "seq_len": 32, "eval_blocks": 2},
+           "loss": {"kd": 1.0, "chunk": 16}}
+    for k, v in over.items():
+        raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+    return D.DistillConfig.model_validate(raw)
+
+
+def _ctx(teacher: Path, work: Path | None = None) -> StageContext:
+    _, tok = load_model(teacher)
+    return StageContext(device="cpu", seed=0, tokenizer=tok, model_dir=teacher, base_dir=teacher, work_dir=work,
+                        progress=False)
+
+
+def test_chunked_losses_equal_unchunked_values_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    h_s = torch.randn(37, 16, generator=g, requires_grad=True)
+    h_t = torch.randn(37, 24, generator=g)
+    head_s, head_t = torch.nn.Linear(16, 50, bias=False), torch.nn.Linear(24, 50, bias=False)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[5] = -100  # not counted
+    for kind in ("forward", "reverse", "jsd", "skew"):
+        grads = []
+        for chunk in (7, 1000):
+            h_s.grad, head_s.weight.grad = None, None
+            kd, ce, n = chunked_losses(h_s, h_t, labels, head_s, head_t, kind, temperature=2.0, beta=0.3,
+                                       chunk=chunk, want_ce=True)
+            (kd + ce).backward()
+            grads.append((kd.detach(), ce.detach(), n, h_s.grad.clone(), head_s.weight.grad.clone()))
+        (kd1, ce1, n1, gh1, gw1), (kd2, ce2, n2, gh2, gw2) = grads
+        assert n1 == n2 == 36
+        torch.testing.assert_close(kd1, kd2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ce1, ce2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gh1, gh2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gw1, gw2, rtol=1e-5, atol=1e-6)
+    # cross-entropy is the usual one, over the counted positions
+    ref = F.cross_entropy(head_s(h_s).detach()[labels >= 0], labels[labels >= 0], reduction="sum")
+    torch.testing.assert_close(ce2, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_divergences_are_what_they_say():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(6, 40, generator=g), torch.randn(6, 40, generator=g)
+    ref_fwd = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(token_divergence(s, t, "forward"), ref_fwd)
+    torch.testing.assert_close(token_divergence(s, t, "reverse"), token_divergence(t, s, "forward"))
+    torch.testing.assert_close(token_divergence(s, t, "jsd", beta=0.5), token_divergence(t, s, "jsd", beta=0.5))
+    torch.testing.assert_close(token_divergence(s, t, "skew", beta=0.0), ref_fwd)  # alpha 0: plain forward KL
+    torch.testing.assert_close(token_divergence(s, t, "forward", temperature=2.0),
+                               4 * token_divergence(s / 2, t / 2, "forward"))
+    for kind in ("forward", "reverse", "jsd", "skew"):
+        assert (token_divergence(s, t, kind) > 0).all()
+        torch.testing.assert_close(token_divergence(s, s, kind), torch.zeros(6), atol=1e-6, rtol=0)
+
+
+def _kd_on_held_out(student, teacher_model, packed) -> float:
+    ids = packed.held_out
+    with torch.no_grad():
+        hs = student.base_model(ids[:, :-1]).last_hidden_state
+        ht = teacher_model.base_model(ids[:, :-1]).last_hidden_state
+        kd, _, n = chunked_losses(hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), ids[:, 1:].reshape(-1),
+                                  student.lm_head, teacher_model.lm_head)
+    return float(kd) / n
+
+
+def test_a_few_steps_lower_the_distillation_loss(teacher, corpus):
+    cfg = _cfg(corpus, save_every=0)
+    ctx = _ctx(teacher)
+    t_model, tok = load_model(teacher)
+    packed = D.Packed(D.pack(tok, (str(corpus),), 32), 4, 2, 0)
+    before_student = D._every_other(t_model, [0, 2])
+    before = _kd_on_held_out(before_student, t_model, packed)
+    student, info = D.apply(load_model(teacher)[0], cfg, ctx)
+    after = _kd_on_held_out(student, t_model, packed)
+    assert student.config.num_hidden_layers == 2 and info["steps"] == 8
+    assert after < 0.8 * before, (before, after)
+    assert info["tokens_trained_this_run"] == 8 * 4 * 32 and info["tokens_per_s"] > 0
+    ppl = info["held_out_perplexity"]  # of a random teacher's pupil on real text: reported, not a target here
+    assert all(ppl[k] > 1 for k in ("start", "end", "teacher"))
+
+
+def test_hidden_loss_through_a_projection_trains(teacher, corpus):
+    """A narrower student (hidden cut) learns the teacher's hidden states through a learned
+    projection; the map pairs each student layer with the teacher's at the same depth."""
+    from compress.prune import structured as st
+
+    t_model, _ = load_model(teacher)
+    student = D._every_other(t_model, [0, 1, 2, 3])
+    st.cut_hidden(student, student.model.layers, torch.arange(48))
+    cfg = _cfg(corpus, student="input", save_every=0, loss={"kd": 1.0, "hidden": 1.0, "ce": 0.5})
+    out, info = D.apply(student, cfg, _ctx(teacher))
+    assert info["projection"] == "48 -> 64" and info["layer_map"] == [[0, 0], [1, 1], [2, 2], [3, 3]]
+    assert set(info["last_losses"]) == {"kd", "ce", "hidden", "loss"}
+    assert out.config.hidden_size == 48
+
+
+def _weights(m) -> dict:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def test_killed_run_resumes_bit_identical(teacher, corpus, tmp_path):
+    """A run interrupted after its step-4 checkpoint, run again, resumes at step 4 and ends
+    with exactly the weights of a run that was never interrupted (CPU, float32)."""
+    cfg = _cfg(corpus)
+    whole, _ = D.apply(load_model(teacher)[0], cfg, _ctx(teacher, tmp_path / "whole"))
+
+    work = tmp_path / "killed"
+    real_train = T.train
+
+    def crash_after(n):
+        def on_step(step):
+            if step == n:
+                raise KeyboardInterrupt  # what a kill between checkpoints loses: steps after the last one
+
+        return lambda *a, **k: real_train(*a, **{**k, "on_step": on_step})
+
+    D_train = "compress.distill.trainer.train"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(D_train, crash_after(5))
+        with pytest.raises(KeyboardInterrupt):
+            D.apply(load_model(teacher)[0], cfg, _ctx(teacher, work))
+    assert json.loads((work / "ckpt" / "step.json").read_text())["step"] == 4
+    resumed, info = D.apply(load_model(teacher)[0], cfg, _ctx(teacher, work))
+    assert info["resumed_at"] == 4 and info["tokens_trained_this_run"] == 4 * 4 * 32
+    a, b = _weights(whole), _weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+
+
+def test_distill_stage_in_a_recipe(teacher, corpus, home, tmp_path):
+    """prune_mlp -> distill in a recipe (the CPU recipe's stages, sized down): the student is
+    the pruned model, its checkpoint is a normal one, the work directory is gone once done."""
+    import yaml
+
+    from compress import pipeline
+    from compress.recipe import parse_recipe
+
+    raw = yaml.safe_load((REPO / "recipes" / "prune-distill-cpu.yaml").read_text())
+    stages = raw["stages"]
+    assert [s["type"] for s in stages] == ["prune_mlp", "distill"]
+    stages[0]["calibration"] = {"dataset": str(corpus), "n_samples": 4, "seq_len": 32}
+    stages[1].update(steps=4, batch_size=4, save_every=2, eval_every=2,
+                     data={"datasets": [str(corpus)], "seq_len": 32, "eval_blocks": 2})
+    recipe = parse_recipe(tiny_recipe(teacher, corpus, stages, name="pd"))
+    pipeline.run(recipe, evaluate_outputs=False)
+    out = home / "pd" / "stages" / "02-distill"
+    assert pipeline.is_complete(out) and not (home / "pd" / "work" / "02-distill").exists()
+    info = json.loads((out / "stage.json").read_text())["info"]
+    assert info["student"] == "input" and info["steps"] == 4 and len(info["curve"]) == 2
+    w = load_file(out / "model.safetensors")
+    assert w["model.layers.0.mlp.down_proj.weight"].shape == (64, 96)  # the pruned width, trained
+    back, _ = load_model(out)
+    assert back.config.intermediate_size == 96
+
+
+def test_bad_input_is_one_line_before_training(teacher, corpus, tmp_path):
+    model, _ = load_model(teacher)
+    ctx = _ctx(teacher)
+    other = tmp_path / "other"
+    shutil.copytree(teacher, other)
+    c = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**c, "vocab_size": 400}))
+    cases = [
+        (_cfg(corpus, teacher=str(other)), r"has a vocabulary of 400 and the student 320; teacher and student must "
+                                            r"share a tokenizer"),
+        (_cfg(corpus, teacher=str(tmp_path)), r"not a model directory \(no config.json\)"),
+        (_cfg(corpus, loss={"hidden": 1.0, "layer_map": [[0, 0], [2, 1]]}),
+         r"layer_map: \[2, 1\] does not fit a student of 2 layers and a teacher of 4"),
+        (_cfg(corpus, batch_size=8192), r"windows of 32 tokens, fewer than one batch \(8192\) after holding out 2"),
+        (_cfg(corpus, grad_accum=3), r"grad_accum: 3 does not divide batch_size 4"),
+    ]
+    for cfg, msg in cases:
+        with pytest.raises(UserError, match=msg) as e:
+            D.check(cfg, model, ctx)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValidationError, match="greater than 0"):
+        _cfg(corpus, steps=0)
