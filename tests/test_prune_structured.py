@@ -256,3 +256,16 @@ def test_hidden_stage_round_trips(model, text_file, tmp_path):
     m.save_pretrained(tmp_path / "h")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "h").eval()
     torch.testing.assert_close(_logits(back), _logits(m))
+
+
+def test_the_evaluator_counts_the_flops_a_cut_removes(model):
+    """The report's GFLOP/token column (eval.engines.hf.weight_stats) agrees with the stage's own
+    count, and a cut lowers it by exactly the linear weights it removed."""
+    from eval.engines.hf import weight_stats
+
+    m, _ = model
+    before = weight_stats(m)["flops_per_token"]
+    m, info = st.apply_mlp(m, st.MLPCutConfig(ratio=0.25, importance="magnitude"), StageContext(device="cpu", seed=0))
+    after = weight_stats(m)["flops_per_token"]
+    assert after == info["after"]["flops_per_token"] and before == info["before"]["flops_per_token"]
+    assert before - after == 2 * 4 * 3 * 64 * 24  # 4 layers x (gate, up, down) x 64 wide x 24 channels removed

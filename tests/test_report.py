@@ -273,3 +273,16 @@ def test_report_matches_its_json_schema(tmp_path):
         jsonschema.validate(bad, schema)
     md = (d / "report.md").read_text()
     assert "Release gate: **FAILED**" in md and "Provenance:" in md and "recipe_hash rrrrrrrrrrrr" in md
+
+
+def test_cut_lines_say_what_a_structured_cut_and_a_distillation_did():
+    from eval.report.report import cut_lines
+
+    info = {"heads": [8, 6], "kv_heads": [4, 3], "kept_heads_per_layer": [[0, 1, 2, 3, 6, 7], [2, 3, 4, 5, 6, 7]],
+            "mode": "kv_groups"}
+    assert cut_lines(info) == ["heads 8 -> 6 in every layer", "kv heads 4 -> 3 in every layer",
+                               "query heads kept per layer: 0: 0,1,2,3,6,7; 1: 2,3,4,5,6,7"]
+    assert cut_lines({"layers": [30, 22], "removed_layers": [3, 7]}) == ["layers 30 -> 22", "decoder layers removed: 3, 7"]
+    assert cut_lines({"held_out_perplexity": {"start": 40.0, "end": 30.5, "teacher": 25.0}}) == [
+        "held-out perplexity 40.000 -> 30.500 (teacher 25.000)"]
+    assert cut_lines({"sparsity": 0.5}) == []

@@ -20,7 +20,8 @@ def _sync(device: str) -> None:
 
 
 def weight_stats(model) -> dict:
-    """Parameter count, non-zero parameters, and the linear weights' sparsity (exact zeros)."""
+    """Parameter count, non-zero parameters, the linear weights' sparsity (exact zeros) and
+    FLOPs per token (2 x the linear weights: what a structured cut reduces and a mask does not)."""
     seen, zeros, numel, nonzero, total = set(), 0, 0, 0, 0
     for p in model.parameters():
         if p.data_ptr() in seen:
@@ -41,6 +42,7 @@ def weight_stats(model) -> dict:
             seen.add(t.data_ptr())
             weight_bytes += t.numel() * t.element_size()
     return {"params": total, "nonzero_params": nonzero, "linear_sparsity": zeros / numel if numel else 0.0,
+            "flops_per_token": 2 * numel,  # dense multiply-adds of the linear layers (attention's not counted)
             "memory": {"weight_bytes": weight_bytes, "weight_bytes_method": "parameters and buffers as loaded"}}
 
 

@@ -88,6 +88,8 @@ def flat_row(run: str, entry: dict, engine: str, m: dict, ret: dict, is_base: bo
         "quant": quant_label(m), "params": m.get("params") or next(
             (em["params"] for em in entry["engines"].values() if em.get("params")), None),
         "nonzero_params": m.get("nonzero_params"),
+        "flops_per_token": m.get("flops_per_token") or next(
+            (em["flops_per_token"] for em in entry["engines"].values() if em.get("flops_per_token")), None),
         "size_bytes": m.get("size_bytes") or None,
         "perplexity": (m.get("perplexity") or {}).get("perplexity"),
         "ppl_change_pct": 0.0 if is_base and m.get("perplexity") else ret.get("ppl_change_pct"),

@@ -186,6 +186,28 @@ def protocol_lines(report: dict) -> list[str]:
     return out
 
 
+def cut_lines(info: dict) -> list[str]:
+    """What a structured cut or a distillation did, from its stage info: the counts before and
+    after (the same in every layer), the heads kept and layers removed per layer, the
+    held-out perplexity before and after training."""
+    out = []
+    for k in ("intermediate_size", "heads", "kv_heads", "hidden_size", "layers"):
+        v = info.get(k)
+        if isinstance(v, list) and len(v) == 2:
+            out.append(f"{k.replace('_', ' ')} {v[0]} -> {v[1]}" + (" in every layer" if k != "layers" else ""))
+    if info.get("kept_heads_per_layer"):
+        out.append("query heads kept per layer: " + "; ".join(
+            f"{i}: {','.join(map(str, h))}" for i, h in enumerate(info["kept_heads_per_layer"])))
+    if info.get("removed_layers"):
+        out.append(f"decoder layers removed: {', '.join(map(str, info['removed_layers']))}")
+    ppl = info.get("held_out_perplexity") or {}
+    if ppl.get("end") is not None:
+        out.append(f"held-out perplexity {ppl['start']:.3f} -> {ppl['end']:.3f}" if ppl.get("start") else
+                   f"held-out perplexity {ppl['end']:.3f}")
+        out[-1] += f" (teacher {ppl['teacher']:.3f})" if ppl.get("teacher") else ""
+    return out
+
+
 def notes(report: dict) -> list[str]:
     """Per-model notes ('- ...' lines): sizes, stage settings, kernels, sparsity, memory, failures."""
     lines = []
@@ -194,7 +216,9 @@ def notes(report: dict) -> list[str]:
         if m:
             lines.append(f"- {entry['name']}: {m['params'] / 1e6:.2f} M parameters, "
                          f"{m.get('nonzero_params', m['params']) / 1e6:.2f} M non-zero, "
-                         f"{m.get('size_bytes', 0) / 1e6:.1f} MB on disk")
+                         f"{m.get('size_bytes', 0) / 1e6:.1f} MB on disk"
+                         + (f", {m['flops_per_token'] / 1e9:.3f} GFLOP per token (linear layers)"
+                            if m.get("flops_per_token") else ""))
     for a in report["artifacts"]:
         if len(a.get("stages") or []) > 1:
             lines.append(f"- {a['name']}: made by {' -> '.join(a['stages'])}")
@@ -206,6 +230,7 @@ def notes(report: dict) -> list[str]:
         if q and q.get("kernels"):
             lines.append(f"- {a['name']}: {q['scheme']} runs on " + "; ".join(
                 f"{e}: {q['kernels'][e]}" for e in a["engines"] if e in q["kernels"]))
+        lines += [f"- {a['name']}: {t}" for t in cut_lines(a.get("stage_info") or {})]
         per_layer = (a.get("stage_info") or {}).get("layer_sparsity") or {}
         if per_layer:
             v = list(per_layer.values())

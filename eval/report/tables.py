@@ -33,6 +33,8 @@ def columns(rows: list[dict]) -> list[tuple[str, callable]]:
             ("engine", lambda r: r["engine"]), ("quant", lambda r: r["quant"])]
     if has("params"):
         cols.append(("params M", lambda r: _f(r["params"] and r["params"] / 1e6, ".1f")))
+    if has("flops_per_token"):
+        cols.append(("GFLOP/tok", lambda r: _f(r["flops_per_token"] and r["flops_per_token"] / 1e9, ".3f")))
     if has("size_bytes"):
         cols.append(("size MB", lambda r: _f(r["size_bytes"] and r["size_bytes"] / 1e6, ".1f")))
     if has("perplexity"):
@@ -70,7 +72,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 CSV_FIELDS = ["group", "run", "artifact", "baseline", "final", "stages", "engine", "quant", "params",
-              "nonzero_params", "size_bytes", "size_ratio", "perplexity", "ppl_change_pct", "ppl_retention",
+              "nonzero_params", "flops_per_token", "size_bytes", "size_ratio", "perplexity", "ppl_change_pct", "ppl_retention",
               "throughput", "throughput_speedup", "throughput_speedup_lo", "throughput_speedup_hi",
               "ttft_p50_ms", "tpot_ms", "tpot_speedup", "tpot_speedup_lo", "tpot_speedup_hi",
               "peak_memory_bytes", "weight_bytes", "pareto_throughput", "pareto_memory", "error"]
