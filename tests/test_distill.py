@@ -216,3 +216,40 @@ def test_bad_input_is_one_line_before_training(teacher, corpus, tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(ValidationError, match="greater than 0"):
         _cfg(corpus, steps=0)
+
+
+def test_two_processes_train_as_one(teacher, corpus, home):
+    """processes: 2 (torch's launcher, gloo on the CPU, DDP through accelerate, each process half
+    of every batch) ends where one process does: the same recipe on one device or several."""
+    from compress import pipeline
+    from compress.recipe import parse_recipe
+
+    outs = {}
+    for n in (1, 2):
+        stage = {"type": "distill", "student": "every_other", "steps": 4, "batch_size": 4, "lr": 3e-3,
+                 "warmup_steps": 1, "eval_every": 0, "save_every": 2, "processes": n,
+                 "data": {"datasets": [str(corpus)], "seq_len": 32, "eval_blocks": 2}, "loss": {"kd": 1.0, "ce": 0.5}}
+        pipeline.run(parse_recipe(tiny_recipe(teacher, corpus, [stage], name=f"p{n}")), evaluate_outputs=False)
+        out = home / f"p{n}" / "stages" / "01-distill"
+        outs[n] = (load_file(out / "model.safetensors"), json.loads((out / "stage.json").read_text())["info"])
+    (w1, i1), (w2, i2) = outs[1], outs[2]
+    assert i1["processes"] == 1 and i2["processes"] == 2 and i2["tokens_trained_this_run"] == i1["tokens_trained_this_run"]
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(w1[k], load_file(next(teacher.glob("*.safetensors")))[k]) for k in w1
+               if k in load_file(next(teacher.glob("*.safetensors"))))  # it did train
+
+
+def test_process_counts_that_do_not_fit_are_one_line(teacher, corpus, tmp_path, monkeypatch):
+    model, _ = load_model(teacher)
+    with pytest.raises(UserError, match=r"distill.processes: 2 processes need 2 GPUs; 0 visible"):
+        D.check(_cfg(corpus, processes=2), model, StageContext(device="cuda", seed=0, base_dir=teacher))
+    with pytest.raises(UserError, match=r"micro-batches of 3 sequences do not split over 2 processes"):
+        D.check(_cfg(corpus, processes=2, batch_size=3), model, _ctx(teacher))
+    cfg_file = tmp_path / "accelerate.yaml"
+    cfg_file.write_text("num_processes: 4\n")
+    monkeypatch.setattr("accelerate.commands.config.default_config_file", str(cfg_file))
+    with pytest.raises(UserError, match=r"distill.processes: 2, but the accelerate configuration .* says "
+                                        r"num_processes: 4; make them agree"):
+        D.check(_cfg(corpus, processes=2), model, _ctx(teacher))

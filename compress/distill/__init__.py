@@ -79,6 +79,9 @@ class DistillConfig(_Strict):
     gradient_checkpointing: bool = False
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU, fp32 "
                                                       "on the CPU")
+    processes: int | Literal["auto"] = Field(
+        1, description="processes to train on, one per GPU: 1 trains in this process; N > 1 starts N through "
+        "torch's launcher, each training through accelerate on its slice of every batch; auto: every visible GPU")
 
 
 def teacher_dir(cfg: DistillConfig, ctx: StageContext) -> Path:
@@ -130,6 +133,30 @@ def _vocab_check(student_cfg, teacher_cfg, student_tok, t_dir: Path) -> None:
                             "must share a tokenizer")
 
 
+def n_processes(cfg: DistillConfig, device: str) -> int:
+    """How many processes train, checked against the GPUs visible and any accelerate
+    configuration file (whose num_processes must agree: it is what `accelerate launch` would use)."""
+    gpu = device.startswith("cuda")
+    visible = torch.cuda.device_count() if gpu else 0
+    n = (visible or 1) if cfg.processes == "auto" else cfg.processes
+    if n < 1:
+        raise UserError(f"distill.processes: {n}; give a positive count or auto")
+    if gpu and n > visible:
+        raise UserError(f"distill.processes: {n} processes need {n} GPUs; {visible} visible")
+    if n > 1:
+        from accelerate.commands.config import default_config_file
+
+        f = Path(default_config_file)
+        if f.is_file():
+            import yaml
+
+            want = (yaml.safe_load(f.read_text()) or {}).get("num_processes")
+            if want is not None and int(want) != n:
+                raise UserError(f"distill.processes: {n}, but the accelerate configuration {f} says num_processes: "
+                                f"{want}; make them agree (or remove that file)")
+    return n
+
+
 def check(cfg: DistillConfig, model, ctx: StageContext) -> None:
     from transformers import AutoConfig
 
@@ -138,6 +165,10 @@ def check(cfg: DistillConfig, model, ctx: StageContext) -> None:
     _vocab_check(model.config, t_cfg, ctx.tokenizer, t_dir)
     if cfg.batch_size % cfg.grad_accum:
         raise UserError(f"distill.grad_accum: {cfg.grad_accum} does not divide batch_size {cfg.batch_size}")
+    n = n_processes(cfg, ctx.device)
+    if (cfg.batch_size // cfg.grad_accum) % n:
+        raise UserError(f"distill.batch_size: micro-batches of {cfg.batch_size // cfg.grad_accum} sequences do not "
+                        f"split over {n} processes")
     n_s, kept = student_depth(cfg, model.config.num_hidden_layers, t_cfg.num_hidden_layers)
     layer_map(cfg, n_s, t_cfg.num_hidden_layers, kept)
     if ctx.tokenizer is not None:
@@ -155,36 +186,81 @@ def _every_other(teacher, kept: list[int]):
     return student
 
 
+def prepare(student, teacher, cfg: DistillConfig, tokenizer, seed: int) -> dict:
+    """What training needs besides the two models: the student itself (built from the teacher
+    for every_other), the packed data, the layer pairs and projection of the hidden loss, the
+    model FLOPs per trained token; the same in every process."""
+    from compress.prune.structured.cuts import size_info
+
+    n_t = teacher.config.num_hidden_layers
+    n_s, kept = student_depth(cfg, student.config.num_hidden_layers if student is not None else n_t, n_t)
+    if kept is not None:
+        student = _every_other(teacher, kept)
+    pairs = layer_map(cfg, n_s, n_t, kept)
+    proj = None
+    d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
+    if pairs and d_s != d_t:
+        torch.manual_seed(seed)
+        proj = torch.nn.Linear(d_s, d_t, bias=False)
+    packed = Packed(pack(tokenizer, tuple(cfg.data.datasets), cfg.data.seq_len), cfg.batch_size // cfg.grad_accum,
+                    cfg.data.eval_blocks, seed)
+    # model FLOPs per trained token: the student's forward and backward (3x its forward), the teacher's forward
+    fpt = 3 * size_info(student)["flops_per_token"] + size_info(teacher)["flops_per_token"]
+    return {"student": student, "packed": packed, "proj": proj, "student_layers": [s for s, _ in pairs],
+            "teacher_layers": [t for _, t in pairs], "flops_per_token": fpt,
+            "info": {"student": cfg.student, "layer_map": pairs or None,
+                     "projection": f"{d_s} -> {d_t}" if proj is not None else None,
+                     "train_windows": int(packed.train.shape[0]), "held_out_windows": int(packed.held_out.shape[0])}}
+
+
+def _launch(model_dir: Path, t_dir: Path, dtype: str, cfg: DistillConfig, ctx: StageContext, n: int):
+    """Train in n processes (compress.distill.worker); the student process 0 wrote, and its figures."""
+    import subprocess
+    import sys
+
+    from compress.models import load_model
+
+    work = Path(ctx.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "student"
+    spec = {"config": cfg.model_dump(mode="json"), "seed": ctx.seed, "device": ctx.device, "dtype": dtype,
+            "teacher": str(t_dir), "student_dir": None if cfg.student == "every_other" else str(model_dir),
+            "tokenizer_dir": str(model_dir), "work_dir": str(work), "out_dir": str(out)}
+    (work / "spec.json").write_text(json.dumps(spec, indent=1))
+    log = work / "launch.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "compress.distill.worker", str(work / "spec.json")]
+    with open(log, "a") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0 or not (out / "info.json").is_file():
+        tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+        raise UserError(f"distill: the {n}-process run failed (exit {rc}); {log}: {tail}")
+    student, _ = load_model(out, dtype, "cpu")
+    return student, json.loads((out / "info.json").read_text())
+
+
 def apply(model, cfg: DistillConfig, ctx: StageContext):
     from compress.models import load_model
     from compress.prune.structured.cuts import size_info
 
     t_dir = teacher_dir(cfg, ctx)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    teacher, _ = load_model(t_dir, dtype, "cpu")
-    n_t = teacher.config.num_hidden_layers
-    n_s, kept = student_depth(cfg, model.config.num_hidden_layers, n_t)
-    student = _every_other(teacher, kept) if kept is not None else model
-    pairs = layer_map(cfg, n_s, n_t, kept)
-    proj = None
-    d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
-    if pairs and d_s != d_t:
-        torch.manual_seed(ctx.seed)
-        proj = torch.nn.Linear(d_s, d_t, bias=False)
-    micro = cfg.batch_size // cfg.grad_accum
-    packed = Packed(pack(ctx.tokenizer, tuple(cfg.data.datasets), cfg.data.seq_len), micro, cfg.data.eval_blocks,
-                    ctx.seed)
-    before = size_info(student)
-    # model FLOPs per trained token: the student's forward and backward (3x its forward), the teacher's forward
-    fpt = 3 * before["flops_per_token"] + size_info(teacher)["flops_per_token"]
-    from compress.distill.trainer import train
+    n = n_processes(cfg, ctx.device)
+    if n > 1:
+        if ctx.work_dir is None or ctx.model_dir is None:
+            raise UserError("distill.processes: several processes need the stage's input on disk and a work directory "
+                            "(run it through a recipe)")
+        student, info = _launch(Path(ctx.model_dir), t_dir, dtype, cfg, ctx, n)
+    else:
+        from compress.distill.trainer import train
 
-    info = train(student, teacher, packed, cfg, ctx.work_dir, ctx.device, ctx.seed, ctx.progress, fpt,
-                 [s for s, _ in pairs], [t for _, t in pairs], proj)
-    student = student.to("cpu")
-    info.update({"teacher": str(t_dir), "student": cfg.student, "layer_map": pairs or None,
-                 "projection": f"{d_s} -> {d_t}" if proj is not None else None, "student_size": before,
-                 "train_windows": int(packed.train.shape[0]), "held_out_windows": int(packed.held_out.shape[0])})
+        teacher, _ = load_model(t_dir, dtype, "cpu")
+        parts = prepare(model, teacher, cfg, ctx.tokenizer, ctx.seed)
+        info = train(parts["student"], teacher, parts["packed"], cfg, ctx.work_dir, ctx.device, ctx.seed, ctx.progress,
+                     parts["flops_per_token"], parts["student_layers"], parts["teacher_layers"], parts["proj"])
+        student = parts["student"].to("cpu")
+        info.update(parts["info"], student_size=size_info(student))
+    info["teacher"] = str(t_dir)
     return student, json.loads(json.dumps(info, default=float))
 
 
