@@ -1,0 +1,115 @@
+"""Distillation figures (issue "Distillation") on the GPU host.
+
+    python3 benchmarks/distill_gpu.py recovery [--tokens 20e6] [--processes 1] [--seq-len 1024] [--batch 32]
+    python3 benchmarks/distill_gpu.py scale [--tokens 2e6]        (needs 2 GPUs: 1 process, then 2)
+
+recovery: one matrix recipe through `squeeze run` on SmolLM2-135M-Instruct: 25 % of the MLP
+channels cut (activation importance, shared by both variants), then the same token budget of
+training in two ways: distillation from the unpruned model (forward KL + 0.1 CE) and plain
+cross-entropy on the data (the control). The evaluator scores the baseline, the pruned model
+(an empty variant) and both students: WikiText-2 perplexity (the evaluator's protocol) and
+PIQA. Recovery = (ppl_pruned - ppl_student) / (ppl_pruned - ppl_dense); goal >= 0.5 and KD
+better than CE. Tokens/s and model-FLOPs utilization come from the distill stage's info.
+scale: the distill stage alone (every_other student) for a short budget on 1 process, then on
+2 (torch's launcher, DDP through accelerate): tokens/s ratio, goal >= 1.8x.
+One JSONL record per command in results/distill_gpu.jsonl (GPU name, versions, command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from gpu_common import ROOT, record  # noqa: F401 - ROOT puts the repo on sys.path
+
+DATA = ["wikitext2-valid", "tinyshakespeare", "gsm8k"]
+
+
+def distill_stage(args, **over) -> dict:
+    steps = max(1, round(float(args.tokens) / (args.batch * args.seq_len)))
+    st = {"type": "distill", "teacher": "base", "student": "input", "steps": steps, "batch_size": args.batch,
+          "lr": args.lr, "warmup_steps": max(1, steps // 20), "eval_every": max(1, steps // 5),
+          "save_every": max(1, steps // 5), "processes": args.processes,
+          "loss": {"kd": 1.0, "kind": "forward", "ce": 0.1},
+          "data": {"datasets": DATA, "seq_len": args.seq_len, "eval_blocks": 16}}
+    for k, v in over.items():
+        st[k] = {**st[k], **v} if isinstance(v, dict) else v
+    return st
+
+
+def run_recipe(recipe: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    rc = subprocess.call([sys.executable, "-m", "compress.cli", "run", str(path)], cwd=ROOT)
+    run_dir = Path(os.environ.get("SQUEEZE_HOME", ROOT / "checkpoints")) / recipe["name"]
+    if rc not in (0, 1):  # 1: a gate failed, the figures are still written
+        raise SystemExit(f"squeeze run {path} failed (exit {rc})")
+    return run_dir
+
+
+def stage_infos(run_dir: Path) -> dict:
+    out = {}
+    for d in sorted((run_dir / "stages").glob("*-distill")):
+        j = json.loads((d / "stage.json").read_text())
+        out[d.name] = j["info"]
+    return out
+
+
+def cmd_recovery(args) -> None:
+    prune = {"type": "prune_mlp", "ratio": 0.25, "importance": "activation",
+             "calibration": {"dataset": "wikitext2-valid", "n_samples": 128, "seq_len": 1024}}
+    recipe = {"name": "distill-recovery", "model": {"source": "smollm2", "dtype": "float32"}, "seed": 0,
+              "device": "cuda",  # the prune stage is every variant's first; the matrix runs it once and shares it
+              "matrix": {"axes": {"train": {"pruned": [prune], "kd": [prune, distill_stage(args)],
+                                            "ce": [prune, distill_stage(args, loss={"kd": 0.0, "ce": 1.0})]}}},
+              "eval": {"engines": ["hf"], "perplexity": {"dataset": "wikitext2", "context_length": 1024},
+                       "tasks": [{"name": "piqa"}],
+                       "speed": {"num_prompts": 16, "input_len": 128, "output_len": 64}}}
+    run_dir = run_recipe(recipe, Path(args.work) / "distill-recovery.yaml")
+    rep = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").is_file() else {}
+    record(args, {"recipe": recipe, "run_dir": str(run_dir), "report": rep, "distill_stages": stage_infos(run_dir)})
+    print((run_dir / "report.md").read_text() if (run_dir / "report.md").is_file() else "no report.md")
+    print(json.dumps(stage_infos(run_dir), indent=1, default=str)[:4000])
+
+
+def cmd_scale(args) -> None:
+    res = {}
+    for n in (1, 2):
+        st = distill_stage(args, student="every_other", teacher="base", processes=n, eval_every=0, save_every=0,
+                           loss={"ce": 0.0})
+        recipe = {"name": f"distill-scale-{n}", "model": {"source": "smollm2", "dtype": "float32"}, "seed": 0,
+                  "device": "cuda", "stages": [st], "eval": {"engines": ["hf"], "perplexity": {"max_tokens": 4096}}}
+        run_dir = run_recipe(recipe, Path(args.work) / f"distill-scale-{n}.yaml")
+        res[n] = next(iter(stage_infos(run_dir).values()))
+        print(n, res[n]["tokens_per_s"], res[n].get("mfu"), flush=True)
+    ratio = res[2]["tokens_per_s"] / res[1]["tokens_per_s"]
+    print(f"2 processes / 1: {ratio:.2f}x")
+    record(args, {"one": {k: res[1].get(k) for k in ("tokens_per_s", "mfu", "seconds", "processes")},
+                  "two": {k: res[2].get(k) for k in ("tokens_per_s", "mfu", "seconds", "processes")},
+                  "speedup": ratio})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("recovery", "scale"):
+        p = sub.add_parser(name)
+        p.add_argument("--tokens", type=float, default=20e6 if name == "recovery" else 2e6)
+        p.add_argument("--seq-len", type=int, default=1024)
+        p.add_argument("--batch", type=int, default=32)
+        p.add_argument("--lr", type=float, default=2e-4)
+        p.add_argument("--processes", type=int, default=1)
+        p.add_argument("--work", default="/tmp/distill-bench")
+        p.add_argument("--jsonl", default=str(ROOT / "benchmarks" / "results" / "distill_gpu.jsonl"))
+    args = ap.parse_args()
+    {"recovery": cmd_recovery, "scale": cmd_scale}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
