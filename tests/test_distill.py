@@ -253,3 +253,44 @@ def test_process_counts_that_do_not_fit_are_one_line(teacher, corpus, tmp_path, 
     with pytest.raises(UserError, match=r"distill.processes: 2, but the accelerate configuration .* says "
                                         r"num_processes: 4; make them agree"):
         D.check(_cfg(corpus, processes=2), model, _ctx(teacher))
+
+
+def test_sequence_level_distillation_trains_on_the_teachers_own_sequences(teacher, corpus, tmp_path, monkeypatch):
+    """data.generated: the teacher continues prompts cut from the training text (transformers
+    here), the sequences become extra training windows, and they are made once: a resumed run
+    reads them back from the work directory instead of generating again."""
+    cfg = _cfg(corpus, save_every=0, steps=2, data={"generated": {"sequences": 6, "prompt_len": 8, "new_tokens": 40,
+                                                                  "temperature": 1.0, "engine": "hf"}})
+    work = tmp_path / "work"
+    _, info = D.apply(load_model(teacher)[0], cfg, _ctx(teacher, work))
+    made = torch.load(work / "generated.pt")
+    assert info["teacher_windows"] == made.shape[0] > 0 and made.shape[1] == 33
+    _, tok = load_model(teacher)
+    text = D.pack(tok, (str(corpus),), 32)
+    assert not any(torch.equal(w, t) for w in made for t in text)  # not the text's own windows
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr("eval.engines.hf.HFEngine.load", no_generation)
+    again = D.generated(teacher, cfg, tok, _ctx(teacher, work))
+    assert torch.equal(again, made)
+
+
+@pytest.mark.vllm
+def test_teacher_sequences_through_vllm_cpu(tiny_vllm_model, tmp_path):
+    """The vLLM engine continues token-id prompts: its greedy tokens agree with transformers'
+    greedy ones (random weights: a near-tie may flip one), laid out prompt then continuation."""
+    from compress.distill.generate import teacher_windows
+    from eval.engines.hf import HFEngine
+
+    windows = torch.randint(5, 300, (4, 17), generator=torch.Generator().manual_seed(0))
+    gcfg = D.GeneratedConfig(sequences=3, prompt_len=8, new_tokens=12, temperature=0.0, engine="vllm")
+    got = teacher_windows(tiny_vllm_model, windows, gcfg, seq_len=7, eos=None, device="cpu", seed=0)
+    hf = HFEngine.load(tiny_vllm_model)
+    g = torch.Generator().manual_seed(0 + 7919)
+    prompts = windows[torch.randint(0, 4, (3,), generator=g), :8].tolist()
+    want = [t for p, c in zip(prompts, hf.generate_ids(prompts, 12)) for t in p + c]
+    flat = got.reshape(-1).tolist()
+    assert got.shape == (len(want) // 8, 8) and flat[:8] == prompts[0] and flat[20:28] == prompts[1]
+    assert sum(a == b for a, b in zip(flat, want)) >= 0.9 * len(flat)

@@ -22,6 +22,7 @@ directory and a re-run resumes there.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 from typing import Annotated, Literal
@@ -54,11 +55,23 @@ class LossConfig(_Strict):
     chunk: int = Field(1024, gt=0, description="positions per loss chunk (logits never held for more)")
 
 
+class GeneratedConfig(_Strict):
+    sequences: int = Field(..., gt=0, description="prompts the teacher continues (their sequences are added to "
+                           "the training windows)")
+    prompt_len: int = Field(32, gt=0, description="prompt tokens, cut from random training windows")
+    new_tokens: int = Field(256, gt=0, description="tokens generated per prompt (fewer where EOS comes first)")
+    temperature: float = Field(1.0, ge=0.0, description="0: greedy; else sampled from the full distribution")
+    engine: Literal["auto", "vllm", "hf"] = Field("auto", description="auto: vLLM on a GPU where it is installed, "
+                                                  "else transformers")
+
+
 class DataConfig(_Strict):
     datasets: list[str] = Field(["wikitext2-valid"], min_length=1, description="built-in names (wikitext2-valid, "
                                 "tinyshakespeare, gsm8k, ...), text/.jsonl files or hf:ID, joined")
     seq_len: int = Field(512, gt=1, description="tokens per packed sequence")
     eval_blocks: int = Field(8, ge=0, description="sequences held out for the periodic perplexity")
+    generated: GeneratedConfig | None = Field(None, description="sequence-level distillation: add the teacher's own "
+                                              "continuations of prompts from the data")
 
 
 class DistillConfig(_Strict):
@@ -165,6 +178,12 @@ def check(cfg: DistillConfig, model, ctx: StageContext) -> None:
     _vocab_check(model.config, t_cfg, ctx.tokenizer, t_dir)
     if cfg.batch_size % cfg.grad_accum:
         raise UserError(f"distill.grad_accum: {cfg.grad_accum} does not divide batch_size {cfg.batch_size}")
+    gen = cfg.data.generated
+    if gen is not None:
+        from compress.distill.generate import engine_for
+
+        if engine_for(gen.engine, ctx.device) == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise UserError("distill.data.generated.engine: vllm is not installed; use hf or auto")
     n = n_processes(cfg, ctx.device)
     if (cfg.batch_size // cfg.grad_accum) % n:
         raise UserError(f"distill.batch_size: micro-batches of {cfg.batch_size // cfg.grad_accum} sequences do not "
@@ -186,7 +205,21 @@ def _every_other(teacher, kept: list[int]):
     return student
 
 
-def prepare(student, teacher, cfg: DistillConfig, tokenizer, seed: int) -> dict:
+def generated(t_dir: Path, cfg: DistillConfig, tokenizer, ctx: StageContext, log=print) -> torch.Tensor | None:
+    """The teacher's sequences as training windows (None without data.generated), made once and
+    kept in the work directory."""
+    if cfg.data.generated is None:
+        return None
+    from compress.distill.generate import teacher_windows
+
+    windows = pack(tokenizer, tuple(cfg.data.datasets), cfg.data.seq_len)
+    train = windows[: windows.shape[0] - cfg.data.eval_blocks]
+    cache = Path(ctx.work_dir) / "generated.pt" if ctx.work_dir is not None else None
+    return teacher_windows(t_dir, train, cfg.data.generated, cfg.data.seq_len, tokenizer.eos_token_id, ctx.device,
+                           ctx.seed, cache, log)
+
+
+def prepare(student, teacher, cfg: DistillConfig, tokenizer, seed: int, extra: torch.Tensor | None = None) -> dict:
     """What training needs besides the two models: the student itself (built from the teacher
     for every_other), the packed data, the layer pairs and projection of the hidden loss, the
     model FLOPs per trained token; the same in every process."""
@@ -203,14 +236,15 @@ def prepare(student, teacher, cfg: DistillConfig, tokenizer, seed: int) -> dict:
         torch.manual_seed(seed)
         proj = torch.nn.Linear(d_s, d_t, bias=False)
     packed = Packed(pack(tokenizer, tuple(cfg.data.datasets), cfg.data.seq_len), cfg.batch_size // cfg.grad_accum,
-                    cfg.data.eval_blocks, seed)
+                    cfg.data.eval_blocks, seed, extra=extra)
     # model FLOPs per trained token: the student's forward and backward (3x its forward), the teacher's forward
     fpt = 3 * size_info(student)["flops_per_token"] + size_info(teacher)["flops_per_token"]
     return {"student": student, "packed": packed, "proj": proj, "student_layers": [s for s, _ in pairs],
             "teacher_layers": [t for _, t in pairs], "flops_per_token": fpt,
             "info": {"student": cfg.student, "layer_map": pairs or None,
                      "projection": f"{d_s} -> {d_t}" if proj is not None else None,
-                     "train_windows": int(packed.train.shape[0]), "held_out_windows": int(packed.held_out.shape[0])}}
+                     "train_windows": int(packed.train.shape[0]), "held_out_windows": int(packed.held_out.shape[0]),
+                     "teacher_windows": int(extra.shape[0]) if extra is not None else 0}}
 
 
 def _launch(model_dir: Path, t_dir: Path, dtype: str, cfg: DistillConfig, ctx: StageContext, n: int):
@@ -224,6 +258,7 @@ def _launch(model_dir: Path, t_dir: Path, dtype: str, cfg: DistillConfig, ctx: S
     work.mkdir(parents=True, exist_ok=True)
     out = work / "student"
     spec = {"config": cfg.model_dump(mode="json"), "seed": ctx.seed, "device": ctx.device, "dtype": dtype,
+            "generated": str(work / "generated.pt") if cfg.data.generated is not None else None,
             "teacher": str(t_dir), "student_dir": None if cfg.student == "every_other" else str(model_dir),
             "tokenizer_dir": str(model_dir), "work_dir": str(work), "out_dir": str(out)}
     (work / "spec.json").write_text(json.dumps(spec, indent=1))
@@ -246,6 +281,7 @@ def apply(model, cfg: DistillConfig, ctx: StageContext):
     t_dir = teacher_dir(cfg, ctx)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     n = n_processes(cfg, ctx.device)
+    extra = generated(t_dir, cfg, ctx.tokenizer, ctx)  # before any process trains: made once, kept for a resume
     if n > 1:
         if ctx.work_dir is None or ctx.model_dir is None:
             raise UserError("distill.processes: several processes need the stage's input on disk and a work directory "
@@ -255,7 +291,7 @@ def apply(model, cfg: DistillConfig, ctx: StageContext):
         from compress.distill.trainer import train
 
         teacher, _ = load_model(t_dir, dtype, "cpu")
-        parts = prepare(model, teacher, cfg, ctx.tokenizer, ctx.seed)
+        parts = prepare(model, teacher, cfg, ctx.tokenizer, ctx.seed, extra)
         info = train(parts["student"], teacher, parts["packed"], cfg, ctx.work_dir, ctx.device, ctx.seed, ctx.progress,
                      parts["flops_per_token"], parts["student_layers"], parts["teacher_layers"], parts["proj"])
         student = parts["student"].to("cpu")

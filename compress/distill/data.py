@@ -38,13 +38,17 @@ def pack(tokenizer, datasets: tuple[str, ...], seq_len: int) -> torch.Tensor:
 class Packed:
     """The training windows and the held-out ones, and the batch of every step."""
 
-    def __init__(self, windows: torch.Tensor, batch_size: int, eval_blocks: int, seed: int, where: str = "distill"):
+    def __init__(self, windows: torch.Tensor, batch_size: int, eval_blocks: int, seed: int, where: str = "distill",
+                 extra: torch.Tensor | None = None):
+        """`extra`: more training windows (the teacher's own sequences), never held out."""
         n = windows.shape[0]
         if n - eval_blocks < batch_size:
             raise UserError(f"{where}.data: {n} windows of {windows.shape[1] - 1} tokens, fewer than one batch "
                             f"({batch_size}) after holding out {eval_blocks} for evaluation; add data or lower "
                             "batch_size, seq_len or eval_blocks")
         self.train, self.held_out = windows[: n - eval_blocks], windows[n - eval_blocks:]
+        if extra is not None and extra.numel():
+            self.train = torch.cat([self.train, extra])
         self.batch_size, self.seed = batch_size, seed
         self.per_epoch = self.train.shape[0] // batch_size
 

@@ -32,7 +32,8 @@ def main(spec_path: str) -> None:
     teacher, _ = load_model(Path(spec["teacher"]), spec["dtype"], "cpu")
     student = None if spec["student_dir"] is None else load_model(Path(spec["student_dir"]), spec["dtype"], "cpu")[0]
     tok = load_tokenizer(Path(spec["tokenizer_dir"]))
-    parts = D.prepare(student, teacher, cfg, tok, spec["seed"])
+    extra = torch.load(spec["generated"]) if spec.get("generated") else None
+    parts = D.prepare(student, teacher, cfg, tok, spec["seed"], extra)
     info = train(parts["student"], teacher, parts["packed"], cfg, Path(spec["work_dir"]), spec["device"],
                  spec["seed"], progress=True, flops_per_token=parts["flops_per_token"],
                  student_layers=parts["student_layers"], teacher_layers=parts["teacher_layers"], proj=parts["proj"],

@@ -29,4 +29,10 @@ class Engine(Protocol):
     def generate_text(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         """Greedy completions of text prompts (for smoke checks)."""
 
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                     seed: int = 0) -> list[list[int]]:
+        """Continuations (token ids, up to and including EOS) of token-id prompts, greedy at
+        temperature 0, else sampled from the full distribution (seeded); for sequence-level
+        distillation."""
+
     def close(self) -> None: ...

@@ -141,6 +141,30 @@ class HFEngine:
             outs.append(self.tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
         return outs
 
+    @torch.inference_mode()
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                     seed: int = 0, batch_size: int = 16) -> list[list[int]]:
+        """Batches of equal-length prompts (longer lists are split by length); each continuation
+        cut after its first EOS."""
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        torch.manual_seed(seed)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: dict[int, list[int]] = {}
+        i = 0
+        while i < len(order):
+            n = len(prompts[order[i]])
+            group = [j for j in order[i:i + batch_size] if len(prompts[j]) == n]
+            ids = torch.tensor([prompts[j] for j in group], device=self.device)
+            gen = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=temperature > 0, temperature=temperature or None, top_k=0,
+                                      top_p=1.0, pad_token_id=next(iter(eos), 0))[:, n:].tolist()
+            for j, row in zip(group, gen):
+                cut = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
+                out[j] = row[:cut]
+            i += len(group)
+        return [out[j] for j in range(len(prompts))]
+
     def close(self) -> None:
         self.model = None
         gc.collect()

@@ -119,6 +119,14 @@ class VLLMEngine:
         outs = self.llm.generate(prompts, self._params(max_tokens=max_new_tokens), use_tqdm=False)
         return [o.outputs[0].text for o in outs]
 
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                     seed: int = 0) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        sp = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=seed)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
     def close(self) -> None:
         """Stop vLLM's engine processes now (not at interpreter exit, when logging is gone)."""
         if self.llm is not None:

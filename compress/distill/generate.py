@@ -1,0 +1,58 @@
+"""Sequence-level distillation data: the teacher's own continuations of prompts cut from the
+training text (Kim & Rush, 2016), generated once through the vLLM engine where one is
+installed and the stage runs on a GPU (else transformers), kept in the stage's work directory
+so that a resumed run trains on the same sequences, and packed into windows like the text."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+
+def engine_for(choice: str, device: str) -> str:
+    if choice != "auto":
+        return choice
+    return "vllm" if device.startswith("cuda") and importlib.util.find_spec("vllm") else "hf"
+
+
+def teacher_windows(teacher_dir: Path, windows: torch.Tensor, gcfg, seq_len: int, eos: int | None, device: str,
+                    seed: int, cache: Path | None = None, log=print) -> torch.Tensor:
+    """[n, seq_len + 1] windows of prompt + continuation sequences (joined with EOS), from
+    `gcfg.sequences` prompts: the first `prompt_len` tokens of seeded random training windows."""
+    if cache is not None and cache.is_file():
+        return torch.load(cache)
+    g = torch.Generator().manual_seed(seed + 7919)
+    pick = torch.randint(0, windows.shape[0], (gcfg.sequences,), generator=g)
+    prompts = windows[pick, : gcfg.prompt_len].tolist()
+    engine = engine_for(gcfg.engine, device)
+    log(f"distill: the teacher continues {len(prompts)} prompts of {gcfg.prompt_len} tokens by up to "
+        f"{gcfg.new_tokens} ({engine} engine, temperature {gcfg.temperature:g})")
+    if engine == "vllm":
+        from eval.engines.vllm import VLLMEngine
+
+        eng = VLLMEngine.load(teacher_dir, dtype="bfloat16" if device.startswith("cuda") else "float32", device=device,
+                              max_model_len=gcfg.prompt_len + gcfg.new_tokens + 8)
+    else:
+        from eval.engines.hf import HFEngine
+
+        eng = HFEngine.load(teacher_dir, dtype="bfloat16" if device.startswith("cuda") else "float32", device=device)
+    try:
+        conts = eng.generate_ids(prompts, gcfg.new_tokens, gcfg.temperature, seed)
+    finally:
+        eng.close()
+    seqs = []
+    for p, c in zip(prompts, conts):
+        seqs += p + c
+        if eos is not None and (not c or c[-1] != eos):
+            seqs.append(eos)
+    ids = torch.tensor(seqs, dtype=torch.long)
+    n = ids.numel() // (seq_len + 1)
+    out = ids[: n * (seq_len + 1)].view(n, seq_len + 1)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(out, tmp)
+        tmp.replace(cache)
+    return out
