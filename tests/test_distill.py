@@ -294,3 +294,24 @@ def test_teacher_sequences_through_vllm_cpu(tiny_vllm_model, tmp_path):
     flat = got.reshape(-1).tolist()
     assert got.shape == (len(want) // 8, 8) and flat[:8] == prompts[0] and flat[20:28] == prompts[1]
     assert sum(a == b for a, b in zip(flat, want)) >= 0.9 * len(flat)
+
+
+def test_recovery_training_keeps_a_pruned_models_zeros(teacher, corpus):
+    """A 50 % magnitude-pruned input trained by distillation keeps exactly its zeros (keep_zeros,
+    the default); with keep_zeros false they fill in."""
+    from compress.prune import magnitude
+
+    pruned, _ = magnitude.STAGE.apply(load_model(teacher)[0], magnitude.STAGE.config(sparsity=0.5, skip=["lm_head"]),
+                                      StageContext(device="cpu", seed=0))
+    zeros = {n: (m.weight == 0).clone() for n, m in pruned.named_modules()
+             if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    cfg = _cfg(corpus, student="input", save_every=0, steps=3)
+    out, info = D.apply(pruned, cfg, _ctx(teacher))
+    assert info["sparse_layers_kept"] == len(zeros) == 4 * 7
+    for n, z in zeros.items():
+        w = out.get_submodule(n).weight
+        assert torch.equal(w == 0, z), n
+    loose, info = D.apply(magnitude.STAGE.apply(load_model(teacher)[0], magnitude.STAGE.config(sparsity=0.5,
+                                                skip=["lm_head"]), StageContext(device="cpu", seed=0))[0],
+                          _cfg(corpus, student="input", save_every=0, steps=3, keep_zeros=False), _ctx(teacher))
+    assert info["sparse_layers_kept"] == 0 and (loose.model.layers[0].mlp.up_proj.weight == 0).float().mean() < 0.1

@@ -92,6 +92,8 @@ class DistillConfig(_Strict):
     gradient_checkpointing: bool = False
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU, fp32 "
                                                       "on the CPU")
+    keep_zeros: bool = Field(True, description="recovery training of a pruned artifact: linear layers with >= 5 % "
+                             "exact zeros keep them (their masks re-applied after every step)")
     processes: int | Literal["auto"] = Field(
         1, description="processes to train on, one per GPU: 1 trains in this process; N > 1 starts N through "
         "torch's launcher, each training through accelerate on its slice of every batch; auto: every visible GPU")
@@ -173,6 +175,11 @@ def n_processes(cfg: DistillConfig, device: str) -> int:
 def check(cfg: DistillConfig, model, ctx: StageContext) -> None:
     from transformers import AutoConfig
 
+    from compress.export.compressed_tensors import quantization_config
+
+    q = quantization_config(ctx.model_dir) if ctx.model_dir is not None else None
+    if q:
+        raise UserError(f"distill: {ctx.model_dir} is quantized ({q.get('format', '?')}); distil before quantizing")
     t_dir = teacher_dir(cfg, ctx)
     t_cfg = AutoConfig.from_pretrained(t_dir)
     _vocab_check(model.config, t_cfg, ctx.tokenizer, t_dir)

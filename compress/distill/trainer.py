@@ -128,6 +128,18 @@ def _save(acc, step: int, work: Path, extra: dict) -> None:
     acc.wait_for_everyone()
 
 
+def sparsity_masks(model, min_zeros: float = 0.05) -> dict[str, torch.Tensor]:
+    """{name: weight != 0} for the linear layers whose weights are at least `min_zeros` exact
+    zeros (a pruned artifact): recovery training keeps those zeros."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            mask = m.weight != 0
+            if 1 - mask.float().mean().item() >= min_zeros:
+                out[name] = mask
+    return out
+
+
 def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: str, seed: int,
           progress: bool = True, flops_per_token: float | None = None, student_layers: list[int] = (),
           teacher_layers: list[int] = (), proj: torch.nn.Module | None = None, log=print,
@@ -146,6 +158,9 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
+    masks = sparsity_masks(student) if cfg.keep_zeros else {}
+    if masks:
+        log(f"distill: keeping the zeros of {len(masks)} pruned layers")
     student.train()
     pair = Pair(student, proj, list(student_layers), cfg.loss)
     params = [p for p in pair.parameters() if p.requires_grad]
@@ -168,6 +183,7 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
         work.mkdir(parents=True, exist_ok=True)
 
     inner = acc.unwrap_model(pair).student
+    masked = [(inner.get_submodule(n).weight, m.to(acc.device)) for n, m in masks.items()]
     ppl = saved["held_out_perplexity"] if start else {"start": None, "end": None, "teacher": None}
     curve: list[dict] = saved["curve"] if start else []
     if start == 0:
@@ -191,6 +207,9 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
         if cfg.max_grad_norm:
             acc.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
+        with torch.no_grad():
+            for w, m in masked:
+                w.mul_(m)
         sched.step()
         opt.zero_grad(set_to_none=True)
         trained += tokens_step
@@ -219,5 +238,6 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     return {"steps": cfg.steps, "resumed_at": start or None, "tokens_trained_this_run": trained,
             "tokens_per_step": tokens_step, "seconds": round(secs, 2), "tokens_per_s": tok_s,
             "processes": acc.num_processes, "precision": "bf16 autocast" if bf16 else "fp32",
+            "sparse_layers_kept": len(masks),
             "mfu": mfu, "flops_per_token": flops_per_token, "last_losses": last, "curve": curve,
             "held_out_perplexity": ppl}
