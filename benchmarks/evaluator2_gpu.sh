@@ -12,11 +12,14 @@
 #           when the same part runs again on the same (still warm) machine.
 #   prune-vllm, prune-hf: issue "Pruning II": the 8B shape with 25 % of the MLP channels and
 #           25 % of the heads cut against the unpruned one (benchmarks/prune_structured_gpu.py).
+#   distill-recovery, distill-scale: issue "Distillation" (benchmarks/distill_gpu.py; TOKENS sets
+#           the recovery budget, default 20e6); distill-scale needs both GPUs of the host.
 # DEADLINE (epoch seconds, optional): every Python step is interrupted (SIGINT) there, so the
 # results so far are still packed; benchmarks/gpu_pair.sh sets it.
 set -uo pipefail
-part=${1:?part: decode, hf, vllm-serve, vllm-smol, vllm-8b, prune-vllm or prune-hf}
+part=${1:?part: decode, hf, vllm-serve, vllm-smol, vllm-8b, prune-vllm, prune-hf, distill-recovery or distill-scale}
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" SQUEEZE_HOME=/tmp/squeeze-home HF_HUB_OFFLINE=1
+[ -d .data ] && export SQUEEZE_DATA_DIR=$PWD/.data  # the data sets, carried (../shared/data is not on the host)
 if [ -f /tmp/gpu-env ]; then  # the GPU bundle is staged: vLLM, optuna and pydantic from it
   . /tmp/gpu-env; export PYTHONPATH="$PWD:$PYTHONPATH"
 elif [ "${part#vllm}" = "$part" ] && [ "${part#prune-vllm}" = "$part" ]; then  # the host lacks optuna and pydantic
@@ -55,6 +58,10 @@ case "$part" in
     smol; py benchmarks/prune_structured_gpu.py --engine vllm --tokenizer-from "$SMOL" --jsonl $res/prune_structured_gpu.jsonl 2> $res/prune-$part.err ;;
   prune-hf)
     py benchmarks/prune_structured_gpu.py --engine hf --prompts 128 --repeats 2 --jsonl $res/prune_structured_gpu.jsonl 2> $res/prune-$part.err ;;
+  distill-recovery)
+    smol; py benchmarks/distill_gpu.py recovery --tokens "${TOKENS:-20e6}" --jsonl $res/distill_gpu.jsonl 2> >(quiet) ;;
+  distill-scale)
+    smol; py benchmarks/distill_gpu.py scale --tokens "${TOKENS:-2e6}" --jsonl $res/distill_gpu.jsonl 2> >(quiet) ;;
   vllm-*)
     smol
     case "$part" in
