@@ -117,6 +117,7 @@ def _save(acc, step: int, work: Path, extra: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp), safe_serialization=True)
+    acc.wait_for_everyone()  # every process has written its RNG states before the directory moves
     if acc.is_main_process:
         (tmp / "step.json").write_text(json.dumps({"step": step, **extra}))
         old = work / "ckpt.old"
