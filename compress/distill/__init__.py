@@ -272,8 +272,15 @@ def _launch(model_dir: Path, t_dir: Path, dtype: str, cfg: DistillConfig, ctx: S
     log = work / "launch.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "compress.distill.worker", str(work / "spec.json")]
-    with open(log, "a") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    with open(log, "ab") as f:  # the processes' output (process 0's progress bar) to the terminal and the log
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            while chunk := proc.stdout.read1(65536):
+                f.write(chunk)
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+        finally:
+            rc = proc.wait()
     if rc != 0 or not (out / "info.json").is_file():
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
         raise UserError(f"distill: the {n}-process run failed (exit {rc}); {log}: {tail}")
