@@ -315,3 +315,17 @@ def test_recovery_training_keeps_a_pruned_models_zeros(teacher, corpus):
                                                 skip=["lm_head"]), StageContext(device="cpu", seed=0))[0],
                           _cfg(corpus, student="input", save_every=0, steps=3, keep_zeros=False), _ctx(teacher))
     assert info["sparse_layers_kept"] == 0 and (loose.model.layers[0].mlp.up_proj.weight == 0).float().mean() < 0.1
+
+
+def test_a_kill_while_a_checkpoint_is_replaced_loses_nothing(tmp_path):
+    """Killed after the old checkpoint moved aside and before the new one took its name: the
+    newest whole one is found (the new ckpt.tmp, whole once its step.json exists), never none."""
+    from compress.distill.trainer import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path) is None
+    for name, step in (("ckpt.old", 4), ("ckpt.tmp", 6)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "step.json").write_text(json.dumps({"step": step}))
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt.tmp"
+    (tmp_path / "ckpt.tmp" / "step.json").unlink()  # the new one was not whole yet
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt.old"

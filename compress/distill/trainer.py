@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from compress.distill.data import Packed
+from compress.fsutil import atomic_write_text
 from compress.distill.losses import chunked_losses, hidden_mse
 
 # dense bf16 tensor-core peaks (FLOP/s) for model-FLOPs utilization; other devices report none
@@ -110,6 +111,13 @@ def held_out_perplexity(student, windows: torch.Tensor, device, autocast, chunk:
     return math.exp(ce_sum / max(1, n_sum))
 
 
+def latest_checkpoint(work: Path) -> Path | None:
+    """The newest whole checkpoint: `ckpt`, or, after a kill in the middle of replacing it, the
+    new one still named `ckpt.tmp` (whole once its step.json exists) or the old `ckpt.old`."""
+    whole = [d for d in (work / "ckpt", work / "ckpt.tmp", work / "ckpt.old") if (d / "step.json").is_file()]
+    return max(whole, key=lambda d: json.loads((d / "step.json").read_text())["step"], default=None)
+
+
 def _save(acc, step: int, work: Path, extra: dict) -> None:
     """Checkpoint atomically as work/ckpt (the previous one is replaced only once this one is whole)."""
     tmp, final = work / "ckpt.tmp", work / "ckpt"
@@ -119,7 +127,7 @@ def _save(acc, step: int, work: Path, extra: dict) -> None:
     acc.save_state(str(tmp), safe_serialization=True)
     acc.wait_for_everyone()  # every process has written its RNG states before the directory moves
     if acc.is_main_process:
-        (tmp / "step.json").write_text(json.dumps({"step": step, **extra}))
+        atomic_write_text(tmp / "step.json", json.dumps({"step": step, **extra}))  # last: marks the checkpoint whole
         old = work / "ckpt.old"
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
@@ -175,11 +183,12 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
         teacher.requires_grad_(False)
 
     start, work, saved = 0, Path(work_dir) if work_dir else None, {}
-    if work is not None and (work / "ckpt" / "step.json").is_file():
-        acc.load_state(str(work / "ckpt"))
-        saved = json.loads((work / "ckpt" / "step.json").read_text())
+    ckpt = latest_checkpoint(work) if work is not None else None
+    if ckpt is not None:
+        acc.load_state(str(ckpt))
+        saved = json.loads((ckpt / "step.json").read_text())
         start = saved["step"]
-        log(f"distill: resuming at step {start} of {cfg.steps} from {work / 'ckpt'}")
+        log(f"distill: resuming at step {start} of {cfg.steps} from {ckpt}")
     elif work is not None:
         work.mkdir(parents=True, exist_ok=True)
 
