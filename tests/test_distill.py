@@ -16,7 +16,6 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from compress import distill as D
-from compress.distill import trainer as T
 from compress.distill.losses import chunked_losses, token_divergence
 from compress.errors import UserError
 from compress.models import load_model
@@ -139,33 +138,65 @@ def _weights(m) -> dict:
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-def test_killed_run_resumes_bit_identical(teacher, corpus, tmp_path):
-    """A run interrupted after its step-4 checkpoint, run again, resumes at step 4 and ends
-    with exactly the weights of a run that was never interrupted (CPU, float32)."""
-    cfg = _cfg(corpus)
-    whole, _ = D.apply(load_model(teacher)[0], cfg, _ctx(teacher, tmp_path / "whole"))
+KILL_DRIVER = """
+import json, sys, time
+from pathlib import Path
+from compress import pipeline
+from compress.distill import trainer
+from compress.recipe import parse_recipe
 
-    work = tmp_path / "killed"
-    real_train = T.train
+real = trainer.train
 
-    def crash_after(n):
-        def on_step(step):
-            if step == n:
-                raise KeyboardInterrupt  # what a kill between checkpoints loses: steps after the last one
+def train(*a, **k):
+    def on_step(step):
+        if step == 7:  # after the step-6 checkpoint: tell the test, then wait to be killed
+            Path(sys.argv[2]).write_text("step 7")
+            time.sleep(600)
+    return real(*a, **{**k, "on_step": on_step})
 
-        return lambda *a, **k: real_train(*a, **{**k, "on_step": on_step})
+trainer.train = train
+pipeline.run(parse_recipe(json.loads(Path(sys.argv[1]).read_text())), evaluate_outputs=False)
+"""
 
-    D_train = "compress.distill.trainer.train"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(D_train, crash_after(5))
-        with pytest.raises(KeyboardInterrupt):
-            D.apply(load_model(teacher)[0], cfg, _ctx(teacher, work))
-    assert json.loads((work / "ckpt" / "step.json").read_text())["step"] == 4
-    resumed, info = D.apply(load_model(teacher)[0], cfg, _ctx(teacher, work))
-    assert info["resumed_at"] == 4 and info["tokens_trained_this_run"] == 4 * 4 * 32
-    a, b = _weights(whole), _weights(resumed)
+
+def test_sigkilled_run_resumes_bit_identical(teacher, corpus, home, tmp_path):
+    """A `squeeze run` SIGKILLed during step 7 of 10 (checkpoints every 3 steps), run again,
+    resumes at step 6 and ends with exactly the weights of a run never interrupted (CPU, fp32)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from compress import pipeline
+    from compress.recipe import parse_recipe
+
+    stage = {"type": "distill", "student": "every_other", "steps": 10, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1,
+             "eval_every": 0, "save_every": 3, "data": {"datasets": [str(corpus)], "seq_len": 32, "eval_blocks": 2},
+             "loss": {"kd": 1.0, "ce": 0.5}}
+    killed = tiny_recipe(teacher, corpus, [stage], name="killed")
+    rjson, marker, driver = tmp_path / "r.json", tmp_path / "marker", tmp_path / "driver.py"
+    rjson.write_text(json.dumps(killed))
+    driver.write_text(KILL_DRIVER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, str(driver), str(rjson), str(marker)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    out, work = home / "killed" / "stages" / "01-distill", home / "killed" / "work" / "01-distill"
+    assert not pipeline.is_complete(out) and json.loads((work / "ckpt" / "step.json").read_text())["step"] == 6
+
+    pipeline.run(parse_recipe(killed), evaluate_outputs=False)  # resumes
+    pipeline.run(parse_recipe(tiny_recipe(teacher, corpus, [stage], name="whole")), evaluate_outputs=False)
+    info = json.loads((out / "stage.json").read_text())["info"]
+    assert info["resumed_at"] == 6 and info["tokens_trained_this_run"] == 4 * 4 * 32 and not work.exists()
+    a, b = load_file(home / "whole" / "stages" / "01-distill" / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs from the uninterrupted one"
 
 
 def test_distill_stage_in_a_recipe(teacher, corpus, home, tmp_path):
