@@ -2,6 +2,9 @@
 
     python3 benchmarks/distill_gpu.py recovery [--tokens 20e6] [--processes 1] [--seq-len 1024] [--batch 32]
     python3 benchmarks/distill_gpu.py scale [--tokens 2e6]        (needs 2 GPUs: 1 process, then 2)
+CPU smoke run (minutes; checks the plumbing, not the figures):
+    python3 benchmarks/distill_gpu.py recovery --device cpu --tokens 8192 --seq-len 128 --batch 4 \
+        --calib-samples 4 --ppl-tokens 2048 --piqa-limit 20 --jsonl /tmp/d.jsonl
 
 recovery: one matrix recipe through `squeeze run` on SmolLM2-135M-Instruct: 25 % of the MLP
 channels cut (activation importance, shared by both variants), then the same token budget of
@@ -63,13 +66,15 @@ def stage_infos(run_dir: Path) -> dict:
 
 def cmd_recovery(args) -> None:
     prune = {"type": "prune_mlp", "ratio": 0.25, "importance": "activation",
-             "calibration": {"dataset": "wikitext2-valid", "n_samples": 128, "seq_len": 1024}}
+             "calibration": {"dataset": "wikitext2-valid", "n_samples": args.calib_samples, "seq_len": 1024}}
+    piqa = {"name": "piqa", **({"limit": args.piqa_limit} if args.piqa_limit else {})}
     recipe = {"name": "distill-recovery", "model": {"source": "smollm2", "dtype": "float32"}, "seed": 0,
-              "device": "cuda",  # the prune stage is every variant's first; the matrix runs it once and shares it
+              "device": args.device,  # the prune stage is every variant's first; the matrix runs it once and shares it
               "matrix": {"axes": {"train": {"pruned": [prune], "kd": [prune, distill_stage(args)],
                                             "ce": [prune, distill_stage(args, loss={"kd": 0.0, "ce": 1.0})]}}},
-              "eval": {"engines": ["hf"], "perplexity": {"dataset": "wikitext2", "context_length": 1024},
-                       "tasks": [{"name": "piqa"}],
+              "eval": {"engines": ["hf"], "perplexity": {"dataset": "wikitext2", "context_length": 1024,
+                                                         "max_tokens": args.ppl_tokens},
+                       "tasks": [piqa],
                        "speed": {"num_prompts": 16, "input_len": 128, "output_len": 64}}}
     run_dir = run_recipe(recipe, Path(args.work) / "distill-recovery.yaml")
     rep = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").is_file() else {}
@@ -84,7 +89,7 @@ def cmd_scale(args) -> None:
         st = distill_stage(args, student="every_other", teacher="base", processes=n, eval_every=0, save_every=0,
                            loss={"ce": 0.0})
         recipe = {"name": f"distill-scale-{n}", "model": {"source": "smollm2", "dtype": "float32"}, "seed": 0,
-                  "device": "cuda", "stages": [st], "eval": {"engines": ["hf"], "perplexity": {"max_tokens": 4096}}}
+                  "device": args.device, "stages": [st], "eval": {"engines": ["hf"], "perplexity": {"max_tokens": 4096}}}
         run_dir = run_recipe(recipe, Path(args.work) / f"distill-scale-{n}.yaml")
         res[n] = next(iter(stage_infos(run_dir).values()))
         print(n, res[n]["tokens_per_s"], res[n].get("mfu"), flush=True)
@@ -106,6 +111,10 @@ def main() -> None:
         p.add_argument("--lr", type=float, default=2e-4)
         p.add_argument("--processes", type=int, default=1)
         p.add_argument("--work", default="/tmp/distill-bench")
+        p.add_argument("--device", default="cuda", help="cuda (the figures) or cpu (a smoke run with a tiny budget)")
+        p.add_argument("--calib-samples", type=int, default=128, help="prune stage: calibration windows of 1024")
+        p.add_argument("--ppl-tokens", type=int, default=None, help="perplexity: first N tokens (default: all)")
+        p.add_argument("--piqa-limit", type=int, default=None, help="PIQA: first N items (default: all 1,838)")
         p.add_argument("--jsonl", default=str(ROOT / "benchmarks" / "results" / "distill_gpu.jsonl"))
     args = ap.parse_args()
     {"recovery": cmd_recovery, "scale": cmd_scale}[args.cmd](args)
