@@ -123,3 +123,26 @@ def engine_scores(model_dir: Path, ids, dtype: str, engine: str = "hf"):
         return eng.score(ids)
     finally:
         eng.close()
+
+
+def sigkill_at_marker(driver: str, recipe: dict, tmp_path: Path, timeout_s: float = 300.0) -> None:
+    """Run `driver` (Python source; argv: recipe JSON path, marker path) in a fresh process,
+    wait until it writes the marker, then SIGKILL it: a crash at a known point."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rjson, marker, script = tmp_path / "r.json", tmp_path / "marker", tmp_path / "driver.py"
+    rjson.write_text(json.dumps(recipe))
+    script.write_text(driver)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, str(script), str(rjson), str(marker)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout_s
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)

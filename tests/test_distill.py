@@ -20,7 +20,7 @@ from compress.distill.losses import chunked_losses, token_divergence
 from compress.errors import UserError
 from compress.models import load_model
 from compress.stage import StageContext
-from tests.conftest import TEXT, make_tiny_llama, tiny_recipe
+from tests.conftest import TEXT, make_tiny_llama, sigkill_at_marker, tiny_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -162,12 +162,6 @@ pipeline.run(parse_recipe(json.loads(Path(sys.argv[1]).read_text())), evaluate_o
 def test_sigkilled_run_resumes_bit_identical(teacher, corpus, home, tmp_path):
     """A `squeeze run` SIGKILLed during step 7 of 10 (checkpoints every 3 steps), run again,
     resumes at step 6 and ends with exactly the weights of a run never interrupted (CPU, fp32)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from compress import pipeline
     from compress.recipe import parse_recipe
 
@@ -175,18 +169,7 @@ def test_sigkilled_run_resumes_bit_identical(teacher, corpus, home, tmp_path):
              "eval_every": 0, "save_every": 3, "data": {"datasets": [str(corpus)], "seq_len": 32, "eval_blocks": 2},
              "loss": {"kd": 1.0, "ce": 0.5}}
     killed = tiny_recipe(teacher, corpus, [stage], name="killed")
-    rjson, marker, driver = tmp_path / "r.json", tmp_path / "marker", tmp_path / "driver.py"
-    rjson.write_text(json.dumps(killed))
-    driver.write_text(KILL_DRIVER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, str(driver), str(rjson), str(marker)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    sigkill_at_marker(KILL_DRIVER, killed, tmp_path)
     out, work = home / "killed" / "stages" / "01-distill", home / "killed" / "work" / "01-distill"
     assert not pipeline.is_complete(out) and json.loads((work / "ckpt" / "step.json").read_text())["step"] == 6
 

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +14,7 @@ from compress.cli import main
 from compress.errors import UserError
 from compress.fsutil import sha256_file
 from compress.recipe import parse_recipe
-from conftest import REPO, tiny_recipe
+from conftest import sigkill_at_marker, tiny_recipe
 
 TWO_STAGES = [{"type": "magnitude_prune", "sparsity": 0.3},
               {"type": "magnitude_prune", "sparsity": 0.6, "skip": ["lm_head", "*.v_proj"]}]
@@ -217,18 +212,8 @@ pipeline.run(parse_recipe(json.loads(Path(sys.argv[1]).read_text())), evaluate_o
 
 
 def test_sigkill_during_second_stage_then_resume(tiny_model, text_file, home, tmp_path, monkeypatch):
-    rjson, marker, driver = tmp_path / "r.json", tmp_path / "marker", tmp_path / "driver.py"
-    rjson.write_text(json.dumps(tiny_recipe(tiny_model, text_file, TWO_STAGES)))
-    driver.write_text(KILL_DRIVER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, str(driver), str(rjson), str(marker)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 180
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    recipe = tiny_recipe(tiny_model, text_file, TWO_STAGES)
+    sigkill_at_marker(KILL_DRIVER, recipe, tmp_path, timeout_s=180)
 
     stages = home / "tiny" / "stages"
     first = stages / "01-magnitude_prune"
@@ -240,7 +225,7 @@ def test_sigkill_during_second_stage_then_resume(tiny_model, text_file, home, tm
     calls = []
     monkeypatch.setattr(registry, "get", lambda name: dataclasses.replace(
         real, apply=lambda m, c, x: (calls.append(c.sparsity), real.apply(m, c, x))[1]))
-    pipeline.run(parse_recipe(json.loads(rjson.read_text())), evaluate_outputs=False)
+    pipeline.run(parse_recipe(recipe), evaluate_outputs=False)
     assert calls == [0.6], "the first stage was recomputed"
     assert sha256_file(first / "model.safetensors") == first_sha
     assert pipeline.is_complete(stages / "02-magnitude_prune")
