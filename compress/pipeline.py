@@ -106,11 +106,13 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def stage_context(recipe: Recipe, device: str, tokenizer, model_dir: Path) -> StageContext:
+def stage_context(recipe: Recipe, device: str, tokenizer, model_dir: Path, base_dir: Path | None = None,
+                  work_dir: Path | None = None) -> StageContext:
     e = recipe.eval
     return StageContext(device=device, seed=recipe.seed, tokenizer=tokenizer, model_dir=model_dir,
                         engines=tuple(e.engine_list()), engine_dtypes={"hf": recipe.model.dtype,
-                                                                 "vllm": e.vllm.dtype or recipe.model.dtype})
+                                                                 "vllm": e.vllm.dtype or recipe.model.dtype},
+                        base_dir=base_dir, work_dir=work_dir)
 
 
 def preflight(recipe: Recipe, device: str, base_dir: Path) -> None:
@@ -145,8 +147,7 @@ def preflight(recipe: Recipe, device: str, base_dir: Path) -> None:
         return
     m = recipe.model
     meta = meta_model(base_dir, m.dtype, m.trust_remote_code)
-    ctx = stage_context(recipe, device, load_tokenizer(base_dir, m.trust_remote_code), base_dir)
-    ctx.base_dir = base_dir
+    ctx = stage_context(recipe, device, load_tokenizer(base_dir, m.trust_remote_code), base_dir, base_dir)
     errors = []
     for at, spec, check in checks:
         try:
@@ -191,8 +192,7 @@ def run_chain(recipe: Recipe, stages: list[StageSpec], outs: list[Path], device:
         if model is None:
             model, tok = load_model(prev, m.dtype, "cpu", m.trust_remote_code, m.allow_pickle)
         stage = registry.get(spec.type)
-        ctx = stage_context(recipe, device, tok, prev)
-        ctx.base_dir, ctx.work_dir = base_dir, out.parent.parent / "work" / out.name
+        ctx = stage_context(recipe, device, tok, prev, base_dir, out.parent.parent / "work" / out.name)
         torch.manual_seed(recipe.seed)
         t0 = time.perf_counter()
         log(f"{tag}: running")
