@@ -85,11 +85,9 @@ def flat_row(run: str, entry: dict, engine: str, m: dict, ret: dict, is_base: bo
     return {
         "run": run, "artifact": entry["name"], "baseline": is_base, "final": bool(entry.get("final")),
         "stages": entry.get("stages") or ([entry["stage"]] if entry.get("stage") else []), "engine": engine,
-        "quant": quant_label(m), "params": m.get("params") or next(
-            (em["params"] for em in entry["engines"].values() if em.get("params")), None),
+        "quant": quant_label(m), "params": _model_figure(m, entry, "params"),
         "nonzero_params": m.get("nonzero_params"),
-        "flops_per_token": m.get("flops_per_token") or next(
-            (em["flops_per_token"] for em in entry["engines"].values() if em.get("flops_per_token")), None),
+        "flops_per_token": _model_figure(m, entry, "flops_per_token"),
         "size_bytes": m.get("size_bytes") or None,
         "perplexity": (m.get("perplexity") or {}).get("perplexity"),
         "ppl_change_pct": 0.0 if is_base and m.get("perplexity") else ret.get("ppl_change_pct"),
@@ -106,6 +104,12 @@ def flat_row(run: str, entry: dict, engine: str, m: dict, ret: dict, is_base: bo
         "size_ratio": 1.0 if is_base and m.get("size_bytes") else ret.get("size_ratio"),
         "error": m.get("error"),
     }
+
+
+def _model_figure(m: dict, entry: dict, key: str):
+    """A property of the model itself (parameters, FLOPs per token): this engine's figure, or
+    any engine's that measured it."""
+    return m.get(key) or next((em[key] for em in entry["engines"].values() if em.get(key)), None)
 
 
 def report_rows(rep: dict, run: str | None = None, with_baseline: bool = True) -> list[dict]:
