@@ -27,14 +27,15 @@ class CalibrationConfig(BaseModel):
     batch_size: int = Field(1, gt=0, description="windows per forward pass (memory vs speed)")
 
 
-@functools.lru_cache(maxsize=4)
-def _tokens(tokenizer, dataset: str) -> torch.Tensor:
+@functools.lru_cache(maxsize=8)
+def dataset_tokens(tokenizer, dataset: str) -> torch.Tensor:
+    """The whole data set's token ids (no special tokens), tokenized once per tokenizer."""
     return tokenizer(load_text(dataset), add_special_tokens=False, return_tensors="pt").input_ids[0]
 
 
 def check_calibration(tokenizer, cfg: CalibrationConfig, where: str = "stage") -> None:
     """UserError when the data set holds fewer tokens than n_samples × seq_len."""
-    n = _tokens(tokenizer, cfg.dataset).numel()
+    n = dataset_tokens(tokenizer, cfg.dataset).numel()
     need = cfg.n_samples * cfg.seq_len
     if n < need or n <= cfg.seq_len:
         raise UserError(f"{where}.calibration: data set {cfg.dataset!r} has {n:,} tokens, fewer than "
@@ -44,7 +45,7 @@ def check_calibration(tokenizer, cfg: CalibrationConfig, where: str = "stage") -
 
 def calibration_batches(tokenizer, dataset: str, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """[n_samples, seq_len] token windows at seeded random offsets of a text data set."""
-    ids = _tokens(tokenizer, dataset)
+    ids = dataset_tokens(tokenizer, dataset)
     if ids.numel() <= seq_len:
         raise UserError(f"calibration data {dataset!r} has {ids.numel()} tokens; need more than seq_len={seq_len}")
     g = torch.Generator().manual_seed(seed)

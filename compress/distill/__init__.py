@@ -30,8 +30,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from compress.distill.data import Packed, pack
-from compress.distill.losses import KINDS  # noqa: F401
+from compress.distill.data import Packed, pack, split
 from compress.errors import UserError
 from compress.stage import Stage, StageContext
 
@@ -219,8 +218,7 @@ def generated(t_dir: Path, cfg: DistillConfig, tokenizer, ctx: StageContext, log
         return None
     from compress.distill.generate import teacher_windows
 
-    windows = pack(tokenizer, tuple(cfg.data.datasets), cfg.data.seq_len)
-    train = windows[: windows.shape[0] - cfg.data.eval_blocks]
+    train, _ = split(pack(tokenizer, tuple(cfg.data.datasets), cfg.data.seq_len), cfg.data.eval_blocks)
     cache = Path(ctx.work_dir) / "generated.pt" if ctx.work_dir is not None else None
     return teacher_windows(t_dir, train, cfg.data.generated, cfg.data.seq_len, tokenizer.eos_token_id, ctx.device,
                            ctx.seed, cache, log)
@@ -244,8 +242,11 @@ def prepare(student, teacher, cfg: DistillConfig, tokenizer, seed: int, extra: t
         proj = torch.nn.Linear(d_s, d_t, bias=False)
     packed = Packed(pack(tokenizer, tuple(cfg.data.datasets), cfg.data.seq_len), cfg.batch_size // cfg.grad_accum,
                     cfg.data.eval_blocks, seed, extra=extra)
-    # model FLOPs per trained token: the student's forward and backward (3x its forward), the teacher's forward
-    fpt = 3 * size_info(student)["flops_per_token"] + size_info(teacher)["flops_per_token"]
+    # model FLOPs per trained token: the student's forward and backward (3x its forward), and the
+    # teacher's forward where a loss reads it
+    fpt = 3 * size_info(student)["flops_per_token"]
+    if cfg.loss.kd > 0 or pairs:
+        fpt += size_info(teacher)["flops_per_token"]
     return {"student": student, "packed": packed, "proj": proj, "student_layers": [s for s, _ in pairs],
             "teacher_layers": [t for _, t in pairs], "flops_per_token": fpt,
             "info": {"student": cfg.student, "layer_map": pairs or None,
@@ -288,9 +289,22 @@ def _launch(model_dir: Path, t_dir: Path, dtype: str, cfg: DistillConfig, ctx: S
     return student, json.loads((out / "info.json").read_text())
 
 
+def train_student(student, teacher, cfg: DistillConfig, tokenizer, seed: int, device: str, work_dir: Path | None,
+                  extra: torch.Tensor | None = None, progress: bool = True, log=print):
+    """(the trained student on the CPU, the run's figures): what one process does, alone or as
+    one of several (compress.distill.worker)."""
+    from compress.distill.trainer import train
+    from compress.prune.structured.cuts import size_info
+
+    parts = prepare(student, teacher, cfg, tokenizer, seed, extra)
+    info = train(parts["student"], teacher, parts["packed"], cfg, work_dir, device, seed, progress,
+                 parts["flops_per_token"], parts["student_layers"], parts["teacher_layers"], parts["proj"], log)
+    student = parts["student"].to("cpu")
+    return student, {**info, **parts["info"], "student_size": size_info(student)}
+
+
 def apply(model, cfg: DistillConfig, ctx: StageContext):
     from compress.models import load_model
-    from compress.prune.structured.cuts import size_info
 
     t_dir = teacher_dir(cfg, ctx)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -302,14 +316,8 @@ def apply(model, cfg: DistillConfig, ctx: StageContext):
                             "(run it through a recipe)")
         student, info = _launch(Path(ctx.model_dir), t_dir, dtype, cfg, ctx, n)
     else:
-        from compress.distill.trainer import train
-
-        teacher, _ = load_model(t_dir, dtype, "cpu")
-        parts = prepare(model, teacher, cfg, ctx.tokenizer, ctx.seed, extra)
-        info = train(parts["student"], teacher, parts["packed"], cfg, ctx.work_dir, ctx.device, ctx.seed, ctx.progress,
-                     parts["flops_per_token"], parts["student_layers"], parts["teacher_layers"], parts["proj"])
-        student = parts["student"].to("cpu")
-        info.update(parts["info"], student_size=size_info(student))
+        student, info = train_student(model, load_model(t_dir, dtype, "cpu")[0], cfg, ctx.tokenizer, ctx.seed,
+                                      ctx.device, ctx.work_dir, extra, ctx.progress)
     info["teacher"] = str(t_dir)
     return student, json.loads(json.dumps(info, default=float))
 

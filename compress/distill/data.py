@@ -9,17 +9,16 @@ Batches follow a seeded permutation per epoch, so the batch at any step is a pur
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from compress.data import load_text
+from compress.calibration import dataset_tokens
 from compress.errors import UserError
 
 
-@functools.lru_cache(maxsize=8)
-def _ids(tokenizer, dataset: str) -> torch.Tensor:
-    return tokenizer(load_text(dataset), add_special_tokens=False, return_tensors="pt").input_ids[0]
+def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """A token stream cut into [n, seq_len + 1] windows (the tail that fills none dropped)."""
+    n = ids.numel() // (seq_len + 1)
+    return ids[: n * (seq_len + 1)].view(n, seq_len + 1)
 
 
 def pack(tokenizer, datasets: tuple[str, ...], seq_len: int) -> torch.Tensor:
@@ -27,26 +26,30 @@ def pack(tokenizer, datasets: tuple[str, ...], seq_len: int) -> torch.Tensor:
     eos = tokenizer.eos_token_id
     parts = []
     for d in datasets:
-        parts.append(_ids(tokenizer, d))
+        parts.append(dataset_tokens(tokenizer, d))
         if eos is not None:
             parts.append(torch.tensor([eos]))
-    ids = torch.cat(parts)
-    n = ids.numel() // (seq_len + 1)
-    return ids[: n * (seq_len + 1)].view(n, seq_len + 1)
+    return windows(torch.cat(parts), seq_len)
+
+
+def split(wins: torch.Tensor, eval_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training windows, the last `eval_blocks` held out)."""
+    n = wins.shape[0] - eval_blocks
+    return wins[:n], wins[n:]
 
 
 class Packed:
     """The training windows and the held-out ones, and the batch of every step."""
 
-    def __init__(self, windows: torch.Tensor, batch_size: int, eval_blocks: int, seed: int, where: str = "distill",
+    def __init__(self, wins: torch.Tensor, batch_size: int, eval_blocks: int, seed: int, where: str = "distill",
                  extra: torch.Tensor | None = None):
         """`extra`: more training windows (the teacher's own sequences), never held out."""
-        n = windows.shape[0]
+        n = wins.shape[0]
         if n - eval_blocks < batch_size:
-            raise UserError(f"{where}.data: {n} windows of {windows.shape[1] - 1} tokens, fewer than one batch "
+            raise UserError(f"{where}.data: {n} windows of {wins.shape[1] - 1} tokens, fewer than one batch "
                             f"({batch_size}) after holding out {eval_blocks} for evaluation; add data or lower "
                             "batch_size, seq_len or eval_blocks")
-        self.train, self.held_out = windows[: n - eval_blocks], windows[n - eval_blocks:]
+        self.train, self.held_out = split(wins, eval_blocks)
         if extra is not None and extra.numel():
             self.train = torch.cat([self.train, extra])
         self.batch_size, self.seed = batch_size, seed

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from compress.distill.data import windows
+
 
 def engine_for(choice: str, device: str) -> str:
     if choice != "auto":
@@ -17,27 +19,26 @@ def engine_for(choice: str, device: str) -> str:
     return "vllm" if device.startswith("cuda") and importlib.util.find_spec("vllm") else "hf"
 
 
-def teacher_windows(teacher_dir: Path, windows: torch.Tensor, gcfg, seq_len: int, eos: int | None, device: str,
+def teacher_windows(teacher_dir: Path, train: torch.Tensor, gcfg, seq_len: int, eos: int | None, device: str,
                     seed: int, cache: Path | None = None, log=print) -> torch.Tensor:
     """[n, seq_len + 1] windows of prompt + continuation sequences (joined with EOS), from
     `gcfg.sequences` prompts: the first `prompt_len` tokens of seeded random training windows."""
     if cache is not None and cache.is_file():
         return torch.load(cache)
     g = torch.Generator().manual_seed(seed + 7919)
-    pick = torch.randint(0, windows.shape[0], (gcfg.sequences,), generator=g)
-    prompts = windows[pick, : gcfg.prompt_len].tolist()
-    engine = engine_for(gcfg.engine, device)
+    pick = torch.randint(0, train.shape[0], (gcfg.sequences,), generator=g)
+    prompts = train[pick, : gcfg.prompt_len].tolist()
+    engine, dtype = engine_for(gcfg.engine, device), "bfloat16" if device.startswith("cuda") else "float32"
     log(f"distill: the teacher continues {len(prompts)} prompts of {gcfg.prompt_len} tokens by up to "
         f"{gcfg.new_tokens} ({engine} engine, temperature {gcfg.temperature:g})")
     if engine == "vllm":
         from eval.engines.vllm import VLLMEngine
 
-        eng = VLLMEngine.load(teacher_dir, dtype="bfloat16" if device.startswith("cuda") else "float32", device=device,
-                              max_model_len=gcfg.prompt_len + gcfg.new_tokens + 8)
+        eng = VLLMEngine.load(teacher_dir, dtype=dtype, device=device, max_model_len=gcfg.prompt_len + gcfg.new_tokens + 8)
     else:
         from eval.engines.hf import HFEngine
 
-        eng = HFEngine.load(teacher_dir, dtype="bfloat16" if device.startswith("cuda") else "float32", device=device)
+        eng = HFEngine.load(teacher_dir, dtype=dtype, device=device)
     try:
         conts = eng.generate_ids(prompts, gcfg.new_tokens, gcfg.temperature, seed)
     finally:
@@ -47,9 +48,7 @@ def teacher_windows(teacher_dir: Path, windows: torch.Tensor, gcfg, seq_len: int
         seqs += p + c
         if eos is not None and (not c or c[-1] != eos):
             seqs.append(eos)
-    ids = torch.tensor(seqs, dtype=torch.long)
-    n = ids.numel() // (seq_len + 1)
-    out = ids[: n * (seq_len + 1)].view(n, seq_len + 1)
+    out = windows(torch.tensor(seqs, dtype=torch.long), seq_len)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")

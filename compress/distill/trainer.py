@@ -177,10 +177,9 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     pair, opt = acc.prepare(pair, opt)
     acc.register_for_checkpointing(sched)  # stepped once per optimizer step, on any number of processes
-    teacher = teacher.to(acc.device).eval() if teacher is not None else None
-    head_t = teacher.get_output_embeddings() if teacher is not None and cfg.loss.kd > 0 else None
-    if teacher is not None:
-        teacher.requires_grad_(False)
+    teacher = teacher.to(acc.device).eval().requires_grad_(False)
+    head_t = teacher.get_output_embeddings() if cfg.loss.kd > 0 else None
+    runs_teacher = head_t is not None or bool(teacher_layers)  # plain CE training only reads its perplexity
 
     start, work, saved = 0, Path(work_dir) if work_dir else None, {}
     ckpt = latest_checkpoint(work) if work is not None else None
@@ -198,8 +197,7 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     curve: list[dict] = saved["curve"] if start else []
     if start == 0:
         ppl["start"] = held_out_perplexity(inner, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk)
-        if teacher is not None:
-            ppl["teacher"] = held_out_perplexity(teacher, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk)
+        ppl["teacher"] = held_out_perplexity(teacher, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk)
     tokens_step, ga = packed.tokens_per_step() * cfg.grad_accum, cfg.grad_accum
     bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not (progress and acc.is_main_process))
     t_run, trained, last = time.perf_counter(), 0, {}
@@ -209,7 +207,7 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
             ids = packed.batch(step * ga + micro, acc.process_index, acc.num_processes).to(acc.device)
             sync = contextlib.nullcontext() if micro == ga - 1 else acc.no_sync(pair)
             with sync, acc.autocast():
-                t_final, t_states = _teacher(teacher, ids, list(teacher_layers)) if teacher is not None else (None, [])
+                t_final, t_states = _teacher(teacher, ids, list(teacher_layers)) if runs_teacher else (None, [])
                 parts = pair(ids, t_final if head_t is not None else None, t_states, head_t)
                 acc.backward(parts["loss"] / ga)
             for k, v in parts.items():
@@ -237,7 +235,8 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
             on_step(done)
     bar.close()
     secs = time.perf_counter() - t_run
-    ppl["end"] = held_out_perplexity(inner, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk)
+    ppl["end"] = (curve[-1]["held_out_ppl"] if curve and curve[-1]["step"] == cfg.steps  # measured at the last step
+                  else held_out_perplexity(inner, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk))
     tok_s = trained / secs if secs > 0 and trained else None
     peak = peak_flops(acc.device)
     mfu = (tok_s * flops_per_token / (peak * acc.num_processes)) if (tok_s and flops_per_token and peak) else None

@@ -1,8 +1,8 @@
 """One process of a multi-process distillation (`processes: N` > 1): started N times by
 torch's launcher (`python -m torch.distributed.run --standalone --nproc_per_node N`), each
-process builds the same teacher and student from disk, trains through accelerate (DDP, or
-FSDP with `strategy: fsdp`) on its slice of every global batch, and process 0 writes the
-student and the run's figures:
+process builds the same teacher and student from disk, trains through accelerate (DDP) on
+its slice of every global batch (compress.distill.train_student, what a single process runs
+too), and process 0 writes the student and the run's figures:
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m compress.distill.worker SPEC.json
 
@@ -22,10 +22,8 @@ def main(spec_path: str) -> None:
     import torch
 
     from compress import distill as D
-    from compress.distill.trainer import train
     from compress.fsutil import atomic_dir
     from compress.models import load_model, load_tokenizer
-    from compress.prune.structured.cuts import size_info
 
     spec = json.loads(Path(spec_path).read_text())
     cfg = D.DistillConfig.model_validate(spec["config"])
@@ -33,19 +31,14 @@ def main(spec_path: str) -> None:
     student = None if spec["student_dir"] is None else load_model(Path(spec["student_dir"]), spec["dtype"], "cpu")[0]
     tok = load_tokenizer(Path(spec["tokenizer_dir"]))
     extra = torch.load(spec["generated"]) if spec.get("generated") else None
-    parts = D.prepare(student, teacher, cfg, tok, spec["seed"], extra)
-    info = train(parts["student"], teacher, parts["packed"], cfg, Path(spec["work_dir"]), spec["device"],
-                 spec["seed"], progress=True, flops_per_token=parts["flops_per_token"],
-                 student_layers=parts["student_layers"], teacher_layers=parts["teacher_layers"], proj=parts["proj"],
-                 log=lambda s: print(s, file=sys.stderr, flush=True))
+    student, info = D.train_student(student, teacher, cfg, tok, spec["seed"], spec["device"], Path(spec["work_dir"]),
+                                    extra, log=lambda s: print(s, file=sys.stderr, flush=True))
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
-    out = Path(spec["out_dir"])
-    with atomic_dir(out) as tmp:
-        parts["student"].to("cpu").save_pretrained(tmp)
+    with atomic_dir(Path(spec["out_dir"])) as tmp:
+        student.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "info.json").write_text(json.dumps({**info, **parts["info"], "student_size": size_info(parts["student"])},
-                                                  default=float))
+        (tmp / "info.json").write_text(json.dumps(info, default=float))
 
 
 if __name__ == "__main__":
