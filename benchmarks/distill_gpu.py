@@ -2,6 +2,7 @@
 
     python3 benchmarks/distill_gpu.py recovery [--tokens 20e6] [--processes 1] [--seq-len 1024] [--batch 32]
     python3 benchmarks/distill_gpu.py scale [--tokens 2e6]        (needs 2 GPUs: 1 process, then 2)
+    python3 benchmarks/distill_gpu.py recovery --compile   (the stage's torch.compile option)
 CPU smoke run (minutes; checks the plumbing, not the figures):
     python3 benchmarks/distill_gpu.py recovery --device cpu --tokens 8192 --seq-len 128 --batch 4 \
         --calib-samples 4 --ppl-tokens 2048 --piqa-limit 20 --jsonl /tmp/d.jsonl
@@ -13,8 +14,9 @@ cross-entropy on the data (the control). The evaluator scores the baseline, the 
 (an empty variant) and both students: WikiText-2 perplexity (the evaluator's protocol) and
 PIQA. Recovery = (ppl_pruned - ppl_student) / (ppl_pruned - ppl_dense); goal >= 0.5 and KD
 better than CE. Tokens/s and model-FLOPs utilization come from the distill stage's info.
-scale: the distill stage alone (every_other student) for a short budget on 1 process, then on
-2 (torch's launcher, DDP through accelerate): tokens/s ratio, goal >= 1.8x.
+scale: the same student (25 % of the MLP cut, magnitude importance: no calibration) distilled
+for a short budget on 1 process, then on 2 (torch's launcher, DDP through accelerate), each
+eager and with `compile: true`: tokens/s ratios (goal >= 1.8x) and MFU (goal >= 25 %).
 One JSONL record per command in results/distill_gpu.jsonl (GPU name, versions, command).
 """
 
@@ -32,6 +34,7 @@ import yaml
 from gpu_common import ROOT, record  # noqa: F401 - ROOT puts the repo on sys.path
 
 DATA = ["wikitext2-valid", "tinyshakespeare", "gsm8k"]
+PRUNE_FAST = {"type": "prune_mlp", "ratio": 0.25, "importance": "magnitude"}  # the scale runs' student, no calibration
 
 
 def distill_stage(args, **over) -> dict:
@@ -39,7 +42,7 @@ def distill_stage(args, **over) -> dict:
     st = {"type": "distill", "teacher": "base", "student": "input", "steps": steps, "batch_size": args.batch,
           "lr": args.lr, "warmup_steps": max(1, steps // 20), "eval_every": max(1, steps // 5),
           "save_every": max(1, steps // 5), "processes": args.processes,
-          "loss": {"kd": 1.0, "kind": "forward", "ce": 0.1},
+          "loss": {"kd": 1.0, "kind": "forward", "ce": 0.1}, "compile": args.compile,
           "data": {"datasets": DATA, "seq_len": args.seq_len, "eval_blocks": 16}}
     for k, v in over.items():
         st[k] = {**st[k], **v} if isinstance(v, dict) else v
@@ -75,7 +78,7 @@ def cmd_recovery(args) -> None:
               "eval": {"engines": ["hf"], "perplexity": {"dataset": "wikitext2", "context_length": 1024,
                                                          "max_tokens": args.ppl_tokens},
                        "tasks": [piqa],
-                       "speed": {"num_prompts": 16, "input_len": 128, "output_len": 64}}}
+                       "speed": None}}
     run_dir = run_recipe(recipe, Path(args.work) / "distill-recovery.yaml")
     rep = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").is_file() else {}
     record(args, {"recipe": recipe, "run_dir": str(run_dir), "report": rep, "distill_stages": stage_infos(run_dir)})
@@ -84,20 +87,27 @@ def cmd_recovery(args) -> None:
 
 
 def cmd_scale(args) -> None:
-    res = {}
-    for n in (1, 2):
-        st = distill_stage(args, student="every_other", teacher="base", processes=n, eval_every=0, save_every=0,
-                           loss={"ce": 0.0})
-        recipe = {"name": f"distill-scale-{n}", "model": {"source": "smollm2", "dtype": "float32"}, "seed": 0,
-                  "device": args.device, "stages": [st], "eval": {"engines": ["hf"], "perplexity": {"max_tokens": 4096}}}
-        run_dir = run_recipe(recipe, Path(args.work) / f"distill-scale-{n}.yaml")
-        res[n] = next(iter(stage_infos(run_dir).values()))
-        print(n, res[n]["tokens_per_s"], res[n].get("mfu"), flush=True)
-    ratio = res[2]["tokens_per_s"] / res[1]["tokens_per_s"]
-    print(f"2 processes / 1: {ratio:.2f}x")
-    record(args, {"one": {k: res[1].get(k) for k in ("tokens_per_s", "mfu", "seconds", "processes")},
-                  "two": {k: res[2].get(k) for k in ("tokens_per_s", "mfu", "seconds", "processes")},
-                  "speedup": ratio})
+    res: dict[str, dict] = {}
+    try:
+        for n, comp in ((1, False), (1, True), (2, False), (2, True)):
+            key = f"{n}{'-compiled' if comp else ''}"
+            st = distill_stage(args, processes=n, compile=comp, eval_every=0, save_every=0)
+            recipe = {"name": f"distill-scale-{key}", "model": {"source": "smollm2", "dtype": "float32"}, "seed": 0,
+                      "device": args.device, "stages": [PRUNE_FAST, st],
+                      "eval": {"engines": ["hf"], "perplexity": {"max_tokens": 4096}, "speed": None}}
+            run_dir = run_recipe(recipe, Path(args.work) / f"distill-scale-{key}.yaml")
+            res[key] = next(iter(stage_infos(run_dir).values()))
+            print(key, res[key]["tokens_per_s"], res[key].get("mfu"), flush=True)
+    finally:  # what was measured before a deadline is still recorded
+        keep = ("tokens_per_s", "mfu", "seconds", "seconds_first_step", "processes", "steps", "tokens_per_step",
+                "flops_per_token")
+        ratio = {c: res[f"2{c}"]["tokens_per_s"] / res[f"1{c}"]["tokens_per_s"]
+                 for c in ("", "-compiled") if f"1{c}" in res and f"2{c}" in res}
+        print("2 processes / 1:", ratio)
+        if res:
+            record(args, {"student": "SmolLM2-135M, 25 % of MLP channels cut (magnitude)", "loss": "forward KL + 0.1 CE",
+                          "runs": {k: {f: v.get(f) for f in keep} for k, v in res.items()},
+                          "speedup_eager": ratio.get(""), "speedup_compiled": ratio.get("-compiled")})
 
 
 def main() -> None:
@@ -110,6 +120,7 @@ def main() -> None:
         p.add_argument("--batch", type=int, default=32)
         p.add_argument("--lr", type=float, default=2e-4)
         p.add_argument("--processes", type=int, default=1)
+        p.add_argument("--compile", action="store_true", help="recovery: the distill stage's compile option")
         p.add_argument("--work", default="/tmp/distill-bench")
         p.add_argument("--device", default="cuda", help="cuda (the figures) or cpu (a smoke run with a tiny budget)")
         p.add_argument("--calib-samples", type=int, default=128, help="prune stage: calibration windows of 1024")

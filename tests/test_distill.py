@@ -119,6 +119,23 @@ def test_a_few_steps_lower_the_distillation_loss(teacher, corpus):
     assert all(ppl[k] > 1 for k in ("start", "end", "teacher"))
 
 
+def test_compiled_layers_train_as_eager_ones(teacher, corpus):
+    """compile: true (torch.compile per decoder layer, student and teacher) trains to the same
+    weights as eager within float tolerance, leaves the first step out of tokens/s, and the
+    student leaves as a plain module."""
+    from compress.layerwise import decoder_layers
+
+    out = {}
+    for comp in (False, True):
+        cfg = _cfg(corpus, steps=3, save_every=0, compile=comp)
+        out[comp] = D.apply(load_model(teacher)[0], cfg, _ctx(teacher))
+    (s0, _), (s1, i1) = out[False], out[True]
+    for (n, a), b in zip(s0.state_dict().items(), s1.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3), n
+    assert i1["tokens_timed"] == 2 * 4 * 32 and i1["tokens_trained_this_run"] == 3 * 4 * 32
+    assert all(getattr(layer, "_compiled_call_impl", None) is None for layer in decoder_layers(s1)[1])
+
+
 def test_hidden_loss_through_a_projection_trains(teacher, corpus):
     """A narrower student (hidden cut) learns the teacher's hidden states through a learned
     projection; the map pairs each student layer with the teacher's at the same depth."""

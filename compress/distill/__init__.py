@@ -89,6 +89,8 @@ class DistillConfig(_Strict):
     eval_every: int = Field(50, ge=0, description="held-out perplexity every N steps (0: at the end only)")
     save_every: int = Field(50, ge=0, description="checkpoint every N steps for resume (0: none)")
     gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile each decoder layer of student and teacher (fewer, "
+                          "fused kernels: faster on a GPU once compiled, a minute or so of compiling first)")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU, fp32 "
                                                       "on the CPU")
     keep_zeros: bool = Field(True, description="recovery training of a pruned artifact: linear layers with >= 5 % "

@@ -167,6 +167,11 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
+    if cfg.compile:
+        from compress.layerwise import decoder_layers
+        for m in (student, teacher):  # per layer (as torchtitan does): one graph serves every layer
+            for layer in decoder_layers(m)[1]:
+                layer.compile()
     masks = sparsity_masks(student) if cfg.keep_zeros else {}
     if masks:
         log(f"distill: keeping the zeros of {len(masks)} pruned layers")
@@ -177,7 +182,8 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     pair, opt = acc.prepare(pair, opt)
     acc.register_for_checkpointing(sched)  # stepped once per optimizer step, on any number of processes
-    teacher = teacher.to(acc.device).eval().requires_grad_(False)
+    # frozen: its weights are cast to bf16 once instead of by autocast at every forward pass
+    teacher = teacher.to(acc.device, dtype=torch.bfloat16 if bf16 else None).eval().requires_grad_(False)
     head_t = teacher.get_output_embeddings() if cfg.loss.kd > 0 else None
     runs_teacher = head_t is not None or bool(teacher_layers)  # plain CE training only reads its perplexity
 
@@ -200,9 +206,11 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
         ppl["teacher"] = held_out_perplexity(teacher, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk)
     tokens_step, ga = packed.tokens_per_step() * cfg.grad_accum, cfg.grad_accum
     bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not (progress and acc.is_main_process))
-    t_run, trained, last = time.perf_counter(), 0, {}
+    t_run, t_aside, trained, last = time.perf_counter(), 0.0, 0, {}  # t_aside: evaluation and checkpoints
+    first = 0.0  # this run's first step (compiling, allocator warm-up): left out of tokens/s when others follow
     for step in range(start, cfg.steps):
-        parts_sum: dict[str, float] = {}
+        t_step = time.perf_counter()
+        parts_sum: dict[str, torch.Tensor] = {}
         for micro in range(ga):
             ids = packed.batch(step * ga + micro, acc.process_index, acc.num_processes).to(acc.device)
             sync = contextlib.nullcontext() if micro == ga - 1 else acc.no_sync(pair)
@@ -210,8 +218,8 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
                 t_final, t_states = _teacher(teacher, ids, list(teacher_layers)) if runs_teacher else (None, [])
                 parts = pair(ids, t_final if head_t is not None else None, t_states, head_t)
                 acc.backward(parts["loss"] / ga)
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / ga
+            for k, v in parts.items():  # summed on the device: one host sync per step, not per micro-batch
+                parts_sum[k] = parts_sum.get(k, 0.0) + v.detach().float() / ga
         if cfg.max_grad_norm:
             acc.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
@@ -220,32 +228,45 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
                 w.mul_(m)
         sched.step()
         opt.zero_grad(set_to_none=True)
-        trained += tokens_step
-        last = {k: round(v, 5) for k, v in parts_sum.items()}
-        done = step + 1
+        last = {k: round(float(v), 5) for k, v in parts_sum.items()}
+        done, t0 = step + 1, time.perf_counter()
+        if step == start and done < cfg.steps:
+            first = t0 - t_step
+            t_aside += first
+        else:
+            trained += tokens_step
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
             p = held_out_perplexity(inner, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk)
             curve.append({"step": done, **last, "held_out_ppl": p})
         if work is not None and cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             _save(acc, done, work, {"held_out_perplexity": ppl, "curve": curve})
-        secs = time.perf_counter() - t_run
-        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{trained / secs:,.0f}")
+        t_aside += time.perf_counter() - t0
+        secs = time.perf_counter() - t_run - t_aside
+        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{trained / max(secs, 1e-9):,.0f}")
         bar.update(1)
         if on_step is not None:
             on_step(done)
     bar.close()
-    secs = time.perf_counter() - t_run
+    secs = time.perf_counter() - t_run - t_aside  # training alone: tokens/s and MFU leave out evaluation,
+    # checkpoints and the first step
     ppl["end"] = (curve[-1]["held_out_ppl"] if curve and curve[-1]["step"] == cfg.steps  # measured at the last step
                   else held_out_perplexity(inner, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk))
     tok_s = trained / secs if secs > 0 and trained else None
     peak = peak_flops(acc.device)
     mfu = (tok_s * flops_per_token / (peak * acc.num_processes)) if (tok_s and flops_per_token and peak) else None
     inner.config.use_cache = True
+    if cfg.compile:
+        from compress.layerwise import decoder_layers
+        for layer in decoder_layers(inner)[1]:
+            layer._compiled_call_impl = None  # the student leaves as a plain module (nn.Module.compile's field)
     if cfg.gradient_checkpointing:
         inner.gradient_checkpointing_disable()
     inner.eval()
-    return {"steps": cfg.steps, "resumed_at": start or None, "tokens_trained_this_run": trained,
-            "tokens_per_step": tokens_step, "seconds": round(secs, 2), "tokens_per_s": tok_s,
+    return {"steps": cfg.steps, "resumed_at": start or None, "tokens_trained_this_run": (cfg.steps - start) * tokens_step,
+            "tokens_timed": trained,
+            "tokens_per_step": tokens_step, "seconds": round(secs, 2),
+            "seconds_first_step": round(first, 2), "seconds_eval_and_checkpoints": round(t_aside - first, 2),
+            "tokens_per_s": tok_s,
             "processes": acc.num_processes, "precision": "bf16 autocast" if bf16 else "fp32",
             "sparse_layers_kept": len(masks),
             "mfu": mfu, "flops_per_token": flops_per_token, "last_losses": last, "curve": curve,
