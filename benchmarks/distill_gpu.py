@@ -42,7 +42,7 @@ def distill_stage(args, **over) -> dict:
     st = {"type": "distill", "teacher": "base", "student": "input", "steps": steps, "batch_size": args.batch,
           "lr": args.lr, "warmup_steps": max(1, steps // 20), "eval_every": max(1, steps // 5),
           "save_every": max(1, steps // 5), "processes": args.processes,
-          "loss": {"kd": 1.0, "kind": "forward", "ce": 0.1}, "compile": args.compile,
+          "loss": {"kd": 1.0, "kind": "forward", "ce": 0.1, "chunk": args.loss_chunk}, "compile": args.compile,
           "data": {"datasets": DATA, "seq_len": args.seq_len, "eval_blocks": 16}}
     for k, v in over.items():
         st[k] = {**st[k], **v} if isinstance(v, dict) else v
@@ -89,8 +89,8 @@ def cmd_recovery(args) -> None:
 def cmd_scale(args) -> None:
     res: dict[str, dict] = {}
     try:
-        for n, comp in ((1, False), (1, True), (2, False), (2, True)):
-            key = f"{n}{'-compiled' if comp else ''}"
+        for key in args.runs.split(","):
+            n, comp = int(key.split("-")[0]), key.endswith("-compiled")
             st = distill_stage(args, processes=n, compile=comp, eval_every=0, save_every=0)
             recipe = {"name": f"distill-scale-{key}", "model": {"source": "smollm2", "dtype": "float32"}, "seed": 0,
                       "device": args.device, "stages": [PRUNE_FAST, st],
@@ -106,6 +106,7 @@ def cmd_scale(args) -> None:
         print("2 processes / 1:", ratio)
         if res:
             record(args, {"student": "SmolLM2-135M, 25 % of MLP channels cut (magnitude)", "loss": "forward KL + 0.1 CE",
+                          "batch": [args.batch, args.seq_len], "loss_chunk": args.loss_chunk,
                           "runs": {k: {f: v.get(f) for f in keep} for k, v in res.items()},
                           "speedup_eager": ratio.get(""), "speedup_compiled": ratio.get("-compiled")})
 
@@ -121,6 +122,9 @@ def main() -> None:
         p.add_argument("--lr", type=float, default=2e-4)
         p.add_argument("--processes", type=int, default=1)
         p.add_argument("--compile", action="store_true", help="recovery: the distill stage's compile option")
+        p.add_argument("--loss-chunk", type=int, default=1024, help="the distill stage's loss.chunk (positions)")
+        if name == "scale":
+            p.add_argument("--runs", default="1,1-compiled,2,2-compiled", help="processes, -compiled for compile: true")
         p.add_argument("--work", default="/tmp/distill-bench")
         p.add_argument("--device", default="cuda", help="cuda (the figures) or cpu (a smoke run with a tiny budget)")
         p.add_argument("--calib-samples", type=int, default=128, help="prune stage: calibration windows of 1024")

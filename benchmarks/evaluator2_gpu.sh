@@ -13,8 +13,8 @@
 #   prune-vllm, prune-hf: issue "Pruning II": the 8B shape with 25 % of the MLP channels and
 #           25 % of the heads cut against the unpruned one (benchmarks/prune_structured_gpu.py).
 #   distill-recovery, distill-scale: issue "Distillation" (benchmarks/distill_gpu.py; TOKENS sets
-#           the recovery budget, default 20e6; COMPILE=1 its compile option); distill-scale needs both
-#           GPUs of the host.
+#           the recovery budget, default 20e6; COMPILE=1 its compile option; DISTILL_ARGS more
+#           options of the scale part); distill-scale needs both GPUs of the host.
 # DEADLINE (epoch seconds, optional): every Python step is interrupted (SIGINT) there, so the
 # results so far are still packed; benchmarks/gpu_pair.sh sets it.
 set -uo pipefail
@@ -58,11 +58,11 @@ case "$part" in
   prune-vllm)
     smol; py benchmarks/prune_structured_gpu.py --engine vllm --tokenizer-from "$SMOL" --jsonl $res/prune_structured_gpu.jsonl 2> $res/prune-$part.err ;;
   prune-hf)
-    py benchmarks/prune_structured_gpu.py --engine hf --prompts 128 --repeats 2 --jsonl $res/prune_structured_gpu.jsonl 2> $res/prune-$part.err ;;
+    py benchmarks/prune_structured_gpu.py --engine hf --prompts 64 --repeats 2 --jsonl $res/prune_structured_gpu.jsonl 2> $res/prune-$part.err ;;
   distill-recovery)
     smol; py benchmarks/distill_gpu.py recovery --tokens "${TOKENS:-20e6}" ${COMPILE:+--compile} --jsonl $res/distill_gpu.jsonl 2> >(quiet) ;;
   distill-scale)
-    smol; py benchmarks/distill_gpu.py scale --tokens "${TOKENS:-2e6}" --jsonl $res/distill_gpu.jsonl 2> >(quiet) ;;
+    smol; py benchmarks/distill_gpu.py scale --tokens "${TOKENS:-2e6}" ${DISTILL_ARGS:-} --jsonl $res/distill_gpu.jsonl 2> >(quiet) ;;
   vllm-*)
     smol
     case "$part" in

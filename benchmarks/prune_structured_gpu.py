@@ -62,9 +62,15 @@ def model_dir(out: Path, cfg: dict, tokenizer_from: str | None) -> Path:
     from compress.prune.structured.cuts import heads_fit_width, mistral_config
 
     out.mkdir(parents=True, exist_ok=True)
-    c = LlamaConfig(**{**cfg, "num_attention_heads": 1}, torch_dtype="bfloat16")  # built valid, then given the cut's heads
+    # head_dim stated (else a 1-head config derives hidden_size), built valid, then given the cut's heads
+    cfg = {"head_dim": cfg["hidden_size"] // cfg["num_attention_heads"], **cfg}
+    c = LlamaConfig(**{**cfg, "num_attention_heads": 1}, dtype="bfloat16", architectures=["LlamaForCausalLM"])
     c.num_attention_heads = cfg["num_attention_heads"]
-    (c if heads_fit_width(c) else mistral_config(c)).save_pretrained(out)  # as the prune stages save it
+    if not heads_fit_width(c):  # as the prune stages save it
+        c = mistral_config(c)
+        c.architectures = ["MistralForCausalLM"]
+    assert c.head_dim == cfg["head_dim"], c
+    c.save_pretrained(out)
     for f in Path(tokenizer_from).glob("tokenizer*") if tokenizer_from else []:
         shutil.copy(f, out / f.name)
     return out
