@@ -95,6 +95,10 @@ class DistillConfig(_Strict):
                                                       "on the CPU")
     keep_zeros: bool = Field(True, description="recovery training of a pruned artifact: linear layers with >= 5 % "
                              "exact zeros keep them (their masks re-applied after every step)")
+    sharding: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="several processes: ddp (a whole student per GPU) or fsdp (the student's parameters, "
+        "gradients and optimizer state split over the GPUs, for students that do not fit one; the teacher stays whole "
+        "on each, in bf16)")
     processes: int | Literal["auto"] = Field(
         1, description="processes to train on, one per GPU: 1 trains in this process; N > 1 starts N through "
         "torch's launcher, each training through accelerate on its slice of every batch; auto: every visible GPU")
@@ -186,6 +190,9 @@ def check(cfg: DistillConfig, model, ctx: StageContext) -> None:
     _vocab_check(model.config, t_cfg, ctx.tokenizer, t_dir)
     if cfg.batch_size % cfg.grad_accum:
         raise UserError(f"distill.grad_accum: {cfg.grad_accum} does not divide batch_size {cfg.batch_size}")
+    if cfg.sharding == "fsdp" and cfg.compile:
+        raise UserError("distill.compile: not with sharding: fsdp (compiling sharded layers is not supported here); "
+                        "choose one")
     gen = cfg.data.generated
     if gen is not None:
         from compress.distill.generate import engine_for
@@ -299,9 +306,12 @@ def train_student(student, teacher, cfg: DistillConfig, tokenizer, seed: int, de
     from compress.prune.structured.cuts import size_info
 
     parts = prepare(student, teacher, cfg, tokenizer, seed, extra)
-    info = train(parts["student"], teacher, parts["packed"], cfg, work_dir, device, seed, progress,
-                 parts["flops_per_token"], parts["student_layers"], parts["teacher_layers"], parts["proj"], log)
-    student = parts["student"].to("cpu")
+    student, info = train(parts["student"], teacher, parts["packed"], cfg, work_dir, device, seed, progress,
+                          parts["flops_per_token"], parts["student_layers"], parts["teacher_layers"], parts["proj"],
+                          log)
+    if student is None:  # a sharded run's other processes: process 0 has the gathered student
+        return None, {**info, **parts["info"]}
+    student = student.to("cpu")
     return student, {**info, **parts["info"], "student_size": size_info(student)}
 
 

@@ -1,12 +1,13 @@
 """The distillation trainer: a student learns from a frozen teacher on packed text.
 
-Runs through accelerate (one process here; several through `accelerate launch`, each
-process reading its slice of every global batch), with bf16 autocast on a GPU, gradient
+Runs through accelerate, in one process or in each of several that the stage starts through
+torch's launcher (each reading its slice of every global batch; DDP, or FSDP2 with
+`sharding: fsdp`: compress.distill.sharding), with bf16 autocast on a GPU, gradient
 accumulation, a cosine schedule with warmup, optional gradient checkpointing, a periodic
 held-out perplexity, and a checkpoint every `save_every` steps: model, optimizer, scheduler
-and RNG states through accelerate's save_state, plus the step. The batch of a step is a pure
-function of (seed, step) (compress.distill.data), so a run killed after a checkpoint resumes
-exactly where it was and ends as an uninterrupted run would (a test compares the weights).
+and RNG states (accelerate's save_state, or sharded), plus the step. The batch of a step is a
+pure function of (seed, step) (compress.distill.data), so a run killed after a checkpoint
+resumes exactly where it was and ends as an uninterrupted run would (tests compare the weights).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from compress.distill import sharding
 from compress.distill.data import Packed
 from compress.fsutil import atomic_write_text
 from compress.distill.losses import chunked_losses, hidden_mse
@@ -67,9 +69,13 @@ class Pair(torch.nn.Module):
         super().__init__()
         self.student, self.proj, self.layers, self.cfg = student, proj, student_layers, loss_cfg
 
-    def forward(self, ids: torch.Tensor, t_final: torch.Tensor | None, t_states: list[torch.Tensor],
-                head_t: torch.nn.Module | None) -> dict:
+    def forward(self, ids: torch.Tensor, t_final: torch.Tensor | None = None, t_states: list[torch.Tensor] = (),
+                head_t: torch.nn.Module | None = None, ce_only: bool = False) -> dict:
+        """The loss parts of one batch; ce_only: {ce: summed next-token cross-entropy, n: tokens}
+        (the held-out perplexity, through this module so that a sharded student is gathered)."""
         c = self.cfg
+        if ce_only:
+            return _ce_sum(self.student, ids, c.chunk)
         with layer_outputs(self.student, self.layers) as got:
             h = self.student.base_model(ids[:, :-1], use_cache=False).last_hidden_state
         labels = ids[:, 1:].reshape(-1)
@@ -91,23 +97,28 @@ def _teacher(teacher, ids: torch.Tensor, teacher_layers: list[int]):
     return h, [got[i] for i in teacher_layers]
 
 
+def _ce_sum(model, ids: torch.Tensor, chunk: int) -> dict:
+    h = model.base_model(ids[:, :-1], use_cache=False).last_hidden_state
+    _, ce, n = chunked_losses(h.reshape(-1, h.shape[-1]), None, ids[:, 1:].reshape(-1), model.get_output_embeddings(),
+                              None, want_kd=False, want_ce=True, chunk=chunk)
+    return {"ce": ce, "n": n}
+
+
 @torch.no_grad()
-def held_out_perplexity(student, windows: torch.Tensor, device, autocast, chunk: int = 1024,
+def held_out_perplexity(ce_of, module: torch.nn.Module, windows: torch.Tensor, device, autocast,
                         batch_size: int = 4) -> float | None:
-    """exp(mean next-token cross-entropy) of `student` over the held-out windows."""
+    """exp(mean next-token cross-entropy) over the held-out windows; ce_of(ids) -> {ce, n}
+    computes it for one batch (`module` is put in eval mode meanwhile)."""
     if windows.shape[0] == 0:
         return None
-    was = student.training
-    student.eval()
+    was = module.training
+    module.eval()
     ce_sum, n_sum = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
-        ids = windows[i:i + batch_size].to(device)
         with autocast():
-            h = student.base_model(ids[:, :-1], use_cache=False).last_hidden_state
-        _, ce, n = chunked_losses(h.reshape(-1, h.shape[-1]), None, ids[:, 1:].reshape(-1),
-                                  student.get_output_embeddings(), None, want_kd=False, want_ce=True, chunk=chunk)
-        ce_sum, n_sum = ce_sum + float(ce), n_sum + n
-    student.train(was)
+            r = ce_of(windows[i:i + batch_size].to(device))
+        ce_sum, n_sum = ce_sum + float(r["ce"]), n_sum + r["n"]
+    module.train(was)
     return math.exp(ce_sum / max(1, n_sum))
 
 
@@ -118,13 +129,18 @@ def latest_checkpoint(work: Path) -> Path | None:
     return max(whole, key=lambda d: json.loads((d / "step.json").read_text())["step"], default=None)
 
 
-def _save(acc, step: int, work: Path, extra: dict) -> None:
-    """Checkpoint atomically as work/ckpt (the previous one is replaced only once this one is whole)."""
+def _save(acc, step: int, work: Path, extra: dict, write=None) -> None:
+    """Checkpoint atomically as work/ckpt (the previous one is replaced only once this one is
+    whole): accelerate's save_state, or write(directory) (every process) for a sharded model."""
     tmp, final = work / "ckpt.tmp", work / "ckpt"
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp), safe_serialization=True)
+    if write is not None:
+        write(tmp)
+    else:
+        acc.save_state(str(tmp), safe_serialization=True)
     acc.wait_for_everyone()  # every process has written its RNG states before the directory moves
     if acc.is_main_process:
         atomic_write_text(tmp / "step.json", json.dumps({"step": step, **extra}))  # last: marks the checkpoint whole
@@ -152,9 +168,12 @@ def sparsity_masks(model, min_zeros: float = 0.05) -> dict[str, torch.Tensor]:
 def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: str, seed: int,
           progress: bool = True, flops_per_token: float | None = None, student_layers: list[int] = (),
           teacher_layers: list[int] = (), proj: torch.nn.Module | None = None, log=print,
-          on_step=None) -> dict:
-    """Train `student` in place for cfg.steps optimizer steps; the run's figures.
-    on_step(step): called after each optimizer step (and its checkpoint), for tests."""
+          on_step=None) -> tuple[torch.nn.Module | None, dict]:
+    """Train `student` for cfg.steps optimizer steps: (the trained student, the run's figures).
+    With DDP (or one process) the student is trained in place and returned; sharded
+    (cfg.sharding fsdp, several processes) it is gathered whole and returned on process 0 only
+    (None on the others). on_step(step): called after each optimizer step (and its checkpoint),
+    for tests."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -177,11 +196,15 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
         log(f"distill: keeping the zeros of {len(masks)} pruned layers")
     student.train()
     pair = Pair(student, proj, list(student_layers), cfg.loss)
+    fsdp = cfg.sharding == "fsdp" and acc.num_processes > 1  # one process: nothing to shard over
+    if fsdp:
+        sharding.shard(pair.to(acc.device), acc.device, acc.num_processes, bf16)
     params = [p for p in pair.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
-    pair, opt = acc.prepare(pair, opt)
-    acc.register_for_checkpointing(sched)  # stepped once per optimizer step, on any number of processes
+    if not fsdp:
+        pair, opt = acc.prepare(pair, opt)
+        acc.register_for_checkpointing(sched)  # stepped once per optimizer step, on any number of processes
     # frozen: its weights are cast to bf16 once instead of by autocast at every forward pass
     teacher = teacher.to(acc.device, dtype=torch.bfloat16 if bf16 else None).eval().requires_grad_(False)
     head_t = teacher.get_output_embeddings() if cfg.loss.kd > 0 else None
@@ -190,20 +213,31 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     start, work, saved = 0, Path(work_dir) if work_dir else None, {}
     ckpt = latest_checkpoint(work) if work is not None else None
     if ckpt is not None:
-        acc.load_state(str(ckpt))
+        if fsdp:
+            sharding.load(ckpt, pair, opt, sched, acc.process_index)
+        else:
+            acc.load_state(str(ckpt))
         saved = json.loads((ckpt / "step.json").read_text())
         start = saved["step"]
         log(f"distill: resuming at step {start} of {cfg.steps} from {ckpt}")
     elif work is not None:
         work.mkdir(parents=True, exist_ok=True)
 
-    inner = acc.unwrap_model(pair).student
-    masked = [(inner.get_submodule(n).weight, m.to(acc.device)) for n, m in masks.items()]
+    bare = pair if fsdp else acc.unwrap_model(pair)  # a sharded student is only run through its root, the Pair
+    inner = bare.student
+    masked = [(w, sharding.local_mask(w, m) if fsdp else m.to(acc.device))
+              for w, m in ((inner.get_submodule(n).weight, m) for n, m in masks.items())]
     ppl = saved["held_out_perplexity"] if start else {"start": None, "end": None, "teacher": None}
     curve: list[dict] = saved["curve"] if start else []
+
+    def student_ppl():
+        return held_out_perplexity(lambda ids: bare(ids, ce_only=True), bare, packed.held_out, acc.device,
+                                   acc.autocast)
+
     if start == 0:
-        ppl["start"] = held_out_perplexity(inner, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk)
-        ppl["teacher"] = held_out_perplexity(teacher, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk)
+        ppl["start"] = student_ppl()
+        ppl["teacher"] = held_out_perplexity(lambda ids: _ce_sum(teacher, ids, cfg.loss.chunk), teacher,
+                                             packed.held_out, acc.device, acc.autocast)
     tokens_step, ga = packed.tokens_per_step() * cfg.grad_accum, cfg.grad_accum
     bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not (progress and acc.is_main_process))
     t_run, t_aside, trained, last = time.perf_counter(), 0.0, 0, {}  # t_aside: evaluation and checkpoints
@@ -213,15 +247,17 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
         parts_sum: dict[str, torch.Tensor] = {}
         for micro in range(ga):
             ids = packed.batch(step * ga + micro, acc.process_index, acc.num_processes).to(acc.device)
-            sync = contextlib.nullcontext() if micro == ga - 1 else acc.no_sync(pair)
+            if fsdp:  # gradients reduced once per step, after the last micro-batch
+                pair.set_requires_gradient_sync(micro == ga - 1)
+            sync = contextlib.nullcontext() if micro == ga - 1 or fsdp else acc.no_sync(pair)
             with sync, acc.autocast():
                 t_final, t_states = _teacher(teacher, ids, list(teacher_layers)) if runs_teacher else (None, [])
                 parts = pair(ids, t_final if head_t is not None else None, t_states, head_t)
                 acc.backward(parts["loss"] / ga)
             for k, v in parts.items():  # summed on the device: one host sync per step, not per micro-batch
                 parts_sum[k] = parts_sum.get(k, 0.0) + v.detach().float() / ga
-        if cfg.max_grad_norm:
-            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        if cfg.max_grad_norm:  # over the whole model's gradients, sharded or not
+            (torch.nn.utils.clip_grad_norm_ if fsdp else acc.clip_grad_norm_)(params, cfg.max_grad_norm)
         opt.step()
         with torch.no_grad():
             for w, m in masked:
@@ -236,10 +272,11 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
         else:
             trained += tokens_step
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-            p = held_out_perplexity(inner, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk)
+            p = student_ppl()
             curve.append({"step": done, **last, "held_out_ppl": p})
         if work is not None and cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            _save(acc, done, work, {"held_out_perplexity": ppl, "curve": curve})
+            _save(acc, done, work, {"held_out_perplexity": ppl, "curve": curve},
+                  (lambda d: sharding.save(d, pair, opt, sched, acc.process_index)) if fsdp else None)
         t_aside += time.perf_counter() - t0
         secs = time.perf_counter() - t_run - t_aside
         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{trained / max(secs, 1e-9):,.0f}")
@@ -250,24 +287,27 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     secs = time.perf_counter() - t_run - t_aside  # training alone: tokens/s and MFU leave out evaluation,
     # checkpoints and the first step
     ppl["end"] = (curve[-1]["held_out_ppl"] if curve and curve[-1]["step"] == cfg.steps  # measured at the last step
-                  else held_out_perplexity(inner, packed.held_out, acc.device, acc.autocast, cfg.loss.chunk))
+                  else student_ppl())
     tok_s = trained / secs if secs > 0 and trained else None
     peak = peak_flops(acc.device)
     mfu = (tok_s * flops_per_token / (peak * acc.num_processes)) if (tok_s and flops_per_token and peak) else None
-    inner.config.use_cache = True
-    if cfg.compile:
-        from compress.layerwise import decoder_layers
-        for layer in decoder_layers(inner)[1]:
-            layer._compiled_call_impl = None  # the student leaves as a plain module (nn.Module.compile's field)
-    if cfg.gradient_checkpointing:
-        inner.gradient_checkpointing_disable()
-    inner.eval()
-    return {"steps": cfg.steps, "resumed_at": start or None, "tokens_trained_this_run": (cfg.steps - start) * tokens_step,
+    out = sharding.gather_student(pair, acc.is_main_process) if fsdp else inner
+    if out is not None:
+        out.config.use_cache = True
+        if cfg.compile:
+            from compress.layerwise import decoder_layers
+            for layer in decoder_layers(out)[1]:
+                layer._compiled_call_impl = None  # the student leaves as a plain module (nn.Module.compile's field)
+        if cfg.gradient_checkpointing:
+            out.gradient_checkpointing_disable()
+        out.eval()
+    return out, {"steps": cfg.steps, "resumed_at": start or None, "tokens_trained_this_run": (cfg.steps - start) * tokens_step,
             "tokens_timed": trained,
             "tokens_per_step": tokens_step, "seconds": round(secs, 2),
             "seconds_first_step": round(first, 2), "seconds_eval_and_checkpoints": round(t_aside - first, 2),
             "tokens_per_s": tok_s,
-            "processes": acc.num_processes, "precision": "bf16 autocast" if bf16 else "fp32",
+            "processes": acc.num_processes, "sharding": "fsdp" if fsdp else ("ddp" if acc.num_processes > 1 else None),
+            "precision": "bf16 autocast" if bf16 else "fp32",
             "sparse_layers_kept": len(masks),
             "mfu": mfu, "flops_per_token": flops_per_token, "last_losses": last, "curve": curve,
             "held_out_perplexity": ppl}
