@@ -285,4 +285,9 @@ def test_cut_lines_say_what_a_structured_cut_and_a_distillation_did():
     assert cut_lines({"layers": [30, 22], "removed_layers": [3, 7]}) == ["layers 30 -> 22", "decoder layers removed: 3, 7"]
     assert cut_lines({"held_out_perplexity": {"start": 40.0, "end": 30.5, "teacher": 25.0}}) == [
         "held-out perplexity 40.000 -> 30.500 (teacher 25.000)"]
+    assert cut_lines({"steps": 610, "tokens_per_step": 32768, "processes": 2, "sharding": "fsdp", "resumed_at": 300,
+                      "tokens_per_s": 116526.8, "mfu": 0.1127}) == [
+        "trained 610 steps of 32,768 tokens (resumed at step 300) on 2 processes (fsdp), 116,527 tokens/s, MFU 11.3%"]
+    assert cut_lines({"steps": 4, "tokens_per_step": 128, "processes": 1, "sharding": None, "resumed_at": None,
+                      "tokens_per_s": None}) == ["trained 4 steps of 128 tokens on 1 process"]
     assert cut_lines({"sparsity": 0.5}) == []

@@ -188,8 +188,8 @@ def protocol_lines(report: dict) -> list[str]:
 
 def cut_lines(info: dict) -> list[str]:
     """What a structured cut or a distillation did, from its stage info: the counts before and
-    after (the same in every layer), the heads kept and layers removed per layer, the
-    held-out perplexity before and after training."""
+    after (the same in every layer), the heads kept and layers removed per layer; the training
+    (steps, processes, tokens/s, MFU) and the held-out perplexity before and after it."""
     out = []
     for k in ("intermediate_size", "heads", "kv_heads", "hidden_size", "layers"):
         v = info.get(k)
@@ -200,6 +200,14 @@ def cut_lines(info: dict) -> list[str]:
             f"{i}: {','.join(map(str, h))}" for i, h in enumerate(info["kept_heads_per_layer"])))
     if info.get("removed_layers"):
         out.append(f"decoder layers removed: {', '.join(map(str, info['removed_layers']))}")
+    if info.get("tokens_per_step"):  # a distillation's run
+        n, sh = info.get("processes") or 1, info.get("sharding")
+        line = (f"trained {info['steps']:,} steps of {info['tokens_per_step']:,} tokens"
+                + (f" (resumed at step {info['resumed_at']:,})" if info.get("resumed_at") else "")
+                + f" on {n} process{'es' if n > 1 else ''}" + (f" ({sh})" if sh else ""))
+        if info.get("tokens_per_s"):
+            line += f", {info['tokens_per_s']:,.0f} tokens/s" + (f", MFU {info['mfu']:.1%}" if info.get("mfu") else "")
+        out.append(line)
     ppl = info.get("held_out_perplexity") or {}
     if ppl.get("end") is not None:
         out.append(f"held-out perplexity {ppl['start']:.3f} -> {ppl['end']:.3f}" if ppl.get("start") else
@@ -224,7 +232,7 @@ def notes(report: dict) -> list[str]:
             lines.append(f"- {a['name']}: made by {' -> '.join(a['stages'])}")
     for a in report["artifacts"]:
         info = {k: v for k, v in (a.get("stage_info") or {}).items() if not isinstance(v, (dict, list))}
-        if info:
+        if info and a.get("stage") != "distill":  # a distillation's figures: one line of cut_lines
             lines.append(f"- {a['name']}: " + ", ".join(f"{k} = {v}" for k, v in info.items()))
         q = next((em["quantization"] for em in a["engines"].values() if em.get("quantization")), None)
         if q and q.get("kernels"):
