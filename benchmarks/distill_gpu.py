@@ -90,8 +90,9 @@ def cmd_scale(args) -> None:
     res: dict[str, dict] = {}
     try:
         for key in args.runs.split(","):
-            n, comp = int(key.split("-")[0]), key.endswith("-compiled")
-            st = distill_stage(args, processes=n, compile=comp, eval_every=0, save_every=0)
+            n, flags = int(key.split("-")[0]), set(key.split("-")[1:])
+            st = distill_stage(args, processes=n, compile="compiled" in flags, eval_every=0, save_every=0,
+                               sharding="fsdp" if "fsdp" in flags else "ddp")
             recipe = {"name": f"distill-scale-{key}", "model": {"source": "smollm2", "dtype": "float32"}, "seed": 0,
                       "device": args.device, "stages": [PRUNE_FAST, st],
                       "eval": {"engines": ["hf"], "perplexity": {"max_tokens": 4096}, "speed": None}}
@@ -99,16 +100,19 @@ def cmd_scale(args) -> None:
             res[key] = next(iter(stage_infos(run_dir).values()))
             print(key, res[key]["tokens_per_s"], res[key].get("mfu"), flush=True)
     finally:  # what was measured before a deadline is still recorded
-        keep = ("tokens_per_s", "mfu", "seconds", "seconds_first_step", "processes", "steps", "tokens_per_step",
-                "flops_per_token")
+        keep = ("tokens_per_s", "mfu", "seconds", "seconds_first_step", "processes", "sharding", "steps",
+                "tokens_per_step", "flops_per_token")
         ratio = {c: res[f"2{c}"]["tokens_per_s"] / res[f"1{c}"]["tokens_per_s"]
                  for c in ("", "-compiled") if f"1{c}" in res and f"2{c}" in res}
+        if "1" in res and "2-fsdp" in res:
+            ratio["-fsdp"] = res["2-fsdp"]["tokens_per_s"] / res["1"]["tokens_per_s"]
         print("2 processes / 1:", ratio)
         if res:
             record(args, {"student": "SmolLM2-135M, 25 % of MLP channels cut (magnitude)", "loss": "forward KL + 0.1 CE",
                           "batch": [args.batch, args.seq_len], "loss_chunk": args.loss_chunk,
                           "runs": {k: {f: v.get(f) for f in keep} for k, v in res.items()},
-                          "speedup_eager": ratio.get(""), "speedup_compiled": ratio.get("-compiled")})
+                          "speedup_eager": ratio.get(""), "speedup_compiled": ratio.get("-compiled"),
+                          "speedup_fsdp": ratio.get("-fsdp")})
 
 
 def main() -> None:
@@ -124,7 +128,8 @@ def main() -> None:
         p.add_argument("--compile", action="store_true", help="recovery: the distill stage's compile option")
         p.add_argument("--loss-chunk", type=int, default=1024, help="the distill stage's loss.chunk (positions)")
         if name == "scale":
-            p.add_argument("--runs", default="1,1-compiled,2,2-compiled", help="processes, -compiled for compile: true")
+            p.add_argument("--runs", default="1,1-compiled,2,2-compiled",
+                           help="processes, then -compiled for compile: true, -fsdp for sharding: fsdp")
         p.add_argument("--work", default="/tmp/distill-bench")
         p.add_argument("--device", default="cuda", help="cuda (the figures) or cpu (a smoke run with a tiny budget)")
         p.add_argument("--calib-samples", type=int, default=128, help="prune stage: calibration windows of 1024")
