@@ -25,7 +25,9 @@ import torch
 
 
 def shard(pair: torch.nn.Module, device: torch.device, n: int, bf16: bool):
-    """Shard `pair` (the trainer's Pair: .student and .proj) in place over n processes."""
+    """Shard `pair` (the trainer's Pair: .student and .proj) in place over n processes.
+    fully_shard moves each unit's tensors to the mesh's device as it shards them, so a student
+    larger than one GPU never sits on one whole."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -91,9 +93,9 @@ def gather_student(pair, main: bool):
     if not main:
         return None
     sharded = pair.student
-    plain = type(sharded)(sharded.config)
-    missing, unexpected = plain.load_state_dict(
-        {k.removeprefix("student."): v for k, v in full.items() if k.startswith("student.")}, strict=False)
+    sd = {k.removeprefix("student."): v for k, v in full.items() if k.startswith("student.")}
+    plain = type(sharded)(sharded.config).to(next(iter(sd.values())).dtype)  # the dtype it was trained in
+    missing, unexpected = plain.load_state_dict(sd, strict=False)
     plain.tie_weights()
     tied = set(getattr(plain, "_tied_weights_keys", None) or ())  # e.g. lm_head.weight, the embeddings' own
     if unexpected or set(missing) - tied:

@@ -198,7 +198,7 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     pair = Pair(student, proj, list(student_layers), cfg.loss)
     fsdp = cfg.sharding == "fsdp" and acc.num_processes > 1  # one process: nothing to shard over
     if fsdp:
-        sharding.shard(pair.to(acc.device), acc.device, acc.num_processes, bf16)
+        sharding.shard(pair, acc.device, acc.num_processes, bf16)  # moved to the GPU a unit at a time
     params = [p for p in pair.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
