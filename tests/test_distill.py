@@ -328,6 +328,16 @@ def test_sharded_run_killed_resumes_bit_identical(teacher, corpus, home, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs from the uninterrupted one"
 
 
+def test_a_checkpoint_resumes_only_with_its_own_sharding(teacher, corpus, tmp_path):
+    """A work directory holding a sharded (FSDP) checkpoint is not read as an unsharded one: one line."""
+    work = tmp_path / "work"
+    (work / "ckpt" / "sharded").mkdir(parents=True)
+    (work / "ckpt" / "step.json").write_text(json.dumps({"step": 2}))
+    with pytest.raises(UserError, match=r"written with sharding: fsdp; resume it with the same processes") as e:
+        D.apply(load_model(teacher)[0], _cfg(corpus), _ctx(teacher, work))
+    assert "\n" not in str(e.value)
+
+
 def test_process_counts_that_do_not_fit_are_one_line(teacher, corpus, tmp_path, monkeypatch):
     model, _ = load_model(teacher)
     with pytest.raises(UserError, match=r"distill.processes: 2 processes need 2 GPUs; 0 visible"):

@@ -79,9 +79,11 @@ def load(directory: Path, pair, opt, sched, rank: int) -> None:
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(directory / "sharded"))
     set_state_dict(pair, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    extra = torch.load(directory / f"process_{rank}.pt", weights_only=False)
+    own = directory / f"process_{rank}.pt"  # absent when resumed on more processes than wrote it
+    extra = torch.load(own if own.is_file() else directory / "process_0.pt", weights_only=False)
     sched.load_state_dict(extra["scheduler"])
-    _set_rng_state(extra["rng"])
+    if own.is_file():
+        _set_rng_state(extra["rng"])
 
 
 def gather_student(pair, main: bool):

@@ -25,6 +25,7 @@ from compress.distill import sharding
 from compress.distill.data import Packed
 from compress.fsutil import atomic_write_text
 from compress.distill.losses import chunked_losses, hidden_mse
+from compress.errors import UserError
 
 # dense bf16 tensor-core peaks (FLOP/s) for model-FLOPs utilization; other devices report none
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -213,6 +214,9 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     start, work, saved = 0, Path(work_dir) if work_dir else None, {}
     ckpt = latest_checkpoint(work) if work is not None else None
     if ckpt is not None:
+        if fsdp != (ckpt / "sharded").is_dir():
+            raise UserError(f"distill: the checkpoint {ckpt} was written {'without' if fsdp else 'with'} sharding: "
+                            f"fsdp; resume it with the same processes and sharding, or remove {work} to start over")
         if fsdp:
             sharding.load(ckpt, pair, opt, sched, acc.process_index)
         else:
