@@ -139,20 +139,22 @@ def main() -> None:
     shape = pruned_shape(args.ratio, args.ratio, base)
     dirs = {"dense": model_dir(Path(args.work) / "dense", base, args.tokenizer_from),
             "pruned": model_dir(Path(args.work) / "pruned", {**base, **shape}, args.tokenizer_from)}
-    res = {}
-    for name, d in dirs.items():
-        res[name] = (vllm_speed if args.engine == "vllm" else hf_speed)(d, args, Path(args.jsonl).parent)
-        print(name, json.dumps({k: v["output_tok_s"]["median"] for k, v in res[name].items()
-                                if isinstance(v, dict) and "output_tok_s" in v}), flush=True)
-    sp = speedups(res["dense"], res["pruned"])
-    print(json.dumps({"shape": shape, **{k: v for k, v in sp.items()}}, indent=1))
-    record(args, {"engine": args.engine, "shape": shape, "workload": [args.prompts, args.input_len, args.output_len],
-                  "dense": {k: res["dense"][k]["output_tok_s"] | {"tpot_ms": res["dense"][k]["tpot_mean_ms"]}
-                            for k in ("concurrent", "batch1")},
-                  "pruned": {k: res["pruned"][k]["output_tok_s"] | {"tpot_ms": res["pruned"][k]["tpot_mean_ms"]}
-                             for k in ("concurrent", "batch1")},
-                  "throughput_speedup": sp.get("throughput"), "batch1_tpot_speedup": sp.get("batch1_tpot")})
-
+    res: dict[str, dict] = {}
+    try:
+        for name, d in dirs.items():
+            res[name] = (vllm_speed if args.engine == "vllm" else hf_speed)(d, args, Path(args.jsonl).parent)
+            print(name, json.dumps({k: v["output_tok_s"]["median"] for k, v in res[name].items()
+                                    if isinstance(v, dict) and "output_tok_s" in v}), flush=True)
+    finally:  # a run cut short (a deadline's SIGINT) still records the model it measured
+        figures = {name: {k: r[k]["output_tok_s"] | {"tpot_ms": r[k]["tpot_mean_ms"]} for k in ("concurrent", "batch1")}
+                   for name, r in res.items()}
+        sp = speedups(res["dense"], res["pruned"]) if len(res) == 2 else {}
+        print(json.dumps({"shape": shape, **sp}, indent=1))
+        if res:
+            record(args, {"engine": args.engine, "shape": shape, "workload": [args.prompts, args.input_len,
+                                                                              args.output_len],
+                          **figures, "complete": len(res) == 2,
+                          "throughput_speedup": sp.get("throughput"), "batch1_tpot_speedup": sp.get("batch1_tpot")})
 
 if __name__ == "__main__":
     main()
