@@ -2,7 +2,7 @@
 
 Runs through accelerate, in one process or in each of several that the stage starts through
 torch's launcher (each reading its slice of every global batch; DDP, or FSDP2 with
-`sharding: fsdp`: compress.distill.sharding), with bf16 autocast on a GPU, gradient
+`sharding: fsdp`: compress.distill.parallel), with bf16 autocast on a GPU, gradient
 accumulation, a cosine schedule with warmup, optional gradient checkpointing, a periodic
 held-out perplexity, and a checkpoint every `save_every` steps: model, optimizer, scheduler
 and RNG states (accelerate's save_state, or sharded), plus the step. The batch of a step is a
@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from compress.distill import sharding
+from compress.distill.parallel import Replicated, Sharded
 from compress.distill.data import Packed
 from compress.fsutil import atomic_write_text
 from compress.distill.losses import chunked_losses, hidden_mse
 from compress.errors import UserError
+from compress.layerwise import decoder_layers
 
 # dense bf16 tensor-core peaks (FLOP/s) for model-FLOPs utilization; other devices report none
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -43,8 +44,6 @@ def layer_outputs(model, idx: list[int]):
     """{layer index: its output hidden states} for the decoder layers `idx`, filled by the next
     forward pass (hooks on the layers themselves: transformers' output_hidden_states gives the
     last layer's output after the final norm, the others before it)."""
-    from compress.layerwise import decoder_layers
-
     got: dict[int, torch.Tensor] = {}
     if not idx:
         yield got
@@ -130,18 +129,15 @@ def latest_checkpoint(work: Path) -> Path | None:
     return max(whole, key=lambda d: json.loads((d / "step.json").read_text())["step"], default=None)
 
 
-def _save(acc, step: int, work: Path, extra: dict, write=None) -> None:
+def _save(acc, step: int, work: Path, extra: dict, write) -> None:
     """Checkpoint atomically as work/ckpt (the previous one is replaced only once this one is
-    whole): accelerate's save_state, or write(directory) (every process) for a sharded model."""
+    whole); write(directory) runs in every process (Replicated.save or Sharded.save)."""
     tmp, final = work / "ckpt.tmp", work / "ckpt"
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    if write is not None:
-        write(tmp)
-    else:
-        acc.save_state(str(tmp), safe_serialization=True)
+    write(tmp)
     acc.wait_for_everyone()  # every process has written its RNG states before the directory moves
     if acc.is_main_process:
         atomic_write_text(tmp / "step.json", json.dumps({"step": step, **extra}))  # last: marks the checkpoint whole
@@ -188,7 +184,6 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
     if cfg.compile:
-        from compress.layerwise import decoder_layers
         for m in (student, teacher):  # per layer (as torchtitan does): one graph serves every layer
             for layer in decoder_layers(m)[1]:
                 layer.compile()
@@ -197,15 +192,14 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
         log(f"distill: keeping the zeros of {len(masks)} pruned layers")
     student.train()
     pair = Pair(student, proj, list(student_layers), cfg.loss)
-    fsdp = cfg.sharding == "fsdp" and acc.num_processes > 1  # one process: nothing to shard over
-    if fsdp:
-        sharding.shard(pair, acc.device, acc.num_processes, bf16)  # moved to the GPU a unit at a time
+    # one process has nothing to shard over
+    par = Sharded(acc, bf16) if cfg.sharding == "fsdp" and acc.num_processes > 1 else Replicated(acc)
+    if par.sharded:
+        par.shard(pair)  # before the optimizer, which then holds the shards
     params = [p for p in pair.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
-    if not fsdp:
-        pair, opt = acc.prepare(pair, opt)
-        acc.register_for_checkpointing(sched)  # stepped once per optimizer step, on any number of processes
+    pair, opt = par.prepare(pair, opt, sched)
     # frozen: its weights are cast to bf16 once instead of by autocast at every forward pass
     teacher = teacher.to(acc.device, dtype=torch.bfloat16 if bf16 else None).eval().requires_grad_(False)
     head_t = teacher.get_output_embeddings() if cfg.loss.kd > 0 else None
@@ -214,23 +208,19 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     start, work, saved = 0, Path(work_dir) if work_dir else None, {}
     ckpt = latest_checkpoint(work) if work is not None else None
     if ckpt is not None:
-        if fsdp != (ckpt / "sharded").is_dir():
-            raise UserError(f"distill: the checkpoint {ckpt} was written {'without' if fsdp else 'with'} sharding: "
-                            f"fsdp; resume it with the same processes and sharding, or remove {work} to start over")
-        if fsdp:
-            sharding.load(ckpt, pair, opt, sched, acc.process_index)
-        else:
-            acc.load_state(str(ckpt))
+        if par.sharded != (ckpt / "sharded").is_dir():
+            raise UserError(f"distill: the checkpoint {ckpt} was written {'without' if par.sharded else 'with'} "
+                            f"sharding: fsdp; resume it with the same processes and sharding, or remove {work} to "
+                            "start over")
+        par.load(ckpt)
         saved = json.loads((ckpt / "step.json").read_text())
         start = saved["step"]
         log(f"distill: resuming at step {start} of {cfg.steps} from {ckpt}")
     elif work is not None:
         work.mkdir(parents=True, exist_ok=True)
 
-    bare = pair if fsdp else acc.unwrap_model(pair)  # a sharded student is only run through its root, the Pair
-    inner = bare.student
-    masked = [(w, sharding.local_mask(w, m) if fsdp else m.to(acc.device))
-              for w, m in ((inner.get_submodule(n).weight, m) for n, m in masks.items())]
+    bare = par.bare  # the Pair outside DDP; a sharded student is only run through it, its root
+    masked = [(w, par.mask(w, m)) for w, m in ((bare.student.get_submodule(n).weight, m) for n, m in masks.items())]
     ppl = saved["held_out_perplexity"] if start else {"start": None, "end": None, "teacher": None}
     curve: list[dict] = saved["curve"] if start else []
 
@@ -251,17 +241,14 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
         parts_sum: dict[str, torch.Tensor] = {}
         for micro in range(ga):
             ids = packed.batch(step * ga + micro, acc.process_index, acc.num_processes).to(acc.device)
-            if fsdp:  # gradients reduced once per step, after the last micro-batch
-                pair.set_requires_gradient_sync(micro == ga - 1)
-            sync = contextlib.nullcontext() if micro == ga - 1 or fsdp else acc.no_sync(pair)
-            with sync, acc.autocast():
+            with par.sync(micro == ga - 1), acc.autocast():
                 t_final, t_states = _teacher(teacher, ids, list(teacher_layers)) if runs_teacher else (None, [])
                 parts = pair(ids, t_final if head_t is not None else None, t_states, head_t)
                 acc.backward(parts["loss"] / ga)
             for k, v in parts.items():  # summed on the device: one host sync per step, not per micro-batch
                 parts_sum[k] = parts_sum.get(k, 0.0) + v.detach().float() / ga
-        if cfg.max_grad_norm:  # over the whole model's gradients, sharded or not
-            (torch.nn.utils.clip_grad_norm_ if fsdp else acc.clip_grad_norm_)(params, cfg.max_grad_norm)
+        if cfg.max_grad_norm:
+            par.clip(params, cfg.max_grad_norm)
         opt.step()
         with torch.no_grad():
             for w, m in masked:
@@ -279,8 +266,7 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
             p = student_ppl()
             curve.append({"step": done, **last, "held_out_ppl": p})
         if work is not None and cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            _save(acc, done, work, {"held_out_perplexity": ppl, "curve": curve},
-                  (lambda d: sharding.save(d, pair, opt, sched, acc.process_index)) if fsdp else None)
+            _save(acc, done, work, {"held_out_perplexity": ppl, "curve": curve}, par.save)
         t_aside += time.perf_counter() - t0
         secs = time.perf_counter() - t_run - t_aside
         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{trained / max(secs, 1e-9):,.0f}")
@@ -295,11 +281,10 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     tok_s = trained / secs if secs > 0 and trained else None
     peak = peak_flops(acc.device)
     mfu = (tok_s * flops_per_token / (peak * acc.num_processes)) if (tok_s and flops_per_token and peak) else None
-    out = sharding.gather_student(pair, acc.is_main_process) if fsdp else inner
+    out = par.trained_student()
     if out is not None:
         out.config.use_cache = True
         if cfg.compile:
-            from compress.layerwise import decoder_layers
             for layer in decoder_layers(out)[1]:
                 layer._compiled_call_impl = None  # the student leaves as a plain module (nn.Module.compile's field)
         if cfg.gradient_checkpointing:
@@ -310,7 +295,8 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
             "tokens_per_step": tokens_step, "seconds": round(secs, 2),
             "seconds_first_step": round(first, 2), "seconds_eval_and_checkpoints": round(t_aside - first, 2),
             "tokens_per_s": tok_s,
-            "processes": acc.num_processes, "sharding": "fsdp" if fsdp else ("ddp" if acc.num_processes > 1 else None),
+            "processes": acc.num_processes,
+            "sharding": "fsdp" if par.sharded else ("ddp" if acc.num_processes > 1 else None),
             "precision": "bf16 autocast" if bf16 else "fp32",
             "sparse_layers_kept": len(masks),
             "mfu": mfu, "flops_per_token": flops_per_token, "last_losses": last, "curve": curve,

@@ -1,8 +1,8 @@
 """One process of a multi-process distillation (`processes: N` > 1): started N times by
 torch's launcher (`python -m torch.distributed.run --standalone --nproc_per_node N`), each
 process builds the same teacher and student from disk, trains (DDP through accelerate, or
-FSDP2 with `sharding: fsdp`) on its slice of every global batch (compress.distill.train_student, what a single process runs
-too), and process 0 writes the student and the run's figures:
+FSDP2 with `sharding: fsdp`) on its slice of every global batch (compress.distill.train_student,
+what a single process runs too), and process 0 writes the student and the run's figures:
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m compress.distill.worker SPEC.json
 
