@@ -146,3 +146,39 @@ def sigkill_at_marker(driver: str, recipe: dict, tmp_path: Path, timeout_s: floa
     assert marker.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A 4-layer tiny Llama: the distillation tests' teacher."""
+    return make_tiny_llama(tmp_path_factory.mktemp("distill") / "teacher", layers=4)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small text file: the distillation tests' data."""
+    p = tmp_path_factory.mktemp("distill_data") / "text.txt"
+    p.write_text(TEXT * 30)
+    return p
+
+
+def distill_cfg(corpus: Path, **over):
+    """A small distill stage config (every_other student, 8 steps of 4 x 32), fields overridden."""
+    from compress import distill as D
+
+    raw = {"student": "every_other", "steps": 8, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "eval_every": 0,
+           "save_every": 2, "data": {"datasets": [str(corpus)], "seq_len": 32, "eval_blocks": 2},
+           "loss": {"kd": 1.0, "chunk": 16}}
+    for k, v in over.items():
+        raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+    return D.DistillConfig.model_validate(raw)
+
+
+def distill_ctx(teacher: Path, work: Path | None = None):
+    """A CPU stage context on `teacher` (its tokenizer), with an optional work directory."""
+    from compress.models import load_model
+    from compress.stage import StageContext
+
+    _, tok = load_model(teacher)
+    return StageContext(device="cpu", seed=0, tokenizer=tok, model_dir=teacher, base_dir=teacher, work_dir=work,
+                        progress=False)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,36 +19,7 @@ from compress.distill.losses import chunked_losses, token_divergence
 from compress.errors import UserError
 from compress.models import load_model
 from compress.stage import StageContext
-from tests.conftest import TEXT, make_tiny_llama, sigkill_at_marker, tiny_recipe
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("distill") / "teacher", layers=4)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("distill_data") / "text.txt"
-    p.write_text(TEXT * 30)
-    return p
-
-
-def _cfg(corpus: Path, **over) -> D.DistillConfig:
-    raw = {"student": "every_other", "steps": 8, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "eval_every": 0,
-           "save_every": 2, "data": {"datasets": [str(corpus)], "seq_len": 32, "eval_blocks": 2},
-           "loss": {"kd": 1.0, "chunk": 16}}
-    for k, v in over.items():
-        raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
-    return D.DistillConfig.model_validate(raw)
-
-
-def _ctx(teacher: Path, work: Path | None = None) -> StageContext:
-    _, tok = load_model(teacher)
-    return StageContext(device="cpu", seed=0, tokenizer=tok, model_dir=teacher, base_dir=teacher, work_dir=work,
-                        progress=False)
+from tests.conftest import REPO, distill_cfg, distill_ctx, sigkill_at_marker, tiny_recipe
 
 
 def test_chunked_losses_equal_unchunked_values_and_gradients():
@@ -104,8 +74,8 @@ def _kd_on_held_out(student, teacher_model, packed) -> float:
 
 
 def test_a_few_steps_lower_the_distillation_loss(teacher, corpus):
-    cfg = _cfg(corpus, save_every=0)
-    ctx = _ctx(teacher)
+    cfg = distill_cfg(corpus, save_every=0)
+    ctx = distill_ctx(teacher)
     t_model, tok = load_model(teacher)
     packed = D.Packed(D.pack(tok, (str(corpus),), 32), 4, 2, 0)
     before_student = D._every_other(t_model, [0, 2])
@@ -127,8 +97,8 @@ def test_compiled_layers_train_as_eager_ones(teacher, corpus):
 
     out = {}
     for comp in (False, True):
-        cfg = _cfg(corpus, steps=3, save_every=0, compile=comp)
-        out[comp] = D.apply(load_model(teacher)[0], cfg, _ctx(teacher))
+        cfg = distill_cfg(corpus, steps=3, save_every=0, compile=comp)
+        out[comp] = D.apply(load_model(teacher)[0], cfg, distill_ctx(teacher))
     (s0, _), (s1, i1) = out[False], out[True]
     for (n, a), b in zip(s0.state_dict().items(), s1.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-3), n
@@ -144,8 +114,8 @@ def test_hidden_loss_through_a_projection_trains(teacher, corpus):
     t_model, _ = load_model(teacher)
     student = D._every_other(t_model, [0, 1, 2, 3])
     st.cut_hidden(student, student.model.layers, torch.arange(48))
-    cfg = _cfg(corpus, student="input", save_every=0, loss={"kd": 1.0, "hidden": 1.0, "ce": 0.5})
-    out, info = D.apply(student, cfg, _ctx(teacher))
+    cfg = distill_cfg(corpus, student="input", save_every=0, loss={"kd": 1.0, "hidden": 1.0, "ce": 0.5})
+    out, info = D.apply(student, cfg, distill_ctx(teacher))
     assert info["projection"] == "48 -> 64" and info["layer_map"] == [[0, 0], [1, 1], [2, 2], [3, 3]]
     assert set(info["last_losses"]) == {"kd", "ce", "hidden", "loss"}
     assert out.config.hidden_size == 48
@@ -227,139 +197,37 @@ def test_distill_stage_in_a_recipe(teacher, corpus, home, tmp_path):
 
 def test_bad_input_is_one_line_before_training(teacher, corpus, tmp_path):
     model, _ = load_model(teacher)
-    ctx = _ctx(teacher)
+    ctx = distill_ctx(teacher)
     other = tmp_path / "other"
     shutil.copytree(teacher, other)
     c = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**c, "vocab_size": 400}))
     cases = [
-        (_cfg(corpus, teacher=str(other)), r"has a vocabulary of 400 and the student 320; teacher and student must "
+        (distill_cfg(corpus, teacher=str(other)), r"has a vocabulary of 400 and the student 320; teacher and student must "
                                             r"share a tokenizer"),
-        (_cfg(corpus, teacher=str(tmp_path)), r"not a model directory \(no config.json\)"),
-        (_cfg(corpus, loss={"hidden": 1.0, "layer_map": [[0, 0], [2, 1]]}),
+        (distill_cfg(corpus, teacher=str(tmp_path)), r"not a model directory \(no config.json\)"),
+        (distill_cfg(corpus, loss={"hidden": 1.0, "layer_map": [[0, 0], [2, 1]]}),
          r"layer_map: \[2, 1\] does not fit a student of 2 layers and a teacher of 4"),
-        (_cfg(corpus, batch_size=8192), r"windows of 32 tokens, fewer than one batch \(8192\) after holding out 2"),
-        (_cfg(corpus, grad_accum=3), r"grad_accum: 3 does not divide batch_size 4"),
-        (_cfg(corpus, sharding="fsdp", compile=True), r"distill.compile: not with sharding: fsdp"),
+        (distill_cfg(corpus, batch_size=8192), r"windows of 32 tokens, fewer than one batch \(8192\) after holding out 2"),
+        (distill_cfg(corpus, grad_accum=3), r"grad_accum: 3 does not divide batch_size 4"),
+        (distill_cfg(corpus, sharding="fsdp", compile=True), r"distill.compile: not with sharding: fsdp"),
     ]
     for cfg, msg in cases:
         with pytest.raises(UserError, match=msg) as e:
             D.check(cfg, model, ctx)
         assert "\n" not in str(e.value)
     with pytest.raises(ValidationError, match="greater than 0"):
-        _cfg(corpus, steps=0)
-
-
-@pytest.fixture(scope="module")
-def one_process_run(teacher, corpus, tmp_path_factory):
-    """The 1-process run the multi-process runs are compared with: (weights, info)."""
-    return _processes_run(teacher, corpus, tmp_path_factory.mktemp("p1home"), 1, "ddp")
-
-
-def _processes_run(teacher, corpus, home, n, sharding, **over):
-    from compress import pipeline
-    from compress.recipe import parse_recipe
-
-    stage = {"type": "distill", "student": "every_other", "steps": 4, "batch_size": 4, "lr": 3e-3,
-             "warmup_steps": 1, "eval_every": 2, "save_every": 2, "processes": n, "sharding": sharding,
-             "data": {"datasets": [str(corpus)], "seq_len": 32, "eval_blocks": 2}, "loss": {"kd": 1.0, "ce": 0.5},
-             **over}
-    with pytest.MonkeyPatch.context() as mp:  # a private SQUEEZE_HOME (the module-scoped run cannot take `home`)
-        mp.setenv("SQUEEZE_HOME", str(home))
-        pipeline.run(parse_recipe(tiny_recipe(teacher, corpus, [stage], name=f"p{n}{sharding}")), evaluate_outputs=False)
-    out = home / f"p{n}{sharding}" / "stages" / "01-distill"
-    return load_file(out / "model.safetensors"), json.loads((out / "stage.json").read_text())["info"]
-
-
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_processes_train_as_one(teacher, corpus, tmp_path, one_process_run, sharding):
-    """processes: 2 (torch's launcher, gloo on the CPU, each process half of every batch) ends
-    where one process does, whether each holds the whole student (DDP through accelerate) or
-    half of it (FSDP2): the same recipe on one device or several."""
-    w1, i1 = one_process_run
-    w2, i2 = _processes_run(teacher, corpus, tmp_path, 2, sharding)
-    assert i1["processes"] == 1 and i2["processes"] == 2 and i2["tokens_trained_this_run"] == i1["tokens_trained_this_run"]
-    assert i2["sharding"] == sharding and i1["sharding"] is None
-    assert i2["held_out_perplexity"]["end"] == pytest.approx(i1["held_out_perplexity"]["end"], rel=1e-4)
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
-    assert any(not torch.equal(w1[k], load_file(next(teacher.glob("*.safetensors")))[k]) for k in w1
-               if k in load_file(next(teacher.glob("*.safetensors"))))  # it did train
-
-
-def test_sharded_run_killed_resumes_bit_identical(teacher, corpus, home, tmp_path):
-    """A 2-process FSDP run whose whole process group is SIGKILLed after a checkpoint (sharded
-    model and optimizer through torch.distributed.checkpoint), run again, resumes there and ends
-    with exactly the weights of a run never interrupted."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from compress import pipeline
-    from compress.recipe import parse_recipe
-
-    stage = {"type": "distill", "student": "every_other", "steps": 60, "batch_size": 4, "lr": 3e-3,
-             "warmup_steps": 1, "eval_every": 0, "save_every": 5, "processes": 2, "sharding": "fsdp",
-             "data": {"datasets": [str(corpus)], "seq_len": 32, "eval_blocks": 2}, "loss": {"kd": 1.0, "ce": 0.5}}
-    killed = tiny_recipe(teacher, corpus, [stage], name="killed")
-    (tmp_path / "r.yaml").write_text(json.dumps(killed))
-    step_json = home / "killed" / "work" / "01-distill" / "ckpt" / "step.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "run", str(tmp_path / "r.yaml")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not step_json.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-    proc.wait(timeout=30)
-    at = json.loads(step_json.read_text())["step"]
-    out = home / "killed" / "stages" / "01-distill"
-    assert 5 <= at < 60 and not pipeline.is_complete(out)
-
-    pipeline.run(parse_recipe(killed), evaluate_outputs=False)  # resumes
-    pipeline.run(parse_recipe(tiny_recipe(teacher, corpus, [stage], name="whole")), evaluate_outputs=False)
-    info = json.loads((out / "stage.json").read_text())["info"]
-    assert info["resumed_at"] >= at and info["sharding"] == "fsdp"
-    a, b = load_file(home / "whole" / "stages" / "01-distill" / "model.safetensors"), load_file(out / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs from the uninterrupted one"
-
-
-def test_a_checkpoint_resumes_only_with_its_own_sharding(teacher, corpus, tmp_path):
-    """A work directory holding a sharded (FSDP) checkpoint is not read as an unsharded one: one line."""
-    work = tmp_path / "work"
-    (work / "ckpt" / "sharded").mkdir(parents=True)
-    (work / "ckpt" / "step.json").write_text(json.dumps({"step": 2}))
-    with pytest.raises(UserError, match=r"written with sharding: fsdp; resume it with the same processes") as e:
-        D.apply(load_model(teacher)[0], _cfg(corpus), _ctx(teacher, work))
-    assert "\n" not in str(e.value)
-
-
-def test_process_counts_that_do_not_fit_are_one_line(teacher, corpus, tmp_path, monkeypatch):
-    model, _ = load_model(teacher)
-    with pytest.raises(UserError, match=r"distill.processes: 2 processes need 2 GPUs; 0 visible"):
-        D.check(_cfg(corpus, processes=2), model, StageContext(device="cuda", seed=0, base_dir=teacher))
-    with pytest.raises(UserError, match=r"micro-batches of 3 sequences do not split over 2 processes"):
-        D.check(_cfg(corpus, processes=2, batch_size=3), model, _ctx(teacher))
-    cfg_file = tmp_path / "accelerate.yaml"
-    cfg_file.write_text("num_processes: 4\n")
-    monkeypatch.setattr("accelerate.commands.config.default_config_file", str(cfg_file))
-    with pytest.raises(UserError, match=r"distill.processes: 2, but the accelerate configuration .* says "
-                                        r"num_processes: 4; make them agree"):
-        D.check(_cfg(corpus, processes=2), model, _ctx(teacher))
+        distill_cfg(corpus, steps=0)
 
 
 def test_sequence_level_distillation_trains_on_the_teachers_own_sequences(teacher, corpus, tmp_path, monkeypatch):
     """data.generated: the teacher continues prompts cut from the training text (transformers
     here), the sequences become extra training windows, and they are made once: a resumed run
     reads them back from the work directory instead of generating again."""
-    cfg = _cfg(corpus, save_every=0, steps=2, data={"generated": {"sequences": 6, "prompt_len": 8, "new_tokens": 40,
+    cfg = distill_cfg(corpus, save_every=0, steps=2, data={"generated": {"sequences": 6, "prompt_len": 8, "new_tokens": 40,
                                                                   "temperature": 1.0, "engine": "hf"}})
     work = tmp_path / "work"
-    _, info = D.apply(load_model(teacher)[0], cfg, _ctx(teacher, work))
+    _, info = D.apply(load_model(teacher)[0], cfg, distill_ctx(teacher, work))
     made = torch.load(work / "generated.pt")
     assert info["teacher_windows"] == made.shape[0] > 0 and made.shape[1] == 33
     _, tok = load_model(teacher)
@@ -370,7 +238,7 @@ def test_sequence_level_distillation_trains_on_the_teachers_own_sequences(teache
         raise AssertionError("generated again")
 
     monkeypatch.setattr("eval.engines.hf.HFEngine.load", no_generation)
-    again = D.generated(teacher, cfg, tok, _ctx(teacher, work))
+    again = D.generated(teacher, cfg, tok, distill_ctx(teacher, work))
     assert torch.equal(again, made)
 
 
@@ -402,15 +270,15 @@ def test_recovery_training_keeps_a_pruned_models_zeros(teacher, corpus):
                                       StageContext(device="cpu", seed=0))
     zeros = {n: (m.weight == 0).clone() for n, m in pruned.named_modules()
              if isinstance(m, torch.nn.Linear) and n != "lm_head"}
-    cfg = _cfg(corpus, student="input", save_every=0, steps=3)
-    out, info = D.apply(pruned, cfg, _ctx(teacher))
+    cfg = distill_cfg(corpus, student="input", save_every=0, steps=3)
+    out, info = D.apply(pruned, cfg, distill_ctx(teacher))
     assert info["sparse_layers_kept"] == len(zeros) == 4 * 7
     for n, z in zeros.items():
         w = out.get_submodule(n).weight
         assert torch.equal(w == 0, z), n
     loose, info = D.apply(magnitude.STAGE.apply(load_model(teacher)[0], magnitude.STAGE.config(sparsity=0.5,
                                                 skip=["lm_head"]), StageContext(device="cpu", seed=0))[0],
-                          _cfg(corpus, student="input", save_every=0, steps=3, keep_zeros=False), _ctx(teacher))
+                          distill_cfg(corpus, student="input", save_every=0, steps=3, keep_zeros=False), distill_ctx(teacher))
     assert info["sparse_layers_kept"] == 0 and (loose.model.layers[0].mlp.up_proj.weight == 0).float().mean() < 0.1
 
 
