@@ -3,6 +3,7 @@
     python3 benchmarks/distill_gpu.py recovery [--tokens 20e6] [--processes 1] [--seq-len 1024] [--batch 32]
     python3 benchmarks/distill_gpu.py scale [--tokens 2e6]        (needs 2 GPUs: 1 process, then 2)
     python3 benchmarks/distill_gpu.py recovery --compile   (the stage's torch.compile option)
+    python3 benchmarks/distill_gpu.py profile [--compile]     (torch.profiler: where a step's time goes)
 CPU smoke run (minutes; checks the plumbing, not the figures):
     python3 benchmarks/distill_gpu.py recovery --device cpu --tokens 8192 --seq-len 128 --batch 4 \
         --calib-samples 4 --ppl-tokens 2048 --piqa-limit 20 --jsonl /tmp/d.jsonl
@@ -115,10 +116,52 @@ def cmd_scale(args) -> None:
                           "speedup_fsdp": ratio.get("-fsdp")})
 
 
+def cmd_profile(args) -> None:
+    """torch.profiler over a few steps of the scale run's student, in this process: the kernels
+    that take the GPU's time (top rows by device time) and the step's share of idle device time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from compress import distill as D
+    from compress.distill import trainer
+    from compress.models import load_model, load_tokenizer, resolve_model
+    from compress.prune.structured import MLPCutConfig, apply_mlp
+    from compress.stage import StageContext
+
+    src = resolve_model("smollm2")
+    tok = load_tokenizer(src)
+    ctx = StageContext(device=args.device, seed=0, tokenizer=tok, model_dir=src, base_dir=src, work_dir=None,
+                       progress=False)
+    student, _ = apply_mlp(load_model(src)[0], MLPCutConfig(ratio=0.25, importance="magnitude"), ctx)
+    st = distill_stage(args, compile=args.compile, eval_every=0, save_every=0, steps=args.warm + args.active + 1)
+    st.pop("type")
+    cfg = D.DistillConfig.model_validate(st)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    prof = profile(activities=acts, schedule=schedule(wait=0, warmup=args.warm, active=args.active))
+    base_train = trainer.train
+
+    def train(*a, **k):  # the stage's trainer with the profiler stepped after every optimizer step
+        with prof:
+            return base_train(*a, **k, on_step=lambda step: prof.step())
+
+    trainer.train = train
+    try:
+        _, info = D.train_student(student, load_model(src)[0], cfg, tok, 0, args.device, None, progress=True)
+    finally:
+        trainer.train = base_train
+    sort = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=70)
+    print(table)
+    print({k: info.get(k) for k in ("tokens_per_s", "mfu", "mfu_linear_layers_only", "tokens_per_step")})
+    out = Path(os.environ.get("OUT", args.work))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"distill-profile{'-compiled' if args.compile else ''}.txt").write_text(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("recovery", "scale"):
+    for name in ("recovery", "scale", "profile"):
         p = sub.add_parser(name)
         p.add_argument("--tokens", type=float, default=20e6 if name == "recovery" else 2e6)
         p.add_argument("--seq-len", type=int, default=1024)
@@ -130,6 +173,10 @@ def main() -> None:
         if name == "scale":
             p.add_argument("--runs", default="1,1-compiled,2,2-compiled",
                            help="processes, then -compiled for compile: true, -fsdp for sharding: fsdp")
+        if name == "profile":
+            p.add_argument("--warm", type=int, default=3, help="steps before the profiled ones (compiling)")
+            p.add_argument("--active", type=int, default=3, help="profiled steps")
+            p.add_argument("--rows", type=int, default=30)
         p.add_argument("--work", default="/tmp/distill-bench")
         p.add_argument("--device", default="cuda", help="cuda (the figures) or cpu (a smoke run with a tiny budget)")
         p.add_argument("--calib-samples", type=int, default=128, help="prune stage: calibration windows of 1024")
@@ -137,7 +184,7 @@ def main() -> None:
         p.add_argument("--piqa-limit", type=int, default=None, help="PIQA: first N items (default: all 1,838)")
         p.add_argument("--jsonl", default=str(ROOT / "benchmarks" / "results" / "distill_gpu.jsonl"))
     args = ap.parse_args()
-    {"recovery": cmd_recovery, "scale": cmd_scale}[args.cmd](args)
+    {"recovery": cmd_recovery, "scale": cmd_scale, "profile": cmd_profile}[args.cmd](args)
 
 
 if __name__ == "__main__":

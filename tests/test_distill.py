@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from compress import distill as D
-from compress.distill.losses import chunked_losses, token_divergence
+from compress.distill.losses import chunked_losses, head_losses, token_divergence
 from compress.errors import UserError
 from compress.models import load_model
 from compress.stage import StageContext
@@ -46,6 +46,35 @@ def test_chunked_losses_equal_unchunked_values_and_gradients():
     # cross-entropy is the usual one, over the counted positions
     ref = F.cross_entropy(head_s(h_s).detach()[labels >= 0], labels[labels >= 0], reduction="sum")
     torch.testing.assert_close(ce2, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd", "skew"])
+def test_the_fused_output_layer_loss_has_autograds_values_and_gradients(kind):
+    """head_losses (gradients written in the forward pass, closed-form for forward and reverse KL
+    and CE) equals autograd through chunked_losses: values and the gradients of the hidden
+    states, the weight and the bias, with and without cross-entropy."""
+    g = torch.Generator().manual_seed(2)
+    h_s = torch.randn(37, 16, generator=g, requires_grad=True)
+    h_t = torch.randn(37, 24, generator=g)
+    head_s, head_t = torch.nn.Linear(16, 50), torch.nn.Linear(24, 50, bias=False)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[[3, 30]] = -100
+    for want_ce in (True, False):
+        got = []
+        for fused in (False, True):
+            h_s.grad = head_s.weight.grad = head_s.bias.grad = None
+            if fused:
+                loss, kd, ce = head_losses(h_s, h_t, labels, head_s, head_t, 0.7, 0.2, kind, temperature=2.0,
+                                           beta=0.3, chunk=7, want_ce=want_ce)
+            else:
+                kd, ce, _ = chunked_losses(h_s, h_t, labels, head_s, head_t, kind, temperature=2.0, beta=0.3,
+                                           chunk=7, want_ce=want_ce)
+                loss = 0.7 * kd + 0.2 * ce
+            (3 * loss).backward()
+            got.append([loss.detach(), kd.detach(), ce.detach(), h_s.grad, head_s.weight.grad, head_s.bias.grad])
+        assert got[0][1] > 0 and (got[0][2] > 0) == want_ce
+        for a, b in zip(*got):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_divergences_are_what_they_say():

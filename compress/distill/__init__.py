@@ -89,8 +89,9 @@ class DistillConfig(_Strict):
     eval_every: int = Field(50, ge=0, description="held-out perplexity every N steps (0: at the end only)")
     save_every: int = Field(50, ge=0, description="checkpoint every N steps for resume (0: none)")
     gradient_checkpointing: bool = False
-    compile: bool = Field(False, description="torch.compile each decoder layer of student and teacher (fewer, "
-                          "fused kernels: faster on a GPU once compiled, a minute or so of compiling first)")
+    compile: bool = Field(False, description="torch.compile each decoder layer of student and teacher, and the "
+                          "loss arithmetic over the vocabulary (fewer, fused kernels: faster on a GPU once "
+                          "compiled, a minute or so of compiling first)")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU, fp32 "
                                                       "on the CPU")
     keep_zeros: bool = Field(True, description="recovery training of a pruned artifact: linear layers with >= 5 % "
@@ -233,6 +234,15 @@ def generated(t_dir: Path, cfg: DistillConfig, tokenizer, ctx: StageContext, log
                            ctx.seed, cache, log)
 
 
+def attention_flops(model, context: int) -> int:
+    """Forward FLOPs per token of attention's score and value products over `context` positions:
+    2 x 2 x layers x query heads x head width x context, as PaLM counts them (the causal mask's
+    skipped half not taken off)."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * context
+
+
 def prepare(student, teacher, cfg: DistillConfig, tokenizer, seed: int, extra: torch.Tensor | None = None) -> dict:
     """What training needs besides the two models: the student itself (built from the teacher
     for every_other), the packed data, the layer pairs and projection of the hidden loss, the
@@ -251,13 +261,16 @@ def prepare(student, teacher, cfg: DistillConfig, tokenizer, seed: int, extra: t
         proj = torch.nn.Linear(d_s, d_t, bias=False)
     packed = Packed(pack(tokenizer, tuple(cfg.data.datasets), cfg.data.seq_len), cfg.batch_size // cfg.grad_accum,
                     cfg.data.eval_blocks, seed, extra=extra)
-    # model FLOPs per trained token: the student's forward and backward (3x its forward), and the
-    # teacher's forward where a loss reads it
-    fpt = 3 * size_info(student)["flops_per_token"]
+    # model FLOPs per trained token (PaLM's count, its appendix B): the student's forward and
+    # backward (3x its forward), and the teacher's forward where a loss reads it; each forward is
+    # its linear layers' and attention's
+    linear = 3 * size_info(student)["flops_per_token"]
+    fpt = linear + 3 * attention_flops(student, cfg.data.seq_len)
     if cfg.loss.kd > 0 or pairs:
-        fpt += size_info(teacher)["flops_per_token"]
+        linear += size_info(teacher)["flops_per_token"]
+        fpt += size_info(teacher)["flops_per_token"] + attention_flops(teacher, cfg.data.seq_len)
     return {"student": student, "packed": packed, "proj": proj, "student_layers": [s for s, _ in pairs],
-            "teacher_layers": [t for _, t in pairs], "flops_per_token": fpt,
+            "teacher_layers": [t for _, t in pairs], "flops_per_token": fpt, "linear_flops_per_token": linear,
             "info": {"student": cfg.student, "layer_map": pairs or None,
                      "projection": f"{d_s} -> {d_t}" if proj is not None else None,
                      "train_windows": int(packed.train.shape[0]), "held_out_windows": int(packed.held_out.shape[0]),
@@ -309,6 +322,8 @@ def train_student(student, teacher, cfg: DistillConfig, tokenizer, seed: int, de
     student, info = train(parts["student"], teacher, parts["packed"], cfg, work_dir, device, seed, progress,
                           parts["flops_per_token"], parts["student_layers"], parts["teacher_layers"], parts["proj"],
                           log)
+    if info.get("mfu"):
+        info["mfu_linear_layers_only"] = info["mfu"] * parts["linear_flops_per_token"] / parts["flops_per_token"]
     if student is None:  # a sharded run's other processes: process 0 has the gathered student
         return None, {**info, **parts["info"]}
     student = student.to("cpu")

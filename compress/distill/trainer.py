@@ -24,7 +24,7 @@ import torch
 from compress.distill.parallel import Replicated, Sharded
 from compress.distill.data import Packed
 from compress.fsutil import atomic_write_text
-from compress.distill.losses import chunked_losses, hidden_mse
+from compress.distill.losses import chunked_losses, head_losses, hidden_mse
 from compress.errors import UserError
 from compress.layerwise import decoder_layers
 
@@ -65,9 +65,11 @@ class Pair(torch.nn.Module):
     """The student and, where hidden widths differ, its learned projections: the module that
     is trained (and wrapped for data parallelism), returning the loss parts of one batch."""
 
-    def __init__(self, student, proj: torch.nn.Module | None, student_layers: list[int], loss_cfg):
+    def __init__(self, student, proj: torch.nn.Module | None, student_layers: list[int], loss_cfg,
+                 compiled: bool = False):
         super().__init__()
         self.student, self.proj, self.layers, self.cfg = student, proj, student_layers, loss_cfg
+        self.compiled = compiled  # the output layer's loss arithmetic through torch.compile
 
     def forward(self, ids: torch.Tensor, t_final: torch.Tensor | None = None, t_states: list[torch.Tensor] = (),
                 head_t: torch.nn.Module | None = None, ce_only: bool = False) -> dict:
@@ -79,15 +81,17 @@ class Pair(torch.nn.Module):
         with layer_outputs(self.student, self.layers) as got:
             h = self.student.base_model(ids[:, :-1], use_cache=False).last_hidden_state
         labels = ids[:, 1:].reshape(-1)
-        kd, ce, n = chunked_losses(h.reshape(-1, h.shape[-1]), None if t_final is None else
+        n = (labels >= 0).sum().clamp_min(1).float()  # a tensor: no host sync
+        loss, kd, ce = head_losses(h.reshape(-1, h.shape[-1]), None if t_final is None or c.kd <= 0 else
                                    t_final.reshape(-1, t_final.shape[-1]), labels,
-                                   self.student.get_output_embeddings(), head_t, kind=c.kind,
-                                   temperature=c.temperature, beta=c.beta, chunk=c.chunk,
-                                   want_kd=c.kd > 0, want_ce=c.ce > 0)
+                                   self.student.get_output_embeddings(), head_t, c.kd / n, c.ce / n, kind=c.kind,
+                                   temperature=c.temperature, beta=c.beta, chunk=c.chunk, want_ce=c.ce > 0,
+                                   compiled=self.compiled)
         parts = {"kd": kd / n, "ce": ce / n}
         if self.layers:
             parts["hidden"] = hidden_mse([got[i] for i in self.layers], t_states, self.proj)
-        parts["loss"] = c.kd * parts["kd"] + c.ce * parts["ce"] + c.hidden * parts.get("hidden", 0.0)
+            loss = loss + c.hidden * parts["hidden"]
+        parts["loss"] = loss
         return parts
 
 
@@ -191,7 +195,7 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     if masks:
         log(f"distill: keeping the zeros of {len(masks)} pruned layers")
     student.train()
-    pair = Pair(student, proj, list(student_layers), cfg.loss)
+    pair = Pair(student, proj, list(student_layers), cfg.loss, compiled=cfg.compile)
     # one process has nothing to shard over
     par = Sharded(acc, bf16) if cfg.sharding == "fsdp" and acc.num_processes > 1 else Replicated(acc)
     if par.sharded:
