@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -133,16 +134,23 @@ def cmd_profile(args) -> None:
     ctx = StageContext(device=args.device, seed=0, tokenizer=tok, model_dir=src, base_dir=src, work_dir=None,
                        progress=False)
     student, _ = apply_mlp(load_model(src)[0], MLPCutConfig(ratio=0.25, importance="magnitude"), ctx)
-    st = distill_stage(args, compile=args.compile, eval_every=0, save_every=0, steps=args.warm + args.active + 1)
+    st = distill_stage(args, compile=args.compile, eval_every=0, save_every=0, steps=args.warm + args.active + 2)
     st.pop("type")
     cfg = D.DistillConfig.model_validate(st)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
-    prof = profile(activities=acts, schedule=schedule(wait=0, warmup=args.warm, active=args.active))
-    base_train = trainer.train
+    # the first step (and the set-up before it) waits, the last one (and the final perplexity) is left out
+    prof = profile(activities=acts, schedule=schedule(wait=1, warmup=args.warm, active=args.active, repeat=1))
+    base_train, stamps = trainer.train, {}
+
+    def on_step(step):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        stamps[step] = time.perf_counter()
+        prof.step()
 
     def train(*a, **k):  # the stage's trainer with the profiler stepped after every optimizer step
         with prof:
-            return base_train(*a, **k, on_step=lambda step: prof.step())
+            return base_train(*a, **k, on_step=on_step)
 
     trainer.train = train
     try:
@@ -152,6 +160,11 @@ def cmd_profile(args) -> None:
     sort = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=70)
     print(table)
+    first = 1 + args.warm
+    wall = stamps[first + args.active] - stamps[first]
+    busy = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages()) / 1e6
+    print(f"profiled {args.active} steps: {wall / args.active * 1e3:.1f} ms per step, device busy "
+          f"{busy / args.active * 1e3:.1f} ms per step ({busy / wall:.0%}; includes profiler overhead)")
     print({k: info.get(k) for k in ("tokens_per_s", "mfu", "mfu_linear_layers_only", "tokens_per_step")})
     out = Path(os.environ.get("OUT", args.work))
     out.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,12 @@
 #           25 % of the heads cut against the unpruned one (benchmarks/prune_structured_gpu.py).
 #   distill-recovery, distill-scale: issue "Distillation" (benchmarks/distill_gpu.py; TOKENS sets
 #           the recovery budget, default 20e6; COMPILE=1 its compile option; DISTILL_ARGS more
-#           options of the scale part); distill-scale needs both GPUs of the host.
+#           options of the scale part); distill-scale needs both GPUs of the host. distill-profile:
+#           torch.profiler over a few steps on one GPU (PROFILE_ARGS, default --compile).
 # DEADLINE (epoch seconds, optional): every Python step is interrupted (SIGINT) there, so the
 # results so far are still packed; benchmarks/gpu_pair.sh sets it.
 set -uo pipefail
-part=${1:?part: decode, hf, vllm-serve, vllm-smol, vllm-8b, prune-vllm, prune-hf, distill-recovery or distill-scale}
+part=${1:?part: decode, hf, vllm-serve, vllm-smol, vllm-8b, prune-vllm, prune-hf, distill-recovery, distill-scale or distill-profile}
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" SQUEEZE_HOME=/tmp/squeeze-home HF_HUB_OFFLINE=1
 [ -d .data ] && export SQUEEZE_DATA_DIR=$PWD/.data  # the data sets, carried (../shared/data is not on the host)
 if [ -f /tmp/gpu-env ]; then  # the GPU bundle is staged: vLLM, optuna and pydantic from it
@@ -63,6 +64,8 @@ case "$part" in
     smol; py benchmarks/distill_gpu.py recovery --tokens "${TOKENS:-20e6}" ${COMPILE:+--compile} --jsonl $res/distill_gpu.jsonl 2> >(quiet) ;;
   distill-scale)
     smol; py benchmarks/distill_gpu.py scale --tokens "${TOKENS:-2e6}" ${DISTILL_ARGS:-} --jsonl $res/distill_gpu.jsonl 2> >(quiet) ;;
+  distill-profile)
+    smol; py benchmarks/distill_gpu.py profile ${PROFILE_ARGS:---compile} 2> >(quiet) | tee $res/distill-profile.txt ;;
   vllm-*)
     smol
     case "$part" in
