@@ -51,10 +51,12 @@ def distill_stage(args, **over) -> dict:
     return st
 
 
-def run_recipe(recipe: dict, path: Path) -> Path:
+def run_recipe(recipe: dict, path: Path, fresh: bool = False) -> Path:
+    """`squeeze run` on the recipe; fresh: an earlier run of the same name (another batch, on a
+    host still warm) is replaced, not refused."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    rc = subprocess.call([sys.executable, "-m", "compress.cli", "run", str(path)], cwd=ROOT)
+    rc = subprocess.call([sys.executable, "-m", "compress.cli", "run", str(path)] + ["--force"] * fresh, cwd=ROOT)
     run_dir = Path(os.environ.get("SQUEEZE_HOME", ROOT / "checkpoints")) / recipe["name"]
     if rc not in (0, 1):  # 1: a gate failed, the figures are still written
         raise SystemExit(f"squeeze run {path} failed (exit {rc})")
@@ -98,7 +100,7 @@ def cmd_scale(args) -> None:
             recipe = {"name": f"distill-scale-{key}", "model": {"source": "smollm2", "dtype": "float32"}, "seed": 0,
                       "device": args.device, "stages": [PRUNE_FAST, st],
                       "eval": {"engines": ["hf"], "perplexity": {"max_tokens": 4096}, "speed": None}}
-            run_dir = run_recipe(recipe, Path(args.work) / f"distill-scale-{key}.yaml")
+            run_dir = run_recipe(recipe, Path(args.work) / f"distill-scale-{key}.yaml", fresh=True)
             res[key] = next(iter(stage_infos(run_dir).values()))
             print(key, res[key]["tokens_per_s"], res[key].get("mfu"), flush=True)
     finally:  # what was measured before a deadline is still recorded
@@ -119,7 +121,7 @@ def cmd_scale(args) -> None:
 
 def cmd_profile(args) -> None:
     """torch.profiler over a few steps of the scale run's student, in this process: the kernels
-    that take the GPU's time (top rows by device time) and the step's share of idle device time."""
+    that take the GPU's time (top rows by device time) and the wall time per step."""
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -162,9 +164,8 @@ def cmd_profile(args) -> None:
     print(table)
     first = 1 + args.warm
     wall = stamps[first + args.active] - stamps[first]
-    busy = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages()) / 1e6
-    print(f"profiled {args.active} steps: {wall / args.active * 1e3:.1f} ms per step, device busy "
-          f"{busy / args.active * 1e3:.1f} ms per step ({busy / wall:.0%}; includes profiler overhead)")
+    print(f"profiled {args.active} steps: {wall / args.active * 1e3:.1f} ms per step of wall time (the table's "
+          f"'Self CUDA time total' over {args.active}: the device's busy time)")
     print({k: info.get(k) for k in ("tokens_per_s", "mfu", "mfu_linear_layers_only", "tokens_per_step")})
     out = Path(os.environ.get("OUT", args.work))
     out.mkdir(parents=True, exist_ok=True)
