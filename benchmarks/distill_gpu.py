@@ -104,7 +104,7 @@ def cmd_scale(args) -> None:
             res[key] = next(iter(stage_infos(run_dir).values()))
             print(key, res[key]["tokens_per_s"], res[key].get("mfu"), flush=True)
     finally:  # what was measured before a deadline is still recorded
-        keep = ("tokens_per_s", "mfu", "seconds", "seconds_first_step", "processes", "sharding", "steps",
+        keep = ("tokens_per_s", "mfu", "mfu_linear_layers_only", "seconds", "seconds_first_step", "processes", "sharding", "steps",
                 "tokens_per_step", "flops_per_token")
         ratio = {c: res[f"2{c}"]["tokens_per_s"] / res[f"1{c}"]["tokens_per_s"]
                  for c in ("", "-compiled") if f"1{c}" in res and f"2{c}" in res}

@@ -114,6 +114,16 @@ def test_a_few_steps_lower_the_distillation_loss(teacher, corpus):
     assert student.config.num_hidden_layers == 2 and info["steps"] == 8
     assert after < 0.8 * before, (before, after)
     assert info["tokens_trained_this_run"] == 8 * 4 * 32 and info["tokens_per_s"] > 0
+    # model FLOPs per token as PaLM counts them: linear layers and attention over the 32 positions,
+    # 3x the student's forward, 1x the teacher's
+    c = t_model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    def forward_flops(m):
+        lin = sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear))
+        return 2 * lin + 4 * m.config.num_hidden_layers * c.num_attention_heads * head_dim * 32
+
+    assert info["flops_per_token"] == 3 * forward_flops(student) + forward_flops(t_model)
     ppl = info["held_out_perplexity"]  # of a random teacher's pupil on real text: reported, not a target here
     assert all(ppl[k] > 1 for k in ("start", "end", "teacher"))
 
