@@ -126,7 +126,6 @@ def cmd_profile(args) -> None:
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from compress import distill as D
-    from compress.distill import trainer
     from compress.models import load_model, load_tokenizer, resolve_model
     from compress.prune.structured import MLPCutConfig, apply_mlp
     from compress.stage import StageContext
@@ -142,23 +141,17 @@ def cmd_profile(args) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     # the first step (and the set-up before it) waits, the last one (and the final perplexity) is left out
     prof = profile(activities=acts, schedule=schedule(wait=1, warmup=args.warm, active=args.active, repeat=1))
-    base_train, stamps = trainer.train, {}
+    stamps = {}
 
-    def on_step(step):
+    def on_step(step):  # after every optimizer step
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         stamps[step] = time.perf_counter()
         prof.step()
 
-    def train(*a, **k):  # the stage's trainer with the profiler stepped after every optimizer step
-        with prof:
-            return base_train(*a, **k, on_step=on_step)
-
-    trainer.train = train
-    try:
-        _, info = D.train_student(student, load_model(src)[0], cfg, tok, 0, args.device, None, progress=True)
-    finally:
-        trainer.train = base_train
+    with prof:
+        _, info = D.train_student(student, load_model(src)[0], cfg, tok, 0, args.device, None, progress=True,
+                                  on_step=on_step)
     sort = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=70)
     print(table)

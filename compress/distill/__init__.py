@@ -238,9 +238,10 @@ def attention_flops(model, context: int) -> int:
     """Forward FLOPs per token of attention's score and value products over `context` positions:
     2 x 2 x layers x query heads x head width x context, as PaLM counts them (the causal mask's
     skipped half not taken off)."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * context
+    from compress.prune.structured.cuts import head_shape
+
+    heads, _, head_dim = head_shape(model)
+    return 4 * model.config.num_hidden_layers * heads * head_dim * context
 
 
 def prepare(student, teacher, cfg: DistillConfig, tokenizer, seed: int, extra: torch.Tensor | None = None) -> dict:
@@ -264,11 +265,9 @@ def prepare(student, teacher, cfg: DistillConfig, tokenizer, seed: int, extra: t
     # model FLOPs per trained token (PaLM's count, its appendix B): the student's forward and
     # backward (3x its forward), and the teacher's forward where a loss reads it; each forward is
     # its linear layers' and attention's
-    linear = 3 * size_info(student)["flops_per_token"]
-    fpt = linear + 3 * attention_flops(student, cfg.data.seq_len)
-    if cfg.loss.kd > 0 or pairs:
-        linear += size_info(teacher)["flops_per_token"]
-        fpt += size_info(teacher)["flops_per_token"] + attention_flops(teacher, cfg.data.seq_len)
+    uses = [(student, 3)] + ([(teacher, 1)] if cfg.loss.kd > 0 or pairs else [])
+    linear = sum(k * size_info(m)["flops_per_token"] for m, k in uses)
+    fpt = linear + sum(k * attention_flops(m, cfg.data.seq_len) for m, k in uses)
     return {"student": student, "packed": packed, "proj": proj, "student_layers": [s for s, _ in pairs],
             "teacher_layers": [t for _, t in pairs], "flops_per_token": fpt, "linear_flops_per_token": linear,
             "info": {"student": cfg.student, "layer_map": pairs or None,
@@ -312,16 +311,16 @@ def _launch(model_dir: Path, t_dir: Path, dtype: str, cfg: DistillConfig, ctx: S
 
 
 def train_student(student, teacher, cfg: DistillConfig, tokenizer, seed: int, device: str, work_dir: Path | None,
-                  extra: torch.Tensor | None = None, progress: bool = True, log=print):
+                  extra: torch.Tensor | None = None, progress: bool = True, log=print, on_step=None):
     """(the trained student on the CPU, the run's figures): what one process does, alone or as
-    one of several (compress.distill.worker)."""
+    one of several (compress.distill.worker). on_step: the trainer's per-step callback."""
     from compress.distill.trainer import train
     from compress.prune.structured.cuts import size_info
 
     parts = prepare(student, teacher, cfg, tokenizer, seed, extra)
     student, info = train(parts["student"], teacher, parts["packed"], cfg, work_dir, device, seed, progress,
                           parts["flops_per_token"], parts["student_layers"], parts["teacher_layers"], parts["proj"],
-                          log)
+                          log, on_step=on_step)
     if info.get("mfu"):
         info["mfu_linear_layers_only"] = info["mfu"] * parts["linear_flops_per_token"] / parts["flops_per_token"]
     if student is None:  # a sharded run's other processes: process 0 has the gathered student

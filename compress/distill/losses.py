@@ -18,8 +18,8 @@ which only scales the stored gradients. With `compiled`, the per-chunk arithmeti
 torch.compile graph, so the [chunk, vocab] float32 intermediates are fused away instead of
 written and read a dozen times. torch has no fused linear-plus-KL loss, and the packages that
 have one (Liger kernels) need Triton on a GPU and cover other losses, so this is ours.
-`chunked_losses` (plain autograd, each chunk checkpointed) computes the same values: the
-held-out evaluation and the tests' reference use it.
+`chunked_losses` computes the same values with plain autograd: the held-out evaluation and the
+tests' reference use it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 KINDS = ("forward", "reverse", "jsd", "skew")
 CLOSED_FORM = ("forward", "reverse")  # divergences whose gradient head_losses writes out
@@ -87,8 +86,8 @@ def chunked_losses(h_s: torch.Tensor, h_t: torch.Tensor | None, labels: torch.Te
                    want_ce: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(summed divergence, summed cross-entropy, counted tokens) over positions whose label is
     >= 0. h_s [N, d_s] and h_t [N, d_t] are final hidden states (after the final norm), labels
-    [N] the next tokens (-100: not counted); head_s / head_t the output layers. Each chunk of
-    `chunk` positions is checkpointed: its logits exist only while it is computed."""
+    [N] the next tokens (-100: not counted); head_s / head_t the output layers. Without
+    gradients a chunk's logits exist only while it is computed; training uses head_losses."""
     n = h_s.shape[0]
     w_t = head_t.weight if head_t is not None else None
     b_t = getattr(head_t, "bias", None) if head_t is not None else None
@@ -96,10 +95,7 @@ def chunked_losses(h_s: torch.Tensor, h_t: torch.Tensor | None, labels: torch.Te
     for i in range(0, n, chunk):
         args = (h_s[i:i + chunk], h_t[i:i + chunk] if h_t is not None else None, labels[i:i + chunk],
                 head_s.weight, getattr(head_s, "bias", None), w_t, b_t, kind, temperature, beta, want_kd, want_ce)
-        if torch.is_grad_enabled():
-            kd, ce = checkpoint(_chunk, *args, use_reentrant=False)
-        else:
-            kd, ce = _chunk(*args)
+        kd, ce = _chunk(*args)
         kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
     return kd_sum, ce_sum, int((labels >= 0).sum())
 
