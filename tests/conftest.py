@@ -125,26 +125,29 @@ def engine_scores(model_dir: Path, ids, dtype: str, engine: str = "hf"):
         eng.close()
 
 
-def sigkill_at_marker(driver: str, recipe: dict, tmp_path: Path, timeout_s: float = 300.0) -> None:
+def sigkill_at_marker(driver: str, recipe: dict, tmp_path: Path, timeout_s: float = 300.0,
+                      marker: Path | None = None) -> None:
     """Run `driver` (Python source; argv: recipe JSON path, marker path) in a fresh process,
-    wait until it writes the marker, then SIGKILL it: a crash at a known point."""
+    wait until the marker exists (written by the driver, or by the run itself: `marker`), then
+    SIGKILL it and every process it started: a crash at a known point."""
     import json
     import signal
     import subprocess
     import sys
     import time
 
-    rjson, marker, script = tmp_path / "r.json", tmp_path / "marker", tmp_path / "driver.py"
+    rjson, script = tmp_path / "r.json", tmp_path / "driver.py"
+    marker = marker or tmp_path / "marker"
     rjson.write_text(json.dumps(recipe))
     script.write_text(driver)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, str(script), str(rjson), str(marker)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + timeout_s
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert marker.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and, e.g., a launcher's workers
     proc.wait(timeout=30)
 
 

@@ -15,7 +15,7 @@ from compress import distill as D
 from compress.errors import UserError
 from compress.models import load_model
 from compress.stage import StageContext
-from tests.conftest import REPO, distill_cfg, distill_ctx, tiny_recipe
+from tests.conftest import distill_cfg, distill_ctx, sigkill_at_marker, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +56,20 @@ def test_two_processes_train_as_one(teacher, corpus, tmp_path, one_process_run, 
                if k in load_file(next(teacher.glob("*.safetensors"))))  # it did train
 
 
+RUN_DRIVER = """
+import json, sys
+from pathlib import Path
+from compress import pipeline
+from compress.recipe import parse_recipe
+
+pipeline.run(parse_recipe(json.loads(Path(sys.argv[1]).read_text())), evaluate_outputs=False)
+"""
+
+
 def test_sharded_run_killed_resumes_bit_identical(teacher, corpus, home, tmp_path):
     """A 2-process FSDP run whose whole process group is SIGKILLed after a checkpoint (sharded
     model and optimizer through torch.distributed.checkpoint), run again, resumes there and ends
     with exactly the weights of a run never interrupted."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from compress import pipeline
     from compress.recipe import parse_recipe
 
@@ -73,16 +77,8 @@ def test_sharded_run_killed_resumes_bit_identical(teacher, corpus, home, tmp_pat
              "warmup_steps": 1, "eval_every": 0, "save_every": 5, "processes": 2, "sharding": "fsdp",
              "data": {"datasets": [str(corpus)], "seq_len": 32, "eval_blocks": 2}, "loss": {"kd": 1.0, "ce": 0.5}}
     killed = tiny_recipe(teacher, corpus, [stage], name="killed")
-    (tmp_path / "r.yaml").write_text(json.dumps(killed))
     step_json = home / "killed" / "work" / "01-distill" / "ckpt" / "step.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "run", str(tmp_path / "r.yaml")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not step_json.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-    proc.wait(timeout=30)
+    sigkill_at_marker(RUN_DRIVER, killed, tmp_path, marker=step_json)  # at the first whole checkpoint
     at = json.loads(step_json.read_text())["step"]
     out = home / "killed" / "stages" / "01-distill"
     assert 5 <= at < 60 and not pipeline.is_complete(out)
