@@ -145,6 +145,18 @@ def test_compiled_layers_train_as_eager_ones(teacher, corpus):
     assert all(getattr(layer, "_compiled_call_impl", None) is None for layer in decoder_layers(s1)[1])
 
 
+def test_gradient_checkpointing_trains_as_without(teacher, corpus):
+    """gradient_checkpointing: true (layer activations recomputed in the backward pass) trains to
+    the same weights, and the student leaves with it switched off."""
+    out = {}
+    for ckpt in (False, True):
+        cfg = distill_cfg(corpus, steps=3, save_every=0, gradient_checkpointing=ckpt)
+        out[ckpt] = D.apply(load_model(teacher)[0], cfg, distill_ctx(teacher))[0]
+    for (n, a), b in zip(out[False].state_dict().items(), out[True].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+    assert not out[True].is_gradient_checkpointing
+
+
 def test_hidden_loss_through_a_projection_trains(teacher, corpus):
     """A narrower student (hidden cut) learns the teacher's hidden states through a learned
     projection; the map pairs each student layer with the teacher's at the same depth."""
