@@ -156,5 +156,6 @@ def main() -> None:
                           **figures, "complete": len(res) == 2,
                           "throughput_speedup": sp.get("throughput"), "batch1_tpot_speedup": sp.get("batch1_tpot")})
 
+
 if __name__ == "__main__":
     main()

@@ -24,6 +24,7 @@ tests' reference use it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -139,7 +140,10 @@ def _chunk_grad(s_logits: torch.Tensor, t_logits: torch.Tensor | None, labels: t
     return kd, ce, grad.to(s_logits.dtype)
 
 
-_COMPILED: dict = {}
+@functools.cache
+def _compiled_chunk_grad():
+    """_chunk_grad through torch.compile, built once (not at every step's forward pass)."""
+    return torch.compile(_chunk_grad, dynamic=False)
 
 
 class _HeadLoss(torch.autograd.Function):
@@ -151,7 +155,7 @@ class _HeadLoss(torch.autograd.Function):
         kind, temperature, beta, chunk, want_ce, compiled = opts
         fn = _chunk_grad
         if compiled and kind in CLOSED_FORM:  # the others take their gradient through autograd: eager
-            fn = _COMPILED.setdefault("fn", torch.compile(_chunk_grad, dynamic=False))
+            fn = _compiled_chunk_grad()
         g_h = torch.empty_like(h_s)
         g_w = torch.zeros_like(w_s, dtype=torch.float32)
         g_b = torch.zeros_like(b_s, dtype=torch.float32) if b_s is not None else None

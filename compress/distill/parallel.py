@@ -28,6 +28,13 @@ from pathlib import Path
 
 import torch
 
+SHARDED = "sharded"  # a sharded checkpoint's DCP directory (its model and optimizer shards)
+
+
+def is_sharded_checkpoint(directory: Path) -> bool:
+    """Whether the checkpoint `directory` was written by `Sharded` (else by `Replicated`)."""
+    return (directory / SHARDED).is_dir()
+
 
 class Replicated:
     """One process, or DDP through accelerate (every process holds the whole student)."""
@@ -113,7 +120,7 @@ class Sharded:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.pair, self.opt)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / "sharded"))
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / SHARDED))
         torch.save({"scheduler": self.sched.state_dict(), "rng": _rng_state()},
                    directory / f"process_{self.acc.process_index}.pt")
 
@@ -123,7 +130,7 @@ class Sharded:
 
         model_sd, optim_sd = get_state_dict(self.pair, self.opt)  # the shapes to fill (optimizer state initialized)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(directory / "sharded"))
+        dcp.load(state, checkpoint_id=str(directory / SHARDED))
         set_state_dict(self.pair, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         own = directory / f"process_{self.acc.process_index}.pt"  # absent when resumed on more processes
         extra = torch.load(own if own.is_file() else directory / "process_0.pt", weights_only=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from compress.distill.parallel import Replicated, Sharded
+from compress.distill.parallel import Replicated, Sharded, is_sharded_checkpoint
 from compress.distill.data import Packed
 from compress.fsutil import atomic_write_text
 from compress.distill.losses import chunked_losses, head_losses, hidden_mse
@@ -214,7 +214,7 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     start, work, saved = 0, Path(work_dir) if work_dir else None, {}
     ckpt = latest_checkpoint(work) if work is not None else None
     if ckpt is not None:
-        if par.sharded != (ckpt / "sharded").is_dir():
+        if par.sharded != is_sharded_checkpoint(ckpt):
             raise UserError(f"distill: the checkpoint {ckpt} was written {'without' if par.sharded else 'with'} "
                             f"sharding: fsdp; resume it with the same processes and sharding, or remove {work} to "
                             "start over")
