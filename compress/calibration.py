@@ -1,5 +1,5 @@
-"""Calibration data for the stages that look at activations (GPTQ; later Wanda, SparseGPT,
-AWQ, SmoothQuant): token windows of a text data set, consumed by the layer-wise runner
+"""Calibration data for the stages that look at activations (GPTQ, Wanda, SparseGPT, AWQ,
+SmoothQuant, static activation scales, structured-pruning importance): token windows of a text data set, consumed by the layer-wise runner
 (compress.layerwise).
 
 `CalibrationConfig` is a field of each calibrated stage's config, so the data set, sample
@@ -25,6 +25,12 @@ class CalibrationConfig(BaseModel):
     n_samples: int = Field(128, gt=0, description="number of token windows")
     seq_len: int = Field(2048, gt=1, description="tokens per window")
     batch_size: int = Field(1, gt=0, description="windows per forward pass (memory vs speed)")
+    calibrate_all_experts: bool = Field(False, description="mixture-of-experts models: every token also goes "
+                                        "through every expert for statistics (the layer's output stays the "
+                                        "routed one), so rarely routed experts are calibrated too")
+    min_expert_tokens: int = Field(16, ge=0, description="a module whose statistics saw fewer tokens (an expert "
+                                   "the router rarely picks) falls back: round-to-nearest for GPTQ, magnitude "
+                                   "for Wanda and SparseGPT; the stage's info counts them")
 
 
 @functools.lru_cache(maxsize=8)

@@ -5,6 +5,8 @@ sequence) and keeps a running statistic in float32 on x's device. The calibratio
 (compress.layerwise) feeds them from forward hooks; the algorithm that chose the collector
 reads the result and the runner frees it. Modules that read the same input tensor (q/k/v,
 gate/up) share one collector.
+An empty batch (an expert of a mixture-of-experts layer that no token was routed to) adds
+nothing: `n` counts the tokens a collector saw, which the stages compare to their threshold.
 
   HessianCollector      H = 2/n Σ xᵀx            [in, in]   GPTQ, SparseGPT
   ChannelNormCollector  Σ x_j² / n (per channel)  [in]       Wanda, AWQ
@@ -24,6 +26,8 @@ class HessianCollector:
         self.n = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:  # an expert no token was routed to in this batch
+            return
         x = x.reshape(-1, x.shape[-1])
         m = x.shape[0]
         self.h.mul_(self.n / (self.n + m))
@@ -54,6 +58,8 @@ class ChannelNormCollector:
         self.n = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:  # an expert no token was routed to in this batch
+            return
         x = x.reshape(-1, x.shape[-1]).float()
         m = x.shape[0]
         self.sq.mul_(self.n / (self.n + m))
@@ -70,6 +76,8 @@ class AbsMaxCollector:
         self.n = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:  # an expert no token was routed to in this batch
+            return
         x = x.reshape(-1, x.shape[-1])
         self.n += x.shape[0]
         torch.maximum(self.absmax, x.abs().amax(0).float(), out=self.absmax)
@@ -91,6 +99,8 @@ class RangeCollector:
         self.n = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:  # an expert no token was routed to in this batch
+            return
         a = x.detach().reshape(-1).abs().float()
         self.n += a.numel()
         torch.maximum(self.absmax, a.max(), out=self.absmax)

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from compress.errors import UserError
+from compress.moe import LinearExperts, expert_index
 
 
 class _Stop(Exception):
@@ -264,13 +265,33 @@ def call_order(layer: torch.nn.Module, modules: dict[str, torch.nn.Module], run:
     groups: list[list[str]] = []
     prev = None
     for rel, x in calls:
-        key = (x.data_ptr(), tuple(x.shape), x.stride())
+        # an empty input (an expert no token was routed to) has no storage to compare: the object itself
+        key = ("empty", id(x)) if x.numel() == 0 else (x.data_ptr(), tuple(x.shape), x.stride())
         if key == prev:
             groups[-1].append(rel)
         else:
             groups.append([rel])
         prev = key
     return groups
+
+
+def passes_for(groups: list[list[str]]) -> list[list[list[str]]]:
+    """Sequential passes over `groups`: one group per pass, except that the experts of a
+    mixture-of-experts layer share a pass per projection (every expert's gate/up, then every
+    expert's down_proj): their statistics come from one run of the batches, and a stage solves
+    them together, instead of one pass per expert."""
+    passes: list[list[list[str]]] = []
+    where: dict[str, int] = {}
+    for g in groups:
+        e = expert_index(g[0])
+        key = f"{e[0]}.*.{e[2]}" if e else None
+        if key is not None and key in where:
+            passes[where[key]].append(g)
+            continue
+        if key is not None:
+            where[key] = len(passes)
+        passes.append([g])
+    return passes
 
 
 # solve(layer_index, group: {rel name: module}, collector) -> {rel name: info}
@@ -281,15 +302,19 @@ Solver = Callable[[int, dict[str, torch.nn.Linear], Any], dict[str, dict]]
 def run_layerwise(model: torch.nn.Module, calib: torch.Tensor, names: list[str],
                   make_collector: Callable[[torch.nn.Linear, str], Any], solve: Solver, device: str,
                   sequential: bool = True, batch_size: int = 1, progress: bool = True,
-                  desc: str = "calibrate", observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
-                  ) -> dict:
+                  desc: str = "calibrate", observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                  all_experts: bool = False) -> dict:
     """Run the layer-wise loop over `model` with calibration tokens `calib` [n, seq].
 
     `names`: full names of the nn.Linear modules to solve (all inside decoder layers).
     `make_collector(module, device)`: the statistic to accumulate for a group of modules
     that share one input. `solve(...)` changes the modules' weights in place and returns
     what it measured per module. `observe(i, x_in, x_out)`, if given, sees each batch's hidden
-    states before and after layer i (block influence for depth pruning). Returns the run's
+    states before and after layer i (block influence for depth pruning). `all_experts`: the
+    experts of linearized mixture-of-experts layers (compress.moe.LinearExperts) see every
+    token while statistics are collected (the layer's output stays the routed one); the tokens
+    routed to each expert are counted in the pass that makes the next layer's inputs and
+    returned under `experts`. Returns the run's
     info (memory plan, per-module results, timings); the model comes back on its original
     device with the new weights.
     """
@@ -325,6 +350,7 @@ def run_layerwise(model: torch.nn.Module, calib: torch.Tensor, names: list[str],
         return layer(acts[b].to(device, non_blocking=True), *args, **kwargs)
 
     results: dict[str, dict] = {}
+    routed: dict[str, list[int]] = {}
     layer_s = []
     bar = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress, leave=False)
     for i in bar:
@@ -332,9 +358,12 @@ def run_layerwise(model: torch.nn.Module, calib: torch.Tensor, names: list[str],
         layer = layers[i]
         layer.to(device)
         mods = {rel: layer.get_submodule(rel) for rel in by_layer[i]}
+        experts = [(rel, m) for rel, m in layer.named_modules() if isinstance(m, LinearExperts)]
+        for _, m in experts:
+            m.all_tokens = all_experts
         if mods:
             groups = call_order(layer, mods, lambda: forward(layer, i, 0))
-            passes = [[g] for g in groups] if sequential else [groups]
+            passes = passes_for(groups) if sequential else [groups]
             for gs in passes:
                 bar.set_postfix_str(", ".join(r.rsplit(".", 1)[-1] for g in gs for r in g))
                 stats = _collect(layer, i, mods, gs, make_collector, device, forward, len(acts))
@@ -342,11 +371,15 @@ def run_layerwise(model: torch.nn.Module, calib: torch.Tensor, names: list[str],
                     for rel, info in solve(i, {r: mods[r] for r in g}, st).items():
                         results[f"{layers_name}.{i}.{rel}"] = info
                 del stats
+        for _, m in experts:
+            m.all_tokens = False
+            m.reset_counts()
         for b in range(len(acts)):
             out = _hidden(forward(layer, i, b))
             if observe is not None:
                 observe(i, acts[b].to(device), out)
             acts[b] = to_store(out, store, acts[b])
+        routed.update({f"{layers_name}.{i}.{rel}": m.tokens.tolist() for rel, m in experts})
         layer.to(home)
         layer_s.append(round(time.perf_counter() - t_layer, 3))
     bar.close()
@@ -354,6 +387,8 @@ def run_layerwise(model: torch.nn.Module, calib: torch.Tensor, names: list[str],
             "batch_size": batch_size}, "sequential": sequential, "memory": plan.as_info(),
             "capture_seconds": round(capture_s, 3), "layer_seconds": layer_s,
             "seconds": round(time.perf_counter() - t_start, 3), "modules": results}
+    if routed:
+        info["experts"] = {"all_experts": all_experts, "routed_tokens": routed}
     if cuda:
         info["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return info

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from compress.errors import UserError
+from compress.export.moe_load import load_per_expert, per_expert_quantized
 from compress.fsutil import atomic_dir, sha256_file
 from compress.manifest import known_hashes, write_manifest
 
@@ -132,6 +133,11 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
     from transformers import AutoModelForCausalLM
 
     check_model_dir(Path(model_dir), allow_pickle)
+    if per_expert_quantized(Path(model_dir)):  # transformers cannot decompress these (compress.export.moe_load)
+        model = load_per_expert(Path(model_dir), getattr(torch, dtype), trust_remote_code)
+        if attn_implementation:
+            model.set_attn_implementation(attn_implementation)
+        return model.to(device), load_tokenizer(model_dir, trust_remote_code)
     try:
         with warnings.catch_warnings():  # "the quantization_config from the model will be used": as meant
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")

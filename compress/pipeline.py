@@ -20,6 +20,7 @@ already made.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import shutil
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from compress import registry
+from compress import coverage, moe, registry
 from compress.errors import UserError
 from compress.export.compressed_tensors import is_quantized, save_compressed
 from compress.fsutil import atomic_dir, atomic_write_text
@@ -147,11 +148,21 @@ def preflight(recipe: Recipe, device: str, base_dir: Path) -> None:
         return
     m = recipe.model
     meta = meta_model(base_dir, m.dtype, m.trust_remote_code)
+    linear = None  # the same with its fused experts as per-expert linears, made when a stage needs it
     ctx = stage_context(recipe, device, load_tokenizer(base_dir, m.trust_remote_code), base_dir, base_dir)
     errors = []
     for at, spec, check in checks:
+        stage = registry.get(spec.type)
+        if stage.experts and linear is None and moe.fused_experts(meta):
+            linear = copy.deepcopy(meta)
+            moe.linearize(linear)
+        model = linear if stage.experts and linear is not None else meta
+        why = coverage.refusal(model, spec.type) if stage.weights else None
+        if why:
+            errors.append(f"{at} ({spec.type}): {why}")
+            continue
         try:
-            check(spec.config, meta, ctx)
+            check(spec.config, model, ctx)
         except UserError as e:
             errors += [f"{at} ({spec.type}): {line}" for line in e.lines]
     if errors:
@@ -196,7 +207,14 @@ def run_chain(recipe: Recipe, stages: list[StageSpec], outs: list[Path], device:
         torch.manual_seed(recipe.seed)
         t0 = time.perf_counter()
         log(f"{tag}: running")
+        if stage.experts:
+            moe.linearize(model)  # fused experts as per-expert nn.Linear for the stage (compress.moe)
+        before = coverage.fingerprint(model) if stage.weights else None
         model, info = stage.apply(model, spec.config, ctx)
+        if before is not None:
+            info["coverage"] = coverage.coverage(before, model)
+        if not is_quantized(model):
+            moe.fuse(model)  # a quantized model is written per expert, the layout vLLM and transformers read
         secs = time.perf_counter() - t0
         with atomic_dir(out) as tmp:
             save_model(model, tok, tmp)

@@ -60,3 +60,9 @@ class Stage:
     check: Callable[[BaseModel, torch.nn.Module, StageContext], None] | None = None
     # a stage that writes quantized weights: later stages may not change the weights again
     quantizes: bool = False
+    # a stage that compresses weight matrices: the pipeline records its coverage, and refuses it
+    # before any work where it would leave fused (3-D) expert weights it cannot handle untouched
+    weights: bool = False
+    # it works on nn.Linear and covers a mixture-of-experts layer once its fused experts are
+    # turned into per-expert linears (compress.moe.linearize), which the pipeline does for it
+    experts: bool = False

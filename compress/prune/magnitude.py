@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from compress.errors import UserError
+from compress.moe import router_names
 from compress.prune.masks import nm_mask, parse_nm
 from compress.select import linear_names, matches, unmatched
 from compress.stage import Stage, StageContext
@@ -59,10 +60,12 @@ class MagnitudePruneConfig(BaseModel):
 
 
 def target_layers(model: torch.nn.Module, cfg: MagnitudePruneConfig) -> dict[str, float]:
-    """Module name -> sparsity for every nn.Linear the config prunes."""
+    """Module name -> sparsity for every nn.Linear the config prunes (the linears of linearized
+    experts included; MoE routers never: they pick the experts)."""
     out = {}
+    routers = set(router_names(model))
     for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear) or matches(name, cfg.skip):
+        if not isinstance(mod, torch.nn.Linear) or matches(name, cfg.skip) or name in routers:
             continue
         hit = matches(name, cfg.overrides)
         out[name] = cfg.overrides[hit] if hit else cfg.sparsity
@@ -119,5 +122,7 @@ STAGE = Stage(
     config=MagnitudePruneConfig,
     apply=apply,
     check=check,
+    weights=True,
+    experts=True,
     summary="Unstructured magnitude pruning of nn.Linear weights, per-layer sparsity.",
 )

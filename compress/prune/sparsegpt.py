@@ -119,5 +119,5 @@ def apply(model, cfg: SparseGPTConfig, ctx: StageContext):
     return model, info
 
 
-STAGE = Stage(name="sparsegpt", config=SparseGPTConfig, apply=apply, check=check,
+STAGE = Stage(name="sparsegpt", config=SparseGPTConfig, apply=apply, check=check, weights=True, experts=True,
               summary="SparseGPT pruning (unstructured or N:M) with error compensation, on the calibration runner.")

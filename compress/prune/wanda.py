@@ -36,5 +36,5 @@ def apply(model, cfg: WandaConfig, ctx: StageContext):
     return model, info
 
 
-STAGE = Stage(name="wanda", config=WandaConfig, apply=apply, check=check,
+STAGE = Stage(name="wanda", config=WandaConfig, apply=apply, check=check, weights=True, experts=True,
               summary="Wanda pruning (unstructured or N:M): |weight| x input norm, per output row.")

@@ -194,6 +194,6 @@ def apply(model, cfg: AWQConfig, ctx: StageContext):
                    "seconds_search": round(t_search[0], 3), **info}
 
 
-STAGE = Stage(name="awq", config=AWQConfig, apply=apply, check=check, quantizes=True,
+STAGE = Stage(name="awq", config=AWQConfig, apply=apply, check=check, quantizes=True, weights=True,
               summary="AWQ weight-only int4 (W4A16): activation-aware scales searched per mapping, folded, then RTN "
                       "or GPTQ; compressed-tensors pack-quantized.")

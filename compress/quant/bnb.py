@@ -93,5 +93,5 @@ def apply(model, cfg: BnBConfig, ctx: StageContext):
                    "kernels": {"hf": "bitsandbytes (CUDA; CPU backend)", "vllm": "vLLM bitsandbytes loader (CUDA)"}}
 
 
-STAGE = Stage(name="bnb", config=BnBConfig, apply=apply, check=check, quantizes=True,
+STAGE = Stage(name="bnb", config=BnBConfig, apply=apply, check=check, quantizes=True, weights=True,
               summary="bitsandbytes NF4 / FP4 / LLM.int8() through transformers, saved in its bnb serialization.")

@@ -33,7 +33,7 @@ from compress.export.compressed_tensors import QuantRecord, WeightScheme, attach
 from compress.layerwise import decoder_layers, run_layerwise
 from compress.quant.common import WeightQuantConfig, check_weight_quant, group_summary, row_slices, store
 from compress.quant.cuda_graph import graph_fn
-from compress.quant.grid import Grid, fake_quantize, group_qparams, qparams
+from compress.quant.grid import Grid, fake_quantize, group_qparams, qparams, rtn
 from compress.stage import Stage, StageContext
 
 ActOrder = Literal["weight", "group"] | None
@@ -221,6 +221,8 @@ def apply(model, cfg: GPTQConfig, ctx: StageContext):
         grid = Grid(bits=cfg.bits, symmetric=cfg.symmetric, group_size=scheme.group_size,
                     scale_dtype=mods[0].weight.dtype)
         t0 = time.perf_counter()
+        if stats.n < c.min_expert_tokens:  # too few tokens for a Hessian (a rarely routed expert)
+            return fallback(layer_idx, group, grid, stats, scheme)
         keep = w != 0
         pruned = cfg.preserve_zeros and (~keep).float().mean().item() >= PRUNED_FRACTION
         r = gptq_quantize(w, stats.h, grid, cfg.block_size, cfg.damp, cfg.actorder, block_fn=block_fn,
@@ -234,20 +236,36 @@ def apply(model, cfg: GPTQConfig, ctx: StageContext):
             records[name] = store(m, r.q[rows], r.scale[rows], r.zero[rows], r.g_idx)
             schemes[name] = scheme
             out[rel] = {"output_rel_error": round(err, 6), "group_size": grid.group_size,
-                        "solve_seconds": round(secs / len(group), 4)}
+                        "solve_seconds": round(secs / len(group), 4), "tokens": stats.n}
+        return out
+
+    def fallback(layer_idx, group, grid, stats, scheme) -> dict[str, dict]:
+        """Round-to-nearest in the same scheme (an MoE layer's experts share one in vLLM)."""
+        out = {}
+        for rel, m in group.items():
+            name = f"{layers_name}.{layer_idx}.{rel}"
+            q, scale, zero = rtn(m.weight.float(), grid)
+            g_idx = None
+            if scheme.actorder == "group":  # contiguous groups, stated
+                g_idx = (torch.arange(m.in_features) // grid.group_size).int()
+            records[name] = store(m, q, scale, zero, g_idx)
+            schemes[name] = scheme
+            out[rel] = {"fallback": "rtn", "tokens": stats.n, "group_size": grid.group_size}
+        stats.h = None
         return out
 
     layers_name = decoder_layers(model)[0]
     info = run_layerwise(model, calib, names, lambda m, dev: HessianCollector(m.in_features, dev), solve,
                          ctx.device, sequential=cfg.sequential, batch_size=c.batch_size, progress=ctx.progress,
-                         desc="gptq")
+                         desc="gptq", all_experts=c.calibrate_all_experts)
     attach(model, records, schemes)
-    errs = [m["output_rel_error"] for m in info["modules"].values()]
+    errs = [m["output_rel_error"] for m in info["modules"].values() if "output_rel_error" in m]
+    info["fallback_modules"] = sum("fallback" in m for m in info["modules"].values())
     return model, {"scheme": f"W{cfg.bits}A16", "bits": cfg.bits, "group_size": cfg.group_size,
                    "group_sizes": group_summary(schemes), "symmetric": cfg.symmetric, "actorder": cfg.actorder, "quantized_modules": len(records),
-                   "mean_output_rel_error": round(sum(errs) / len(errs), 6), **info}
+                   "mean_output_rel_error": round(sum(errs) / max(len(errs), 1), 6), **info}
 
 
-STAGE = Stage(name="gptq", config=GPTQConfig, apply=apply, check=check, quantizes=True,
+STAGE = Stage(name="gptq", config=GPTQConfig, apply=apply, check=check, quantizes=True, weights=True, experts=True,
               summary="GPTQ weight-only int4/int8 (W4A16, W8A16) on the layer-wise calibration runner, "
                       "compressed-tensors pack-quantized.")

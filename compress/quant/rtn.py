@@ -47,5 +47,5 @@ def apply(model, cfg: RTNConfig, ctx: StageContext):
                    "seconds_solve": round(time.perf_counter() - t0, 3), "modules": per_module}
 
 
-STAGE = Stage(name="rtn", config=RTNConfig, apply=apply, check=check, quantizes=True,
+STAGE = Stage(name="rtn", config=RTNConfig, apply=apply, check=check, quantizes=True, weights=True, experts=True,
               summary="Round-to-nearest weight-only int4/int8 (W4A16, W8A16), compressed-tensors pack-quantized.")

@@ -96,6 +96,6 @@ def apply(model, cfg: SmoothQuantConfig, ctx: StageContext):
                    "seconds_solve": round(time.perf_counter() - t0, 3), **info}
 
 
-STAGE = Stage(name="smoothquant", config=SmoothQuantConfig, apply=apply, check=check,
+STAGE = Stage(name="smoothquant", config=SmoothQuantConfig, apply=apply, check=check, weights=True,
               summary="SmoothQuant: migrate activation outliers into the weights (alpha), folded into the norms; "
                       "run before int8 or fp8.")

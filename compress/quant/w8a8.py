@@ -202,7 +202,7 @@ def _stage(name: str, fp8: bool, summary: str) -> Stage:
         check_w8a8(cfg, model, ctx, name, fp8)
 
     return Stage(name=name, config=W8A8Config, apply=lambda m, c, x: run_w8a8(m, c, x, name, fp8), check=check,
-                 quantizes=True, summary=summary)
+                 quantizes=True, weights=True, experts=True, summary=summary)
 
 
 INT8 = _stage("int8", False, "W8A8 int8: per-channel weights, dynamic per-token or static per-tensor activations "
