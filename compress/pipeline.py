@@ -158,6 +158,10 @@ def preflight(recipe: Recipe, device: str, base_dir: Path) -> None:
             moe.linearize(linear)
         model = linear if stage.experts and linear is not None else meta
         why = coverage.refusal(model, spec.type) if stage.weights else None
+        calib = getattr(spec.config, "calibration", None)
+        if getattr(calib, "calibrate_all_experts", False) and not moe.expert_blocks(meta):
+            why = (f"calibration.calibrate_all_experts: {type(meta).__name__} has no mixture-of-experts layers, so it "
+                   "does nothing there; remove it")
         if why:
             errors.append(f"{at} ({spec.type}): {why}")
             continue

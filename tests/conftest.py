@@ -27,11 +27,9 @@ def text_file(tmp_path_factory) -> Path:
     return p
 
 
-def make_tiny_llama(out: Path, seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4,
-                    kv_heads: int = 2, intermediate: int = 128) -> Path:
-    import torch
+def _tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -39,13 +37,55 @@ def make_tiny_llama(out: Path, seed: int = 0, layers: int = 2, hidden: int = 64,
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator([TEXT], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def make_tiny_llama(out: Path, seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4,
+                    kv_heads: int = 2, intermediate: int = 128) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       max_position_embeddings=512,
                       tie_word_embeddings=False, eos_token_id=0, bos_token_id=0)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# tiny random mixture-of-experts configs (transformers 5 classes, fused 3-D experts)
+MOE_ARCHS = {
+    "qwen3_moe": ("Qwen3MoeConfig", dict(moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                                         head_dim=64, norm_topk_prob=True)),
+    "mixtral": ("MixtralConfig", dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(moe_intermediate_size=64, shared_expert_intermediate_size=96,
+                                         num_experts=4, num_experts_per_tok=2)),
+}
+
+
+def make_tiny_moe(out: Path, arch: str = "qwen3_moe", seed: int = 0, layers: int = 2, hidden: int = 64,
+                  heads: int = 2, kv_heads: int = 1) -> Path:
+    """A random MoE of `arch` (MOE_ARCHS) with the tiny Llama's tokenizer; experts drawn with the
+    attention's scale (transformers leaves 3-D parameters at zero in a fresh model)."""
+    import torch
+    import transformers
+
+    tok = _tokenizer()
+    cls, extra = MOE_ARCHS[arch]
+    cfg = getattr(transformers, cls)(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                                     num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                     max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=0,
+                                     bos_token_id=0, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 3:
+                p.normal_(0, cfg.initializer_range)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

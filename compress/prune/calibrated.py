@@ -22,7 +22,8 @@ from compress.collectors import ChannelNormCollector
 from compress.errors import UserError
 from compress.export.compressed_tensors import quantization_config
 from compress.layerwise import decoder_layers, run_layerwise
-from compress.prune.masks import outlier_ratio, owl_sparsities, parse_nm, wanda_score
+from compress.prune.magnitude import magnitude_mask
+from compress.prune.masks import nm_mask, outlier_ratio, owl_sparsities, parse_nm, wanda_score
 from compress.select import matches, select_linears, unmatched
 from compress.stage import StageContext
 
@@ -111,6 +112,16 @@ def owl_layer_sparsity(model, calib, names, cfg: CalibratedPruneConfig, ctx: Sta
 Pruner = Callable[[list[torch.nn.Linear], object, float], dict]
 
 
+@torch.no_grad()
+def magnitude_fallback(mods: list[torch.nn.Linear], cfg: CalibratedPruneConfig, sparsity: float, tokens: int) -> dict:
+    """Prune by |w| alone (per module), for modules whose statistics saw too few tokens."""
+    for m in mods:
+        w = m.weight
+        keep = nm_mask(w.abs(), *cfg.pattern) if cfg.pattern else magnitude_mask(w, sparsity)
+        w.mul_(keep.to(w.dtype))
+    return {"fallback": "magnitude", "tokens": tokens}
+
+
 def run_pruning(model, cfg: CalibratedPruneConfig, ctx: StageContext, stage: str, make_collector, prune: Pruner,
                 sequential: bool) -> dict:
     """Calibrate and prune every target module on the runner; return the stage's info."""
@@ -126,15 +137,20 @@ def run_pruning(model, cfg: CalibratedPruneConfig, ctx: StageContext, stage: str
             by_target.setdefault(cfg.overrides[hit] if hit else layer_sparsity.get(i, cfg.target), []).append(rel)
         out = {}
         for s, rels in by_target.items():
-            info = prune([group[r] for r in rels], stats, s)
+            if stats.n < cfg.calibration.min_expert_tokens:  # a rarely routed expert: magnitude instead
+                info = magnitude_fallback([group[r] for r in rels], cfg, s, stats.n)
+            else:
+                info = prune([group[r] for r in rels], stats, s)
             for r in rels:
                 w = group[r].weight
                 out[r] = {"target": round(s, 4), "sparsity": round((w == 0).float().mean().item(), 6), **info}
         return out
 
     info = run_layerwise(model, calib, names, make_collector, solve, ctx.device, sequential=sequential,
-                         batch_size=cfg.calibration.batch_size, progress=ctx.progress, desc=stage)
+                         batch_size=cfg.calibration.batch_size, progress=ctx.progress, desc=stage,
+                         all_experts=cfg.calibration.calibrate_all_experts)
     mods = info["modules"]
+    info["fallback_modules"] = sum("fallback" in m for m in mods.values())
     zeros = sum(m["sparsity"] * model.get_submodule(n).weight.numel() for n, m in mods.items())
     total = sum(model.get_submodule(n).weight.numel() for n in mods)
     return {"pruned_layers": len(mods), "target_sparsity": cfg.target, "nm": cfg.nm, "allocation": cfg.allocation,

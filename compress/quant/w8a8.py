@@ -32,6 +32,7 @@ from compress.errors import UserError
 from compress.export.compressed_tensors import (FP8_MAX, ActScheme, QuantRecord, WeightScheme, attach, fp8_round,
                                                 kernels_for, refuse_quantized)
 from compress.layerwise import decoder_layers, run_layerwise
+from compress.moe import linear_experts
 from compress.quant.grid import Grid, rtn
 from compress.select import select_linears
 from compress.stage import Stage, StageContext
@@ -109,6 +110,10 @@ def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool)
         raise UserError(f"{stage}.calibration: static activation scales come from calibration data; add e.g. "
                         "calibration: {dataset: wikitext2-valid, n_samples: 128, seq_len: 2048}, or use "
                         "activations: dynamic")
+    if cfg.activations == "static" and linear_experts(model) and not cfg.calibration.calibrate_all_experts:
+        raise UserError(f"{stage}.calibration.calibrate_all_experts: static input scales of a mixture-of-experts "
+                        "model need every expert to see tokens (vLLM takes one scale per layer across its experts); "
+                        "set it to true, or use activations: dynamic")
     problems = engine_problems(cfg, ctx, fp8)
     if problems:
         raise UserError(*(f"{stage}: {p}" for p in problems))
@@ -184,7 +189,8 @@ def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
 
         info = run_layerwise(model, calib, names,
                              lambda m, dev: RangeCollector(m.in_features, dev, cfg.histogram), solve,
-                             ctx.device, sequential=True, batch_size=c.batch_size, progress=ctx.progress, desc=stage)
+                             ctx.device, sequential=True, batch_size=c.batch_size, progress=ctx.progress, desc=stage,
+                             all_experts=c.calibrate_all_experts)
         per_module = info.pop("modules")
     attach(model, records, {n: scheme for n in records})
     errs = [m["weight_rel_error"] for m in per_module.values()]
