@@ -130,13 +130,17 @@ def cmd_validate(a) -> int:
 
     r = load_recipe(a.recipe)
     base = local_model_dir(r.model.source)
-    if base is not None:  # the stages' own checks against the model, as `run` makes them first
-        preflight(r, resolve_device(r.device), base)
+    device = resolve_device(r.device) if base is not None else None
+    skipped = ("the model is not on this machine yet" if base is None else
+               f"the recipe is sized for a GPU (requires: gpu) and the device here is {device}"
+               if r.requires == "gpu" and not device.startswith("cuda") else None)
+    if skipped is None:  # the stages' own checks against the model, as `run` makes them first
+        preflight(r, device, base)
     else:
         from eval.evaluate import check_eval
 
         check_eval(r.eval)
-    checked = "" if base is not None else "; model checks skipped: the model is not on this machine yet"
+    checked = f"; model checks skipped: {skipped}" if skipped else ""
     what = (f"{len(r.variants)} variant(s): " + ", ".join(v.name for v in r.variants)) if r.is_matrix else \
         f"{len(r.stages)} stage(s): {', '.join(s.type for s in r.stages) or 'none'}"
     gate = f"; gate of {len(r.gate)} criteria" if r.gate else ""
@@ -173,11 +177,15 @@ def cmd_import(a) -> int:
 
 
 def cmd_run(a) -> int:
+    from compress.models import resolve_device
     from compress.pipeline import run, run_dir_for
     from compress.recipe import load_recipe
     from eval.report.report import table
 
     recipe = load_recipe(a.recipe)
+    if recipe.requires == "gpu" and not (device := resolve_device(recipe.device)).startswith("cuda"):
+        raise UserError(f"{a.recipe}: requires: gpu (the recipe is sized for a GPU), and the device is {device}; run "
+                        "it on a GPU machine, or remove `requires: gpu` to run it here anyway")
     run_dir = run_dir_for(recipe, a.output)
     report = run(recipe, run_dir, force=a.force, recipe_text=Path(a.recipe).read_text(),
                  evaluate_outputs=not a.no_eval)

