@@ -150,16 +150,14 @@ def cmd_validate(a) -> int:
 
 def cmd_stages(a) -> int:
     from compress import registry
+    from compress.config_docs import describe, text_lines
 
-    docs = [registry.describe(s) for s in registry.all_stages().values()]
+    docs = [describe(s) for s in registry.all_stages().values()]
     if a.json:
         print(json.dumps(docs, indent=1, default=str))
         return 0
     for d in docs:
-        print(f"{d['name']}: {d['summary']}")
-        for f in d["fields"]:
-            default = "required" if f["required"] else f"default {json.dumps(f['default'], default=str)}"
-            print(f"  {f['name']}: {f['type']} ({default}){'  - ' + f['help'] if f['help'] else ''}")
+        print(f"{d['name']}: {d['summary']}", *text_lines(d["fields"]), sep="\n")
     return 0
 
 

@@ -42,7 +42,7 @@ def decoder_weights(model: torch.nn.Module) -> dict[str, tuple[str, str, torch.T
     out = {}
     for mname, mod in layers.named_modules(prefix=layers_name):
         for pname, p in mod.named_parameters(recurse=False):
-            if p.dim() >= 2:
+            if p.dim() >= 2 and not pname.startswith(("weight_", "input_", "output_")):  # not quantization params
                 out[f"{mname}.{pname}"] = (_kind(mname, mod, routers), mname, p)
     return out
 

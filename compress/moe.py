@@ -20,6 +20,7 @@ writes the weights back into the 3-D parameters. This is the peer's "linearize" 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,55 @@ def router_names(model: nn.Module) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """How a model type's checkpoints name experts, read from transformers' conversion mapping
+    (the mapping it applies when loading, and reverses when saving)."""
+
+    proj: dict            # role (gate, up, down) -> per-expert module name: gate_proj / w1, ...
+    renames: tuple = ()   # (model substring, checkpoint substring), e.g. ('.mlp.', '.block_sparse_moe.')
+    per_expert: bool = True   # False: checkpoints keep the experts fused (gpt-oss)
+
+    def to_checkpoint(self, name: str) -> str:
+        for model_part, ckpt_part in self.renames:
+            name = name.replace(model_part, ckpt_part)
+        return name
+
+    def to_model(self, name: str) -> str:
+        for model_part, ckpt_part in self.renames:
+            name = name.replace(ckpt_part, model_part)
+        return name
+
+
+_PLAIN = re.compile(r"^[\w.]+$")
+
+
+def checkpoint_layout(model_type: str | None) -> CheckpointLayout:
+    """The per-expert names and key renamings of `model_type`'s checkpoints (defaults where
+    transformers has no conversion mapping: gate_proj / up_proj / down_proj, no renaming)."""
+    proj = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        mapping = get_checkpoint_conversion_mapping(model_type) if model_type else None
+    except ImportError:
+        mapping = None
+    if not mapping:
+        return CheckpointLayout(proj, per_expert=model_type is None)
+    renames, per_expert = [], False
+    for conv in mapping:
+        src, dst = list(conv.source_patterns), list(conv.target_patterns)
+        if type(conv).__name__ == "WeightRenaming" and _PLAIN.match(src[0]) and _PLAIN.match(dst[0]):
+            renames.append((dst[0], src[0]))
+        elif dst and dst[0].endswith(("experts.gate_up_proj", "experts.up_proj", "experts.down_proj")):
+            names = [s.split("*.", 1)[-1].rsplit(".weight", 1)[0] for s in src]
+            roles = {"experts.gate_up_proj": ("gate", "up"), "experts.up_proj": ("up",),
+                     "experts.down_proj": ("down",)}[".".join(dst[0].split(".")[-2:])]
+            proj.update(zip(roles, names))
+            per_expert = True
+    return CheckpointLayout(proj, tuple(renames), per_expert)
+
+
 def expert_index(name: str) -> tuple[str, int, str] | None:
     """'…mlp.experts.3.gate_proj' -> ('…mlp.experts', 3, 'gate_proj') for names in LinearExperts."""
     parts = name.split(".")
@@ -103,23 +153,25 @@ def expert_index(name: str) -> tuple[str, int, str] | None:
 class ExpertMLP(nn.Module):
     """One expert as plain linear modules; `gate` is the fused module's own gating function."""
 
-    def __init__(self, gate_proj: nn.Linear | None, up_proj: nn.Linear, down_proj: nn.Linear, owner: "LinearExperts"):
+    def __init__(self, linears: dict[str, nn.Linear], owner: "LinearExperts"):
         super().__init__()
-        if gate_proj is not None:
-            self.gate_proj = gate_proj
-        self.up_proj, self.down_proj = up_proj, down_proj
+        for role, lin in linears.items():  # named as the model type's checkpoints name them
+            setattr(self, owner.names[role], lin)
         self._owner = [owner]  # not a submodule
+
+    def role(self, role: str) -> nn.Linear:
+        return getattr(self, self._owner[0].names[role])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         owner = self._owner[0]
         if owner.layout.has_gate:
-            g, u = self.gate_proj(x), self.up_proj(x)
+            g, u = self.role("gate")(x), self.role("up")(x)
             gate_up = torch.cat([g, u], -1) if owner.layout.concatenated else torch.stack([g, u], -1).flatten(-2)
             h = owner.fused._apply_gate(gate_up) if hasattr(owner.fused, "_apply_gate") else \
                 owner.fused.act_fn(g) * u
         else:
-            h = owner.fused.act_fn(self.up_proj(x))
-        return self.down_proj(h)
+            h = owner.fused.act_fn(self.role("up")(x))
+        return self.role("down")(h)
 
 
 def _linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
@@ -140,9 +192,10 @@ class LinearExperts(nn.ModuleList):
     with an empty batch where no token is routed to it, so hooks see each expert each pass.
     """
 
-    def __init__(self, fused: nn.Module):
+    def __init__(self, fused: nn.Module, names: dict[str, str] | None = None):
         super().__init__()
         self.layout = lay = Layout.of(fused)
+        self.names = names or {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
         mlps = []
         e = num_experts(fused)
         up = fused.gate_up_proj if lay.has_gate else fused.up_proj
@@ -155,13 +208,13 @@ class LinearExperts(nn.ModuleList):
                 inter = w.shape[0] // 2
                 rows = (slice(0, inter), slice(inter, None)) if lay.concatenated else (slice(0, None, 2),
                                                                                        slice(1, None, 2))
-                gate = _linear(w[rows[0]].clone(), None if b is None else b[rows[0]].clone())
-                upl = _linear(w[rows[1]].clone(), None if b is None else b[rows[1]].clone())
+                lin = {"gate": _linear(w[rows[0]].clone(), None if b is None else b[rows[0]].clone()),
+                       "up": _linear(w[rows[1]].clone(), None if b is None else b[rows[1]].clone())}
             else:
-                gate, upl = None, _linear(w.clone(), None if b is None else b.clone())
+                lin = {"up": _linear(w.clone(), None if b is None else b.clone())}
             d = fused.down_proj.data[k].T if lay.transposed else fused.down_proj.data[k]
-            mlps.append(ExpertMLP(gate, upl, _linear(d.clone(), None if down_b is None else down_b.data[k].clone()),
-                                  self))
+            lin["down"] = _linear(d.clone(), None if down_b is None else down_b.data[k].clone())
+            mlps.append(ExpertMLP(lin, self))
         self.extend(mlps)
         for n in [n for n, _ in fused.named_parameters(recurse=False)]:   # the linears hold the weights now
             setattr(fused, n, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
@@ -202,22 +255,22 @@ class LinearExperts(nn.ModuleList):
         up_bs = []
         for mlp in self:
             if lay.has_gate:
-                g, u = mlp.gate_proj, mlp.up_proj
+                g, u = mlp.role("gate"), mlp.role("up")
                 w = torch.cat([g.weight, u.weight]) if lay.concatenated else \
                     torch.stack([g.weight, u.weight], 1).flatten(0, 1)
                 b = None if g.bias is None else (torch.cat([g.bias, u.bias]) if lay.concatenated else
                                                  torch.stack([g.bias, u.bias], 1).flatten())
             else:
-                w, b = mlp.up_proj.weight, mlp.up_proj.bias
+                w, b = mlp.role("up").weight, mlp.role("up").bias
             ups.append(w.data.T if lay.transposed else w.data)
             up_bs.append(b)
-        downs = [m.down_proj.weight.data.T if lay.transposed else m.down_proj.weight.data for m in self]
+        downs = [m.role("down").weight.data.T if lay.transposed else m.role("down").weight.data for m in self]
         up_name = "gate_up_proj" if lay.has_gate else "up_proj"
         setattr(f, up_name, param(torch.stack(ups)))
         setattr(f, "down_proj", param(torch.stack(downs)))
         if lay.has_bias:
             setattr(f, f"{up_name}_bias", param(torch.stack([b.data for b in up_bs])))
-            setattr(f, "down_proj_bias", param(torch.stack([m.down_proj.bias.data for m in self])))
+            setattr(f, "down_proj_bias", param(torch.stack([m.role("down").bias.data for m in self])))
         return f
 
 
@@ -231,9 +284,14 @@ def _set(model: nn.Module, name: str, mod: nn.Module) -> None:
 def linearize(model: nn.Module) -> int:
     """Replace every fused experts module by its LinearExperts form, in place; returns how many."""
     found = fused_experts(model)
+    names = checkpoint_layout(model_type(model)).proj
     for name, mod in found:
-        _set(model, name, LinearExperts(mod))
+        _set(model, name, LinearExperts(mod, names))
     return len(found)
+
+
+def model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
 
 
 def fuse(model: nn.Module) -> int:

@@ -8,10 +8,6 @@ stage measured (it lands in the stage manifest and the report).
 
 from __future__ import annotations
 
-import types
-import typing
-from typing import Any
-
 from compress.stage import Stage, StageContext  # noqa: F401  (re-exported for plugins)
 
 _REGISTRY: dict[str, Stage] = {}
@@ -48,47 +44,3 @@ def all_stages() -> dict[str, Stage]:
     _builtin()
     return dict(sorted(_REGISTRY.items()))
 
-
-# -- config documentation (`squeeze stages`) ----------------------------------------------
-
-_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-
-
-def _bounds(metadata) -> str:
-    return ", ".join(f"{sym} {getattr(m, a)}" for m in metadata for a, sym in _BOUNDS if hasattr(m, a))
-
-
-def type_name(t: Any) -> str:
-    """Readable type: float, list[str], dict[str, float (>= 0.0, < 1.0)], int | None, 'a' | 'b'."""
-    origin, args = typing.get_origin(t), typing.get_args(t)
-    if origin is typing.Annotated:
-        b = _bounds(args[1:])
-        return type_name(args[0]) + (f" ({b})" if b else "")
-    if origin is typing.Literal:
-        return " | ".join(repr(a) for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(type_name(a) for a in args)
-    if origin is not None:
-        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
-    if t is type(None):
-        return "None"
-    return getattr(t, "__name__", str(t))
-
-
-def _plain(v: Any) -> Any:
-    return v.model_dump() if hasattr(v, "model_dump") else v
-
-
-def describe(stage) -> dict:
-    """Config fields of a stage with their types, bounds, defaults and help (for `squeeze stages`)."""
-    fields = []
-    for fname, f in stage.config.model_fields.items():
-        b = _bounds(f.metadata)
-        fields.append({
-            "name": fname,
-            "type": type_name(f.annotation) + (f" ({b})" if b else ""),
-            "required": f.is_required(),
-            "default": None if f.is_required() else _plain(f.get_default(call_default_factory=True)),
-            "help": f.description or "",
-        })
-    return {"name": stage.name, "summary": stage.summary, "fields": fields}

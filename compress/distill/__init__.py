@@ -77,8 +77,9 @@ class DistillConfig(_Strict):
     teacher: str = Field("base", description="base: the recipe's input model; or a model directory")
     student: Literal["input", "every_other"] = Field(
         "input", description="input: the stage's input model; every_other: the teacher's even-numbered layers")
-    loss: LossConfig = Field(default_factory=LossConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig, description="the training objective: divergence from the "
+                             "teacher on the logits, cross-entropy, hidden-state MSE")
+    data: DataConfig = Field(default_factory=DataConfig, description="the training text, packed into sequences")
     steps: int = Field(100, gt=0, description="optimizer steps")
     batch_size: int = Field(8, gt=0, description="sequences per optimizer step, over all processes")
     grad_accum: int = Field(1, gt=0, description="micro-batches per step, of batch_size / grad_accum sequences each")

@@ -167,6 +167,25 @@ def save_compressed(model: torch.nn.Module, out_dir: Path) -> None:
     comp.compress_model(model)
     model.save_pretrained(out_dir)
     comp.update_config(str(out_dir))  # after save_pretrained, which rewrites config.json
+    _checkpoint_targets(model, out_dir)
+
+
+def _checkpoint_targets(model: torch.nn.Module, out_dir: Path) -> None:
+    """save_pretrained renames keys to the model type's checkpoint layout (Mixtral: `.mlp.` ->
+    `.block_sparse_moe.`); the quantization_config's module names follow, so that the targets name
+    the modules vLLM and our loader find in the file."""
+    from compress import moe
+
+    layout = moe.checkpoint_layout(moe.model_type(model))
+    if not layout.renames:
+        return
+    path = Path(out_dir) / "config.json"
+    cfg = json.loads(path.read_text())
+    q = cfg["quantization_config"]
+    for g in q.get("config_groups", {}).values():
+        g["targets"] = [layout.to_checkpoint(t) for t in g.get("targets", [])]
+    q["ignore"] = [layout.to_checkpoint(t) for t in q.get("ignore") or []]
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 def fp8_round(x: torch.Tensor) -> torch.Tensor:

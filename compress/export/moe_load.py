@@ -65,11 +65,13 @@ def load_per_expert(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool
     with init_empty_weights():  # parameters on the meta device, buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=trust_remote_code)
     moe.linearize(model)
+    layout = moe.checkpoint_layout(moe.model_type(model))  # checkpoint names -> module names
     schemes = {}
     for scheme in qcfg.config_groups.values():
-        for name, mod in match_named_modules(model, scheme.targets, qcfg.ignore):
+        targets = [layout.to_model(t) for t in scheme.targets]
+        for name, mod in match_named_modules(model, targets, [layout.to_model(t) for t in qcfg.ignore or []]):
             schemes[name] = (scheme, mod)
-    sd = _state_dict(model_dir)
+    sd = {layout.to_model(k): v for k, v in _state_dict(model_dir).items()}
     dense = {}
     for name, (scheme, mod) in schemes.items():
         local = {k[len(name) + 1:]: sd.pop(k) for k in [k for k in sd if k.startswith(name + ".")]}

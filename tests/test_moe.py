@@ -1,0 +1,204 @@
+"""Mixture-of-experts models: experts found by structure, linearized for the weight stages,
+calibrated on the tokens their router sends them, covered (or refused in one line), and
+written per expert in compressed-tensors artifacts that load back as the fake-quantized model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from compress import coverage, moe
+from compress.errors import UserError
+from compress.models import load_model
+from compress.pipeline import run
+from compress.recipe import parse_recipe
+from conftest import MOE_ARCHS, make_tiny_moe, tiny_recipe
+
+IDS = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module", params=list(MOE_ARCHS))
+def moe_model(request, tmp_path_factory):
+    return make_tiny_moe(tmp_path_factory.mktemp(request.param) / "model", request.param)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return make_tiny_moe(tmp_path_factory.mktemp("qwen3") / "model", "qwen3_moe")
+
+
+def _calib(text_file, **over):
+    return {"dataset": str(text_file), "n_samples": 8, "seq_len": 32, **over}
+
+
+def _run(model_dir, text_file, stages, tmp_path, name="moe"):
+    recipe = parse_recipe(tiny_recipe(model_dir, text_file, stages, name=name))
+    run(recipe, tmp_path / name, evaluate_outputs=False)
+    out = next((tmp_path / name / "stages").glob("01-*"))
+    return out, json.loads((out / "stage.json").read_text())["info"]
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+# ---------------------------------------------------------------------------- structure
+
+def test_linearized_experts_compute_the_fused_function_and_fuse_back_exactly(moe_model):
+    model, _ = load_model(moe_model)
+    ref, state = _logits(model), {k: v.clone() for k, v in model.state_dict().items()}
+    n = len(moe.fused_experts(model))
+    assert n == 2 and moe.linearize(model) == 2 and not moe.fused_experts(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    down = moe.checkpoint_layout(moe.model_type(model)).proj["down"]  # down_proj, Mixtral's w2
+    assert f"model.layers.1.mlp.experts.3.{down}" in names
+    assert torch.equal(_logits(model), ref)
+    assert moe.fuse(model) == 2
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_gpt_oss_layout_interleaved_transposed_with_biases():
+    """gpt-oss stores gate/up interleaved and transposed, with biases and a clamped gate."""
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    cfg = GptOssConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, intermediate_size=16, num_local_experts=4,
+                       num_experts_per_tok=2, layer_types=["full_attention"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        moe.linearize(model)
+        assert torch.equal(model(ids).logits, ref)
+
+
+def test_routers_are_found_and_left_out_by_default(tmp_path_factory):
+    d = make_tiny_moe(tmp_path_factory.mktemp("q2") / "model", "qwen2_moe")
+    model, _ = load_model(d)
+    moe.linearize(model)
+    assert set(moe.router_names(model)) == {f"model.layers.{i}.mlp.{r}" for i in (0, 1)
+                                            for r in ("gate", "shared_expert_gate")}
+    from compress.select import select_linears
+
+    names = select_linears(model, ["*"], ["lm_head"], "rtn")
+    assert "model.layers.0.mlp.shared_expert_gate" not in names
+    assert "model.layers.0.mlp.shared_expert.up_proj" in names and "model.layers.1.mlp.experts.3.up_proj" in names
+    assert "model.layers.0.mlp.shared_expert_gate" in select_linears(model, ["*.shared_expert_gate"], [], "rtn")
+
+
+# ---------------------------------------------------------------------------- artifacts
+
+@pytest.mark.parametrize("stage", [{"type": "rtn", "group_size": 32}, {"type": "gptq", "group_size": 32}])
+def test_every_expert_is_quantized_and_the_artifact_reloads_equal(stage, moe_model, text_file, tmp_path):
+    if stage["type"] == "gptq":
+        stage = {**stage, "calibration": _calib(text_file)}
+    out, info = _run(moe_model, text_file, [stage], tmp_path)
+    cfg = json.loads((out / "config.json").read_text())
+    targets = {t for g in cfg["quantization_config"]["config_groups"].values() for t in g["targets"]}
+    e = cfg.get("num_experts") or cfg.get("num_local_experts")
+    # named as the model type's checkpoints name them (Mixtral: block_sparse_moe.experts.N.w1/w2/w3)
+    layout = moe.checkpoint_layout(cfg["model_type"])
+    block = layout.to_checkpoint(".mlp.").strip(".")
+    assert {f"model.layers.{i}.{block}.experts.{k}.{p}" for i in (0, 1) for k in range(e)
+            for p in layout.proj.values()} <= targets
+    assert not any(t.endswith((".gate", "shared_expert_gate")) for t in targets)  # routers stay 16-bit
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert f"model.layers.1.{block}.experts.{e - 1}.{layout.proj['down']}.weight_packed" in keys
+    assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in keys)
+    # coverage: every linear and expert weight changed, the router not
+    cov = info["coverage"]["by_kind"]
+    assert cov["expert"]["changed"] == cov["expert"]["params"] == 2 * e * 3 * 64 * 64
+    assert cov["linear"]["changed"] == cov["linear"]["params"] and cov["router"]["changed"] == 0
+
+    # the artifact loads back in transformers (fused class) as the fake-quantized model
+    art, _ = load_model(out)
+    assert moe.fused_experts(art)
+    fake, _ = load_model(moe_model)
+    moe.linearize(fake)
+    sd = {n: m.weight for n, m in fake.named_modules() if isinstance(m, torch.nn.Linear)}
+    from compress.quant.grid import Grid, rtn
+
+    if stage["type"] == "rtn":  # RTN is deterministic: the expert weights are exactly on its grid
+        up = f"model.layers.0.mlp.experts.1.{layout.proj['up']}"
+        w = sd[up]
+        q, _, _ = rtn(w.float(), Grid(bits=4, symmetric=False, group_size=32, scale_dtype=w.dtype))
+        moe.linearize(art)
+        assert torch.equal(art.get_submodule(up).weight, q.to(w.dtype))
+
+
+def test_gptq_records_routed_tokens_and_falls_back_for_rare_experts(qwen3, text_file, tmp_path):
+    stage = {"type": "gptq", "group_size": 32, "calibration": _calib(text_file)}
+    _, info = _run(qwen3, text_file, [stage], tmp_path, "routed")
+    routed = info["experts"]["routed_tokens"]
+    assert set(routed) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
+    assert all(sum(c) == 8 * 32 * 2 for c in routed.values())  # every token to its top-2 experts
+    tokens = {n: m["tokens"] for n, m in info["modules"].items() if ".experts." in n and "tokens" in m}
+    assert tokens["model.layers.0.mlp.experts.3.gate_proj"] == routed["model.layers.0.mlp.experts"][3]
+
+    stage["calibration"] = _calib(text_file, min_expert_tokens=10**6)  # every module falls back
+    _, info = _run(qwen3, text_file, [stage], tmp_path, "fallback")
+    assert info["fallback_modules"] == info["quantized_modules"] == 2 * (4 + 8 * 3)
+
+
+def test_calibrate_all_experts_gives_every_expert_every_token(qwen3, text_file, tmp_path):
+    stage = {"type": "gptq", "group_size": 32, "calibration": _calib(text_file, calibrate_all_experts=True)}
+    _, info = _run(qwen3, text_file, [stage], tmp_path, "all")
+    tokens = {m["tokens"] for n, m in info["modules"].items() if ".experts." in n}
+    assert tokens == {8 * 32}
+    assert info["experts"]["all_experts"] is True
+    assert all(sum(c) == 8 * 32 * 2 for c in info["experts"]["routed_tokens"].values())  # output stays routed
+
+
+@pytest.mark.parametrize("stage,kind", [({"type": "magnitude_prune", "sparsity": 0.5}, "magnitude"),
+                                        ({"type": "wanda", "sparsity": 0.5}, "wanda"),
+                                        ({"type": "int8", "activations": "dynamic"}, "int8")])
+def test_other_weight_stages_cover_the_experts(stage, kind, qwen3, text_file, tmp_path):
+    if kind == "wanda":
+        stage = {**stage, "calibration": _calib(text_file)}
+    out, info = _run(qwen3, text_file, [stage], tmp_path, kind)
+    cov = info["coverage"]["by_kind"]
+    assert cov["expert"]["changed"] == cov["expert"]["params"] > 0
+    if kind != "int8":
+        model, _ = load_model(out)
+        w = model.model.layers[1].mlp.experts.down_proj
+        assert abs((w == 0).float().mean().item() - 0.5) < 0.01
+
+
+# ---------------------------------------------------------------------------- refused before any work
+
+@pytest.mark.parametrize("stage,expect", [
+    ({"type": "awq", "group_size": 32}, "Qwen3MoeExperts: 3-D expert weights, which awq does not handle"),
+    ({"type": "rtn", "ignore": ["lm_head", "*.experts.99.*"]}, "rtn.ignore: '*.experts.99.*' matches no nn.Linear"),
+    ({"type": "int8", "activations": "static"}, "calibrate_all_experts: static input scales"),
+])
+def test_bad_moe_input_is_one_line_before_any_work(stage, expect, qwen3, text_file, tmp_path):
+    if stage["type"] in ("awq", "int8"):
+        stage = {**stage, "calibration": _calib(text_file)}
+    with pytest.raises(UserError) as e:
+        _run(qwen3, text_file, [stage], tmp_path, "bad")
+    assert any(expect in line for line in e.value.lines), e.value.lines
+    assert not (tmp_path / "bad").exists()
+
+
+def test_calibrate_all_experts_on_a_dense_model_is_refused(tiny_model, text_file, tmp_path):
+    stage = {"type": "gptq", "group_size": 32, "calibration": _calib(text_file, calibrate_all_experts=True)}
+    with pytest.raises(UserError, match="has no mixture-of-experts layers, so it does nothing there"):
+        _run(tiny_model, text_file, [stage], tmp_path, "dense")
+
+
+def test_coverage_refusal_names_the_module_kind(qwen3):
+    model, _ = load_model(qwen3)
+    why = coverage.refusal(model, "bnb")
+    assert why.startswith("Qwen3MoeExperts: 3-D expert weights, which bnb does not handle")
+    moe.linearize(model)
+    assert coverage.refusal(model, "bnb") is None
