@@ -171,6 +171,29 @@ def test_stage_registry_lists_fields(capsys):
     assert fields["skip"]["default"] == ["lm_head"]
 
 
+def test_stages_show_nested_configs_field_by_field(capsys):
+    assert main(["stages", "--json"]) == 0
+    docs = {d["name"]: {f["name"]: f for f in d["fields"]} for d in json.loads(capsys.readouterr().out)}
+    loss = {f["name"]: f for f in docs["distill"]["loss"]["fields"]}
+    assert loss["kind"]["choices"] == ["forward", "reverse", "jsd", "skew"] and loss["kind"]["default"] == "forward"
+    assert "Jensen-Shannon" in loss["kind"]["help"] and loss["beta"]["bounds"] == {"ge": 0.0, "le": 1.0}
+    data = {f["name"]: f for f in docs["distill"]["data"]["fields"]}
+    assert data["seq_len"]["default"] == 512 and data["datasets"]["bounds"] == {"min_length": 1}
+    generated = {f["name"]: f for f in data["generated"]["fields"]}  # a config inside a config inside the stage's
+    assert generated["sequences"]["required"] and generated["engine"]["choices"] == ["auto", "vllm", "hf"]
+    calibrated = {name for name, fields in docs.items() if "calibration" in fields}
+    assert {"wanda", "sparsegpt", "gptq", "awq", "smoothquant", "int8", "fp8", "prune_mlp"} <= calibrated
+    for name in calibrated:
+        cal = {f["name"]: f for f in docs[name]["calibration"]["fields"]}
+        assert cal["n_samples"]["bounds"] == {"gt": 0} and cal["dataset"]["default"] == "wikitext2-valid", name
+    assert main(["stages"]) == 0
+    text = capsys.readouterr().out
+    assert "\n  loss: LossConfig (defaults below)  - the training objective" in text
+    assert "\n    loss.kind: 'forward' | 'reverse' | 'jsd' | 'skew' (default \"forward\")  - forward KL" in text
+    assert "\n      data.generated.sequences: int (> 0) (required)  - prompts the teacher continues" in text
+    assert "\n    mappings[].smooth: str (required)" in text and "\n    calibration.n_samples: int (> 0)" in text
+
+
 @pytest.mark.parametrize("cmd", ["run", "eval", "validate", "import-gguf", "stages"])
 def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
