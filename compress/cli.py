@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN")
     p.add_argument("--output", "-o", metavar="DIR", help="where to write (default: print the table only)")
     p.add_argument("--quality", metavar="METRIC",
-                   help="quality axis: perplexity (default where measured) or TASK.METRIC, e.g. piqa.acc")
+                   help="quality axis: perplexity (default where measured) or TASK.METRIC, e.g. piqa.acc, or TASK "
+                   "for its headline metric (the task spec's `metric`, else acc or exact_match)")
     p.add_argument("--memory", choices=["peak", "weights", "disk"],
                    help="memory axis: peak (GPU, else resident set), weights (the model's tensors in the engine) "
                    "or disk; default: peak where a GPU was measured, else weights")

@@ -303,13 +303,16 @@ def run_layerwise(model: torch.nn.Module, calib: torch.Tensor, names: list[str],
                   make_collector: Callable[[torch.nn.Linear, str], Any], solve: Solver, device: str,
                   sequential: bool = True, batch_size: int = 1, progress: bool = True,
                   desc: str = "calibrate", observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                  all_experts: bool = False) -> dict:
+                  all_experts: bool = False, solve_many: Callable[[int, list], dict[str, dict]] | None = None
+                  ) -> dict:
     """Run the layer-wise loop over `model` with calibration tokens `calib` [n, seq].
 
     `names`: full names of the nn.Linear modules to solve (all inside decoder layers).
     `make_collector(module, device)`: the statistic to accumulate for a group of modules
     that share one input. `solve(...)` changes the modules' weights in place and returns
-    what it measured per module. `observe(i, x_in, x_out)`, if given, sees each batch's hidden
+    what it measured per module; `solve_many(i, [(group, collector), ...])`, if given, solves the
+    groups of one sequential pass together (a mixture-of-experts layer's experts: one batch
+    on the GPU instead of a loop). `observe(i, x_in, x_out)`, if given, sees each batch's hidden
     states before and after layer i (block influence for depth pruning). `all_experts`: the
     experts of linearized mixture-of-experts layers (compress.moe.LinearExperts) see every
     token while statistics are collected (the layer's output stays the routed one); the tokens
@@ -367,10 +370,13 @@ def run_layerwise(model: torch.nn.Module, calib: torch.Tensor, names: list[str],
             for gs in passes:
                 bar.set_postfix_str(", ".join(r.rsplit(".", 1)[-1] for g in gs for r in g))
                 stats = _collect(layer, i, mods, gs, make_collector, device, forward, len(acts))
-                for g, st in zip(gs, stats):
-                    for rel, info in solve(i, {r: mods[r] for r in g}, st).items():
-                        results[f"{layers_name}.{i}.{rel}"] = info
-                del stats
+                pairs = [({r: mods[r] for r in g}, st) for g, st in zip(gs, stats)]
+                if solve_many is not None and len(gs) > 1 and sequential:  # the experts of one projection
+                    solved = solve_many(i, pairs)
+                else:
+                    solved = {rel: info for g, st in pairs for rel, info in solve(i, g, st).items()}
+                results.update({f"{layers_name}.{i}.{rel}": info for rel, info in solved.items()})
+                del stats, pairs
         for _, m in experts:
             m.all_tokens = False
             m.reset_counts()

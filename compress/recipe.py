@@ -87,6 +87,9 @@ class TaskSpec(_Strict):
     hub: bool = Field(False, description="lm-eval's registered task of this name (its data from the hub)")
     limit: int | None = Field(None, gt=0, description="first N records only (null: all)")
     num_fewshot: int = Field(0, ge=0)
+    metric: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]*$", description="the headline metric (tables, the "
+                               "Pareto's default quality axis, the gate): acc (default) or acc_norm for "
+                               "multiple_choice, exact_match for generate, any lm-eval reports for a hub task")
 
 
 class VLLMOptions(_Strict):
@@ -240,7 +243,8 @@ class GateCriterion(_Strict):
     min: float | None = Field(None, description="pass when the value is >= min")
     max: float | None = Field(None, description="pass when the value is <= max")
     task: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                             description="task_*: 'piqa' (its acc, else exact_match) or 'piqa.acc_norm'")
+                             description="task_*: 'piqa' (its headline metric: the task spec's `metric`, else "
+                             "acc or exact_match) or 'piqa.acc_norm'")
     engine: Literal["hf", "vllm"] | None = Field(None, description="one engine; default: every engine measured")
     artifacts: str = Field("final", min_length=1, description="'final' (the last stage of a recipe, every "
                            "variant of a matrix), 'all', or a glob over artifact names")

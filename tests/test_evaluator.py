@@ -220,6 +220,26 @@ def test_eval_cli_runs_a_task_file_and_reports_it(tiny_model, text_file, tmp_pat
     assert m["tasks"]["mine"]["n"] == 6 and m["speed"]["protocol"]["num_prompts"] == 2
     md = (tmp_path / "ev" / "report.md").read_text()
     assert "| mine acc |" in md and "Task mine: multiple_choice, 6 of 8 records (limit 6), 0-shot" in md
+    # the spec names its headline metric: the same cached measurement, acc_norm at the head of the table
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**spec, "metric": "acc_norm"}))
+    args = ["eval", str(tiny_model), "--engine", "hf", "--device", "cpu", "--task-file", str(tmp_path / "mine.yaml"),
+            "--limit", "6", "--dataset", str(text_file), "--max-tokens", "128", "--context-length", "64",
+            "--num-prompts", "2", "--input-len", "8", "--output-len", "3", "--repeats", "2"]
+    capsys.readouterr()
+    assert main(args + ["--output", str(tmp_path / "ev2")]) == 0
+    assert "cached results" in capsys.readouterr().err
+    m2 = json.loads((tmp_path / "ev2" / "report.json").read_text())["baseline"]["engines"]["hf"]["tasks"]["mine"]
+    assert m2["metric"] == "acc_norm" and m2["acc_norm"] == m["tasks"]["mine"]["acc_norm"]
+    md2 = (tmp_path / "ev2" / "report.md").read_text()
+    assert "| mine acc_norm |" in md2 and f"| {m2['acc_norm']:.3f} ± {m2['acc_norm_stderr']:.3f} |" in md2
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(spec))  # and back: the cache kept no headline
+    assert main(args + ["--output", str(tmp_path / "ev3")]) == 0
+    assert "metric" not in json.loads((tmp_path / "ev3" / "report.json").read_text())["baseline"]["engines"]["hf"][
+        "tasks"]["mine"]
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**spec, "metric": "exact_match"}))
+    assert main(args) == 2
+    assert "metric: 'exact_match' is not measured for a multiple_choice task; choose acc or acc_norm" in \
+        capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**spec, "kind": "essay"}))
     assert main(["eval", str(tiny_model), "--engine", "hf", "--task-file", str(bad)]) == 2

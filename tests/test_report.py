@@ -119,6 +119,46 @@ def test_compare_marks_the_pareto_set_exactly(tmp_path):
     assert all(r["pareto"]["memory"] for r in g4.rows)  # baseline: best quality; mid, mid-twin: smaller, tied
 
 
+def test_a_task_spec_names_its_headline_metric(tmp_path, capsys):
+    """HellaSwag-style: acc and acc_norm measured, the spec's `metric: acc_norm` heads the report
+    table, the comparison, the Pareto's default quality axis and the gate's task_retention."""
+    def with_hellaswag(rep, scores):
+        for entry in [rep["baseline"], *rep["artifacts"]]:
+            acc, acc_norm = scores[entry["name"]]
+            entry["engines"]["hf"]["tasks"] = {"hellaswag": {
+                "acc": acc, "acc_stderr": 0.02, "acc_norm": acc_norm, "acc_norm_stderr": 0.03, "metric": "acc_norm",
+                "kind": "multiple_choice", "n": 300, "n_total": 300, "limit": None, "num_fewshot": 0,
+                "lm_eval": "0.4.13", "source": "hellaswag.jsonl"}}
+            entry["engines"]["hf"].pop("perplexity", None)
+        return build_report(rep["baseline"], rep["artifacts"], recipe=rep["recipe"], device="cpu",
+                            protocol=rep["protocol"], provenance=rep["provenance"])
+
+    # mid: worse on acc, better on acc_norm than fast-bad
+    rep = with_hellaswag(make_report("hs", {"mid": ARTS["mid"], "fast-bad": ARTS["fast-bad"]}),
+                         {"baseline (tiny)": (0.377, 0.437), "mid": (0.30, 0.43), "fast-bad": (0.37, 0.35)})
+    from eval.report.report import table
+
+    text = table(rep)
+    assert "| hellaswag acc_norm |" in text and "| 0.437 ± 0.030 |" in text and "hellaswag acc |" not in text
+    assert rep["artifacts"][0]["retention"]["hf"]["tasks"]["hellaswag.acc_norm"]["retention"] == \
+        pytest.approx(0.43 / 0.437)
+    d = write_run(tmp_path, "hs", rep)
+    assert "Task hellaswag: multiple_choice, 300 of 300 records (all), 0-shot, headline acc_norm" in \
+        (d / "report.md").read_text()
+    (g,) = compare([d])  # no perplexity: quality is the first task's headline
+    assert g.quality.key == "task:hellaswag.acc_norm"
+    assert {r["artifact"] for r in g.rows if r["pareto"]["throughput"]} == {"baseline (tiny)", "mid", "fast-bad"}
+    assert compare([d], quality="hellaswag")[0].quality.key == "task:hellaswag.acc_norm"
+    main(["compare", str(d)])
+    assert "| hellaswag.acc_norm |" in capsys.readouterr().out
+    g_file = tmp_path / "g.yaml"
+    g_file.write_text("- {metric: task_retention, task: hellaswag, min: 0.95}\n")
+    assert main(["gate", str(d), "--gate", str(g_file)]) == 1
+    out = capsys.readouterr().out
+    assert "PASS  task_retention[hellaswag] >= 0.95  [mid / hf]: hellaswag.acc_norm retention 0.9840" in out
+    assert "FAIL  task_retention[hellaswag] >= 0.95  [fast-bad / hf]: hellaswag.acc_norm retention 0.8009" in out
+
+
 def test_compare_groups_runs_measured_differently(tmp_path, capsys):
     a = write_run(tmp_path, "run-a", make_report("run-a", {"mid": ARTS["mid"]}))
     b = write_run(tmp_path, "run-b", make_report("run-b", {"fast-bad": ARTS["fast-bad"]}))

@@ -17,7 +17,7 @@ from pydantic import Field
 from compress.collectors import HessianCollector
 from compress.prune.calibrated import CalibratedPruneConfig, check_prune, run_pruning
 from compress.quant.cuda_graph import graph_fn
-from compress.quant.gptq import inverse_hessian_factor
+from compress.quant.gptq_solver import inverse_hessian_factor
 from compress.stage import Stage, StageContext
 
 

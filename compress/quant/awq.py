@@ -32,7 +32,7 @@ from compress.export.compressed_tensors import QuantRecord, WeightScheme, attach
 from compress.layerwise import decoder_layers, run_layerwise, split_by_layer
 from compress.quant.common import WeightQuantConfig, check_weight_quant, group_summary, row_slices, store
 from compress.quant.cuda_graph import graph_fn
-from compress.quant.gptq import gptq_quantize, solve_block
+from compress.quant.gptq_solver import gptq_quantize, solve_block
 from compress.quant.grid import Grid, rtn
 from compress.quant.smooth import AWQ_MAPPINGS, Mapping, fold, mapping_for, resolve
 from compress.stage import Stage, StageContext

@@ -1,27 +1,12 @@
-"""GPTQ (Frantar et al., 2022): quantize W column by column, spreading each column's rounding
-error over the columns not yet quantized through the inverse Hessian of the layer's inputs.
-
-`gptq_quantize(W, H, grid, ...)` is the pure solver: tensors in, tensors out, no hooks or
-device moves. H = 2/n XᵀX over the calibration inputs X [n, in] (see
-compress.collectors.HessianCollector); the objective is ‖XWᵀ − XQᵀ‖².
-
-Activation order (`actorder`), in the two forms compressed-tensors and vLLM know:
-  * "weight": columns are solved in decreasing diag(H) order, but groups stay contiguous in
-    the original column order with their scales fixed up front from W: no g_idx is stored and
-    kernels run at full speed;
-  * "group": columns are solved in decreasing diag(H) order and each group is the next
-    `group_size` columns of that order, its scale fixed when it is reached (the paper's
-    act-order): a g_idx [in] maps each column to its group and is stored with the weights.
-Without actorder, groups are contiguous and each one's scale is fixed when it is reached.
-
-The lazy-batch block size only changes the floating-point order of the updates, not the
-result; it is rounded up to a multiple of the group size so every group lies in one block.
+"""The gptq stage: GPTQ weight-only quantization on the layer-wise calibration runner, written
+as compressed-tensors pack-quantized. The solver is compress.quant.gptq_solver (one matrix)
+and compress.quant.gptq_batched (the experts of a mixture-of-experts layer, as one batch).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -33,152 +18,17 @@ from compress.export.compressed_tensors import QuantRecord, WeightScheme, attach
 from compress.layerwise import decoder_layers, run_layerwise
 from compress.quant.common import WeightQuantConfig, check_weight_quant, group_summary, row_slices, store
 from compress.quant.cuda_graph import graph_fn
-from compress.quant.grid import Grid, fake_quantize, group_qparams, qparams, rtn
+from compress.quant.gptq_batched import gptq_quantize_batched, solve_block_batched
+from compress.quant.gptq_solver import (ActOrder, GPTQResult, HessianError, gptq_quantize,  # noqa: F401
+                                        inverse_hessian_factor, output_error, solve_block)
+from compress.quant.grid import Grid, rtn
 from compress.stage import Stage, StageContext
-
-ActOrder = Literal["weight", "group"] | None
-
-
-@dataclass
-class GPTQResult:
-    q: torch.Tensor                  # [out, in] float32, fake-quantized (on the grid)
-    scale: torch.Tensor              # [out, G] float32 (storable in grid.scale_dtype)
-    zero: torch.Tensor               # [out, G] float32 integers (0 when symmetric)
-    g_idx: torch.Tensor | None       # [in] int32 group of each column (actorder "group" only)
-    loss: float                      # GPTQ's objective: sum((w - q)^2 / d^2) / 2
-    row_error: torch.Tensor          # [out] ‖x(w_r − q_r)‖² per row, under the damped H (= 2 × its loss)
-    row_energy: torch.Tensor         # [out] ‖x w_r‖² per row, under H: row_error / row_energy is relative
-
-
-class HessianError(ValueError):
-    pass
-
-
-def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 [in, in] (float32).
-
-    Works in `h`'s memory plus one more [in, in] buffer (`h` is overwritten with (H+dI)^-1):
-    for an 8B model's down_proj each is 0.8 GB, so copies count."""
-    h.diagonal().add_(damp * h.diagonal().mean())
-    chol, info = torch.linalg.cholesky_ex(h)
-    if info.item() == 0:
-        torch.cholesky_inverse(chol, out=h)
-        torch.linalg.cholesky_ex(h, upper=True, out=(chol, info))
-    if info.item() != 0:
-        raise HessianError(f"the damped Hessian is not positive definite (damp={damp}); raise `damp`")
-    return chol
-
-
-def solve_block(w1: torch.Tensor, hinv1: torch.Tensor, s1: torch.Tensor, z1: torch.Tensor,
-                q1: torch.Tensor, err1: torch.Tensor, grid: Grid, dynamic_group: int,
-                keep1: torch.Tensor | None = None) -> None:
-    """One lazy-batch block, in place: w1, q1, err1, s1, z1 [out, c]; hinv1 [c, c].
-
-    dynamic_group > 0: each group of that many columns gets its scale/zero from the current
-    (error-updated) weights when reached, written into s1/z1; else s1/z1 are given.
-    keep1 [out, c] (0/1): weights that must end exactly 0 where it is 0 (a pruned model
-    stays pruned; zero is on every grid). No host synchronisation, so the block can be
-    captured in a CUDA graph.
-    """
-    c = w1.shape[1]
-    for i in range(c):
-        if dynamic_group and i % dynamic_group == 0:
-            s, z = qparams(w1[:, i:i + dynamic_group], grid)
-            s1[:, i:i + dynamic_group] = s
-            z1[:, i:i + dynamic_group] = z
-        w = w1[:, i]
-        q = fake_quantize(w, s1[:, i], z1[:, i], grid)
-        if keep1 is not None:
-            q = q * keep1[:, i]
-        e = (w - q) / hinv1[i, i]
-        w1[:, i + 1:].addr_(e, hinv1[i, i + 1:], alpha=-1.0)
-        q1[:, i] = q
-        err1[:, i] = e
-
-
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, grid: Grid, block_size: int = 128,
-                  damp: float = 0.01, actorder: ActOrder = None, block_fn=solve_block,
-                  overwrite_h: bool = False, keep: torch.Tensor | None = None) -> GPTQResult:
-    """Quantize W [out, in] against the Hessian H [in, in]; see the module docstring.
-
-    `block_fn` runs one block (default `solve_block`; the CUDA-graph runner replays the same
-    computation faster). W is not modified; H is used as scratch space when `overwrite_h`
-    (then the solver needs one more [in, in] buffer, else two). `keep` [out, in] bool: where
-    False the result is exactly 0 (a pruned layer stays pruned; the rounding error of those
-    weights is spread over the others like any other).
-    """
-    out, n = w.shape
-    gs = n if grid.group_size == -1 else grid.group_size
-    if n % gs:
-        raise ValueError(f"group size {gs} does not divide the input width {n}")
-    if actorder == "group" and grid.group_size == -1:
-        raise ValueError("actorder 'group' needs a group size; use actorder 'weight' per channel")
-    w = w.float().clone()
-    h = h if overwrite_h and h.dtype == torch.float32 else h.float().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-
-    static = grid.group_size == -1 or actorder == "weight"
-    col_group = torch.arange(n, device=w.device) // gs   # group of each column, original order
-    if static:  # scales fixed up front from W, groups contiguous in the original order
-        scale, zero = group_qparams(w, grid)
-    else:
-        scale = torch.zeros(out, n // gs, device=w.device)
-        zero = torch.zeros_like(scale)
-    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if actorder else None
-    keep = None if keep is None else keep.float()
-    if perm is not None:
-        w = w[:, perm]
-        keep = None if keep is None else keep[:, perm]
-        h.copy_(h.index_select(0, perm))
-        h.copy_(h.index_select(1, perm))
-        col_group = col_group[perm]
-    row_energy = ((w @ h) * w).sum(1)
-    hinv = inverse_hessian_factor(h, damp)
-    del h
-
-    bs = block_size if static else -(-max(block_size, gs) // gs) * gs
-    q = torch.zeros_like(w)
-    row_error = torch.zeros(out, device=w.device)
-    for i1 in range(0, n, bs):
-        i2 = min(i1 + bs, n)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        q1 = torch.zeros_like(w1)
-        if static:
-            s1, z1 = scale[:, col_group[i1:i2]], zero[:, col_group[i1:i2]]
-        else:
-            s1, z1 = torch.empty_like(w1), torch.empty_like(w1)
-        keep1 = None if keep is None else keep[:, i1:i2].contiguous()
-        block_fn(w1, hinv[i1:i2, i1:i2], s1, z1, q1, err1, grid, 0 if static else gs, keep1)
-        q[:, i1:i2] = q1
-        if not static:  # group k = processed columns k*gs .. (k+1)*gs - 1
-            scale[:, i1 // gs:i2 // gs], zero[:, i1 // gs:i2 // gs] = s1[:, ::gs], z1[:, ::gs]
-        row_error += err1.square().sum(1)
-        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
-
-    g_idx = None
-    if not static and perm is not None:
-        g_idx = torch.empty(n, dtype=torch.int32, device=w.device)
-        g_idx[perm] = (torch.arange(n, device=w.device) // gs).int()
-    if perm is not None:
-        q = q[:, torch.argsort(perm)]
-    return GPTQResult(q=q, scale=scale, zero=zero, g_idx=g_idx, loss=row_error.sum().item() / 2,
-                      row_error=row_error, row_energy=row_energy)
-
-
-def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
-    """Relative output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) = ‖X(W−Q)ᵀ‖² / ‖XWᵀ‖² (W, Q [out, in])."""
-    w, d = w.float(), (w.float() - q.float())
-    num = ((d @ h) * d).sum()
-    den = ((w @ h) * w).sum()
-    return (num / den.clamp(min=1e-30)).item()
 
 
 # ---------------------------------------------------------------------------- the stage
 
 PRUNED_FRACTION = 0.1  # a module with this share of exact zeros was pruned: its zeros stay
+EXPERT_CHUNK = 32      # experts solved in one batch (W, H and H^-1 of 32 Qwen3-30B experts: ~3 GiB)
 
 
 class GPTQConfig(WeightQuantConfig):
@@ -213,6 +63,7 @@ def apply(model, cfg: GPTQConfig, ctx: StageContext):
     records: dict[str, QuantRecord] = {}
     schemes: dict[str, WeightScheme] = {}
     block_fn = graph_fn(solve_block, ctx.device)
+    block_fn_many = graph_fn(solve_block_batched, ctx.device)
 
     def solve(layer_idx: int, group: dict[str, torch.nn.Linear], stats: HessianCollector) -> dict[str, dict]:
         mods = list(group.values())
@@ -228,7 +79,9 @@ def apply(model, cfg: GPTQConfig, ctx: StageContext):
         r = gptq_quantize(w, stats.h, grid, cfg.block_size, cfg.damp, cfg.actorder, block_fn=block_fn,
                           overwrite_h=True, keep=keep if pruned else None)  # H is not needed after this
         stats.h = None
-        secs = time.perf_counter() - t0
+        return record(layer_idx, group, r, scheme, grid, time.perf_counter() - t0, stats.n)
+
+    def record(layer_idx, group, r, scheme, grid, secs, tokens) -> dict[str, dict]:
         out = {}
         for rel, m, rows in row_slices(group):
             name = f"{layers_name}.{layer_idx}.{rel}"
@@ -236,7 +89,37 @@ def apply(model, cfg: GPTQConfig, ctx: StageContext):
             records[name] = store(m, r.q[rows], r.scale[rows], r.zero[rows], r.g_idx)
             schemes[name] = scheme
             out[rel] = {"output_rel_error": round(err, 6), "group_size": grid.group_size,
-                        "solve_seconds": round(secs / len(group), 4), "tokens": stats.n}
+                        "solve_seconds": round(secs / len(group), 4), "tokens": tokens}
+        return out
+
+    def solve_many(layer_idx: int, pairs: list[tuple[dict, HessianCollector]]) -> dict[str, dict]:
+        """The experts of a layer (groups of one shape) solved as one batch, EXPERT_CHUNK at a time."""
+        out: dict[str, dict] = {}
+        rest = [(g, st) for g, st in pairs if st.n >= c.min_expert_tokens]
+        for g, st in pairs:
+            if st.n < c.min_expert_tokens:
+                out.update(solve(layer_idx, g, st))
+        for k in range(0, len(rest), EXPERT_CHUNK):
+            chunk = rest[k:k + EXPERT_CHUNK]
+            mods0 = list(chunk[0][0].values())
+            scheme = cfg.scheme(mods0[0].in_features, cfg.actorder)
+            grid = Grid(bits=cfg.bits, symmetric=cfg.symmetric, group_size=scheme.group_size,
+                        scale_dtype=mods0[0].weight.dtype)
+            t0 = time.perf_counter()
+            w = torch.stack([torch.cat([m.weight for m in g.values()]) for g, _ in chunk]).to(ctx.device).float()
+            h = torch.stack([st.h for _, st in chunk])
+            for _, st in chunk:
+                st.h = None
+            keep = w != 0
+            pruned = (~keep).float().mean((1, 2)) >= PRUNED_FRACTION
+            keep = keep | ~pruned[:, None, None] if cfg.preserve_zeros and bool(pruned.any()) else None
+            r = gptq_quantize_batched(w, h, grid, cfg.block_size, cfg.damp, cfg.actorder, block_fn_many, keep)
+            del w, h
+            secs = (time.perf_counter() - t0) / len(chunk)
+            for e, (g, st) in enumerate(chunk):
+                one = SimpleNamespace(q=r.q[e], scale=r.scale[e], zero=r.zero[e], row_error=r.row_error[e],
+                                      row_energy=r.row_energy[e], g_idx=None if r.g_idx is None else r.g_idx[e])
+                out.update(record(layer_idx, g, one, scheme, grid, secs, st.n))
         return out
 
     def fallback(layer_idx, group, grid, stats, scheme) -> dict[str, dict]:
@@ -257,7 +140,7 @@ def apply(model, cfg: GPTQConfig, ctx: StageContext):
     layers_name = decoder_layers(model)[0]
     info = run_layerwise(model, calib, names, lambda m, dev: HessianCollector(m.in_features, dev), solve,
                          ctx.device, sequential=cfg.sequential, batch_size=c.batch_size, progress=ctx.progress,
-                         desc="gptq", all_experts=c.calibrate_all_experts)
+                         desc="gptq", all_experts=c.calibrate_all_experts, solve_many=solve_many)
     attach(model, records, schemes)
     errs = [m["output_rel_error"] for m in info["modules"].values() if "output_rel_error" in m]
     info["fallback_modules"] = sum("fallback" in m for m in info["modules"].values())
