@@ -35,6 +35,7 @@ from compress.fsutil import atomic_write_text, sha256_file
 from compress.models import check_model_dir, home, model_hash
 from compress.recipe import EvalConfig, HFOptions, ModelSpec
 from eval.accuracy.perplexity import perplexity
+from eval.accuracy.tasks import headline
 from eval.engines import check_engines, open_engine
 from eval.memory import MemorySampler, device_info
 
@@ -90,9 +91,21 @@ def _task_key(cfg: EvalConfig) -> list:
     out = []
     for t in cfg.tasks:
         d = resolved(t)
+        d.pop("metric")  # which figure heads the tables changes nothing measured (see with_headlines)
         f = Path(d["file"]).expanduser() if d.get("file") else None
         out.append({**d, "file_sha256": sha256_file(f) if f and f.is_file() else None})
     return out
+
+
+def with_headlines(res: dict, cfg: EvalConfig) -> dict:
+    """`res` with each task result's headline metric as its spec names it (`metric`), put on
+    after the cache: a reporting choice, so changing it re-measures nothing and stored results
+    keep their shape."""
+    tasks = {name: {k: v for k, v in tm.items() if k != "metric"} for name, tm in (res.get("tasks") or {}).items()}
+    for t in cfg.tasks:
+        if t.metric is not None and t.name in tasks:
+            tasks[t.name]["metric"] = t.metric
+    return {**res, "tasks": tasks} if "tasks" in res else res
 
 
 def protocol(cfg: EvalConfig, model: ModelSpec, device: str, seed: int = 0) -> dict:
@@ -127,7 +140,7 @@ def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
     cache = home() / "_eval_cache" / f"{key}.json"
     if use_cache and cache.is_file():
-        return {**json.loads(cache.read_text()), "cached": True}
+        return with_headlines({**json.loads(cache.read_text()), "cached": True}, cfg)
 
     out = {"model_dir": str(model_dir), "model_hash": key_src["model"], "engine": engine,
            "dtype": settings["dtype"], "settings": settings, "device": device, "hardware": key_src["hardware"],
@@ -153,7 +166,7 @@ def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "
     out["memory"] = {**out.get("memory", {}), **mem.result()}
     if "error" not in out:
         atomic_write_text(cache, json.dumps(out, indent=1))
-    return {**out, "cached": False}
+    return with_headlines({**out, "cached": False}, cfg)
 
 
 def _measure(eng, cfg: EvalConfig, seed: int, out: dict) -> None:
@@ -204,8 +217,8 @@ def retention(base: dict, art: dict) -> dict:
         am = (art.get("tasks") or {}).get(task)
         if not am:
             continue
-        for metric in ("acc", "acc_norm", "exact_match"):
-            if bm.get(metric) is not None and am.get(metric) is not None:
+        for metric in dict.fromkeys(("acc", "acc_norm", "exact_match", headline(am))):
+            if metric and all(isinstance(m.get(metric), (int, float)) for m in (bm, am)):
                 r.setdefault("tasks", {})[f"{task}.{metric}"] = {
                     "retention": am[metric] / bm[metric] if bm[metric] else None,
                     "change_points": 100.0 * (am[metric] - bm[metric])}

@@ -36,6 +36,8 @@ GSM8K_ANSWER = r"#### (.*)"
 # what exact_match ignores on both sides (lm-eval's gsm8k: thousands commas, dollar signs, a final dot)
 GEN_IGNORE = [",", r"\$", r"\.$"]
 BUILTIN = ("piqa", "gsm8k")
+# what lm-eval reports for each kind of task file; the first is the headline unless the spec names one
+METRICS = {"multiple_choice": ("acc", "acc_norm"), "generate": ("exact_match",)}
 WHOLE = r"(?s)^\s*(.*?)\s*$"  # no `extract`: the whole output, stripped (one match)
 
 
@@ -115,6 +117,9 @@ def check_task(spec, where: str) -> int:
     missing = [k for k, v in need.items() if v is None]
     if missing:
         raise UserError(f"{where}: task {spec.name!r} needs {', '.join(missing)} (kind {d['kind']})")
+    if spec.metric is not None and spec.metric not in METRICS[d["kind"]]:
+        raise UserError(f"{where}.metric: {spec.metric!r} is not measured for a {d['kind']} task; choose "
+                        f"{' or '.join(METRICS[d['kind']])}")
     try:
         fields = _template_fields(d["prompt"])
     except Exception as e:  # jinja2.TemplateSyntaxError
@@ -188,7 +193,7 @@ def lm_eval_config(spec) -> dict:
         cfg.update(output_type="multiple_choice", doc_to_target="{{" + d["label"] + "}}",
                    doc_to_choice="{{" + (ch if isinstance(ch, str) else "[" + ", ".join(ch) + "]") + "}}",
                    metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True}
-                                for m in ("acc", "acc_norm")])
+                                for m in METRICS["multiple_choice"]])
     else:
         cfg.update(
             output_type="generate_until", doc_to_target=_target_fn(d["answer"], d.get("answer_pattern")),
@@ -255,6 +260,12 @@ def lm_for(engine, batch_size: int | str = 32):
             self.tokenizer = configure_pad_token(llm.get_tokenizer(), model_config=self._config)
 
     return VLLMOnLoaded(engine.llm)
+
+
+def headline(tm: dict) -> str | None:
+    """A task result's headline metric: the one its spec names (`metric`, which the evaluator
+    puts on the result), else acc (multiple choice) or exact_match (generation), where measured."""
+    return tm.get("metric") or next((k for k in ("acc", "exact_match") if tm.get(k) is not None), None)
 
 
 def run_tasks(engine, tasks: list, seed: int = 0, batch_size: int | str = 32) -> dict:

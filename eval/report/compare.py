@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress.errors import UserError
+from eval.accuracy.tasks import headline
 
 READABLE_SCHEMAS = (3, 4)
 
@@ -64,10 +65,6 @@ def peak_memory(m: dict) -> int | None:
     return mem.get("peak_gpu_used_bytes") or mem.get("peak_torch_allocated_bytes") or mem.get("peak_rss_bytes")
 
 
-def task_metric(tm: dict) -> str | None:
-    return next((k for k in ("acc", "exact_match") if tm.get(k) is not None), None)
-
-
 def flat_row(run: str, entry: dict, engine: str, m: dict, ret: dict, is_base: bool) -> dict:
     """The figures of one model on one engine, flat (None where not measured)."""
     from eval.report.report import quant_label
@@ -76,7 +73,7 @@ def flat_row(run: str, entry: dict, engine: str, m: dict, ret: dict, is_base: bo
     conc, b1 = sp.get("concurrent") or {}, sp.get("batch1") or {}
     tasks = {}
     for t, tm in (m.get("tasks") or {}).items():
-        metric = task_metric(tm)
+        metric = headline(tm)  # the spec's `metric`, else acc or exact_match
         if metric:
             tasks[f"{t}.{metric}"] = {"value": tm[metric], "stderr": tm.get(f"{metric}_stderr"),
                                       "retention": 1.0 if is_base else (ret.get("tasks") or {}).get(
@@ -144,12 +141,14 @@ class Axis:
 
 
 def quality_axis(rows: list[dict], quality: str | None = None) -> Axis:
-    """Perplexity (lower is better) by default where measured, else the first task's metric;
-    `quality` = 'perplexity' or 'TASK.METRIC' (e.g. piqa.acc) to choose."""
-    tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
+    """Perplexity (lower is better) by default where measured, else the first task's headline
+    metric; `quality` = 'perplexity', 'TASK.METRIC' (e.g. piqa.acc) or 'TASK' (its headline)."""
+    tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))  # "task.headline" keys
     if quality in (None, "perplexity") and (quality or any(r["perplexity"] is not None for r in rows) or not tasks):
         return Axis("perplexity", "perplexity (lower is better)", False)
     q = quality or tasks[0]
+    if q not in tasks:
+        q = next((t for t in tasks if t.rpartition(".")[0] == q), q)
     if q not in tasks:
         raise UserError(f"--quality: {q!r} is not measured in these runs; measured: "
                         f"{', '.join(['perplexity', *tasks])}")

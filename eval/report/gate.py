@@ -24,7 +24,8 @@ from pydantic import ValidationError
 from compress.errors import UserError
 from compress.recipe import GATE_METRICS, GateCriterion
 from compress.yamlio import format_errors, load_yaml
-from eval.report.compare import peak_memory, task_metric
+from eval.accuracy.tasks import headline
+from eval.report.compare import peak_memory
 from eval.speed.workload import fmt_speedup
 
 
@@ -60,7 +61,7 @@ def _task_figure(a: dict, engine: str, task: str) -> tuple[dict | None, str]:
     """(the retention record of TASK[.METRIC] on `engine`, 'task.metric')."""
     m = a["engines"][engine]
     name, _, metric = task.partition(".")
-    metric = metric or task_metric((m.get("tasks") or {}).get(name) or {}) or "acc"
+    metric = metric or headline((m.get("tasks") or {}).get(name) or {}) or "acc"
     key = f"{name}.{metric}"
     return ((a.get("retention") or {}).get(engine, {}).get("tasks") or {}).get(key), key
 

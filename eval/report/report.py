@@ -35,6 +35,7 @@ from pathlib import Path
 from compress import __version__
 from compress.fsutil import atomic_write_text
 from compress.manifest import git_sha, versions
+from eval.accuracy.tasks import headline
 from eval.evaluate import retention
 from eval.speed.workload import fmt_speedup
 
@@ -104,11 +105,12 @@ def rows(report: dict):
 
 
 def task_columns(report: dict) -> list[tuple[str, str]]:
-    """(task, metric) pairs in table order: acc for multiple choice, exact_match for generation."""
+    """(task, headline metric) pairs in table order: the spec's `metric`, else acc for multiple
+    choice and exact_match for generation."""
     cols = []
     for _, _, m, _ in rows(report):
         for task, tm in (m.get("tasks") or {}).items():
-            metric = next((k for k in ("acc", "exact_match") if tm.get(k) is not None), None)
+            metric = headline(tm)
             if metric and (task, metric) not in cols:
                 cols.append((task, metric))
     return cols
@@ -164,6 +166,7 @@ def protocol_lines(report: dict) -> list[str]:
     for task, tm in (m.get("tasks") or {}).items():
         out.append(f"- Task {task}: {tm['kind']}, {tm['n']} of {tm['n_total']} records "
                    f"({'limit ' + str(tm['limit']) if tm.get('limit') else 'all'}), {tm['num_fewshot']}-shot, "
+                   + (f"headline {tm['metric']} (the spec's `metric`), " if tm.get("metric") else "") +
                    f"lm-eval {tm['lm_eval']} (its hf / vllm backends on the loaded model); source {tm['source']}; "
                    "± is lm-eval's standard error.")
     if "speed" in m:
