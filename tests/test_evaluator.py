@@ -5,6 +5,9 @@ process left behind)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import psutil
@@ -15,7 +18,7 @@ import yaml
 from compress.cli import main
 from compress.errors import UserError
 from compress.recipe import EvalConfig, ModelSpec, TaskSpec, parse_recipe
-from conftest import tiny_recipe
+from conftest import REPO, tiny_recipe
 from eval.speed.workload import compare, distribution, per_request, RequestTiming
 
 MC_PROMPT = "Q: {{q}}\nA:"
@@ -343,6 +346,36 @@ def test_ctrl_c_during_a_vllm_measurement_shuts_the_engine_down(tiny_vllm_model,
     while _engine_children() and time.time() < deadline:
         time.sleep(0.5)
     assert _engine_children() == [], "engine processes left behind"
+
+
+CLOSE_DRIVER = """
+import sys
+
+import torch
+
+from eval.engines.vllm import VLLMEngine
+
+if __name__ == "__main__":
+    eng = VLLMEngine.load(sys.argv[1], dtype="float32", device="cpu")
+    eng.score(torch.tensor([[1, 2, 3, 4, 5, 6]]))
+    eng.close()
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_engine_closes_with_nothing_leaked(tiny_vllm_model, tmp_path):
+    """A process that opens vLLM on the CPU, closes it and exits leaves nothing behind: the
+    engine core ends its own teardown (its shared-memory broadcast queue unlinked) instead of
+    being killed mid-way, so Python's resource tracker has nothing to report at exit."""
+    script = tmp_path / "driver.py"
+    script.write_text(CLOSE_DRIVER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, str(script), str(tiny_vllm_model)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resource_tracker" not in r.stderr, r.stderr[-2000:]  # "... 1 leaked shared_memory objects ..."
+    assert "force killing" not in r.stdout + r.stderr, "the engine core was killed before its teardown ended"
 
 
 def _engine_children() -> list[str]:

@@ -35,6 +35,7 @@ def demo_run(smol_home, tmp_path_factory) -> Path:
                         "--output", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| 01-magnitude_prune" in r.stdout
+    assert "leaked shared_memory" not in r.stderr  # two vLLM engines opened and closed in one process
     return run_dir
 
 

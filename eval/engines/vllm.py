@@ -128,10 +128,19 @@ class VLLMEngine:
         return [list(o.outputs[0].token_ids) for o in outs]
 
     def close(self) -> None:
-        """Stop vLLM's engine processes now (not at interpreter exit, when logging is gone)."""
+        """Stop vLLM's engine processes now (not at interpreter exit, when logging is gone), and
+        let them finish their own teardown: see SHUTDOWN_GRACE_S."""
         if self.llm is not None:
             core = getattr(self.llm.llm_engine, "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
-                core.shutdown()
+                core.shutdown(timeout=SHUTDOWN_GRACE_S)
         self.llm = None
         gc.collect()
+
+
+# How long the engine-core process may take to exit after SIGTERM before it is killed. vLLM's
+# default is 5 s; on 2 CPU cores its teardown (workers stopped, then the core's own exit) takes
+# about that long, so it was often killed before unlinking its shared-memory broadcast queue
+# (160 MB under /dev/shm until this process ended, then "resource_tracker: There appear to be 1
+# leaked shared_memory objects"). A clean exit takes ~5 s there; a hung one is still killed.
+SHUTDOWN_GRACE_S = 60.0
