@@ -25,6 +25,7 @@ recorded in the returned info) and are kept in host memory otherwise.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -401,22 +402,40 @@ def run_layerwise(model: torch.nn.Module, calib: torch.Tensor, names: list[str],
 
 
 def _collect(layer, i, mods, groups: list[list[str]], make_collector, device, forward, n_batches) -> list:
-    """Run every batch through `layer` feeding one collector per group; stop after the last group."""
+    """Run every batch through `layer` feeding one collector per group; stop after the last group.
+
+    Groups fed the very same tensor object in a batch (every expert's gate/up under
+    `all_experts`) share the first one's statistics: computed once, copied at the end."""
     stats = [make_collector(mods[g[0]], device) for g in groups]
     handles = []
     last = groups[-1][-1]
+    fed: list = []                 # (group index, input) fed so far in this batch
+    alias: dict[int, int] = {}     # group index -> the group whose statistics it shares
+
+    def feed(k, x):
+        owner = next((j for j, y in fed if y is x), None)
+        if owner is not None:
+            alias[k] = owner
+            return
+        fed.append((k, x))
+        stats[k].add_batch(x)
+
     try:
-        for g, st in zip(groups, stats):
-            handles.append(mods[g[0]].register_forward_pre_hook(lambda m, inp, st=st: st.add_batch(inp[0])))
+        for k, g in enumerate(groups):
+            handles.append(mods[g[0]].register_forward_pre_hook(lambda m, inp, k=k: feed(k, inp[0])))
         def stop(m, inp, out):
             raise _Stop
         handles.append(mods[last].register_forward_hook(stop))
         for b in range(n_batches):
+            fed.clear()
             try:
                 forward(layer, i, b)
             except _Stop:
                 pass
     finally:
+        fed.clear()
         for h in handles:
             h.remove()
+    for k, owner in alias.items():
+        stats[k] = copy.deepcopy(stats[owner])
     return stats

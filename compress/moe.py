@@ -175,7 +175,7 @@ class ExpertMLP(nn.Module):
 
 
 def _linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)  # no init
     lin.weight = nn.Parameter(w.contiguous(), requires_grad=False)
     if b is not None:
         lin.bias = nn.Parameter(b.contiguous(), requires_grad=False)
@@ -234,9 +234,15 @@ class LinearExperts(nn.ModuleList):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 *args, **kwargs) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
+        top_k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)   # (token, slot) pairs grouped by expert, in token order
+        counts = torch.bincount(flat, minlength=len(self) + 1)[:len(self)]  # past the end: parallel sentinels
+        self.tokens += counts.to(self.tokens.device)
+        ends = counts.cumsum(0).tolist()          # the one host sync of the pass
         for k, mlp in enumerate(self):
-            tok, pos = torch.where(top_k_index == k)
-            self.tokens[k] += tok.numel()
+            pairs = order[(ends[k - 1] if k else 0):ends[k]]
+            tok, pos = pairs // top_k, pairs % top_k
             if self.all_tokens:
                 y = mlp(hidden_states)[tok]
             else:

@@ -105,19 +105,27 @@ def kernels_for(name: str) -> dict:
 def attach(model: torch.nn.Module, records: dict[str, QuantRecord], schemes: dict[str, WeightScheme]) -> None:
     """Give every recorded module its compressed-tensors scheme and our scale/zero/g_idx.
 
-    One config group per distinct scheme, targeting its modules by exact name (modules that
-    vLLM fuses, q/k/v and gate/up, always share one scheme: they share an input width)."""
-    from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme, QuantizationStatus,
-                                                 apply_quantization_config)
+    One config group per distinct scheme. With one scheme it targets the `Linear` class and the
+    library lists the linears left out in `ignore` (the layout llm-compressor writes and vLLM
+    reads); with several (group_fallback), each targets its modules by exact name (modules that
+    vLLM fuses, q/k/v and gate/up, always share one scheme: they share an input width). The
+    schemes are put on the modules directly, not matched by the library's target search, which
+    compares every module with every target (quadratic: hours for the ~18,000 expert linears of
+    a 30B mixture of experts)."""
+    from compressed_tensors.quantization import QuantizationScheme, QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
 
     by_scheme: dict[WeightScheme, list[str]] = {}
     for name in records:
         by_scheme.setdefault(schemes[name], []).append(name)
-    groups = {f"group_{i}": QuantizationScheme(targets=names, weights=sch.args(),
-                                               input_activations=sch.input_acts.args() if sch.input_acts else None)
-              for i, (sch, names) in enumerate(by_scheme.items())}
-    apply_quantization_config(model, QuantizationConfig(config_groups=groups,
-                                                        quantization_status=QuantizationStatus.FROZEN))
+    for sch, names in by_scheme.items():
+        qs = QuantizationScheme(targets=["Linear"] if len(by_scheme) == 1 else names, weights=sch.args(),
+                                input_activations=sch.input_acts.args() if sch.input_acts else None)
+        for name in names:
+            m = model.get_submodule(name)
+            m.quantization_scheme = qs
+            initialize_module_for_quantization(m, force_zero_point=True)
+            m.quantization_status = QuantizationStatus.FROZEN
     with torch.no_grad():
         for name, rec in records.items():
             m = model.get_submodule(name)
