@@ -175,24 +175,28 @@ def save_compressed(model: torch.nn.Module, out_dir: Path) -> None:
     comp.compress_model(model)
     model.save_pretrained(out_dir)
     comp.update_config(str(out_dir))  # after save_pretrained, which rewrites config.json
-    _checkpoint_targets(model, out_dir)
+    _moe_config(model, out_dir)
 
 
-def _checkpoint_targets(model: torch.nn.Module, out_dir: Path) -> None:
-    """save_pretrained renames keys to the model type's checkpoint layout (Mixtral: `.mlp.` ->
-    `.block_sparse_moe.`); the quantization_config's module names follow, so that the targets name
-    the modules vLLM and our loader find in the file."""
+def _moe_config(model: torch.nn.Module, out_dir: Path) -> None:
+    """Two fixes to a mixture-of-experts checkpoint's quantization_config. The routers join `ignore`:
+    transformers holds them as plain modules (not nn.Linear, so the library does not list them), but
+    vLLM builds them as linear layers, which a `Linear` target would quantize. And save_pretrained
+    renames keys to the model type's checkpoint layout (Mixtral: `.mlp.` -> `.block_sparse_moe.`):
+    the config's module names follow, so that they name the modules vLLM and our loader find."""
     from compress import moe
 
+    routers = moe.router_names(model)
     layout = moe.checkpoint_layout(moe.model_type(model))
-    if not layout.renames:
+    if not routers and not layout.renames:
         return
     path = Path(out_dir) / "config.json"
     cfg = json.loads(path.read_text())
     q = cfg["quantization_config"]
     for g in q.get("config_groups", {}).values():
         g["targets"] = [layout.to_checkpoint(t) for t in g.get("targets", [])]
-    q["ignore"] = [layout.to_checkpoint(t) for t in q.get("ignore") or []]
+    ignore = list(dict.fromkeys([*(q.get("ignore") or []), *routers]))
+    q["ignore"] = [layout.to_checkpoint(t) for t in ignore]
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compress.errors import UserError
 from compress.export.compressed_tensors import QuantRecord, WeightScheme, refuse_quantized
+from compress.moe import expert_index
+from compress.quant.moe_engines import weight_only_problems
 from compress.select import select_linears
 from compress.stage import StageContext
 
@@ -70,7 +72,11 @@ def check_weight_quant(cfg: WeightQuantConfig, model: torch.nn.Module, ctx: Stag
         raise UserError(*(f"{stage}.group_size: {cfg.group_size} does not divide the input width {w} of {n}{hint}"
                           for n, w in bad[:5]), *([f"{stage}.group_size: ... and {len(bad) - 5} more layers"]
                                                   if len(bad) > 5 else []))
-    problems = sorted({p for w in set(widths.values()) for p in engine_problems(cfg.scheme(w, actorder), ctx)})
+    # vLLM runs experts with its fused-MoE methods, the other linears with its linear kernels
+    experts = {cfg.scheme(w, actorder) for n, w in widths.items() if expert_index(n) is not None}
+    dense = {w for n, w in widths.items() if expert_index(n) is None}
+    problems = sorted({p for w in dense for p in engine_problems(cfg.scheme(w, actorder), ctx)})
+    problems += weight_only_problems(experts, ctx) if experts else []
     if problems:
         raise UserError(*(f"{stage}: {p}" for p in problems))
     return names

@@ -33,6 +33,7 @@ from compress.export.compressed_tensors import (FP8_MAX, ActScheme, QuantRecord,
                                                 kernels_for, refuse_quantized)
 from compress.layerwise import decoder_layers, run_layerwise
 from compress.moe import linear_experts
+from compress.quant.moe_engines import w8a8_problems
 from compress.quant.grid import Grid, rtn
 from compress.select import select_linears
 from compress.stage import Stage, StageContext
@@ -115,6 +116,8 @@ def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool)
                         "model need every expert to see tokens (vLLM takes one scale per layer across its experts); "
                         "set it to true, or use activations: dynamic")
     problems = engine_problems(cfg, ctx, fp8)
+    if linear_experts(model):
+        problems += w8a8_problems(fp8, cfg.activations == "dynamic", ctx)
     if problems:
         raise UserError(*(f"{stage}: {p}" for p in problems))
     if (note := engine_note(cfg, ctx, fp8)) and ctx.progress:
