@@ -302,3 +302,39 @@ def test_moe_artifacts_run_in_vllm_cpu_like_in_transformers(tmp_path_factory, te
         ref = engine_scores(art, ids, "bfloat16")
         got = engine_scores(art, ids, "bfloat16", "vllm")
         assert (got - ref).abs().max().item() < 0.05, stage
+
+
+# ---------------------------------------------------------------------------- distillation
+
+def test_moe_student_distils_with_frozen_routers_and_kept_expert_zeros(qwen3, corpus, tmp_path):
+    """A pruned MoE student trained from its dense teacher: the loss falls, the routers stay as
+    they were, and the experts' pruned zeros stay zero (the 3-D expert weights are masked too)."""
+    from compress import distill as D
+    from compress.prune.magnitude import magnitude_mask
+    from conftest import distill_cfg, distill_ctx
+
+    student, tok = load_model(qwen3)
+    with torch.no_grad():
+        for blk in student.model.layers:
+            w = blk.mlp.experts.down_proj
+            w.mul_(magnitude_mask(w, 0.5))
+    routers = {n: student.get_submodule(n).weight.clone() for n in moe.router_names(student)}
+    zeros = student.model.layers[1].mlp.experts.down_proj == 0
+    cfg = distill_cfg(corpus, student="input", save_every=0, freeze_router=True)
+    out, info = D.apply(student, cfg, distill_ctx(qwen3))
+    assert info["routers_frozen"] == 2 and info["sparse_layers_kept"] == 2
+    assert all(torch.equal(out.get_submodule(n).weight, w) for n, w in routers.items())
+    assert (out.model.layers[1].mlp.experts.down_proj[zeros] == 0).all()
+    assert not torch.equal(out.model.layers[1].mlp.experts.gate_up_proj, load_model(qwen3)[0].model.layers[1]
+                           .mlp.experts.gate_up_proj)  # the experts themselves trained
+    ppl = info["held_out_perplexity"]
+    assert ppl["end"] < ppl["start"]
+
+
+def test_freeze_router_on_a_dense_student_is_refused(tiny_model, corpus):
+    from compress import distill as D
+    from conftest import distill_cfg, distill_ctx
+
+    model, _ = load_model(tiny_model)
+    with pytest.raises(UserError, match="freeze_router: LlamaForCausalLM has no mixture-of-experts routers"):
+        D.check(distill_cfg(corpus, student="input", freeze_router=True), model, distill_ctx(tiny_model))

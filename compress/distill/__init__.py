@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compress.distill.data import Packed, pack, split
 from compress.errors import UserError
+from compress.moe import router_names
 from compress.stage import Stage, StageContext
 
 
@@ -95,8 +96,11 @@ class DistillConfig(_Strict):
                           "compiled, a minute or so of compiling first)")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU, fp32 "
                                                       "on the CPU")
-    keep_zeros: bool = Field(True, description="recovery training of a pruned artifact: linear layers with >= 5 % "
-                             "exact zeros keep them (their masks re-applied after every step)")
+    keep_zeros: bool = Field(True, description="recovery training of a pruned artifact: linear layers (and 3-D "
+                             "expert weights) with >= 5 % exact zeros keep them (their masks re-applied after every "
+                             "step)")
+    freeze_router: bool = Field(False, description="mixture-of-experts students: the routers are not trained "
+                                "(each token keeps the experts the compressed model picks)")
     sharding: Literal["ddp", "fsdp"] = Field(
         "ddp", description="several processes: ddp (a whole student per GPU) or fsdp (the student's parameters, "
         "gradients and optimizer state split over the GPUs, for students that do not fit one; the teacher stays whole "
@@ -190,6 +194,9 @@ def check(cfg: DistillConfig, model, ctx: StageContext) -> None:
     t_dir = teacher_dir(cfg, ctx)
     t_cfg = AutoConfig.from_pretrained(t_dir)
     _vocab_check(model.config, t_cfg, ctx.tokenizer, t_dir)
+    if cfg.freeze_router and not router_names(model):
+        raise UserError(f"distill.freeze_router: {type(model).__name__} has no mixture-of-experts routers, so it does "
+                        "nothing there; remove it")
     if cfg.batch_size % cfg.grad_accum:
         raise UserError(f"distill.grad_accum: {cfg.grad_accum} does not divide batch_size {cfg.batch_size}")
     if cfg.sharding == "fsdp" and cfg.compile:

@@ -27,6 +27,7 @@ from compress.fsutil import atomic_write_text
 from compress.distill.losses import chunked_losses, head_losses, hidden_mse
 from compress.errors import UserError
 from compress.layerwise import decoder_layers
+from compress.moe import is_fused_experts, router_names
 
 # dense bf16 tensor-core peaks (FLOP/s) for model-FLOPs utilization; other devices report none
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -155,15 +156,30 @@ def _save(acc, step: int, work: Path, extra: dict, write) -> None:
 
 
 def sparsity_masks(model, min_zeros: float = 0.05) -> dict[str, torch.Tensor]:
-    """{name: weight != 0} for the linear layers whose weights are at least `min_zeros` exact
-    zeros (a pruned artifact): recovery training keeps those zeros."""
+    """{parameter name: weight != 0} for the weight matrices (linear layers' weights, a mixture-of-
+    experts layer's 3-D expert weights) that are at least `min_zeros` exact zeros (a pruned
+    artifact): recovery training keeps those zeros."""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):
-            mask = m.weight != 0
+            params = [("weight", m.weight)]
+        elif is_fused_experts(m):
+            params = [(n, p) for n, p in m.named_parameters(recurse=False) if p.dim() == 3]
+        else:
+            continue
+        for pname, p in params:
+            mask = p != 0
             if 1 - mask.float().mean().item() >= min_zeros:
-                out[name] = mask
+                out[f"{name}.{pname}" if name else pname] = mask
     return out
+
+
+def freeze_routers(model) -> int:
+    """Stop training the routers of a mixture-of-experts student; returns how many."""
+    names = router_names(model)
+    for n in names:
+        model.get_submodule(n).requires_grad_(False)
+    return len(names)
 
 
 def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: str, seed: int,
@@ -194,6 +210,7 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
     masks = sparsity_masks(student) if cfg.keep_zeros else {}
     if masks:
         log(f"distill: keeping the zeros of {len(masks)} pruned layers")
+    frozen = freeze_routers(student) if cfg.freeze_router else 0
     student.train()
     pair = Pair(student, proj, list(student_layers), cfg.loss, compiled=cfg.compile)
     # one process has nothing to shard over
@@ -226,7 +243,7 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
         work.mkdir(parents=True, exist_ok=True)
 
     bare = par.bare  # the Pair outside DDP; a sharded student is only run through it, its root
-    masked = [(w, par.mask(w, m)) for w, m in ((bare.student.get_submodule(n).weight, m) for n, m in masks.items())]
+    masked = [(w, par.mask(w, m)) for w, m in ((bare.student.get_parameter(n), m) for n, m in masks.items())]
     ppl = saved["held_out_perplexity"] if start else {"start": None, "end": None, "teacher": None}
     curve: list[dict] = saved["curve"] if start else []
 
@@ -304,6 +321,6 @@ def train(student, teacher, packed: Packed, cfg, work_dir: Path | None, device: 
             "processes": acc.num_processes,
             "sharding": "fsdp" if par.sharded else ("ddp" if acc.num_processes > 1 else None),
             "precision": "bf16 autocast" if bf16 else "fp32",
-            "sparse_layers_kept": len(masks),
+            "sparse_layers_kept": len(masks), "routers_frozen": frozen,
             "mfu": mfu, "flops_per_token": flops_per_token, "last_losses": last, "curve": curve,
             "held_out_perplexity": ppl}
