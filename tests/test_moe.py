@@ -338,3 +338,20 @@ def test_freeze_router_on_a_dense_student_is_refused(tiny_model, corpus):
     model, _ = load_model(tiny_model)
     with pytest.raises(UserError, match="freeze_router: LlamaForCausalLM has no mixture-of-experts routers"):
         D.check(distill_cfg(corpus, student="input", freeze_router=True), model, distill_ctx(tiny_model))
+
+
+def test_the_report_shows_coverage_fallbacks_and_routing(qwen3, text_file, tmp_path):
+    from eval.report.report import notes
+
+    stage = {"type": "gptq", "group_size": 32, "calibration": _calib(text_file, min_expert_tokens=40)}
+    _, info = _run(qwen3, text_file, [stage], tmp_path, "rep")
+    rare = info["fallback_modules"]
+    assert 0 < rare < info["quantized_modules"]  # some experts saw fewer than 40 tokens, others more
+    report = {"baseline": {"name": "base", "engines": {}},
+              "artifacts": [{"name": "w4", "engines": {}, "stage": "gptq", "stage_info": info}]}
+    text = "\n".join(notes(report))
+    share = 100 * info["coverage"]["changed_fraction"]
+    assert 99 < share < 100  # all but the routers
+    assert f"- w4: changed {share:.1f} % of the decoder's weights (linear 100 %, expert 100 %, router 0 %)" in text
+    assert f"- w4: {rare} modules saw too few calibration tokens and fell back to rtn" in text
+    assert "calibration tokens routed per expert: min " in text and "over 16 experts in 2 layers" in text

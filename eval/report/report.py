@@ -37,6 +37,7 @@ from compress.fsutil import atomic_write_text
 from compress.manifest import git_sha, versions
 from eval.accuracy.tasks import headline
 from eval.evaluate import retention
+from eval.report.coverage import coverage_lines
 from eval.speed.workload import fmt_speedup
 
 SCHEMA_VERSION = 4
@@ -242,6 +243,7 @@ def notes(report: dict) -> list[str]:
             lines.append(f"- {a['name']}: {q['scheme']} runs on " + "; ".join(
                 f"{e}: {q['kernels'][e]}" for e in a["engines"] if e in q["kernels"]))
         lines += [f"- {a['name']}: {t}" for t in cut_lines(a.get("stage_info") or {})]
+        lines += [f"- {a['name']}: {t}" for t in coverage_lines(a.get("stage_info") or {})]
         per_layer = (a.get("stage_info") or {}).get("layer_sparsity") or {}
         if per_layer:
             v = list(per_layer.values())
