@@ -40,7 +40,7 @@ from gpu_common import ROOT, add_common_args, bench_context, cap_gpu_memory, lla
 def cmd_selfcheck(args) -> None:
     """GPTQ through CUDA-graph replay gives the plain loop's result; both timed."""
     from compress.quant.cuda_graph import GraphRunner
-    from compress.quant.gptq import gptq_quantize, solve_block
+    from compress.quant.gptq_solver import gptq_quantize, solve_block
     from compress.quant.grid import Grid
 
     dev = "cuda"

@@ -218,7 +218,7 @@ def _correlated(n_tokens, width, seed):
 
 @pytest.mark.parametrize("actorder,group", [(None, 32), ("weight", 32), ("group", 16), (None, -1)])
 def test_batched_gptq_equals_one_matrix_at_a_time(actorder, group):
-    from compress.quant.gptq import gptq_quantize
+    from compress.quant.gptq_solver import gptq_quantize
     from compress.quant.gptq_batched import gptq_quantize_batched
     from compress.quant.grid import Grid
 

@@ -16,7 +16,7 @@ from compress.models import load_model
 from compress.prune.masks import nm_mask, owl_sparsities, parse_nm, row_mask, wanda_mask, wanda_score
 from compress.prune.sparsegpt import SparseGPTConfig, sparsegpt_prune
 from compress.prune.wanda import WandaConfig
-from compress.quant.gptq import output_error
+from compress.quant.gptq_solver import output_error
 from compress.recipe import parse_recipe
 from conftest import tiny_recipe
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-from compress.quant.gptq import HessianError, gptq_quantize, output_error, solve_block
+from compress.quant.gptq_solver import HessianError, gptq_quantize, output_error, solve_block
 from compress.quant.grid import Grid, dequantize, expand, group_qparams, quantize, rtn
 
 
@@ -122,7 +122,7 @@ def test_indefinite_hessian_is_reported():
 def test_block_solver_is_the_plain_loop_the_graph_runner_replays():
     """solve_block must not sync with the host (CUDA-graph capture); check it only touches its outputs."""
     w, h = _layer(out=8, n_in=64)
-    from compress.quant.gptq import inverse_hessian_factor
+    from compress.quant.gptq_solver import inverse_hessian_factor
 
     hinv = inverse_hessian_factor(h.clone(), 0.01)
     w1, hinv1 = w.clone(), hinv.clone()

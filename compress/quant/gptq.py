@@ -19,8 +19,7 @@ from compress.layerwise import decoder_layers, run_layerwise
 from compress.quant.common import WeightQuantConfig, check_weight_quant, group_summary, row_slices, store
 from compress.quant.cuda_graph import graph_fn
 from compress.quant.gptq_batched import gptq_quantize_batched, solve_block_batched
-from compress.quant.gptq_solver import (ActOrder, GPTQResult, HessianError, gptq_quantize,  # noqa: F401
-                                        inverse_hessian_factor, output_error, solve_block)
+from compress.quant.gptq_solver import gptq_quantize, solve_block
 from compress.quant.grid import Grid, rtn
 from compress.stage import Stage, StageContext
 
