@@ -56,8 +56,12 @@ def fingerprint(model: torch.nn.Module) -> dict[str, str]:
     every byte takes minutes on a few cores). Quantization and pruning change far more than one
     element in every stride of a matrix; a change confined to the elements between samples would
     not be seen."""
+    return _digests(decoder_weights(model))
+
+
+def _digests(weights: dict) -> dict[str, str]:
     out = {}
-    for name, (_, _, p) in decoder_weights(model).items():
+    for name, (_, _, p) in weights.items():
         t = p.detach().reshape(-1)
         sample = t[::max(1, t.numel() // SAMPLE)].contiguous().cpu()
         out[name] = hashlib.blake2b(sample.view(torch.uint8).numpy().data, digest_size=16).hexdigest()
@@ -67,8 +71,9 @@ def fingerprint(model: torch.nn.Module) -> dict[str, str]:
 def coverage(before: dict[str, str], model: torch.nn.Module) -> dict:
     """{"by_kind": {kind: {"params", "changed"}}, "changed_fraction"} of `model` against `before`."""
     by_kind: dict[str, dict[str, int]] = {}
-    after = fingerprint(model)
-    for name, (kind, mname, p) in decoder_weights(model).items():
+    weights = decoder_weights(model)
+    after = _digests(weights)
+    for name, (kind, mname, p) in weights.items():
         quantized = getattr(model.get_submodule(mname), "quantization_scheme", None) is not None
         changed = quantized or before.get(name) != after[name]
         k = by_kind.setdefault(kind, {"params": 0, "changed": 0})

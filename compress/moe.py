@@ -302,7 +302,7 @@ def model_type(model: nn.Module) -> str | None:
 
 def fuse(model: nn.Module) -> int:
     """Undo `linearize`: every LinearExperts back to its fused module with the current weights."""
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, LinearExperts)]
+    found = linear_experts(model)
     for name, mod in found:
         _set(model, name, mod.to_fused())
     return len(found)
@@ -311,7 +311,3 @@ def fuse(model: nn.Module) -> int:
 def linear_experts(model: nn.Module) -> list[tuple[str, LinearExperts]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LinearExperts)]
 
-
-def set_all_tokens(model: nn.Module, on: bool) -> None:
-    for _, m in linear_experts(model):
-        m.all_tokens = on
