@@ -240,8 +240,9 @@ class GateCriterion(_Strict):
     """One release-gate threshold, checked on every matching artifact and engine of a report."""
 
     metric: Literal[tuple(GATE_METRICS)]  # type: ignore[valid-type]
-    min: float | None = Field(None, description="pass when the value is >= min")
-    max: float | None = Field(None, description="pass when the value is <= max")
+    # a NaN bound fails every check and an infinite one passes every check: neither is a gate
+    min: float | None = Field(None, allow_inf_nan=False, description="pass when the value is >= min (finite)")
+    max: float | None = Field(None, allow_inf_nan=False, description="pass when the value is <= max (finite)")
     task: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                              description="task_*: 'piqa' (its headline metric: the task spec's `metric`, else "
                              "acc or exact_match) or 'piqa.acc_norm'")

@@ -138,6 +138,11 @@ MALFORMED = [
     ("stride longer than the window", "name: x\neval:\n  perplexity:\n    context_length: 512\n    stride: 1024\n",
      "eval.perplexity: Value error, stride (1024) must be <= context_length (512)"),
     ("output_len too small", "name: x\neval:\n  speed:\n    output_len: 1\n", "eval.speed.output_len:"),
+    ("gate bound NaN", "name: x\nstages:\n  - type: magnitude_prune\ngate:\n  - metric: size_mb\n    max: .nan\n",
+     "gate[0].max: Input should be a finite number (got nan)"),
+    ("gate bound infinite", "name: x\nstages:\n  - type: magnitude_prune\ngate:\n  - metric: size_ratio\n"
+     "    min: -.inf\n",
+     "gate[0].min: Input should be a finite number (got -inf)"),
     ("YAML syntax", "name: x\nstages: [\n", "invalid YAML"),
     ("duplicate key", "name: x\nname: y\n", "duplicate key 'name'"),
     ("python object tag", "name: !!python/object/apply:os.system ['echo pwned']\n", "invalid YAML"),

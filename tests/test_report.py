@@ -249,6 +249,9 @@ def test_gate_fails_on_a_figure_not_measured(tmp_path, capsys):
     ("gate:\n  - metric: size_mb\n    max: 1\n    engine: vllm\n", "gate[0].engine: 'vllm' was not measured"),
     ("gate:\n  - metric: size_mb\n    max: 1\n    artifacts: 'w8*'\n", "gate[0].artifacts: 'w8*' selects no "
      "artifact"),
+    ("gate:\n  - metric: size_mb\n    max: .nan\n", "gate[0].max: Input should be a finite number (got nan)"),
+    ("gate:\n  - metric: throughput_speedup\n    min: .inf\n",
+     "gate[0].min: Input should be a finite number (got inf)"),
     ("gate: [\n", "invalid YAML"),
 ])
 def test_malformed_gate_exits_2_with_one_line(tmp_path, capsys, text, expect):
