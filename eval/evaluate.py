@@ -40,6 +40,7 @@ from eval.accuracy.perplexity import perplexity
 from eval.accuracy.tasks import headline
 from eval.engines import check_engines, open_engine
 from eval.memory import MemorySampler, device_info
+from eval.stack import gpu_stack
 
 CACHE_VERSION = 3
 
@@ -153,6 +154,7 @@ def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "
     check_model_dir(model_dir, model.allow_pickle)
     settings = engine_settings(engine, cfg, model)
     stack = stack_versions(device)
+    pinned = gpu_stack(device)  # on CUDA: against .ci/constraints-gpu.txt, one warning line where it differs
     key_src = {"model": model_hash(model_dir), **_measurement(cfg), "engine": engine, "settings": settings,
                "device": device, "hardware": hardware(), "stack": stack, "seed": seed, "v": CACHE_VERSION}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -164,7 +166,8 @@ def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "
            "dtype": settings["dtype"], "settings": settings, "device": device, "hardware": key_src["hardware"],
            "provenance": {**device_info(device), "torch": torch.__version__, "engine_version": engine_version(engine),
                           "lm_eval": _version("lm_eval") if cfg.tasks else None,
-                          "python": platform.python_version(), "seed": seed, "stack": stack},
+                          "python": platform.python_version(), "seed": seed, "stack": stack,
+                          "gpu_stack": pinned},
            "size_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
            "quantization": describe(quantization_config(model_dir))}
     with MemorySampler(device) as mem:

@@ -6,7 +6,8 @@ section "Report schema" its prose):
   device,
   protocol: what makes runs comparable (eval.evaluate.protocol): perplexity, speed, tasks,
             task_batch_size, engines {engine: settings}, device, hardware, seed,
-  provenance: host {device_name, cpu, gpus, driver, cuda, platform}, versions, git_sha,
+  provenance: host {device_name, cpu, gpus, driver, cuda, platform}, versions, git_sha, gpu_stack
+              (on CUDA: {constraints, pinned, installed, mismatches}, eval.stack; else null),
               recipe_hash, compression_hash, seeds,
   baseline: {name, model_dir, engines: {engine: metrics}},
   artifacts: [{name, stage, stages (the chain that made it), final, model_dir, stage_info,
@@ -39,6 +40,7 @@ from eval.accuracy.tasks import headline
 from eval.evaluate import retention
 from eval.report.coverage import coverage_lines
 from eval.speed.workload import fmt_speedup
+from eval.stack import gpu_stack
 
 SCHEMA_VERSION = 4
 
@@ -67,7 +69,8 @@ def build_report(baseline: dict, artifacts: list[dict], recipe: dict | None = No
                                 if e in baseline["engines"]}} for a in artifacts]
     if arts and not any(a.get("final") for a in arts):
         arts[-1]["final"] = True
-    prov = {"host": host_info(device), "versions": versions(), "git_sha": git_sha(), **(provenance or {})}
+    prov = {"host": host_info(device), "versions": versions(), "git_sha": git_sha(), "gpu_stack": gpu_stack(device),
+            **(provenance or {})}
     return {
         "schema_version": SCHEMA_VERSION,
         "squeeze_version": __version__,
@@ -277,6 +280,10 @@ def provenance_lines(report: dict) -> list[str]:
                                                                       else "")]
     v = prov.get("versions") or {}
     out.append("- Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()))
+    if st := prov.get("gpu_stack"):  # eval.stack: the installed GPU stack against the pinned one
+        out.append(f"- GPU stack: {'as pinned' if not st['mismatches'] else 'differs from the pins'} in "
+                   f"{st['constraints']}" + "".join(f"; {n} {st['installed'][n] or 'not installed'} (pinned "
+                                                    f"{st['pinned'][n]})" for n in st["mismatches"]))
     ids = {k: prov.get(k) for k in ("git_sha", "recipe_hash", "compression_hash")}
     out.append("- " + ", ".join(f"{k} {x[:12] if k != 'git_sha' else x}" for k, x in ids.items() if x)
                + (f"; seeds {prov['seeds']}" if prov.get("seeds") else ""))
