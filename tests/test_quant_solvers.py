@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
 from compress.quant.gptq_solver import HessianError, gptq_quantize, output_error, solve_block
@@ -119,17 +120,80 @@ def test_indefinite_hessian_is_reported():
         gptq_quantize(w, -torch.eye(64), Grid(4, True, -1))
 
 
-def test_block_solver_is_the_plain_loop_the_graph_runner_replays():
-    """solve_block must not sync with the host (CUDA-graph capture); check it only touches its outputs."""
+class _NoHostReads(TorchDispatchMode):
+    """Fails on any read of a tensor's value by the host (`.item()`, `bool(t)`, `if t > 0`: all
+    go through aten._local_scalar_dense), the synchronisation a CUDA graph cannot capture."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("a block function read a tensor's value on the host: not capturable")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dynamic_group, keep", [(0, False), (32, False), (32, True)])
+def test_block_solver_never_reads_back_to_the_host(dynamic_group, keep):
+    """What the graph runner needs of solve_block, checked on the CPU: no host read of a tensor
+    value (so the block can be captured), hinv only read, every output written. The replay
+    itself needs CUDA: test_graph_runner_replays_the_block_functions_exactly."""
     w, h = _layer(out=8, n_in=64)
     from compress.quant.gptq_solver import inverse_hessian_factor
 
     hinv = inverse_hessian_factor(h.clone(), 0.01)
     w1, hinv1 = w.clone(), hinv.clone()
     s1, z1, q1, e1 = (torch.zeros_like(w) for _ in range(4))
-    solve_block(w1, hinv1, s1, z1, q1, e1, Grid(4, True, 32), 32)
+    if not dynamic_group:
+        s1, z1 = (expand(t, 64, 32) for t in group_qparams(w, Grid(4, True, 32)))
+    keep1 = (torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) > 0.5).float() if keep else None
+    with _NoHostReads():
+        solve_block(w1, hinv1, s1, z1, q1, e1, Grid(4, True, 32), dynamic_group, keep1)
     assert torch.equal(hinv1, hinv)
     assert (s1 > 0).all() and torch.isfinite(q1).all() and e1.abs().sum() > 0
+    if keep:
+        assert (q1[keep1 == 0] == 0).all()
+
+
+@pytest.mark.parametrize("nm", [(0, 0), (2, 4)])
+def test_prune_block_never_reads_back_to_the_host(nm):
+    from compress.prune.sparsegpt import prune_block
+    from compress.quant.gptq_solver import inverse_hessian_factor
+
+    w, h = _layer(out=8, n_in=64)
+    w1, hinv = w.clone(), inverse_hessian_factor(h.clone(), 0.01)
+    keep1, q1, e1 = (torch.zeros_like(w) for _ in range(3))
+    with _NoHostReads():
+        prune_block(w1, hinv, keep1, q1, e1, 0 if nm[1] else 32, *nm)
+    assert keep1.sum() == w.numel() // 2 and torch.equal(q1 == 0, keep1 == 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the graph runner captures CUDA graphs: needs a CUDA GPU")
+def test_graph_runner_replays_the_block_functions_exactly():
+    """GraphRunner (what GPTQ, AWQ and SparseGPT use on a GPU) captures each block shape once and
+    replays it on new data: the result equals the eager solver's, bit for bit."""
+    from compress.prune.sparsegpt import prune_block, sparsegpt_prune
+    from compress.quant.cuda_graph import GraphRunner, graph_fn
+
+    assert graph_fn(solve_block, "cpu") is solve_block and isinstance(graph_fn(solve_block, "cuda:0"), GraphRunner)
+    w, h = (t.cuda() for t in _layer())
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)).cuda() > 0.3
+    runner, calls = GraphRunner(solve_block), 0
+    for grid, actorder, kp in [(Grid(4, True, -1), None, None), (Grid(4, True, 32), None, None),
+                               (Grid(4, True, 32), "group", keep), (Grid(8, False, 64), "weight", keep)]:
+        eager = gptq_quantize(w, h, grid, block_size=64, actorder=actorder, keep=kp)
+        graphed = gptq_quantize(w, h, grid, block_size=64, actorder=actorder, keep=kp, block_fn=runner)
+        calls += 256 // 64
+        assert torch.equal(graphed.q, eager.q) and torch.equal(graphed.scale, eager.scale)
+        assert torch.equal(graphed.row_error, eager.row_error)
+        # and a real solve, not two equal wrong answers (30 % of the weights pruned with `keep`)
+        assert output_error(w, graphed.q, h) < (0.1 if kp is None else 0.3)
+        assert kp is None or (graphed.q[~kp] == 0).all()
+    assert not runner.failed and 0 < len(runner.graphs) < calls  # captured once per shape, then replayed
+    pruner = GraphRunner(prune_block)
+    for nm in (None, (2, 4)):
+        eager, graphed = (sparsegpt_prune(w, h, 0.5, nm, block_size=64, block_fn=f) for f in (prune_block, pruner))
+        assert torch.equal(graphed.w, eager.w) and torch.equal(graphed.keep, eager.keep)
+        assert graphed.keep.float().mean().item() == pytest.approx(0.5)
+    assert not pruner.failed and len(pruner.graphs) == 2
 
 
 @pytest.mark.parametrize("actorder", [None, "weight", "group"])
