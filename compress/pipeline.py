@@ -6,7 +6,8 @@ Run directory layout (default ``checkpoints/<recipe name>/``)::
     recipe.yaml, recipe.json      the recipe as given and as validated
     stages/01-<type>/             HF model dir + stage.json + manifest.json (complete, or absent)
     stages/<key>-<type>/          the same for a matrix recipe, content-addressed (compress.matrix)
-    report.json, .md, .html       the evaluation report (eval.report)
+    report.json, .md, .html       the evaluation report (eval.report); each evaluated stage directory
+                                  gets its model card, README.md (eval.report.card)
     gate.json, gate.xml           the release gate's verdicts, where the recipe has a gate
 
 Every stage directory is written under a temporary name and renamed when complete, its
@@ -286,6 +287,7 @@ def _targets(recipe: Recipe, done: list[tuple[str, list[StageSpec], list[Path]]]
 def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: Path,
                          done: list[tuple[str, list[StageSpec], list[Path]]]) -> dict:
     from eval.evaluate import evaluate, protocol
+    from eval.report.card import write_cards
     from eval.report.report import build_report, write_report
 
     m, ecfg = recipe.model, recipe.eval
@@ -325,6 +327,7 @@ def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: P
         atomic_write_text(run_dir / "gate.json", json.dumps(report["gate"], indent=1, default=str))
         atomic_write_text(run_dir / "gate.xml", junit_xml(report["gate"], f"squeeze gate: {recipe.name}"))
     write_report(report, run_dir)
+    write_cards(report)  # README.md (model card) in each artifact directory
     return report
 
 
