@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=32, help="speed workload: generated tokens (default 32)")
     p.add_argument("--concurrency", type=int, default=None, help="speed workload: requests in flight (default all)")
     p.add_argument("--repeats", type=int, default=3, help="speed workload: timed runs (default 3)")
+    p.add_argument("--rounds", type=int, default=6, help="with --baseline: paired rounds behind the speedups, both "
+                   "models open and measured in turn (default 6; eval.speed.paired)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     p.add_argument("--eval-config", metavar="FILE",
                    help="a YAML file with a recipe's `eval:` fields; it replaces the flags above")
@@ -309,7 +311,7 @@ def _eval_config(a):
             dataset=a.dataset, context_length=a.context_length, stride=a.stride, max_tokens=a.max_tokens or None)
         speed = None if a.no_speed else SpeedConfig(num_prompts=a.num_prompts, input_len=a.input_len,
                                                     output_len=a.output_len, concurrency=a.concurrency,
-                                                    repeats=a.repeats)
+                                                    repeats=a.repeats, rounds=a.rounds)
     except ValidationError as e:
         raise _flag_errors(e) from None
     vllm = VLLMOptions(dtype=a.vllm_dtype) if a.vllm_dtype else VLLMOptions()
@@ -337,7 +339,13 @@ def cmd_eval(a) -> int:
 
     model = measure(a.model)
     kw = {"device": device, "protocol": protocol(cfg, spec, device), "provenance": {"seeds": {"eval": 0}}}
-    report = build_report(measure(a.baseline), [model], **kw) if a.baseline else build_report(model, [], **kw)
+    if a.baseline:
+        from eval.paired import pair_entries
+
+        base = measure(a.baseline)
+        pair_entries(base, [model], cfg, spec, device, log=lambda msg: print(msg, file=sys.stderr),
+                     use_cache=not a.no_cache)
+    report = build_report(base, [model], **kw) if a.baseline else build_report(model, [], **kw)
     print(table(report))
     if a.output:
         print("\nreport:", write_report(report, a.output)[1])

@@ -287,6 +287,7 @@ def _targets(recipe: Recipe, done: list[tuple[str, list[StageSpec], list[Path]]]
 def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: Path,
                          done: list[tuple[str, list[StageSpec], list[Path]]]) -> dict:
     from eval.evaluate import evaluate, protocol
+    from eval.paired import pair_entries
     from eval.report.card import write_cards
     from eval.report.report import build_report, write_report
 
@@ -302,6 +303,7 @@ def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: P
             res = evaluate(entry["model_dir"], ecfg, m, engine=engine, device=device, seed=recipe.seed)
             entry["engines"][engine] = res
             log(f"{tag}: " + ("cached" if res.get("cached") else f"measured in {time.perf_counter() - t0:.0f} s"))
+    pair_entries(entries[0], targets, ecfg, m, device, recipe.seed, log)  # speedups: paired rounds (eval.paired)
     for a in targets:
         st = json.loads((a["model_dir"] / "stage.json").read_text())
         a.update(stage=st["type"], stage_info=st["info"], model_dir=str(a["model_dir"]))

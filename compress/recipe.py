@@ -49,7 +49,8 @@ class PerplexityConfig(_Strict):
 
 class SpeedConfig(_Strict):
     """An offline workload of random-token prompts at fixed lengths (EOS ignored), measured
-    twice: one request at a time (batch 1) and with `concurrency` requests in flight."""
+    twice: one request at a time (batch 1) and with `concurrency` requests in flight; each
+    artifact also in `rounds` paired rounds against the baseline for its speedups."""
 
     num_prompts: int = Field(8, gt=0, description="requests in the workload")
     input_len: int = Field(128, gt=0)
@@ -60,6 +61,9 @@ class SpeedConfig(_Strict):
                                  "(0: skip)")
     warmup: int = Field(1, ge=0, description="untimed runs of the whole workload first")
     repeats: int = Field(3, gt=0, description="timed runs; figures are medians, spreads the min..max")
+    rounds: int = Field(6, ge=0, description="paired rounds behind every speedup over the baseline: both models "
+                        "open, measured in turn, order swapped each round (eval.speed.paired); the speedup is the "
+                        "median of the per-round ratios, its range their min..max; 0: no speedups")
 
 
 class TaskSpec(_Strict):

@@ -130,15 +130,17 @@ def protocol(cfg: EvalConfig, model: ModelSpec, device: str, seed: int = 0) -> d
     """What makes two evaluations comparable: the measurement protocol, every engine's settings,
     the hardware and the seed (the evaluation cache key, less the model). Reports keep it so
     that `squeeze compare` never mixes runs measured differently."""
-    parts = _measurement(cfg)
+    parts = {**_measurement(cfg), "speed": cfg.speed and cfg.speed.model_dump()}  # with its paired rounds
     parts["tasks"] = [{k: v for k, v in t.items() if k != "file"} for t in parts["tasks"]]  # paths differ by machine
     return {**parts, "engines": {e: engine_settings(e, cfg, model) for e in cfg.engine_list()},
             "device": device.split(":")[0], "hardware": hardware(), "seed": seed}
 
 
 def _measurement(cfg: EvalConfig) -> dict:
-    """What is measured and how (perplexity, speed, tasks with their files' sha256, task batch)."""
-    return {"perplexity": cfg.perplexity and cfg.perplexity.model_dump(), "speed": cfg.speed and cfg.speed.model_dump(),
+    """What is measured and how (perplexity, speed, tasks with their files' sha256, task batch).
+    The speed's paired `rounds` change no figure of one model (they key eval.paired's cache)."""
+    speed = cfg.speed and cfg.speed.model_dump(exclude={"rounds"})
+    return {"perplexity": cfg.perplexity and cfg.perplexity.model_dump(), "speed": speed,
             "tasks": _task_key(cfg), "task_batch_size": cfg.task_batch_size}
 
 
@@ -226,8 +228,9 @@ def _measure(eng, cfg: EvalConfig, seed: int, out: dict) -> None:
 def retention(base: dict, art: dict) -> dict:
     """Artifact relative to the baseline on the same engine: perplexity retention (base/artifact;
     1.0 = no loss), task metrics (ratio and change in points), speedups with their noise
-    verdicts, size ratio."""
-    from eval.speed.workload import speedups
+    verdicts (from the paired rounds `art` carries, else not paired: eval.speed.paired.speedups),
+    size ratio."""
+    from eval.speed.paired import speedups
 
     r = {}
     if "perplexity" in base and "perplexity" in art:
@@ -243,8 +246,8 @@ def retention(base: dict, art: dict) -> dict:
                 r.setdefault("tasks", {})[f"{task}.{metric}"] = {
                     "retention": am[metric] / bm[metric] if bm[metric] else None,
                     "change_points": 100.0 * (am[metric] - bm[metric])}
-    if "speed" in base and "speed" in art:
-        r["speed"] = speedups(base["speed"], art["speed"])
+    if sp := speedups(base, art):
+        r["speed"] = sp
     if base.get("size_bytes") and art.get("size_bytes"):
         r["size_ratio"] = art["size_bytes"] / base["size_bytes"]
     return r

@@ -131,7 +131,7 @@ def tiny_recipe(model: Path, text: Path, stages: list[dict] | None = None, name:
         "eval": {
             "engines": ["hf"],
             "perplexity": {"dataset": str(text), "context_length": 64, "max_tokens": 512},
-            "speed": {"input_len": 8, "output_len": 4, "warmup": 0, "repeats": 2},
+            "speed": {"input_len": 8, "output_len": 4, "warmup": 0, "repeats": 2, "rounds": 3},
         },
     }
 

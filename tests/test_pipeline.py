@@ -22,15 +22,16 @@ TWO_STAGES = [{"type": "magnitude_prune", "sparsity": 0.3},
 
 
 def test_recipe_end_to_end(tiny_model, text_file, home, capsys, tmp_path, monkeypatch):
-    # the pruned artifact is made measurably slower (50 ms more per decode step, ~10 x the tiny
-    # model's step on 2 cores), so the speed verdicts are determined: "slower" on both profiles
+    # the pruned artifact is made measurably slower (200 ms more per decode step; the tiny model's
+    # step takes a few ms, but up to ~100 ms on 2 cores shared with other jobs), so the speed
+    # verdicts of the paired rounds are determined: "slower" on both profiles
     from eval.engines.hf import HFEngine
 
     real_stamp = HFEngine._stamp
 
     def stamp(self, reqs):
         if self.stats["linear_sparsity"] > 0.25:
-            time.sleep(0.05)
+            time.sleep(0.2)
         real_stamp(self, reqs)
 
     monkeypatch.setattr(HFEngine, "_stamp", stamp)
@@ -86,6 +87,10 @@ def test_recipe_end_to_end(tiny_model, text_file, home, capsys, tmp_path, monkey
     assert am["provenance"]["engine_version"] and am["provenance"]["device_name"]
     md = (run_dir / "report.md").read_text()
     assert "| baseline" in md and "| 01-magnitude_prune" in md and "context 64" in md
+    # the speedups come from 3 paired rounds, both models open, the order swapped each round
+    assert speed["throughput"]["method"] == "paired" and speed["throughput"]["rounds"] == 3
+    assert am["paired_speed"]["mode"] == "both open" and "- Speedups: 3 paired rounds per artifact" in md
+    assert [r["order"] for r in am["paired_speed"]["rounds"]] == [["base", "art"], ["art", "base"], ["base", "art"]]
     printed = capsys.readouterr().out
     assert "| 01-magnitude_prune" in printed and "report.md" in printed
     assert not list(run_dir.rglob("*.tmp")), "temporary files left behind"

@@ -66,12 +66,28 @@ PROTOCOL = {"perplexity": {"dataset": "wikitext2", "max_tokens": 8192}, "speed":
             "device": "cpu", "hardware": "x86_64 cpu x2 threads", "seed": 0}
 
 
-def make_report(name, arts, base=(30.0, 0.65, 100.0, 50.0, 1000, 500), protocol=PROTOCOL, base_hash="b0"):
-    """arts: {name: (ppl, acc, tok_s, tpot, mem MiB, size MB)}; engine hf only."""
+def paired_measurement(base, art, base_hash):
+    """A paired measurement (eval.paired) whose per-round ratios sit within 2 % of the true ones."""
+    from eval.speed.paired import ratio_range
+
+    thr, tpot = art[2] / base[2], base[3] / art[3]
+    return {"base_hash": base_hash, "mode": "both open", "seconds_per_round": 1.5,
+            "protocol": {"rounds": 3, "warmup": 1},
+            "speedups": {"throughput": ratio_range([thr * 0.98, thr, thr * 1.02]),
+                         "batch1_tpot": ratio_range([tpot * 0.98, tpot, tpot * 1.02])}}
+
+
+def make_report(name, arts, base=(30.0, 0.65, 100.0, 50.0, 1000, 500), protocol=PROTOCOL, base_hash="b0",
+                paired=True):
+    """arts: {name: (ppl, acc, tok_s, tpot, mem MiB, size MB)}; engine hf only; artifacts with a
+    speed measured in paired rounds against the baseline, unless `paired` is False."""
     baseline = {"name": "baseline (tiny)", "model_dir": "/x", "engines": {"hf": _clean(metrics(*base, base_hash))}}
     artifacts = [{"name": n, "stage": "magnitude_prune", "stages": ["magnitude_prune"], "final": True,
                   "model_dir": f"/x/{n}", "stage_info": {}, "engines": {"hf": _clean(metrics(*v, f"h-{n}"))}}
                  for n, v in arts.items()]
+    for a, v in zip(artifacts, arts.values()):
+        if paired and v[2] is not None:
+            a["engines"]["hf"]["paired_speed"] = paired_measurement(base, v, base_hash)
     rep = build_report(baseline, artifacts, recipe={"name": name}, device="cpu", protocol=copy.deepcopy(protocol),
                        provenance={"recipe_hash": "r" * 64, "seeds": {"recipe": 0}})
     return rep

@@ -1,7 +1,8 @@
 """Pareto charts (matplotlib): quality against throughput and against peak memory, per engine.
 
-Every model is one point, labelled with its name; Pareto-optimal points are drawn as filled
-stars joined by the front line. In the SVG each point is its own element with the id
+Every model is one point, labelled with its name; Pareto-optimal points (compare.mark_pareto:
+on throughput by the paired speedups' ranges, so a difference inside the noise is a tie) are
+drawn as filled stars joined by the front line. In the SVG each point is its own element with the id
 ``point-<axis>-<n>``, n the row's index in the table (engines have panels of their own), so
 the HTML report links chart and table and a browser test can count the points.
 """
@@ -19,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from eval.report.compare import THROUGHPUT, Axis, Group, pareto_front, value  # noqa: E402
+from eval.report.compare import THROUGHPUT, Axis, Group, value  # noqa: E402
 
 plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "squeeze", "font.size": 8})
 
@@ -35,7 +36,9 @@ def _panel(ax, rows: list[dict], quality: Axis, x: Axis, engine: str, name: str)
     if not pts:
         ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="gray")
         return
-    front = pareto_front([(px, py) for _, _, px, py in pts], (x.maximize, quality.maximize))
+    # the stars are the rows' Pareto flags (compare.mark_pareto): on throughput a difference inside the
+    # paired speedups' noise is a tie, so being drawn further right earns no star by itself
+    front = {i for i, (_, r, _, _) in enumerate(pts) if r.get("pareto", {}).get(name)}
     for i, (n, r, px, py) in enumerate(pts):
         opt = i in front
         ax.scatter([px], [py], s=90 if opt else 40, marker="*" if opt else "o",

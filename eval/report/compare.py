@@ -9,7 +9,11 @@ put in separate groups, each with the reason it was split off.
 
 Pareto sets (`pareto_front`): a point is optimal when no other point is at least as good on
 both axes and better on one. Identical points do not dominate each other (ties are all
-optimal); a point missing either metric is left out of that chart and is never optimal.
+optimal); a point missing either metric is left out of that chart and is never optimal. On
+the throughput axis a model is placed by its paired speedup's range over the baseline
+(eval.speed.paired; the baseline at exactly 1): one model is faster than another only when
+its whole range lies above the other's, so a difference inside the noise is a tie on that
+axis and earns no star. An artifact without a paired speedup gets no star on that chart.
 """
 
 from __future__ import annotations
@@ -120,17 +124,26 @@ def report_rows(rep: dict, run: str | None = None, with_baseline: bool = True) -
 
 # -- Pareto ---------------------------------------------------------------------------------
 
-def pareto_front(points: list[tuple[float | None, float | None]],
-                 maximize: tuple[bool, bool] = (True, True)) -> set[int]:
-    """Indices of the Pareto-optimal points (see the module docstring for ties and gaps)."""
-    sign = [1 if up else -1 for up in maximize]
+Coord = float | tuple[float, float] | None  # a figure, or a (lo, hi) range of one
+
+
+def _better(a: Coord, b: Coord, up: bool) -> bool:
+    """a strictly better than b on one axis; a range is better only when wholly beyond the other."""
+    (alo, ahi), (blo, bhi) = (a if isinstance(a, tuple) else (a, a)), (b if isinstance(b, tuple) else (b, b))
+    return alo > bhi if up else ahi < blo
+
+
+def pareto_front(points: list[tuple[Coord, Coord]], maximize: tuple[bool, bool] = (True, True)) -> set[int]:
+    """Indices of the Pareto-optimal points; a coordinate is a figure or a (lo, hi) range, and
+    ranges that overlap are a tie (see the module docstring for ties and gaps)."""
     ok = [i for i, p in enumerate(points) if p[0] is not None and p[1] is not None]
-    v = {i: (sign[0] * points[i][0], sign[1] * points[i][1]) for i in ok}
-    front = set()
-    for i in ok:
-        if not any(v[j][0] >= v[i][0] and v[j][1] >= v[i][1] and v[j] != v[i] for j in ok):
-            front.add(i)
-    return front
+
+    def dominates(j: int, i: int) -> bool:
+        pj, pi = points[j], points[i]
+        return (not any(_better(pi[k], pj[k], maximize[k]) for k in (0, 1))
+                and any(_better(pj[k], pi[k], maximize[k]) for k in (0, 1)))
+
+    return {i for i in ok if not any(dominates(j, i) for j in ok if j != i)}
 
 
 @dataclass(frozen=True)
@@ -179,14 +192,25 @@ def value(row: dict, axis: Axis) -> float | None:
     return v / 2**20 if v is not None and axis.key.endswith("_bytes") else v
 
 
+def speed_range(row: dict) -> tuple[float, float] | None:
+    """Where a row stands on the throughput axis when stars are given: its paired throughput
+    speedup's range over the baseline (the baseline itself: exactly 1), else None."""
+    if row["baseline"]:
+        return (1.0, 1.0) if row["throughput"] is not None else None
+    s = row["throughput_speedup"] or {}
+    return (s["lo"], s["hi"]) if s.get("method") == "paired" and s.get("lo") is not None else None
+
+
 def mark_pareto(rows: list[dict], quality: Axis, memory: Axis) -> None:
-    """Set row['pareto'] = {'throughput': bool, 'memory': bool}, per engine."""
+    """Set row['pareto'] = {'throughput': bool, 'memory': bool}, per engine; on throughput by
+    the paired speedups' ranges (module docstring)."""
     for r in rows:
         r["pareto"] = {}
     for engine in dict.fromkeys(r["engine"] for r in rows):
         sub = [r for r in rows if r["engine"] == engine and not r["error"]]
         for name, x in (("throughput", THROUGHPUT), ("memory", memory)):
-            front = pareto_front([(value(r, quality), value(r, x)) for r in sub], (quality.maximize, x.maximize))
+            front = pareto_front([(value(r, quality), speed_range(r) if x is THROUGHPUT else value(r, x)) for r in sub],
+                                 (quality.maximize, x.maximize))
             for i, r in enumerate(sub):
                 r["pareto"][name] = i in front
 

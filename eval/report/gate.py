@@ -83,8 +83,8 @@ def measure(c: GateCriterion, a: dict, engine: str) -> tuple[float | None, str]:
         if c.metric == "task_retention":
             return rec["retention"], f"{key} retention {rec['retention']:.4f}" if rec["retention"] is not None else key
         return -rec["change_points"], f"{key} drop {-rec['change_points']:+.2f} points"
-    if c.metric in ("throughput_speedup", "tpot_speedup"):
-        s = speed.get("throughput" if c.metric == "throughput_speedup" else "batch1_tpot")
+    if c.metric in SPEEDUPS:
+        s = speed.get(SPEEDUPS[c.metric])
         return (s or {}).get("ratio"), fmt_speedup(s) if s else ""
     if c.metric == "throughput_tok_s":
         v = (((m.get("speed") or {}).get("concurrent") or {}).get("output_tok_s") or {}).get("median")
@@ -99,6 +99,31 @@ def measure(c: GateCriterion, a: dict, engine: str) -> tuple[float | None, str]:
     return v, "" if v is None else f"{v:.3f}"
 
 
+SPEEDUPS = {"throughput_speedup": "throughput", "tpot_speedup": "batch1_tpot"}  # criterion -> retention speed key
+ONE_ROUND = ("a speedup from fewer than 2 paired rounds has no range, so no bound can be said to be cleared or "
+             "missed")
+
+
+def _bounds(c: GateCriterion) -> str:
+    return " and ".join(b for b in (c.min is not None and f">= {c.min:g}", c.max is not None and f"<= {c.max:g}") if b)
+
+
+def speed_check(c: GateCriterion, s: dict) -> tuple[str, str]:
+    """(status, detail) of a speedup criterion: "pass" only when the whole paired range clears
+    the bound, "fail" when the whole range misses it, "not measurable" when it straddles the
+    bound or the speedup was not measured in paired rounds (eval.speed.paired)."""
+    shown = fmt_speedup(s)
+    if s.get("method") != "paired" or s.get("lo") is None:
+        return "not measurable", (f"not measurable: {shown}: baseline and artifact were measured apart, not in "
+                                  "paired rounds, so drift cannot be told from an effect")
+    lo, hi = s["lo"], s["hi"]
+    if (c.min is None or lo >= c.min) and (c.max is None or hi <= c.max):
+        return "pass", f"{shown}; needs {_bounds(c)}"
+    if (c.min is not None and hi < c.min) or (c.max is not None and lo > c.max):
+        return "fail", f"{shown}; needs {_bounds(c)}"
+    return "not measurable", f"not measurable: the range {lo:.2f}-{hi:.2f} straddles {_bounds(c)} ({shown})"
+
+
 def recipe_gate_errors(recipe, names: list[str]) -> list[str]:
     """A recipe's gate that could select nothing, checked before any work: an engine not
     measured, a glob matching none of `names` (the artifacts the run will make), a metric or
@@ -111,8 +136,11 @@ def recipe_gate_errors(recipe, names: list[str]) -> list[str]:
             out.append(f"gate[{i}].artifacts: {c.artifacts!r} matches no artifact (artifacts: {', '.join(names)})")
         if c.metric.startswith("perplexity_") and recipe.eval.perplexity is None:
             out.append(f"gate[{i}].metric: {c.metric} needs eval.perplexity (it is null)")
-        if c.metric in ("throughput_speedup", "tpot_speedup", "throughput_tok_s") and recipe.eval.speed is None:
+        if c.metric in (*SPEEDUPS, "throughput_tok_s") and recipe.eval.speed is None:
             out.append(f"gate[{i}].metric: {c.metric} needs eval.speed (it is null)")
+        elif c.metric in SPEEDUPS and recipe.eval.speed.rounds < 2:
+            out.append(f"gate[{i}].metric: {c.metric} needs eval.speed.rounds >= 2 (it is "
+                       f"{recipe.eval.speed.rounds}): {ONE_ROUND}")
         if c.task and c.task.split(".")[0] not in tasks:
             out.append(f"gate[{i}].task: {c.task.split('.')[0]!r} is not among eval.tasks ({', '.join(tasks) or 'none'})")
     if not names:
@@ -139,23 +167,43 @@ def _select(c: GateCriterion, i: int, report: dict, where: str) -> list[tuple[di
     return pairs
 
 
+def _one_round_refusal(c: GateCriterion, i: int, report: dict, where: str) -> str | None:
+    """Why a speedup criterion cannot be judged on this report at all (fewer than 2 paired rounds)."""
+    rounds = ((report.get("protocol") or {}).get("speed") or {}).get("rounds")
+    if c.metric in SPEEDUPS and rounds is not None and rounds < 2:
+        return (f"{where}: gate[{i}].metric: {c.metric} on a report measured with eval.speed.rounds = {rounds}: "
+                f"{ONE_ROUND}; measure again with rounds >= 2")
+    return None
+
+
+def _verdict(c: GateCriterion, i: int, a: dict, engine: str, where: str) -> dict:
+    err = a["engines"][engine].get("error")
+    v, shown = measure(c, a, engine)
+    s = ((a.get("retention") or {}).get(engine, {}).get("speed") or {}).get(SPEEDUPS.get(c.metric, ""))
+    if v is None:
+        status, detail = "fail", f"not measured{' (' + shown + ')' if shown else ''}" + (
+            f"; the evaluation failed: {err}" if err else "")
+    elif s is not None:
+        if s.get("verdict") == "spread unknown":
+            raise UserError(f"{where}: gate[{i}].metric: {c.metric}: {a['name']} ({engine}) was measured in "
+                            f"{s.get('rounds', 1)} paired round: {ONE_ROUND}; measure again with "
+                            "eval.speed.rounds >= 2")
+        status, detail = speed_check(c, s)
+    else:
+        ok = (c.min is None or v >= c.min) and (c.max is None or v <= c.max)
+        status, detail = "pass" if ok else "fail", f"{shown or format(v, '.4g')}; needs {_bounds(c)}"
+    return {"criterion": c.label(), "metric": c.metric, "artifact": a["name"], "engine": engine, "value": v,
+            "min": c.min, "max": c.max, "passed": status == "pass", "status": status, "detail": detail}
+
+
 def apply_gate(report: dict, criteria: list[GateCriterion], where: str = "gate") -> dict:
-    """{passed, verdicts: [{criterion, metric, artifact, engine, value, min, max, passed, detail}]}."""
-    verdicts = []
-    for i, c in enumerate(criteria):
-        for a, engine in _select(c, i, report, where):
-            err = a["engines"][engine].get("error")
-            v, shown = measure(c, a, engine)
-            if v is None:
-                ok, detail = False, f"not measured{' (' + shown + ')' if shown else ''}" + (
-                    f"; the evaluation failed: {err}" if err else "")
-            else:
-                ok = (c.min is None or v >= c.min) and (c.max is None or v <= c.max)
-                bounds = " and ".join(b for b in (c.min is not None and f">= {c.min:g}",
-                                                   c.max is not None and f"<= {c.max:g}") if b)
-                detail = f"{shown or format(v, '.4g')}; needs {bounds}"
-            verdicts.append({"criterion": c.label(), "metric": c.metric, "artifact": a["name"], "engine": engine,
-                             "value": v, "min": c.min, "max": c.max, "passed": ok, "detail": detail})
+    """{passed, verdicts: [{criterion, metric, artifact, engine, value, min, max, passed, status,
+    detail}]}; status is pass, fail or (speedups: a range across the bound) not measurable. A
+    speedup criterion on speedups without a range (fewer than 2 paired rounds) is refused."""
+    if errs := [e for i, c in enumerate(criteria) if (e := _one_round_refusal(c, i, report, where))]:
+        raise UserError(*errs)
+    verdicts = [_verdict(c, i, a, engine, where) for i, c in enumerate(criteria)
+                for a, engine in _select(c, i, report, where)]
     return {"passed": all(v["passed"] for v in verdicts), "verdicts": verdicts,
             "checked": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -179,7 +227,8 @@ def junit_xml(gate: dict, suite: str = "squeeze gate") -> str:
         if v["passed"]:
             cases.append(head + f"\n      <system-out>{escape(v['detail'])}</system-out>\n    </testcase>")
         else:
-            cases.append(head + f"\n      <failure type=\"threshold\" message={quoteattr(v['detail'])}>"
+            kind = "not-measurable" if v.get("status") == "not measurable" else "threshold"
+            cases.append(head + f"\n      <failure type=\"{kind}\" message={quoteattr(v['detail'])}>"
                          f"{escape(json.dumps(v, default=str))}</failure>\n    </testcase>")
     n, f = len(gate["verdicts"]), sum(not v["passed"] for v in gate["verdicts"])
     return ('<?xml version="1.0" encoding="UTF-8"?>\n'

@@ -14,11 +14,12 @@ section "Report schema" its prose):
                engines: {engine: metrics},
                retention: {engine: {ppl_retention, ppl_change_pct, tasks: {"task.metric":
                            {retention, change_points}}, speed: {throughput | batch1_tpot:
-                           {ratio, lo, hi, verdict}}, size_ratio}}}],
+                           {ratio, lo, hi, verdict, method, rounds, ratios}}, size_ratio}}}],
   gate (where a gate was applied): {passed, verdicts: [...]} (eval.report.gate).
   metrics (eval.evaluate): perplexity, tasks {name: {acc, acc_stderr, acc_norm, ...}},
   speed {concurrent, batch1: per-repeat throughput and latency distributions, protocol},
-  memory, provenance, settings, size_bytes, quantization, params, error (if it failed).
+  memory, provenance, settings, size_bytes, quantization, params, error (if it failed);
+  artifacts' metrics also paired_speed: the paired rounds against the baseline (eval.paired).
   Retention compares an artifact with the baseline measured on the same engine.
   Version 1 had one engine (`metrics`); version 2 had `engines` and batch-1 speed only
   (decode_speedup); version 3 had no protocol, provenance, stages or final, and versions and
@@ -126,7 +127,7 @@ def _mb(x) -> str:
 
 def table(report: dict) -> str:
     """Markdown table: one row per (model, engine), changes against the baseline on that engine.
-    Speedups carry the range their repeats allow; inside the noise they read 'no measurable change'."""
+    Speedups carry the range of their paired rounds; inside the noise they read 'no measurable change'."""
     tcols = task_columns(report)
     head = ["model", "engine", "quant", "perplexity", "ppl retention", *[f"{t} {m}" for t, m in tcols],
             "out tok/s", "throughput vs base", "b1 TPOT ms", "b1 TPOT vs base", "TTFT p50 ms",
@@ -178,9 +179,9 @@ def protocol_lines(report: dict) -> list[str]:
         out.append(f"- Speed: {s['num_prompts']} requests of {s['input_len']} random prompt tokens, "
                    f"{s['output_len']} output tokens each (EOS ignored), {s['concurrency']} in flight; batch 1: "
                    f"{s['batch1_requests']} requests one at a time; {s['warmup']} warm-up + {s['repeats']} timed "
-                   f"runs; throughput and TPOT are medians of runs, a speedup's range is the worst..best ratio the "
-                   f"runs allow, and a range containing 1 reads 'no measurable change'; TTFT p50 over the timed "
-                   f"requests streamed token by token (vLLM: up to 64 per run); on {m['hardware']} ({m['device']}).")
+                   f"runs; throughput and TPOT are medians of runs; TTFT p50 over the timed requests streamed "
+                   f"token by token (vLLM: up to 64 per run); on {m['hardware']} ({m['device']}).")
+        out += paired_lines(report)
     for e, em in engines.items():
         out.append(f"- Engine {e} {(em.get('provenance') or {}).get('engine_version') or ''}: " + ", ".join(
             f"{k} {v}" for k, v in (em.get("settings") or {}).items() if v is not None) + ".")
@@ -191,6 +192,23 @@ def protocol_lines(report: dict) -> list[str]:
     out.append("- ppl retention = baseline perplexity / artifact perplexity (1.0 = no loss); weights MiB = "
                "the model's tensors in the engine's memory; peak RSS = this process and the engine's processes.")
     return out
+
+
+def paired_lines(report: dict) -> list[str]:
+    """How the speedups were measured (eval.speed.paired): rounds, mode and seconds per round."""
+    done = [(a["name"], e, p) for a in report["artifacts"] for e, m in a["engines"].items()
+            if (p := m.get("paired_speed")) and not p.get("error")]
+    if not done:
+        return ["- Speedups: not paired (each model measured on its own, minutes apart): the ratio of medians, "
+                "with no range and no verdict of change."] if report["artifacts"] else []
+    p = done[0][2]["protocol"]
+    per = "; ".join(f"{n} ({e}) {r['seconds_per_round']:.1f} s, {r['mode']}" for n, e, r in done)
+    return [f"- Speedups: {p['rounds']} paired rounds per artifact and engine, after {p['warmup']} warm-up run(s) "
+            "of each: the baseline and the artifact both open on the engine, given the same prompts in turn, the "
+            "baseline first in even rounds and the artifact in odd ones; a speedup is the median of the per-round "
+            "ratios, its range their min..max (it holds the true median ratio with probability "
+            f"{1 - 2 ** (1 - p['rounds']):.0%}), and a range containing 1 reads 'no measurable change'. "
+            f"Seconds per round: {per}."]
 
 
 def cut_lines(info: dict) -> list[str]:

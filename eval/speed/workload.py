@@ -147,23 +147,31 @@ def compare(base: dict, art: dict, higher_is_better: bool = True) -> dict:
 
 
 def speedups(base: dict, art: dict) -> dict:
-    """Throughput (concurrent output tok/s) and batch-1 TPOT speedups with their noise verdicts."""
+    """Throughput (concurrent output tok/s) and batch-1 TPOT of two separate measurements:
+    the ratio of their medians, without a range and without a verdict of change ("not
+    paired"): measured minutes apart, a drift of the machine between them cannot be told from
+    an effect. Speedups with a range come from paired rounds (eval.speed.paired)."""
+    def unpaired(b: dict, a: dict, higher_is_better: bool) -> dict:
+        ratio = a["median"] / b["median"] if higher_is_better else b["median"] / a["median"]
+        return {"ratio": ratio, "lo": None, "hi": None, "verdict": "not paired", "method": "unpaired"}
+
     out = {}
     if "concurrent" in base and "concurrent" in art:
-        out["throughput"] = compare(base["concurrent"]["output_tok_s"], art["concurrent"]["output_tok_s"])
+        out["throughput"] = unpaired(base["concurrent"]["output_tok_s"], art["concurrent"]["output_tok_s"], True)
     if "batch1" in base and "batch1" in art:
-        out["batch1_tpot"] = compare(base["batch1"]["tpot_mean_ms"], art["batch1"]["tpot_mean_ms"],
-                                     higher_is_better=False)
+        out["batch1_tpot"] = unpaired(base["batch1"]["tpot_mean_ms"], art["batch1"]["tpot_mean_ms"], False)
     return out
 
 
 def fmt_speedup(c: dict | None) -> str:
-    """'1.32x (1.28-1.36)', 'no measurable change (0.97-1.05)', or '–'."""
+    """'1.32x (1.28-1.36)', 'no measurable change (0.97-1.05)', '1.04x (not paired)', or '–'."""
     if not c:
         return "–"
-    rng = f"{c['lo']:.2f}-{c['hi']:.2f}"
+    rng = f"{c['lo']:.2f}-{c['hi']:.2f}" if c.get("lo") is not None else ""
     if c["verdict"] == "no measurable change":
         return f"no measurable change ({rng})"
     if c["verdict"] == "spread unknown":
-        return f"{c['ratio']:.2f}x (1 run)"
+        return f"{c['ratio']:.2f}x (1 {'round' if c.get('method') == 'paired' else 'run'})"
+    if c["verdict"] == "not paired":
+        return f"{c['ratio']:.2f}x (not paired)"
     return f"{c['ratio']:.2f}x ({rng})"

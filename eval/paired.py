@@ -1,0 +1,216 @@
+"""Paired speed measurements: each artifact against its baseline, both open at once, cached.
+
+`paired_speeds(base_dir, art_dirs, cfg, model, engine, device, seed)` opens the baseline on
+`engine` once, then each artifact beside it in turn, and runs eval.speed.paired's rounds (its
+docstring holds the protocol and its cost); one result per artifact, which
+eval.speed.paired.speedups turns into the report's speedups. A matrix pairs every variant with
+the one baseline engine, opened once.
+
+Both open: transformers holds both models in memory; vLLM runs two engines, on a GPU each with
+half of eval.vllm.gpu_memory_utilization (vLLM's limit is per engine). Before the second is
+opened, the memory the first took (host memory on the CPU, device memory for transformers on
+a GPU) is compared with what is left: where a second copy would not fit with 20 % to spare,
+or where opening it fails for memory, one engine is open at a time and reopened whenever the
+side changes (`mode` and `loads` in the result).
+
+Cache: ``<home>/_eval_cache/paired-<key>.json``, keyed by both models' content hashes, the
+engine and its settings as opened here, the speed workload with its warm-up and rounds, the
+protocol's version, the device, hardware, software stack (eval.evaluate.stack_versions) and
+seed. A failed measurement is recorded as `error` and not cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+from compress.errors import UserError
+from compress.fsutil import atomic_write_text
+from compress.models import home, model_hash
+from compress.recipe import EvalConfig, ModelSpec
+from eval.engines import open_engine
+from eval.evaluate import engine_settings, hardware, one_line, stack_versions
+from eval.speed.paired import PROTOCOL_VERSION, SIDES, run_rounds, summarize
+
+SPARE = 1.2  # a second model must fit in what the first left free, with this factor to spare
+
+
+def free_memory(engine: str, device: str) -> int | None:
+    """Bytes the next model could use: device memory for transformers on a GPU, else host memory
+    (None for vLLM on a GPU, whose share is set by gpu_memory_utilization)."""
+    if device.startswith("cuda"):
+        if engine == "vllm":
+            return None
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _memory_error(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "memory" in str(e).lower()
+
+
+class EnginePair:
+    """The baseline's and an artifact's engines: both open (`coexist`), or one at a time."""
+
+    def __init__(self, opener, dirs: dict, coexist: bool, open_engines: dict | None = None):
+        self.opener, self.dirs, self.coexist = opener, dirs, coexist
+        self.eng = {s: (open_engines or {}).get(s) for s in SIDES}
+        self.vocab = {s: e.vocab_size for s, e in self.eng.items() if e is not None}
+        self.loads, self.why = 0, ""
+
+    def is_open(self, side: str) -> bool:
+        return self.eng[side] is not None
+
+    def vocab_size(self, side: str) -> int:
+        """The token ids `side` accepts (opening it where not seen yet)."""
+        if side not in self.vocab:
+            self.vocab[side] = self.get(side).vocab_size
+        return self.vocab[side]
+
+    def get(self, side: str):
+        if self.eng[side] is None:
+            other = SIDES[1 - SIDES.index(side)]
+            if not self.coexist:
+                self.close(other)
+            try:
+                self.eng[side] = self.opener(self.dirs[side])
+            except Exception as e:  # noqa: BLE001 - a second engine that does not fit: one at a time
+                if not (self.coexist and self.eng[other] is not None and _memory_error(e)):
+                    raise
+                self.coexist, self.why = False, f"opening the second failed: {one_line(e)}"
+                self.close(other)
+                self.eng[side] = self.opener(self.dirs[side])
+            self.loads += 1
+            self.vocab[side] = self.eng[side].vocab_size
+        return self.eng[side]
+
+    def close(self, side: str) -> None:
+        if self.eng[side] is not None:
+            self.eng[side].close()
+            self.eng[side] = None
+
+
+def paired_settings(engine: str, settings: dict, device: str) -> dict:
+    """The engine settings for two engines at once: vLLM on a GPU gets half its memory share each."""
+    if engine == "vllm" and device.startswith("cuda"):
+        return {**settings, "gpu_memory_utilization": settings["gpu_memory_utilization"] / 2}
+    return dict(settings)
+
+
+def paired_key(base_hash: str, art_hash: str, cfg: EvalConfig, engine: str, settings: dict, device: str,
+               seed: int) -> str:
+    src = {"base": base_hash, "art": art_hash, "speed": cfg.speed.model_dump(), "engine": engine,
+           "settings": settings, "device": device, "hardware": hardware(), "stack": stack_versions(device),
+           "seed": seed, "protocol": PROTOCOL_VERSION}
+    return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def paired_speeds(base_dir: Path, art_dirs: list[Path], cfg: EvalConfig, model: ModelSpec, engine: str = "hf",
+                  device: str = "cpu", seed: int = 0, use_cache: bool = True, log=None) -> list[dict]:
+    """One paired measurement per artifact in `art_dirs` against `base_dir` (module docstring)."""
+    settings = paired_settings(engine, engine_settings(engine, cfg, model), device)
+    base_hash = model_hash(base_dir)
+    head = {"base_hash": base_hash, "engine": engine, "settings": settings, "device": device,
+            "hardware": hardware(), "seed": seed}
+    results, todo = [], []
+    for i, d in enumerate(art_dirs):
+        art_hash = model_hash(d)
+        cache = home() / "_eval_cache" / f"paired-{paired_key(base_hash, art_hash, cfg, engine, settings, device, seed)}.json"
+        if use_cache and cache.is_file():
+            results.append({**json.loads(cache.read_text()), "cached": True})
+            continue
+        results.append({**head, "art_hash": art_hash, "art_dir": str(d), "_cache": cache})
+        todo.append(i)
+    if todo:
+        _measure_all(base_dir, [results[i] for i in todo], cfg, model, engine, device, seed, settings, log)
+    for r in results:
+        cache = r.pop("_cache", None)
+        if cache is not None and "error" not in r:
+            atomic_write_text(cache, json.dumps(r, indent=1))
+            r["cached"] = False
+    return results
+
+
+def _measure_all(base_dir, results, cfg, model, engine, device, seed, settings, log) -> None:
+    """Fill each result in place: the baseline opened once, each artifact beside it in turn."""
+    def opener(d):
+        return open_engine(engine, d, device=device, trust_remote_code=model.trust_remote_code,
+                           allow_pickle=model.allow_pickle, **settings)
+
+    before = free_memory(engine, device)
+    base, pair, coexist, why = None, None, True, ""
+    try:
+        try:
+            base = opener(base_dir)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - reported with each result, like evaluate()'s
+            for r in results:
+                r["error"] = f"{engine} failed to start on {base_dir}: {one_line(e)}"
+            return
+        after = free_memory(engine, device)
+        if before is not None and after is not None and after < SPARE * max(before - after, 0):
+            coexist, why = False, (f"a second model needs about {(before - after) / 2**30:.1f} GiB and "
+                                   f"{after / 2**30:.1f} GiB are free")
+        for r in results:
+            pair = EnginePair(opener, {"base": base_dir, "art": Path(r["art_dir"])}, coexist, {"base": base})
+            pair.why = why
+            _measure_one(pair, cfg, seed, r)
+            pair.close("art")
+            base, coexist, why = pair.eng["base"], pair.coexist, pair.why  # the baseline stays open for the next
+            if log:
+                log(f"paired speed {Path(r['art_dir']).name} ({engine}): " + (r.get("error") or (
+                    f"{len(r['rounds'])} rounds in {r['seconds']:.0f} s ({r['mode']})")))
+    finally:  # closing twice is harmless: every engine open here is closed on every path
+        for eng in [base, *(pair.eng.values() if pair else [])]:
+            if eng is not None:
+                eng.close()
+
+
+def _measure_one(pair: EnginePair, cfg: EvalConfig, seed: int, r: dict) -> None:
+    t0 = time.perf_counter()
+    try:
+        rounds = run_rounds(pair, cfg.speed, seed)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - an engine that fails is a result to report
+        r["error"] = f"paired speed: {one_line(e)}"
+        return
+    s = cfg.speed
+    r.update(protocol={"method": "paired", "version": PROTOCOL_VERSION, "rounds": s.rounds, "warmup": s.warmup,
+                       "num_prompts": s.num_prompts, "input_len": s.input_len, "output_len": s.output_len,
+                       "concurrency": min(s.concurrency or s.num_prompts, s.num_prompts),
+                       "batch1_requests": s.batch1_requests,
+                       "order": "baseline first in even rounds, artifact first in odd ones"},
+             mode="both open" if pair.coexist else f"one at a time ({pair.why})", loads=pair.loads, rounds=rounds,
+             speedups=summarize(rounds) if rounds else {}, seconds=time.perf_counter() - t0,
+             seconds_per_round=statistics.median(x["seconds"] for x in rounds) if rounds else None)
+
+
+def pair_entries(base: dict, entries: list[dict], cfg: EvalConfig, model: ModelSpec, device: str,
+                 seed: int = 0, log=None, use_cache: bool = True) -> None:
+    """Pair every entry ({model_dir, engines: {engine: evaluation result}}) with the baseline
+    (the same shape) on each engine both were evaluated on without error; the result goes to the
+    entry's evaluation as `paired_speed` (where eval.speed.paired.speedups finds it). Nothing
+    when eval.speed is null or its rounds 0."""
+    if cfg.speed is None or not cfg.speed.rounds:
+        return
+    base_dir = Path(base["model_dir"])
+    for engine in cfg.engine_list():
+        if base["engines"].get(engine, {"error": "not evaluated"}).get("error"):
+            continue
+        todo = [e for e in entries if engine in e["engines"] and not e["engines"][engine].get("error")]
+        if not todo:
+            continue
+        for e, res in zip(todo, paired_speeds(base_dir, [Path(e["model_dir"]) for e in todo], cfg, model, engine,
+                                              device, seed, use_cache, log)):
+            e["engines"][engine]["paired_speed"] = res

@@ -1,0 +1,144 @@
+"""Paired speed comparison: is the artifact faster than its baseline, beyond the noise?
+
+Why: two models measured minutes apart see different machines (other processes on shared
+cores, clocks, thermal state), so a drift between two evaluations passes for an effect. Here
+both models are open at once on the same engine kind and measured in turn, seconds apart, so
+whatever drifts slower than one round cancels in that round's ratio.
+
+Protocol (`eval.speed`: its workload, `warmup`, and `rounds` = n):
+- Both models are open on the same engine kind (eval.paired opens them): transformers holds
+  both in memory; vLLM runs two engines at once (on a GPU each with half the recipe's
+  gpu_memory_utilization); where the second does not fit beside the first, one is open at a
+  time and reopened whenever the side changes (`mode` in the result says which).
+- Warm-up: `warmup` untimed runs of the workload on each engine before its first timed run
+  (one reopened is warmed up again).
+- Round r gives both models the same fresh random prompts: the concurrent workload on one
+  then on the other, then the batch-1 profile likewise (one at a time: both profiles on one,
+  then on the other). The baseline goes first in even rounds and the artifact in odd ones
+  (A B, B A, A B, ...; one at a time, the side open at the start goes first), so a steady
+  drift favours the artifact in one round and the baseline in the next.
+- Per round: throughput ratio = artifact output tok/s / baseline output tok/s; batch-1 TPOT
+  ratio = baseline TPOT / artifact TPOT (both above 1 when the artifact is faster).
+- The speedup is the median of the n per-round ratios, its range their min..max. Whatever the
+  noise's distribution, that range holds the true median ratio with probability 1 - 2^(1-n)
+  (the sign test): 88 % at 4 rounds, 94 % at 5, 97 % at 6, 99 % at 8. A range containing 1.0
+  reads "no measurable change"; a single round has no range ("spread unknown"), and the
+  release gate refuses to judge it.
+
+Cost: a round runs the workload and the batch-1 profile once on each model, about twice one
+timed repeat of the single-model measurement (`seconds_per_round` in the result), plus
+opening the two engines. A matrix keeps the baseline's engine open across its variants.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from tqdm.auto import tqdm
+
+from eval.speed.workload import LATENCY_SAMPLE, per_request, random_prompts
+
+PROTOCOL_VERSION = 1
+SIDES = ("base", "art")
+
+
+def round_order(r: int) -> tuple[str, str]:
+    """Who goes first in round r: the baseline in even rounds, the artifact in odd ones."""
+    return SIDES if r % 2 == 0 else SIDES[::-1]
+
+
+def ratio_range(ratios: list[float]) -> dict:
+    """Median of per-round ratios (> 1: the artifact is faster) with their min..max and a verdict."""
+    lo, hi = min(ratios), max(ratios)
+    if len(ratios) < 2:
+        verdict = "spread unknown"
+    elif lo <= 1.0 <= hi:
+        verdict = "no measurable change"
+    else:
+        verdict = "faster" if lo > 1.0 else "slower"
+    return {"ratio": statistics.median(ratios), "lo": lo, "hi": hi, "verdict": verdict, "method": "paired",
+            "rounds": len(ratios), "ratios": list(ratios)}
+
+
+# ---------------------------------------------------------------------------- one run
+
+def throughput(engine, prompts: list[list[int]], output_len: int, concurrency: int) -> float:
+    """Output tokens per second of one run of the workload (first submission to last token)."""
+    reqs = engine.stream(prompts, output_len, concurrency, stream_every=max(1, -(-len(prompts) // LATENCY_SAMPLE)))
+    return len(prompts) * output_len / (max(r.end for r in reqs) - min(r.submitted for r in reqs))
+
+
+def tpot_ms(engine, prompts: list[list[int]], output_len: int) -> float:
+    """Mean time per output token after the first, requests one at a time, in milliseconds."""
+    return statistics.mean(per_request(engine.stream(prompts, output_len, 1, stream_every=1))["tpot"]) * 1e3
+
+
+# ---------------------------------------------------------------------------- the rounds
+
+def run_rounds(pair, speed, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Measure `pair` under the protocol in the module docstring, `speed` an eval.speed config
+    (SpeedConfig). `pair` (eval.paired.EnginePair) hands out the open engine of a side with
+    `.get(side)`, knows `.vocab_size(side)` and `.is_open(side)`, and `.coexist` says whether
+    both stay open. One record per round: its order, each side's output_tok_s and tpot_ms, and
+    its seconds. Every engine is warmed up before its first timed run, so one reopened when
+    only one fits at a time is warmed up again."""
+    n, conc = speed.num_prompts, min(speed.concurrency or speed.num_prompts, speed.num_prompts)
+    vocab_size = min(pair.vocab_size(s) for s in SIDES)
+    start = 0 if pair.is_open("base") else 1  # one at a time: the side open now goes first
+    warmed: list = []
+
+    def engine(side: str):
+        eng = pair.get(side)
+        if not any(e is eng for e in warmed):
+            warmed.append(eng)
+            for i in range(speed.warmup):
+                throughput(eng, random_prompts(n, speed.input_len, vocab_size, seed * 1000 + 900 + i),
+                           speed.output_len, conc)
+        return eng
+
+    for side in round_order(start):  # warm up what is open now, before any timed run
+        if pair.is_open(side):
+            engine(side)
+    profiles = ["conc"] + (["b1"] if speed.batch1_requests else [])
+    out = []
+    for r in tqdm(range(speed.rounds), desc="paired speed", unit="round", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        prompts = {"conc": random_prompts(n, speed.input_len, vocab_size, seed * 1000 + r),
+                   "b1": random_prompts(speed.batch1_requests, speed.input_len, vocab_size, seed * 1000 + 500 + r)}
+        order = round_order(r + start)
+        # both open: the two runs of a profile back to back; one at a time: one switch per side
+        steps = [(p, s) for p in profiles for s in order] if pair.coexist else [(p, s) for s in order for p in profiles]
+        rec = {"order": list(order), "base": {}, "art": {}}
+        for prof, side in steps:
+            eng = engine(side)
+            if prof == "conc":
+                rec[side]["output_tok_s"] = throughput(eng, prompts["conc"], speed.output_len, conc)
+            else:
+                rec[side]["tpot_ms"] = tpot_ms(eng, prompts["b1"], speed.output_len)
+        rec["seconds"] = time.perf_counter() - t0
+        out.append(rec)
+    return out
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """The speedups of a paired measurement: throughput and (where measured) batch-1 TPOT."""
+    out = {"throughput": ratio_range([r["art"]["output_tok_s"] / r["base"]["output_tok_s"] for r in rounds])}
+    if all("tpot_ms" in r["base"] for r in rounds):
+        out["batch1_tpot"] = ratio_range([r["base"]["tpot_ms"] / r["art"]["tpot_ms"] for r in rounds])
+    return out
+
+
+def speedups(base: dict, art: dict) -> dict:
+    """Speedups of evaluation result `art` over `base` (eval.evaluate results): the paired ones
+    when `art` carries a paired measurement against this very baseline (`paired_speed`, put
+    there by eval.paired), else the ratio of the two medians, marked "not paired" and without a
+    range (they were measured apart, so drift and effect cannot be told apart)."""
+    from eval.speed.workload import speedups as unpaired
+
+    p = art.get("paired_speed") or {}
+    if p.get("speedups") and p.get("base_hash") == base.get("model_hash") and not p.get("error"):
+        return p["speedups"]
+    if "speed" not in base or "speed" not in art:
+        return {}
+    return unpaired(base["speed"], art["speed"])

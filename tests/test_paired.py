@@ -1,0 +1,253 @@
+"""Paired speed comparisons (eval.speed.paired, eval.paired): drift cancels, a real effect is
+found, the order swaps every round, the baseline stays open across artifacts, results are
+cached; the gate judges speedups by their whole range; the Pareto front ties inside the noise."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import yaml
+
+from compress.cli import main
+from compress.recipe import EvalConfig, ModelSpec, SpeedConfig
+from conftest import tiny_recipe
+from eval.speed.paired import ratio_range, round_order, run_rounds, summarize
+from eval.speed.workload import RequestTiming, compare, workload_speed
+
+SPEED = SpeedConfig(num_prompts=4, input_len=8, output_len=4, batch1_requests=1, warmup=1, repeats=3, rounds=6)
+
+
+class Clock:
+    """Simulated time shared by the fake engines (seconds)."""
+    t = 0.0
+
+
+class DriftingEngine:
+    """Decodes `speed` times as fast as the reference; the machine under it slows down linearly
+    (1 + drift x t), plus optional seeded jitter per step."""
+
+    name = "fake"
+    vocab_size = 100
+
+    def __init__(self, clock: Clock, speed: float = 1.0, drift: float = 0.0, jitter: float = 0.0, seed: int = 0):
+        self.clock, self.speed, self.drift, self.jitter = clock, speed, drift, jitter
+        self.rng = random.Random(seed)
+
+    def stream(self, prompts, output_len, concurrency, stream_every=1):
+        out = []
+        for i in range(0, len(prompts), concurrency):
+            reqs = [RequestTiming(self.clock.t) for _ in prompts[i:i + concurrency]]
+            for _ in range(output_len):
+                noise = 1 + self.rng.uniform(-self.jitter, self.jitter)
+                self.clock.t += 0.01 * (1 + self.drift * self.clock.t) * noise / self.speed
+                for r in reqs:
+                    r.token_times.append(self.clock.t)
+            out += reqs
+        return out
+
+
+class Pair:
+    coexist = True
+
+    def __init__(self, base, art):
+        self.eng = {"base": base, "art": art}
+
+    def get(self, side):
+        return self.eng[side]
+
+    def is_open(self, side):
+        return True
+
+    def vocab_size(self, side):
+        return self.eng[side].vocab_size
+
+
+def test_drift_cancels_in_paired_rounds_but_passes_for_an_effect_unpaired():
+    clock = Clock()
+    base, art = DriftingEngine(clock, drift=0.05), DriftingEngine(clock, drift=0.05)  # the same model, twice
+    # unpaired, as two evaluations minutes apart: the artifact reads slower, outside its range
+    b = workload_speed(base, 4, 8, 4, batch1_requests=1, warmup=1, repeats=3, progress=False)
+    clock.t += 60.0  # perplexity and tasks in between
+    a = workload_speed(art, 4, 8, 4, batch1_requests=1, warmup=1, repeats=3, progress=False)
+    unpaired = compare(b["concurrent"]["output_tok_s"], a["concurrent"]["output_tok_s"])
+    assert unpaired["verdict"] == "slower" and unpaired["hi"] < 0.8
+    # paired: the same drift, now measured in turn, cancels
+    sp = summarize(run_rounds(Pair(base, art), SPEED, progress=False))
+    for key in ("throughput", "batch1_tpot"):
+        s = sp[key]
+        assert s["verdict"] == "no measurable change" and s["method"] == "paired", (key, s)
+        assert s["ratio"] == pytest.approx(1.0, abs=0.01) and s["lo"] < 1 < s["hi"] and s["rounds"] == 6
+        assert s["hi"] / s["lo"] < 1.1  # informative, not just wide
+
+
+def test_a_truly_faster_artifact_is_found_faster_despite_drift_and_jitter():
+    clock = Clock()
+    base = DriftingEngine(clock, drift=0.05, jitter=0.1, seed=1)
+    art = DriftingEngine(clock, speed=1.5, drift=0.05, jitter=0.1, seed=2)
+    sp = summarize(run_rounds(Pair(base, art), SPEED, progress=False))
+    for key in ("throughput", "batch1_tpot"):
+        s = sp[key]
+        assert s["verdict"] == "faster" and s["lo"] > 1.3 and s["ratio"] == pytest.approx(1.5, rel=0.06), (key, s)
+    slow = summarize(run_rounds(Pair(art, base), SPEED, progress=False))["throughput"]
+    assert slow["verdict"] == "slower" and slow["hi"] < 0.77
+
+
+def test_order_swaps_every_round_and_both_sides_see_the_same_prompts():
+    seen = []
+
+    class Recording(DriftingEngine):
+        def __init__(self, clock, tag):
+            super().__init__(clock)
+            self.tag = tag
+
+        def stream(self, prompts, output_len, concurrency, stream_every=1):
+            seen.append((self.tag, concurrency, prompts[0][:3]))
+            return super().stream(prompts, output_len, concurrency, stream_every)
+
+    clock = Clock()
+    recs = run_rounds(Pair(Recording(clock, "base"), Recording(clock, "art")), SPEED, progress=False)
+    assert [r["order"] for r in recs[:3]] == [["base", "art"], ["art", "base"], ["base", "art"]]
+    assert [round_order(r)[0] for r in range(4)] == ["base", "art", "base", "art"]
+    timed = seen[2:]  # after one warm-up run of each
+    assert [t for t, *_ in timed[:8]] == ["base", "art", "base", "art", "art", "base", "art", "base"]
+    for first, second in zip(timed[::2], timed[1::2]):  # a profile's two runs: same prompts, same concurrency
+        assert first[1:] == second[1:] and first[0] != second[0]
+    assert timed[0][2] != timed[4][2]  # fresh prompts every round
+
+
+def test_ratio_range_verdicts():
+    assert ratio_range([0.98, 1.01, 1.03])["verdict"] == "no measurable change"
+    r = ratio_range([1.2, 1.3, 1.25, 1.4])
+    assert r["verdict"] == "faster" and r["ratio"] == pytest.approx(1.275) and (r["lo"], r["hi"]) == (1.2, 1.4)
+    assert ratio_range([0.7, 0.8])["verdict"] == "slower"
+    assert ratio_range([1.3])["verdict"] == "spread unknown"
+
+
+# ---------------------------------------------------------------------------- eval.paired
+
+def test_baseline_opened_once_across_artifacts_and_results_cached(tiny_model, tmp_path, home, monkeypatch):
+    import eval.paired as P
+
+    from compress.models import load_model
+
+    arts = []
+    for k in (1, 2):  # two artifacts with other weights (content hashes differ)
+        model, tok = load_model(tiny_model)
+        model.model.layers[0].mlp.down_proj.weight.data.mul_(0.5 * k)
+        model.save_pretrained(tmp_path / f"a{k}")
+        tok.save_pretrained(tmp_path / f"a{k}")
+        arts.append(tmp_path / f"a{k}")
+    opened = []
+    real = P.open_engine
+    monkeypatch.setattr(P, "open_engine", lambda engine, d, **kw: opened.append(d.name) or real(engine, d, **kw))
+    cfg = EvalConfig(engines=["hf"], perplexity=None, speed=SPEED.model_copy(update={"rounds": 3, "warmup": 0}))
+    res = P.paired_speeds(tiny_model, arts, cfg, ModelSpec(), "hf", "cpu")
+    assert opened == ["model", "a1", "a2"]  # the baseline once, each artifact beside it
+    for r in res:
+        assert r["mode"] == "both open" and r["loads"] == 1 and len(r["rounds"]) == 3 and r["cached"] is False
+        assert r["speedups"]["throughput"]["rounds"] == 3 and r["seconds_per_round"] > 0
+    assert res[0]["art_hash"] != res[1]["art_hash"]
+    again = P.paired_speeds(tiny_model, arts, cfg, ModelSpec(), "hf", "cpu")
+    assert len(opened) == 3 and all(r["cached"] for r in again)
+    assert again[0]["speedups"] == res[0]["speedups"]
+    # the rounds are part of the key: other rounds measure again
+    P.paired_speeds(tiny_model, arts[:1], cfg.model_copy(update={"speed": SPEED.model_copy(update={
+        "rounds": 2, "warmup": 0})}), ModelSpec(), "hf", "cpu")
+    assert opened[3:] == ["model", "a1"]
+
+
+def test_one_engine_at_a_time_where_two_do_not_fit(tiny_model, home, monkeypatch):
+    import eval.paired as P
+
+    free = iter([10 * 2**30, 1 * 2**30])  # the baseline took 9 GiB and left 1 GiB: a second does not fit
+    monkeypatch.setattr(P, "free_memory", lambda engine, device: next(free))
+    cfg = EvalConfig(engines=["hf"], perplexity=None, speed=SPEED.model_copy(update={"rounds": 3, "warmup": 0}))
+    (r,) = P.paired_speeds(tiny_model, [tiny_model], cfg, ModelSpec(), "hf", "cpu", use_cache=False)
+    assert r["mode"].startswith("one at a time (a second model needs about 9.0 GiB and 1.0 GiB are free")
+    # the artifact opened first (closing the baseline), then B A | A B | B A: one load per switch
+    assert [x["order"] for x in r["rounds"]] == [["art", "base"], ["base", "art"], ["art", "base"]]
+    assert r["loads"] == 4 and r["speedups"]["throughput"]["rounds"] == 3
+
+
+# ---------------------------------------------------------------------------- the gate
+
+def _gate_report(ranges: dict) -> dict:
+    """A report whose artifacts (name -> (lo, hi) of the paired throughput ratio) sit on hf."""
+    from test_report import ARTS, make_report
+
+    rep = make_report("run", {n: ARTS["mid"] for n in ranges})
+    for a in rep["artifacts"]:
+        lo, hi = ranges[a["name"]]
+        a["retention"]["hf"]["speed"]["throughput"] = ratio_range([lo, (lo + hi) / 2, hi])
+    return rep
+
+
+def test_gate_speed_passes_only_when_the_whole_range_clears_the_bound():
+    from compress.recipe import GateCriterion
+    from eval.report.gate import apply_gate
+
+    rep = _gate_report({"clear": (1.22, 1.30), "across": (1.15, 1.25), "below": (0.95, 1.10)})
+    g = apply_gate(rep, [GateCriterion(metric="throughput_speedup", min=1.2, artifacts="all")])
+    st = {v["artifact"]: (v["status"], v["passed"], v["detail"]) for v in g["verdicts"]}
+    assert st["clear"][:2] == ("pass", True) and st["below"][:2] == ("fail", False)
+    assert st["across"][:2] == ("not measurable", False)  # its median (1.20) would have passed
+    assert st["across"][2] == "not measurable: the range 1.15-1.25 straddles >= 1.2 (1.20x (1.15-1.25))"
+    g = apply_gate(rep, [GateCriterion(metric="throughput_speedup", max=1.2, artifacts="all")])
+    assert [v["status"] for v in g["verdicts"]] == ["fail", "not measurable", "pass"]
+
+
+def test_gate_speed_on_unpaired_speedups_is_not_measurable(tmp_path):
+    from compress.recipe import GateCriterion
+    from eval.report.gate import apply_gate, junit_xml
+    from test_report import ARTS, make_report
+
+    rep = make_report("run", {"mid": ARTS["mid"]}, paired=False)
+    (v,) = apply_gate(rep, [GateCriterion(metric="throughput_speedup", min=1.2)])["verdicts"]
+    assert v["status"] == "not measurable" and "1.50x (not paired)" in v["detail"] and "drift" in v["detail"]
+    assert 'type="not-measurable"' in junit_xml({"verdicts": [v]})
+
+
+def test_speed_gate_without_repeats_is_refused(tiny_model, text_file, tmp_path, home, capsys):
+    """Bad input: a speed criterion on speedups from fewer than 2 paired rounds, refused in one
+    line that says why: before any work in a recipe, and by `squeeze gate` on such a report."""
+    r = tiny_recipe(tiny_model, text_file)
+    r["eval"]["speed"]["rounds"] = 1
+    r["gate"] = [{"metric": "tpot_speedup", "min": 1.0}]
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(r))
+    assert main(["run", str(p)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: gate[0].metric: tpot_speedup needs eval.speed.rounds >= 2 (it is 1): a speedup from "
+                   "fewer than 2 paired rounds has no range, so no bound can be said to be cleared or missed"]
+    assert not (home / "tiny").exists()
+    rep = _gate_report({"mid": (1.5, 1.5)})
+    rep["artifacts"][0]["retention"]["hf"]["speed"]["throughput"] = ratio_range([1.5])
+    d = tmp_path / "rep"
+    d.mkdir()
+    (d / "report.json").write_text(json.dumps(rep))
+    g = tmp_path / "g.yaml"
+    g.write_text("- {metric: throughput_speedup, min: 1.2}\n")
+    assert main(["gate", str(d), "--gate", str(g)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mid (hf) was measured in 1 paired round" in err[0] and "rounds >= 2" in err[0]
+
+
+# ---------------------------------------------------------------------------- Pareto
+
+def test_a_speedup_inside_the_noise_earns_no_star(tmp_path):
+    """'noisy' reads more tok/s than the baseline and has worse quality: by point values it would
+    be optimal on throughput; its paired range holds 1, so it ties with the baseline and is
+    dominated. 'fast' (whole range above 1) keeps its star."""
+    from eval.report.compare import compare_reports
+    from test_report import make_report
+
+    arts = {"noisy": (40.0, 0.60, 108.0, 50.0, 800, 300), "fast": (45.0, 0.58, 150.0, 40.0, 800, 300)}
+    rep = make_report("run", arts)
+    for a, rng in zip(rep["artifacts"], ([0.94, 1.08, 1.15], [1.4, 1.5, 1.55])):
+        a["retention"]["hf"]["speed"]["throughput"] = ratio_range(rng)
+    rep["_path"] = str(tmp_path / "report.json")
+    (g,) = compare_reports([rep])
+    star = {r["artifact"]: r["pareto"]["throughput"] for r in g.rows}
+    assert star == {"baseline (tiny)": True, "noisy": False, "fast": True}
