@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from compress.cli import main
-from eval.report.compare import compare, pareto_front
+from eval.report.compare import compare
+from eval.report.pareto import pareto_front
 from eval.report.tables import write_comparison
 from eval.report.report import build_report, write_report
 

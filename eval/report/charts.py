@@ -1,6 +1,6 @@
 """Pareto charts (matplotlib): quality against throughput and against peak memory, per engine.
 
-Every model is one point, labelled with its name; Pareto-optimal points (compare.mark_pareto:
+Every model is one point, labelled with its name; Pareto-optimal points (pareto.mark_pareto:
 on throughput by the paired speedups' ranges, so a difference inside the noise is a tie) are
 drawn as filled stars joined by the front line. In the SVG each point is its own element with the id
 ``point-<axis>-<n>``, n the row's index in the table (engines have panels of their own), so
@@ -20,7 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from eval.report.compare import THROUGHPUT, Axis, Group, value  # noqa: E402
+from eval.report.compare import Group  # noqa: E402
+from eval.report.pareto import THROUGHPUT, Axis, value  # noqa: E402
 
 plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "squeeze", "font.size": 8})
 
@@ -36,7 +37,7 @@ def _panel(ax, rows: list[dict], quality: Axis, x: Axis, engine: str, name: str)
     if not pts:
         ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="gray")
         return
-    # the stars are the rows' Pareto flags (compare.mark_pareto): on throughput a difference inside the
+    # the stars are the rows' Pareto flags (pareto.mark_pareto): on throughput a difference inside the
     # paired speedups' noise is a tie, so being drawn further right earns no star by itself
     front = {i for i, (_, r, _, _) in enumerate(pts) if r.get("pareto", {}).get(name)}
     for i, (n, r, px, py) in enumerate(pts):
