@@ -323,8 +323,10 @@ def test_vllm_engine_tasks_speed_and_memory(tiny_vllm_model, tmp_path):
                             warmup=1, repeats=2, progress=False)
         reqs = eng.stream([[11] * 8] * 4, 5, 2)
         kv = eng.stats["memory"]["kv_cache_tokens"]
+        ran = eng.stats["kernels"]
     finally:
         eng.close()
+    assert ran["mlp.down_proj"].startswith("UnquantizedLinearMethod / "), ran  # a dense model's GEMM
     # lm-eval's vllm backend scores the same task as its hf backend on the same weights
     assert res["mine"]["acc"] == pytest.approx(hf_acc) and res["mine"]["n"] == 12
     assert res["gen"]["exact_match"] == pytest.approx(0.5)

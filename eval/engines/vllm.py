@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from eval.engines.kernels import PROBE, vllm_kernels
 from eval.memory import checkpoint_weight_bytes
 from eval.speed.workload import RequestTiming
 
@@ -58,9 +59,11 @@ class VLLMEngine:
             if (os.cpu_count() or 1) <= 4:
                 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         kw.setdefault("load_format", "auto" if allow_pickle else "safetensors")
+        kw.setdefault("worker_extension_cls", PROBE)  # reads the kernels each layer got (eval.engines.kernels)
         llm = LLM(model=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
                   max_model_len=max_model_len, enforce_eager=enforce_eager, seed=0, **kw)
         eng = cls(llm, device)
+        eng.stats["kernels"] = vllm_kernels(llm)
         eng.stats["memory"].update(weight_bytes=checkpoint_weight_bytes(Path(model_dir), dtype),
                                    weight_bytes_method="checkpoint tensors, floating point ones at the engine dtype")
         return eng
