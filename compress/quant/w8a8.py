@@ -30,7 +30,7 @@ from compress.calibration import CalibrationConfig, check_calibration
 from compress.collectors import RangeCollector
 from compress.errors import UserError
 from compress.export.compressed_tensors import (FP8_MAX, ActScheme, QuantRecord, WeightScheme, attach, fp8_round,
-                                                kernels_for, refuse_quantized)
+                                                refuse_quantized)
 from compress.layerwise import decoder_layers, run_layerwise
 from compress.moe import linear_experts
 from compress.quant.moe_engines import w8a8_problems
@@ -200,7 +200,7 @@ def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
     return model, {"scheme": scheme.name, "format": scheme.format, "weights": "per channel, symmetric, RTN",
                    "activations": "per token, dynamic" if cfg.activations == "dynamic"
                    else f"per tensor, static ({cfg.observer}{f' {cfg.percentile}' if cfg.histogram else ''})",
-                   "kernels": kernels_for(scheme.name), "quantized_modules": len(records),
+                   "quantized_modules": len(records),
                    **({"vllm_note": note} if (note := engine_note(cfg, ctx, fp8)) else {}),
                    "mean_weight_rel_error": round(sum(errs) / len(errs), 6),
                    "seconds_solve": round(time.perf_counter() - t0, 3), **info, "modules": per_module}

@@ -18,7 +18,7 @@ section "Report schema" its prose):
   gate (where a gate was applied): {passed, verdicts: [...]} (eval.report.gate).
   metrics (eval.evaluate): perplexity, tasks {name: {acc, acc_stderr, acc_norm, ...}},
   speed {concurrent, batch1: per-repeat throughput and latency distributions, protocol},
-  memory, provenance, settings, size_bytes, quantization, params, error (if it failed);
+  memory, provenance, settings, size_bytes, quantization, kernels (eval.engines.kernels), params, error (if it failed);
   artifacts' metrics also paired_speed: the paired rounds against the baseline (eval.paired).
   Retention compares an artifact with the baseline measured on the same engine.
   Version 1 had one engine (`metrics`); version 2 had `engines` and batch-1 speed only
@@ -38,6 +38,7 @@ from compress import __version__
 from compress.fsutil import atomic_write_text
 from compress.manifest import git_sha, versions
 from eval.accuracy.tasks import headline
+from eval.engines.kernels import kernel_notes
 from eval.evaluate import retention
 from eval.report.coverage import coverage_lines
 from eval.speed.workload import fmt_speedup
@@ -252,6 +253,7 @@ def notes(report: dict) -> list[str]:
                          f"{m.get('size_bytes', 0) / 1e6:.1f} MB on disk"
                          + (f", {m['flops_per_token'] / 1e9:.3f} GFLOP per token (linear layers)"
                             if m.get("flops_per_token") else ""))
+    lines += kernel_notes(report["baseline"])
     for a in report["artifacts"]:
         if len(a.get("stages") or []) > 1:
             lines.append(f"- {a['name']}: made by {' -> '.join(a['stages'])}")
@@ -259,10 +261,7 @@ def notes(report: dict) -> list[str]:
         info = {k: v for k, v in (a.get("stage_info") or {}).items() if not isinstance(v, (dict, list))}
         if info and a.get("stage") != "distill":  # a distillation's figures: one line of cut_lines
             lines.append(f"- {a['name']}: " + ", ".join(f"{k} = {v}" for k, v in info.items()))
-        q = next((em["quantization"] for em in a["engines"].values() if em.get("quantization")), None)
-        if q and q.get("kernels"):
-            lines.append(f"- {a['name']}: {q['scheme']} runs on " + "; ".join(
-                f"{e}: {q['kernels'][e]}" for e in a["engines"] if e in q["kernels"]))
+        lines += kernel_notes(a)
         lines += [f"- {a['name']}: {t}" for t in cut_lines(a.get("stage_info") or {})]
         lines += [f"- {a['name']}: {t}" for t in coverage_lines(a.get("stage_info") or {})]
         per_layer = (a.get("stage_info") or {}).get("layer_sparsity") or {}
