@@ -89,7 +89,7 @@ def vllm_kernels(llm) -> dict[str, str]:
 
 def observe_vllm(model) -> dict[str, str]:
     """{layer kind: method / kernel} of a loaded vLLM model (runs inside a vLLM worker)."""
-    from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+    from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
     from vllm.model_executor.layers.linear import LinearMethodBase
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
