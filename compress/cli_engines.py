@@ -81,8 +81,10 @@ def add_parsers(sub, epilog: str, common) -> None:
     p.add_argument("--tokenizer", metavar="DIR", help="--url: tokenizer for text prompts (default: the first MODEL)")
     p.add_argument("--rates", type=_floats, default=None, help="request rates, e.g. 1,2,4,inf (default inf)")
     p.add_argument("--concurrency", type=_ints, default=[], help="fixed-concurrency load points, e.g. 1,8")
-    p.add_argument("--vllm-bench", action="store_true",
-                   help="also run `vllm bench serve` on the same rates (side by side)")
+    p.add_argument("--client", choices=["auto", "squeeze", "vllm-bench", "both"], default=None,
+                   help="who measures: auto (default) = `vllm bench serve` on the vLLM servers started here, our "
+                   "client on --url servers and transformers serve; squeeze = ours everywhere; both = side by side")
+    p.add_argument("--vllm-bench", action="store_true", help="the same as --client both")
     p.add_argument("--port", type=int, default=None, help="port for our server (default: a free one)")
     p.add_argument("--output", "-o", metavar="DIR", help="write serving.json and serving.md here")
     _workload_flags(p, 32)
@@ -122,10 +124,12 @@ def _serving_config(a):
     w = _workload(a, {"num_prompts": 32})
     if a.rates is not None or a.concurrency:
         w.update(rates=a.rates or [], concurrency=a.concurrency)
+    if a.client or a.vllm_bench:
+        w["client"] = a.client or "both"
     try:
         return ServingConfig.model_validate(w)
     except ValidationError as e:
-        raise UserError(*(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}"
+        raise UserError(*(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-') or 'client'}: {err['msg']}"
                           for err in e.errors(include_url=False))) from None
 
 
@@ -142,6 +146,9 @@ def cmd_serving(a) -> int:
     device = resolve_device(a.device)
     dirs = [resolve_model(m) for m in a.models]
     tok_dir = a.tokenizer or (dirs[0] if dirs else None)
+    if a.url and not dirs and w.client == "vllm-bench":
+        raise UserError("serving --client vllm-bench: vLLM's client runs on the servers started here; a --url server "
+                        "is measured by ours (--client auto or squeeze)")
     if a.url and tok_dir is None and w.prompts == "random":
         raise UserError("serving --url: give --tokenizer DIR (or a MODEL) to make text prompts of --input-len tokens")
     settings = {"dtype": a.dtype, "max_model_len": a.max_model_len or context_len(w),
@@ -158,7 +165,7 @@ def cmd_serving(a) -> int:
     targets += [("url", u, lambda u=u: endpoint_for(u, a.served_model, a.dialect)) for u in a.url]
     tokenizer = load_tokenizer(Path(tok_dir), a.trust_remote_code) if tok_dir else None
     with signals_raise():
-        res = run_targets(targets, w, tokenizer, vllm_bench=a.vllm_bench, log=lambda s: print(s, file=sys.stderr))
+        res = run_targets(targets, w, tokenizer, log=lambda s: print(s, file=sys.stderr))
     md = serving_markdown(res)
     print(md)
     if a.output:

@@ -146,6 +146,9 @@ class ServingConfig(_Strict):
     burst_size: int = Field(8, gt=0, description="burst arrivals: requests per burst")
     warmup: int = Field(2, ge=0, description="untimed requests before each load point")
     slo: SLOConfig = SLOConfig()
+    client: Literal["auto", "squeeze", "vllm-bench", "both"] = Field(
+        "auto", description="who measures: auto = `vllm bench serve` on the vLLM servers Squeeze starts, our "
+        "client elsewhere; squeeze = ours everywhere; vllm-bench = vLLM's on vLLM servers; both = side by side")
 
     @field_validator("rates")
     @classmethod
@@ -153,6 +156,13 @@ class ServingConfig(_Strict):
         if any(not r > 0 for r in v):
             raise ValueError("rates must be > 0 (.inf for all at once)")
         return v
+
+    @model_validator(mode="after")
+    def _bench_prompts(self):
+        if self.client in ("vllm-bench", "both") and self.prompts != "random":
+            raise ValueError(f"client {self.client}: vllm bench serve sends its own random prompts; "
+                             "use prompts: random, or client auto / squeeze")
+        return self
 
 
 class TuneConfig(_Strict):
@@ -177,6 +187,8 @@ class TuneConfig(_Strict):
             raise ValueError("objective p99_latency needs throughput_floor (output tok/s)")
         if len(self.workload.rates) + len(self.workload.concurrency) != 1:
             raise ValueError("workload: give exactly one load point (one rate, or one concurrency)")
+        if self.workload.client not in ("auto", "squeeze"):
+            raise ValueError("workload.client: trials are measured by our client, in-process ('auto' or 'squeeze')")
         return self
 
 

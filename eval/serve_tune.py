@@ -43,14 +43,15 @@ def serving(recipe: Recipe, run_dir: Path, device: str, models: list[tuple[str, 
     """The serving section: every model's load points (cached per model) and the SLO lines."""
     from compress.models import load_tokenizer
     from eval.engines.server import VLLMServer
+    from eval.evaluate import stack_versions
     from eval.speed.serving_report import run_targets, serving_markdown
 
     w, settings = recipe.eval.serving, _server_settings(recipe, device)
     rows, summaries, errors = [], {}, []
     tok = load_tokenizer(models[0][1], recipe.model.trust_remote_code)
     for name, d in models:
-        key = hashlib.sha256(json.dumps([model_hash(d), w.model_dump(mode="json"), settings, recipe.seed],
-                                        default=str).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([model_hash(d), w.model_dump(mode="json"), settings, recipe.seed,
+                                         stack_versions(device)], default=str).encode()).hexdigest()[:16]
         cache = run_dir / "serving" / f"{name}.json"
         hit = json.loads(cache.read_text()) if cache.is_file() else None
         if hit is None or hit.get("key") != key:

@@ -259,9 +259,65 @@ def test_a_server_that_fails_does_not_lose_the_others(fake, tmp_path, tiny_model
 
     monkeypatch.setattr(VLLMServer, "command", command)
     rc = main(["serving", str(tiny_model), str(tiny_model), "--num-prompts", "2", "--input-len", "4",
-               "--output-len", "3", "-o", str(tmp_path / "out")])
+               "--output-len", "3", "--client", "squeeze", "-o", str(tmp_path / "out")])
     assert rc == 1
     res = json.loads((tmp_path / "out" / "serving.json").read_text())
     assert len(res["errors"]) == 1 and "max_num_seqs=3 is not supported" in res["errors"][0]
     assert [r["completed"] for r in res["rows"]] == [2]
     assert "error: " in capsys.readouterr().err
+
+
+def test_who_measures_which_server():
+    """vLLM's client measures the vLLM servers we start (auto), ours everything it cannot drive."""
+    from compress.recipe import ServingConfig
+    from eval.speed.serving_report import clients_for
+
+    auto, ours, both = ServingConfig(), ServingConfig(client="squeeze"), ServingConfig(client="both")
+    assert clients_for(auto, "server", "vllm") == ["vllm bench serve"]
+    assert clients_for(auto, "server", "transformers") == ["squeeze"]  # transformers serve: text, no ignore_eos
+    assert clients_for(auto, "url", "vllm") == ["squeeze"]  # a running server: no model directory for its tokenizer
+    assert clients_for(auto.model_copy(update={"prompts": "wikitext2"}), "server", "vllm") == ["squeeze"]
+    assert clients_for(ours, "server", "vllm") == ["squeeze"]
+    assert clients_for(both, "server", "vllm") == ["squeeze", "vllm bench serve"]
+
+
+def test_bench_client_needs_random_prompts_and_trials_use_ours():
+    from pydantic import ValidationError
+
+    from compress.recipe import ServingConfig, TuneConfig
+
+    with pytest.raises(ValidationError, match="vllm bench serve sends its own random prompts"):
+        ServingConfig(client="vllm-bench", prompts="wikitext2")
+    with pytest.raises(ValidationError, match="trials are measured by our client"):
+        TuneConfig(workload=ServingConfig(client="both"))
+
+
+def test_vllm_servers_are_measured_by_vllm_bench(fake, tmp_path, tiny_model, monkeypatch, capsys):
+    """The default client on a vLLM server we start is `vllm bench serve` (stubbed here: the
+    real one runs in test_vllm_server_under_load); its figures head the SLO line; burst
+    arrivals, which it has not, fall back to ours."""
+    import eval.speed.vllm_bench as vb
+    from compress.cli import main
+
+    seen = []
+
+    def bench(base_url, model, tokenizer, *, num_prompts, request_rate, **kw):
+        seen.append((request_rate, kw.get("max_concurrency")))
+        return {"requests_s": 7.0, "output_tok_s": 21.0, "completed": num_prompts, "failed": 0,
+                "goodput_requests_s": 7.0, "slo_attainment": 1.0}
+
+    monkeypatch.setattr(vb, "run_vllm_bench", bench)
+    rc = main(["serving", str(tiny_model), "--rates", "inf", "--concurrency", "2", "--num-prompts", "2",
+               "--input-len", "4", "--output-len", "3", "-o", str(tmp_path / "out")])
+    assert rc == 0
+    res = json.loads((tmp_path / "out" / "serving.json").read_text())
+    assert [(r["client"], r["load"]) for r in res["rows"]] == [("vllm bench serve", "rate inf"),
+                                                                ("vllm bench serve", "concurrency 2")]
+    assert seen == [(math.inf, None), (math.inf, 2)]
+    assert res["summaries"][str(tiny_model)].endswith("(vllm bench serve)")
+    assert "7.00 req/s achieved" in res["summaries"][str(tiny_model)]
+    seen.clear()
+    rc = main(["serving", str(tiny_model), "--rates", "50", "--arrival", "burst", "--num-prompts", "2",
+               "--input-len", "4", "--output-len", "3", "-o", str(tmp_path / "out2")])
+    rows = json.loads((tmp_path / "out2" / "serving.json").read_text())["rows"]
+    assert rc == 0 and seen == [] and [r["client"] for r in rows] == ["squeeze"] and rows[0]["completed"] == 2

@@ -168,7 +168,8 @@ def test_recipe_serving_and_tuning_sections(fake, tiny_model, text_file, home, t
     from tests.conftest import tiny_recipe
 
     r = tiny_recipe(tiny_model, text_file)
-    r["eval"]["serving"] = {"num_prompts": 3, "input_len": 4, "output_len": 4, "rates": [".inf"], "warmup": 0}
+    r["eval"]["serving"] = {"num_prompts": 3, "input_len": 4, "output_len": 4, "rates": [".inf"], "warmup": 0,
+                            "client": "squeeze"}  # the fake server: vllm bench serve would need real vLLM
     r["eval"]["tune"] = {"engine": "hf", "strategy": "grid", "budget": 2, "repeats": 1,
                          "space": {"batch_size": [1, 3]}, "workload": {"num_prompts": 3, "input_len": 4,
                                                                       "output_len": 4}}

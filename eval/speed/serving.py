@@ -1,9 +1,12 @@
 """Serving under load: a small async client for any OpenAI-compatible server.
 
-Why our own client and not vLLM's (`vllm bench serve`, which eval.speed.vllm_bench runs
-side by side as a check): it must run in-process inside tuning studies and evaluations,
-against servers that are not vLLM, with the SLO and result shape the reports use, and
-vLLM's client is a CLI whose module layout changes between releases.
+Who measures what (eval.speed.serving_report.clients_for): the vLLM servers Squeeze starts
+are measured by vLLM's own client, `vllm bench serve` (eval.speed.vllm_bench), by default:
+on a GPU at saturation this Python client read 22.6 % more throughput than vLLM's on the
+same server (README), and a gate should rest on the reference client. This one measures
+what vLLM's cannot drive: running servers given by URL, `transformers serve` (text only, no
+ignore_eos), data-set prompts and burst arrivals, and the tuning trials, which run
+in-process; `client: both` runs the two side by side.
 
 Protocol. `num_prompts` requests per load point, each asking for exactly `output_len`
 tokens (greedy; `ignore_eos` and `min_tokens` for vLLM and SGLang, a `generation_config` for

@@ -18,24 +18,37 @@ def slo_of(w) -> SLO:
     return SLO(w.slo.ttft_ms, w.slo.tpot_ms, w.slo.e2e_ms)
 
 
-def run_targets(targets: list, w, tokenizer, vllm_bench: bool = False, seed: int = 0, log=print) -> dict:
+def clients_for(w, kind: str, dialect: str) -> list[str]:
+    """Who measures a target (w: ServingConfig): `vllm bench serve` on the vLLM servers Squeeze
+    starts ('auto', 'vllm-bench'), with random prompts (its own random data set; 'auto' keeps
+    ours for data-set prompts); our client on everything else (running servers given by URL,
+    `transformers serve`); both side by side with 'both'. The first named heads the SLO line."""
+    if kind != "server" or dialect != "vllm" or w.client == "squeeze" or (w.client == "auto" and w.prompts != "random"):
+        return ["squeeze"]
+    return {"auto": ["vllm bench serve"], "vllm-bench": ["vllm bench serve"],
+            "both": ["squeeze", "vllm bench serve"]}[w.client]
+
+
+def run_targets(targets: list, w, tokenizer, seed: int = 0, log=print) -> dict:
     """Each target is (kind, name, opener): kind "server" opens a ManagedServer (a context
     manager, stopped on every way out), kind "url" returns the Endpoint of a running server.
     Every load point of `w` runs against every target with the same prompts (token ids where
-    the server takes them, else their text); with `vllm_bench`, vLLM's own client runs the
-    same load points against our vLLM servers right after ours, for a side-by-side check."""
+    the server takes them, else their text), measured by the client(s) `clients_for` names."""
     slo, rows, summaries, errors = slo_of(w), [], {}, []
     for kind, name, opener in targets:
         try:
             if kind == "server":
                 with opener() as srv:
                     log(f"{name}: {srv.kind} server up in {srv.startup_s:.0f} s at {srv.endpoint.base_url}")
-                    pts = _points(name, "squeeze", srv.endpoint, w, tokenizer, slo, seed, log)
-                    if vllm_bench and srv.dialect == "vllm":
-                        pts += _bench_points(name, srv, w, seed, log)
+                    clients = clients_for(w, kind, srv.dialect)
+                    pts = []
+                    for c in clients:
+                        pts += (_points(name, c, srv.endpoint, w, tokenizer, slo, seed, log) if c == "squeeze"
+                                else _bench_points(name, srv, w, tokenizer, slo, seed, log))
             else:
                 ep = opener()
                 log(f"{name}: serving {ep.model}")
+                clients = ["squeeze"]
                 pts = _points(name, "squeeze", ep, w, tokenizer, slo, seed, log)
         except UserError as e:  # a server that will not start: said, and the other targets still run
             log(f"{name}: {e}")
@@ -43,7 +56,8 @@ def run_targets(targets: list, w, tokenizer, vllm_bench: bool = False, seed: int
             summaries[name] = f"failed: {e.lines[0]}"
             continue
         rows += pts
-        summaries[name] = slo_summary([p for p in pts if p["client"] == "squeeze"], slo)
+        head = [p for p in pts if p["client"] == clients[0]] or [p for p in pts if p["client"] == "squeeze"]
+        summaries[name] = slo_summary(head, slo) + ("" if clients[0] == "squeeze" else f" ({clients[0]})")
     return {"workload": w.model_dump(mode="json"), "slo": slo.text(), "rows": rows, "summaries": summaries,
             "errors": errors}
 
@@ -62,7 +76,8 @@ def _points(name, client, ep, w, tokenizer, slo, seed, log) -> list[dict]:
     return out
 
 
-def _bench_points(name, srv, w, seed, log) -> list[dict]:
+def _bench_points(name, srv, w, tokenizer, slo, seed, log) -> list[dict]:
+    """vLLM's client on each load point; burst arrivals, which it has not, are measured by ours."""
     from eval.speed.vllm_bench import run_vllm_bench
 
     out = []
@@ -72,11 +87,13 @@ def _bench_points(name, srv, w, seed, log) -> list[dict]:
         else:
             kw = {"request_rate": load.rate, "burstiness": 1.0}
             if load.arrival == "burst" and not math.isinf(load.rate):
-                log(f"{name}: vllm bench serve has no burst arrivals; {load.label} skipped for it")
+                log(f"{name}: vllm bench serve has no burst arrivals; {load.label} measured by our client")
+                out += _points(name, "squeeze", srv.endpoint, w.model_copy(update={"rates": [load.rate],
+                               "concurrency": []}), tokenizer, slo, seed, log)
                 continue
-        slo = {k: v for k, v in (("ttft", w.slo.ttft_ms), ("tpot", w.slo.tpot_ms), ("e2el", w.slo.e2e_ms)) if v}
+        goodput = {k: v for k, v in (("ttft", w.slo.ttft_ms), ("tpot", w.slo.tpot_ms), ("e2el", w.slo.e2e_ms)) if v}
         r = run_vllm_bench(srv.endpoint.base_url, srv.endpoint.model, srv.model_dir, num_prompts=w.num_prompts,
-                           input_len=w.input_len, output_len=w.output_len, seed=seed, goodput=slo or None,
+                           input_len=w.input_len, output_len=w.output_len, seed=seed, goodput=goodput or None,
                            num_warmups=w.warmup, **kw)
         log(f"{name}: vllm bench serve {load.label}: {r['requests_s']:.2f} req/s, {r['output_tok_s']:.1f} out tok/s")
         out.append({"target": name, "client": "vllm bench serve", "load": load.label, **r})
