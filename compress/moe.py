@@ -162,16 +162,19 @@ class ExpertMLP(nn.Module):
     def role(self, role: str) -> nn.Linear:
         return getattr(self, self._owner[0].names[role])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, g: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+        """down_proj's input from gate_proj's and up_proj's outputs (the fused module's gating)."""
         owner = self._owner[0]
-        if owner.layout.has_gate:
-            g, u = self.role("gate")(x), self.role("up")(x)
-            gate_up = torch.cat([g, u], -1) if owner.layout.concatenated else torch.stack([g, u], -1).flatten(-2)
-            h = owner.fused._apply_gate(gate_up) if hasattr(owner.fused, "_apply_gate") else \
-                owner.fused.act_fn(g) * u
-        else:
-            h = owner.fused.act_fn(self.role("up")(x))
-        return self.role("down")(h)
+        if not owner.layout.has_gate:
+            return owner.fused.act_fn(u)
+        if not hasattr(owner.fused, "_apply_gate"):
+            return owner.fused.act_fn(g) * u
+        gate_up = torch.cat([g, u], -1) if owner.layout.concatenated else torch.stack([g, u], -1).flatten(-2)
+        return owner.fused._apply_gate(gate_up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.role("gate")(x) if self._owner[0].layout.has_gate else None
+        return self.role("down")(self.hidden(g, self.role("up")(x)))
 
 
 def _linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:

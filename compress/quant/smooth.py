@@ -8,6 +8,7 @@ o_proj, up_proj before down_proj, whose product with the gate is linear in each 
 model's structure is unchanged; only weights move, exactly up to rounding.
 
 A `Mapping` names, relative to one decoder layer, the `balance` linears and the `smooth` op.
+Over a mixture-of-experts block a mapping covers every expert (compress.quant.smooth_moe).
 The Llama family's (Llama, Mistral, Qwen2/3, SmolLM, Phi-3 style: input_layernorm ->
 q/k/v, post_attention_layernorm -> gate/up, v_proj -> o_proj, up_proj -> down_proj) are the
 defaults; other layouts pass their own in the recipe. Whether a norm can absorb a scale is
@@ -80,14 +81,16 @@ def resolve(model: torch.nn.Module, mappings, targets: set[str], stage: str, req
     targets; raises UserError (naming the layer and module) where a `required` mapping does not
     fit. A mapping that cannot apply for a structural reason (v_proj narrower than o_proj's
     input under grouped-query attention) gets a note and is skipped."""
+    from compress.quant.smooth_moe import expand_all  # it builds on Mapping
+
     layers_name, layers = decoder_layers(model)
     out: dict[int, list] = {}
     errors = []
     for i, layer in enumerate(layers):
         prefix = f"{layers_name}.{i}."
         found = []
-        for mp in mappings:
-            names = dict(layer.named_modules())
+        names = dict(layer.named_modules())
+        for mp in expand_all(layer, mappings):  # MoE blocks: over every expert (compress.quant.smooth_moe)
             missing = [n for n in [*mp.balance, mp.smooth] if n not in names]
             if missing:
                 if required:
@@ -127,8 +130,13 @@ def fold(smooth: torch.nn.Module, balance: list[torch.nn.Linear], s: torch.Tenso
     b = getattr(smooth, "bias", None)
     if b is not None:
         b.copy_((b.float() / s.to(b.device)).to(b.dtype))
-    for m in balance:
+    for m in balance:  # and routers that follow the scale (their 2-D weight's columns, like a linear's)
         m.weight.copy_((m.weight.float() * s.to(m.weight.device)[None, :]).to(m.weight.dtype))
+
+
+def follow(layer: torch.nn.Module, mp) -> list[torch.nn.Module]:
+    """The modules that take a mapping's scale without setting it (an MoE block's routers)."""
+    return [layer.get_submodule(f) for f in getattr(mp, "follow", ())]
 
 
 def mapping_for(plan: list, group: list[str]):

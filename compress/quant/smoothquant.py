@@ -8,6 +8,13 @@ and W's columns multiplied by it (compress.quant.smooth). α = 0 leaves the
 activations alone; α = 1 moves their whole range into the weights; 0.5 is the paper's
 default, 0.8 suits Llama-family models with strong outliers.
 
+Mixture-of-experts layers (experts linearized by the pipeline, `experts=True`): the norm
+before the block is balanced against every expert's and shared expert's gate/up at once (its
+activations' max over all tokens, the weights' max over all experts), the routers' columns
+take the same scale so routing is unchanged, and each expert's up_proj -> down_proj is smoothed
+from the tokens routed to it (an expert under `calibration.min_expert_tokens` is left as it
+is and counted in `unsmoothed_experts`); see compress.quant.smooth_moe.
+
 The output is a dense model computing the same function (up to rounding), whose
 activations quantize better: a later `int8` (or `fp8`) stage quantizes it.
 """
@@ -23,8 +30,8 @@ from compress.calibration import CalibrationConfig, check_calibration
 from compress.collectors import AbsMaxCollector
 from compress.errors import UserError
 from compress.export.compressed_tensors import refuse_quantized
-from compress.layerwise import decoder_layers, run_layerwise
-from compress.quant.smooth import SMOOTHQUANT_MAPPINGS, Mapping, fold, mapping_for, resolve
+from compress.layerwise import decoder_layers, run_layerwise, split_by_layer
+from compress.quant.smooth import SMOOTHQUANT_MAPPINGS, Mapping, fold, follow, resolve
 from compress.select import linear_names
 from compress.stage import Stage, StageContext
 
@@ -68,34 +75,51 @@ def apply(model, cfg: SmoothQuantConfig, ctx: StageContext):
     layers_name, layers = decoder_layers(model)
     names = sorted({f"{layers_name}.{i}.{b}" for i, ps in plan.items() for mp, note in ps if note is None
                     for b in mp.balance}, key=list(dict(model.named_modules())).index)
+    left = {i: set(r) for i, r in split_by_layer(layers_name, len(layers), names).items()}
     t0 = time.perf_counter()
     c = cfg.calibration
     calib = ctx.calibration(c)
+    seen: dict[int, dict[str, AbsMaxCollector]] = {}
+    unsmoothed = [0]
 
     def solve(i, group, stats: AbsMaxCollector):
-        hit = mapping_for(plan[i], list(group))
-        if hit is None or hit[1] is not None:
-            return {rel: {"smoothed": False} for rel in group}
-        mp = hit[0]
-        layer = layers[i]
-        balance = [layer.get_submodule(b) for b in mp.balance]
-        s = smoothing_scales(stats.absmax, [m.weight for m in balance], cfg.alpha)
-        before = stats.absmax.max().item()
-        fold(layer.get_submodule(mp.smooth), balance, s)
-        after = (stats.absmax.to(s.device) / s).max().item()
-        return {rel: {"smoothed": True, "by": mp.smooth, "input_absmax_before": round(before, 4),
-                      "input_absmax_after": round(after, 4), "scale_min": round(s.min().item(), 5),
-                      "scale_max": round(s.max().item(), 5)} for rel in group}
+        # a mapping may span many groups (an MoE layer's experts): smooth once the layer's last one is in
+        seen.setdefault(i, {}).update({rel: stats for rel in group})
+        left[i] -= set(group)
+        return {} if left[i] else smooth_layer(i, seen.pop(i))
+
+    def smooth_layer(i, stats_of: dict[str, AbsMaxCollector]) -> dict[str, dict]:
+        layer, out = layers[i], {}
+        for mp, note in plan[i]:
+            if note is not None:
+                continue
+            stats = list({id(st): st for st in (stats_of[b] for b in mp.balance)}.values())
+            tokens = min(st.n for st in stats)
+            if getattr(mp, "per_expert", False) and (tokens == 0 or tokens < c.min_expert_tokens):
+                unsmoothed[0] += 1  # a rarely routed expert: its scales would come from a handful of tokens
+                out.update({b: {"smoothed": False, "tokens": tokens} for b in mp.balance})
+                continue
+            absmax = torch.stack([st.absmax for st in stats]).amax(0)  # over all tokens the op's output feeds
+            balance = [layer.get_submodule(b) for b in mp.balance]
+            s = smoothing_scales(absmax, [m.weight for m in balance], cfg.alpha)
+            fold(layer.get_submodule(mp.smooth), balance + follow(layer, mp), s)
+            row = {"smoothed": True, "by": mp.smooth, "input_absmax_before": round(absmax.max().item(), 4),
+                   "input_absmax_after": round((absmax.to(s.device) / s).max().item(), 4),
+                   "scale_min": round(s.min().item(), 5), "scale_max": round(s.max().item(), 5)}
+            out.update({b: dict(row) for b in mp.balance})
+        return out
 
     info = run_layerwise(model, calib, names, lambda m, dev: AbsMaxCollector(m.in_features, dev), solve, ctx.device,
-                         sequential=False, batch_size=c.batch_size, progress=ctx.progress, desc="smoothquant")
+                         sequential=False, batch_size=c.batch_size, progress=ctx.progress, desc="smoothquant",
+                         all_experts=c.calibrate_all_experts)
     mods = info["modules"]
     return model, {"alpha": cfg.alpha, "smoothed_modules": sum(m.get("smoothed", False) for m in mods.values()),
+                   "unsmoothed_experts": unsmoothed[0],
                    "mappings": [f"{mp.smooth} -> {', '.join(mp.balance)}" for mp in (cfg.mappings or
                                                                                    SMOOTHQUANT_MAPPINGS)],
                    "seconds_solve": round(time.perf_counter() - t0, 3), **info}
 
 
-STAGE = Stage(name="smoothquant", config=SmoothQuantConfig, apply=apply, check=check, weights=True,
+STAGE = Stage(name="smoothquant", config=SmoothQuantConfig, apply=apply, check=check, weights=True, experts=True,
               summary="SmoothQuant: migrate activation outliers into the weights (alpha), folded into the norms; "
                       "run before int8 or fp8.")
