@@ -181,12 +181,12 @@ def test_other_weight_stages_cover_the_experts(stage, kind, qwen3, text_file, tm
 # ---------------------------------------------------------------------------- refused before any work
 
 @pytest.mark.parametrize("stage,expect", [
-    ({"type": "awq", "group_size": 32}, "Qwen3MoeExperts: 3-D expert weights, which awq does not handle"),
+    ({"type": "bnb"}, "Qwen3MoeExperts: 3-D expert weights, which bnb does not handle"),
     ({"type": "rtn", "ignore": ["lm_head", "*.experts.99.*"]}, "rtn.ignore: '*.experts.99.*' matches no nn.Linear"),
     ({"type": "int8", "activations": "static"}, "calibrate_all_experts: static input scales"),
 ])
 def test_bad_moe_input_is_one_line_before_any_work(stage, expect, qwen3, text_file, tmp_path):
-    if stage["type"] in ("awq", "int8"):
+    if stage["type"] == "int8":
         stage = {**stage, "calibration": _calib(text_file)}
     with pytest.raises(UserError) as e:
         _run(qwen3, text_file, [stage], tmp_path, "bad")

@@ -140,3 +140,88 @@ def test_smoothquant_then_static_int8_on_moe_through_the_pipeline(moe_model, tex
     assert sq["unsmoothed_experts"] == 0 and sq["coverage"]["by_kind"]["router"]["changed"] > 0
     assert q["coverage"]["by_kind"]["router"]["changed"] == 0      # routers stay 16-bit
     assert all("input_scale" in m for n, m in q["modules"].items() if ".experts." in n)
+
+
+# ---------------------------------------------------------------------------- AWQ
+
+def _outliers(n_tokens, width, seed):
+    """Correlated inputs with a few large channels (what AWQ's scales are for)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=g) / width ** 0.5
+    x = torch.randn(n_tokens, width, generator=g) @ mix + 0.3 * torch.randn(n_tokens, width, generator=g)
+    return x * torch.where(torch.arange(width) % 16 == 0, 12.0, 1.0)
+
+
+def awq_vs_rtn_on_experts(qwen3_dir, search=True):
+    """(AWQ's, RTN's) output error of every expert's gate/up, summed over the tokens routed to it, with
+    the norm's scale searched over all experts together as the stage does."""
+    from compress.quant.awq_search import AWQCollector, mean_over, search_scales
+    from compress.quant.grid import Grid, rtn
+
+    model, _ = load_model(qwen3_dir)
+    moe.linearize(model)
+    block = model.model.layers[0].mlp
+    x = _outliers(1024, 64, 0)
+    _, _, index = block.gate(x)
+    grid = Grid(bits=4, symmetric=False, group_size=32)
+    groups, stats, xs = [], [], []
+    for k, mlp in enumerate(block.experts):
+        xe = x[(index == k).any(-1)]
+        st = AWQCollector(64, "cpu")
+        st.add_batch(xe)
+        ws = [mlp.role("gate").weight.float(), mlp.role("up").weight.float()]
+        groups.append((ws, st.h, st.n))
+        stats.append(st)
+        xs.append(xe)
+    s = search_scales(groups, mean_over(stats), grid, 20, True)[0] if search else torch.ones(64)
+    err_awq = err_rtn = 0.0
+    for (ws, _, _), xe in zip(groups, xs):
+        for w in ws:
+            err_awq += (xe @ (w - rtn(w * s, grid)[0] / s).T).square().sum().item()
+            err_rtn += (xe @ (w - rtn(w, grid)[0]).T).square().sum().item()
+    return err_awq, err_rtn
+
+
+def test_awq_beats_rtn_on_the_experts_routed_tokens(tmp_path_factory):
+    d = make_tiny_moe(tmp_path_factory.mktemp("q3a") / "model", "qwen3_moe")
+    err_awq, err_rtn = awq_vs_rtn_on_experts(d)
+    assert err_awq < 0.9 * err_rtn, (err_awq, err_rtn)
+
+
+def test_awq_on_moe_covers_every_expert_and_scales_routers_exactly(moe_model, text_file, tmp_path):
+    from compress.quant.awq_search import AWQCollector  # noqa: F401 (the stage's collector)
+
+    stage = {"type": "awq", "group_size": 32, "n_grid": 10, "calibration": _calib(text_file)}
+    out, info = _run(moe_model, text_file, [stage], tmp_path, "awq")
+    cov = info["coverage"]["by_kind"]
+    assert cov["expert"]["changed"] == cov["expert"]["params"] > 0 and info["coverage"]["changed_fraction"] > 0.9
+    e = 8 if "qwen3" in str(moe_model) else 4
+    shared = 3 if "qwen2" in str(moe_model) else 0
+    assert info["quantized_modules"] == 2 * (4 + 3 * e + shared)   # routers stay 16-bit
+    mods = info["modules"]
+    gate = [n for n in mods if ".experts.0." in n][0]
+    assert mods[gate]["by"] == "post_attention_layernorm" and mods[gate]["search_loss_over_rtn"] <= 1.0
+    ratios = [m["search_loss_over_rtn"] for n, m in mods.items() if ".experts." in n and "search_loss_over_rtn" in m]
+    assert max(ratios) <= 1.0 and min(ratios) < 1.0
+    # the router's columns took exactly the norm's scale: routing of the unquantized function is kept
+    ref, _ = load_model(moe_model)
+    art, _ = load_model(out)
+    for i in (0, 1):
+        if not mods[f"model.layers.{i}.{gate.split('.', 3)[3]}"]["scaled"]:
+            continue
+        s = ref.model.layers[i].post_attention_layernorm.weight / art.model.layers[i].post_attention_layernorm.weight
+        r_ref, r_art = ref.model.layers[i].mlp.gate.weight, art.model.layers[i].mlp.gate.weight
+        assert torch.allclose(r_art, r_ref * s[None, :], rtol=1e-5, atol=1e-7)
+
+
+def test_awq_rare_experts_fall_back_to_rtn(text_file, tmp_path_factory, tmp_path):
+    d = make_tiny_moe(tmp_path_factory.mktemp("q3b") / "model", "qwen3_moe")
+    stage = {"type": "awq", "group_size": 32, "n_grid": 5, "quantizer": "gptq",
+             "calibration": _calib(text_file, min_expert_tokens=10**6)}
+    _, info = _run(d, text_file, [stage], tmp_path, "rare")
+    assert info["fallback_modules"] == 2 * 8 * 3
+    experts = {n: m for n, m in info["modules"].items() if ".experts." in n}
+    assert all(m["fallback"] == "rtn" and "tokens" in m for m in experts.values())
+    assert not any(m["scaled"] for n, m in experts.items() if n.endswith("down_proj"))
+    cov = info["coverage"]["by_kind"]
+    assert cov["expert"]["changed"] == cov["expert"]["params"]
