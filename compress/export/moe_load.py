@@ -7,7 +7,10 @@ fuses them into 3-D parameters, and its own decompression of such checkpoints (t
 and rounds FP8 experts through bfloat16. So Squeeze loads them itself: the model is built
 without weights, its experts linearized (compress.moe), each quantized module's tensors
 decompressed by compressed-tensors' own compressor for its scheme, the dense state dict
-loaded, and the experts fused back. The result equals the fake-quantized model that was saved.
+loaded, and the experts fused back. The result equals the fake-quantized model that was saved:
+where the scheme quantizes input activations (W8A8 int8 or FP8, dynamic or static), every
+quantized module's input is rounded as compressed-tensors rounds a dense layer's, the experts'
+gate/up and down inputs included (compress.export.moe_acts, which says what that costs).
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def _state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_per_expert(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The dense model (fused experts, dequantized weights in `dtype`) of a per-expert checkpoint."""
+    """The dense model (fused experts, dequantized weights in `dtype`, inputs rounded where the
+    scheme quantizes activations) of a per-expert checkpoint."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.quantization import QuantizationConfig
@@ -57,6 +61,7 @@ def load_per_expert(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from compress import moe
+    from compress.export import moe_acts
 
     cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     qcfg = QuantizationConfig.model_validate(json.loads((Path(model_dir) / "config.json").read_text())
@@ -72,7 +77,7 @@ def load_per_expert(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool
         for name, mod in match_named_modules(model, targets, [layout.to_model(t) for t in qcfg.ignore or []]):
             schemes[name] = (scheme, mod)
     sd = {layout.to_model(k): v for k, v in _state_dict(model_dir).items()}
-    dense = {}
+    dense, acts = {}, {}
     for name, (scheme, mod) in schemes.items():
         local = {k[len(name) + 1:]: sd.pop(k) for k in [k for k in sd if k.startswith(name + ".")]}
         fmt = scheme.format or qcfg.format or infer_module_format(type(mod), scheme)
@@ -80,11 +85,14 @@ def load_per_expert(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool
         dense[f"{name}.weight"] = out["weight"].to(dtype)
         if "bias" in out:
             dense[f"{name}.bias"] = out["bias"].to(dtype)
+        if (iq := moe_acts.input_quant(scheme, out, dtype)) is not None:
+            acts[name] = iq
     dense.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()
                   if not k.rsplit(".", 1)[-1].startswith(("weight_", "input_"))})
     _, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     model.tie_weights()
     moe.fuse(model)
+    moe_acts.round_inputs_(model, acts, layout.proj)  # W8A8: activations rounded as in the saved model
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing or unexpected:
         raise ValueError(f"{model_dir}: checkpoint does not match the model: missing {missing[:4]}, "

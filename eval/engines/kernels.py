@@ -28,7 +28,8 @@ method and its experts class (`moe_kernel.fused_experts`).
 
 transformers: each linear module's class and weight dtype, and for compressed-tensors modules
 whether the weights ran compressed (packed, `CompressedLinear` or status `compressed`) or
-decompressed, and whether input activations are fake-quantized on the fly.
+decompressed, and whether input activations are fake-quantized on the fly; the same for fused
+experts whose inputs compress.export.moe_acts rounds.
 """
 
 from __future__ import annotations
@@ -153,8 +154,24 @@ def hf_kernels(model) -> dict[str, str]:
             pairs.append((name, _hf_linear(m)))
         elif any(p.dim() == 3 for p in m.parameters(recurse=False)):
             dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in m.parameters(recurse=False)})
-            pairs.append((name, f"{type(m).__name__} (3-D experts, {', '.join(dtypes)})"))
+            pairs.append((name, f"{type(m).__name__} (3-D experts, {', '.join(dtypes)})" + _hf_expert_acts(m)))
     return by_kind(pairs)
+
+
+def _acts(acts) -> str:
+    return (f"{acts.type}{acts.num_bits} activations fake-quantized per {acts.strategy}"
+            f"{' (dynamic)' if acts.dynamic else ' (static scale)'}")
+
+
+def _hf_expert_acts(m) -> str:
+    """Fused experts whose inputs are rounded on the fly (compress.export.moe_acts): which, and how."""
+    by_role = getattr(m, "input_activations", None)
+    if not isinstance(by_role, dict) or not by_role or "forward" not in vars(m):
+        return ""
+    texts: dict[str, list[str]] = {}
+    for role, acts in by_role.items():
+        texts.setdefault(_acts(acts), []).append(role)
+    return "".join(f", {t} at {'/'.join(roles)} inputs, per expert" for t, roles in texts.items())
 
 
 def _hf_linear(m) -> str:
@@ -174,8 +191,7 @@ def _hf_linear(m) -> str:
     out += ", compressed-tensors " + ("compressed" if packed or status == "compressed" else "decompressed")
     acts = scheme.input_activations
     if acts is not None and "forward" in vars(m) and getattr(m, "quantization_enabled", True):
-        out += (f", {acts.type}{acts.num_bits} activations fake-quantized per {acts.strategy}"
-                f"{' (dynamic)' if acts.dynamic else ' (static scale)'}")
+        out += f", {_acts(acts)}"
     return out
 
 
