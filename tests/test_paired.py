@@ -199,6 +199,35 @@ def test_one_engine_at_a_time_where_two_do_not_fit(tiny_model, home, monkeypatch
     assert r["loads"] == 4 and r["speedups"]["throughput"]["rounds"] == 3
 
 
+def test_a_failed_pairing_is_reported_not_cached_and_leaves_speedups_unpaired(tiny_model, tmp_path, home,
+                                                                               monkeypatch):
+    import shutil
+
+    import eval.paired as P
+    from eval.report.report import paired_lines
+    from eval.speed.paired import speedups
+
+    shutil.copytree(tiny_model, tmp_path / "a")
+    real = P.open_engine
+
+    def open_engine(engine, d, **kw):
+        if d.name == "a":
+            raise RuntimeError("the artifact's engine crashed")
+        return real(engine, d, **kw)
+
+    monkeypatch.setattr(P, "open_engine", open_engine)
+    cfg = EvalConfig(engines=["hf"], perplexity=None, speed=SPEED.model_copy(update={"rounds": 2, "warmup": 0}))
+    (r,) = P.paired_speeds(tiny_model, [tmp_path / "a"], cfg, ModelSpec(), "hf", "cpu")
+    assert r["error"] == "paired speed: RuntimeError: the artifact's engine crashed"
+    assert not list((home / "_eval_cache").glob("paired-*"))
+    rep = {"artifacts": [{"name": "a", "engines": {"hf": {"paired_speed": r}}}]}
+    assert paired_lines(rep)[0] == ("- a (hf): the paired speed measurement failed, so its speedups are not paired: "
+                                    "paired speed: RuntimeError: the artifact's engine crashed")
+    base = {"model_hash": r["base_hash"], "speed": {"concurrent": {"output_tok_s": {"median": 10.0}}}}
+    art = {"paired_speed": r, "speed": {"concurrent": {"output_tok_s": {"median": 12.0}}}}
+    assert speedups(base, art)["throughput"]["verdict"] == "not paired"
+
+
 # ---------------------------------------------------------------------------- the gate
 
 def _gate_report(ranges: dict) -> dict:

@@ -199,9 +199,12 @@ def paired_lines(report: dict) -> list[str]:
     """How the speedups were measured (eval.speed.paired): rounds, mode and seconds per round."""
     done = [(a["name"], e, p) for a in report["artifacts"] for e, m in a["engines"].items()
             if (p := m.get("paired_speed")) and not p.get("error")]
+    failed = [f"- {a['name']} ({e}): the paired speed measurement failed, so its speedups are not paired: "
+              f"{p['error']}" for a in report["artifacts"] for e, m in a["engines"].items()
+              if (p := m.get("paired_speed")) and p.get("error")]
     if not done:
-        return ["- Speedups: not paired (each model measured on its own, minutes apart): the ratio of medians, "
-                "with no range and no verdict of change."] if report["artifacts"] else []
+        return failed + (["- Speedups: not paired (each model measured on its own, minutes apart): the ratio of "
+                          "medians, with no range and no verdict of change."] if report["artifacts"] else [])
     p = done[0][2]["protocol"]
     per = "; ".join(f"{n} ({e}) {r['seconds_per_round']:.1f} s, {r['mode']}" for n, e, r in done)
     return [f"- Speedups: {p['rounds']} paired rounds per artifact and engine, after {p['warmup']} warm-up run(s) "
@@ -211,7 +214,7 @@ def paired_lines(report: dict) -> list[str]:
             "median of the per-round "
             "ratios, its range their min..max (it holds the true median ratio with probability "
             f"{1 - 2 ** (1 - p['rounds']):.0%}), and a range containing 1 reads 'no measurable change'. "
-            f"Seconds per round: {per}."]
+            f"Seconds per round: {per}."] + failed
 
 
 def cut_lines(info: dict) -> list[str]:
