@@ -1,16 +1,11 @@
-"""The evaluator: lm-eval tasks on both engines, the speed workload and its noise verdicts,
-memory and provenance, and bad input (one line, before any work; results kept; no engine
-process left behind)."""
+"""The evaluator: lm-eval tasks, the speed workload and its noise verdicts, memory, the
+stack-keyed cache and provenance, and bad input (one line, before any work; results kept).
+The vLLM engine's own tests are in test_evaluator_vllm.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 
-import psutil
 import pytest
 import torch
 import yaml
@@ -18,7 +13,7 @@ import yaml
 from compress.cli import main
 from compress.errors import UserError
 from compress.recipe import EvalConfig, ModelSpec, TaskSpec, parse_recipe
-from conftest import REPO, tiny_recipe
+from conftest import tiny_recipe
 from eval.speed.workload import compare, distribution, per_request, RequestTiming
 
 MC_PROMPT = "Q: {{q}}\nA:"
@@ -283,151 +278,6 @@ def test_eval_cli_runs_a_task_file_and_reports_it(tiny_model, text_file, tmp_pat
     bad.write_text(yaml.safe_dump({**spec, "kind": "essay"}))
     assert main(["eval", str(tiny_model), "--engine", "hf", "--task-file", str(bad)]) == 2
     assert f"{bad}: kind: Input should be 'multiple_choice' or 'generate'" in capsys.readouterr().err
-
-
-# ---- the vLLM engine (one per test, tiny model) ------------------------------------------
-
-def _gen_records(engine, n: int = 6) -> list[dict]:
-    """Word problems whose reference is the model's own greedy answer for even records and a
-    wrong one for odd records: exact match must be exactly 1/2 on an engine that follows the
-    prompt, the stop strings and the extraction."""
-    prompts = [f"Q: what comes after {w}?\nA:" for w in ("the", "a", "fox", "dog", "lazy", "model")[:n]]
-    outs = engine.generate_text(prompts, max_new_tokens=6)
-    recs = []
-    for i, (p, o) in enumerate(zip(prompts, outs)):
-        o = o.split("\n\n")[0].split("Question:")[0].strip()
-        recs.append({"q": p[3:-3], "sol": f"so: #### {o if i % 2 == 0 else 'zz' + o}"})
-    return recs
-
-
-@pytest.mark.vllm
-def test_vllm_engine_tasks_speed_and_memory(tiny_vllm_model, tmp_path):
-    from eval.accuracy.tasks import run_tasks
-    from eval.engines.hf import HFEngine
-    from eval.engines.vllm import VLLMEngine
-    from eval.speed.workload import workload_speed
-
-    recs = mc_records(12)
-    mc = TaskSpec(name="mine", file=write_jsonl(tmp_path / "mc.jsonl", recs), kind="multiple_choice",
-                  prompt=MC_PROMPT, choices=["a", "b"], label="y")
-    hf = HFEngine.load(tiny_vllm_model)
-    hf_acc = run_tasks(hf, [mc], batch_size=4)["mine"]["acc"]
-    hf.close()
-    eng = VLLMEngine.load(tiny_vllm_model, dtype="float32", device="cpu")
-    try:
-        gen_recs = _gen_records(eng)
-        gen = TaskSpec(name="gen", file=write_jsonl(tmp_path / "g.jsonl", gen_recs), kind="generate",
-                       prompt="Q: {{q}}\nA:", answer="sol", answer_pattern="#### (.*)", max_new_tokens=6)
-        res = run_tasks(eng, [mc, gen])
-        sp = workload_speed(eng, num_prompts=4, input_len=8, output_len=5, concurrency=2, batch1_requests=1,
-                            warmup=1, repeats=2, progress=False)
-        reqs = eng.stream([[11] * 8] * 4, 5, 2)
-        kv = eng.stats["memory"]["kv_cache_tokens"]
-        ran = eng.stats["kernels"]
-    finally:
-        eng.close()
-    assert ran["mlp.down_proj"].startswith("UnquantizedLinearMethod / "), ran  # a dense model's GEMM
-    # lm-eval's vllm backend scores the same task as its hf backend on the same weights
-    assert res["mine"]["acc"] == pytest.approx(hf_acc) and res["mine"]["n"] == 12
-    assert res["gen"]["exact_match"] == pytest.approx(0.5)
-    c = sp["concurrent"]
-    assert c["ttft_ms"]["n"] == 2 * 4 and c["itl_ms"]["n"] == 2 * 4 * 4 and c["output_tok_s"]["median"] > 0
-    assert sp["batch1"]["ttft_ms"]["n"] == 2 and sp["protocol"]["concurrency"] == 2
-    assert all(len(r.token_times) == 5 for r in reqs)
-    # at most 2 in flight: the third request goes in only once one of the first two is done
-    assert reqs[2].submitted >= min(reqs[0].token_times[-1], reqs[1].token_times[-1])
-    assert kv and kv > 1000
-
-
-def _wrong_shape_copy(src, dst):
-    """A copy whose safetensors file is whole but one MLP weight lost a row: it passes the file
-    checks and fails inside vLLM's workers while they load it."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    sd = load_file(dst / "model.safetensors")
-    k = "model.layers.0.mlp.down_proj.weight"
-    sd[k] = sd[k][:-1].contiguous()
-    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
-@pytest.mark.vllm
-def test_vllm_failing_to_start_is_reported_and_leaves_no_process(tiny_vllm_model, tmp_path, home):
-    from eval.evaluate import evaluate
-
-    bad = _wrong_shape_copy(tiny_vllm_model, tmp_path / "bad")
-    cfg = EvalConfig(engines=["vllm"], perplexity=None, speed=None)
-    out = evaluate(bad, cfg, ModelSpec(dtype="float32"), engine="vllm", device="cpu")
-    assert out["error"].startswith("vllm failed to start on") and "\n" not in out["error"]
-    assert out["memory"]["peak_rss_bytes"] > 0
-    deadline = time.time() + 30
-    while _engine_children() and time.time() < deadline:
-        time.sleep(0.5)
-    assert _engine_children() == [], "engine processes left behind"
-
-
-@pytest.mark.vllm
-def test_ctrl_c_during_a_vllm_measurement_shuts_the_engine_down(tiny_vllm_model, home, monkeypatch):
-    import eval.evaluate as ev
-
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ev, "perplexity", interrupted)
-    cfg = EvalConfig(engines=["vllm"], speed=None)
-    with pytest.raises(KeyboardInterrupt):
-        ev.evaluate(tiny_vllm_model, cfg, ModelSpec(dtype="float32"), engine="vllm", device="cpu")
-    deadline = time.time() + 30
-    while _engine_children() and time.time() < deadline:
-        time.sleep(0.5)
-    assert _engine_children() == [], "engine processes left behind"
-
-
-CLOSE_DRIVER = """
-import sys
-
-import torch
-
-from eval.engines.vllm import VLLMEngine
-
-if __name__ == "__main__":
-    eng = VLLMEngine.load(sys.argv[1], dtype="float32", device="cpu")
-    eng.score(torch.tensor([[1, 2, 3, 4, 5, 6]]))
-    eng.close()
-"""
-
-
-@pytest.mark.vllm
-@pytest.mark.slow
-def test_vllm_engine_closes_with_nothing_leaked(tiny_vllm_model, tmp_path):
-    """A process that opens vLLM on the CPU, closes it and exits leaves nothing behind: the
-    engine core ends its own teardown (its shared-memory broadcast queue unlinked) instead of
-    being killed mid-way, so Python's resource tracker has nothing to report at exit."""
-    script = tmp_path / "driver.py"
-    script.write_text(CLOSE_DRIVER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    r = subprocess.run([sys.executable, str(script), str(tiny_vllm_model)], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resource_tracker" not in r.stderr, r.stderr[-2000:]  # "... 1 leaked shared_memory objects ..."
-    assert "force killing" not in r.stdout + r.stderr, "the engine core was killed before its teardown ended"
-
-
-def _engine_children() -> list[str]:
-    """Child processes of this test process, but Python's multiprocessing resource tracker (one
-    per parent, shared by everything that uses multiprocessing, gone when the parent exits)."""
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        if "multiprocessing.resource_tracker" not in cmd:
-            out.append(cmd[:200])
-    return out
 
 
 def test_recipe_tasks_field_and_speed_fields_validate(tiny_model, text_file):
