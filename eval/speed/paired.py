@@ -48,7 +48,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from eval.speed.workload import LATENCY_SAMPLE, per_request, random_prompts
+from eval.speed.workload import LATENCY_SAMPLE, duration, noise_verdict, per_request, random_prompts
 
 PROTOCOL_VERSION = 1
 SIDES = ("base", "art")
@@ -62,13 +62,8 @@ def round_order(r: int) -> tuple[str, str]:
 def ratio_range(ratios: list[float]) -> dict:
     """Median of per-round ratios (> 1: the artifact is faster) with their min..max and a verdict."""
     lo, hi = min(ratios), max(ratios)
-    if len(ratios) < 2:
-        verdict = "spread unknown"
-    elif lo <= 1.0 <= hi:
-        verdict = "no measurable change"
-    else:
-        verdict = "faster" if lo > 1.0 else "slower"
-    return {"ratio": statistics.median(ratios), "lo": lo, "hi": hi, "verdict": verdict, "method": "paired",
+    return {"ratio": statistics.median(ratios), "lo": lo, "hi": hi, "verdict": noise_verdict(lo, hi, len(ratios)),
+            "method": "paired",
             "rounds": len(ratios), "ratios": list(ratios)}
 
 
@@ -77,7 +72,7 @@ def ratio_range(ratios: list[float]) -> dict:
 def throughput(engine, prompts: list[list[int]], output_len: int, concurrency: int) -> float:
     """Output tokens per second of one run of the workload (first submission to last token)."""
     reqs = engine.stream(prompts, output_len, concurrency, stream_every=max(1, -(-len(prompts) // LATENCY_SAMPLE)))
-    return len(prompts) * output_len / (max(r.end for r in reqs) - min(r.submitted for r in reqs))
+    return len(prompts) * output_len / duration(reqs)
 
 
 def tpot_ms(engine, prompts: list[list[int]], output_len: int) -> float:

@@ -66,6 +66,21 @@ def distribution(values_s: list[float]) -> dict:
     return {"mean": float(a.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99), "n": int(a.size)}
 
 
+def duration(reqs: list[RequestTiming]) -> float:
+    """One run's wall time: first submission to last token, in seconds."""
+    return max(r.end for r in reqs) - min(r.submitted for r in reqs)
+
+
+def noise_verdict(lo: float, hi: float, n: int) -> str:
+    """The verdict on a speedup range (> 1: faster) drawn from n measurements per side (or n
+    paired rounds): under 2 the spread is unknown; a range holding 1.0 is inside the noise."""
+    if n < 2:
+        return "spread unknown"
+    if lo <= 1.0 <= hi:
+        return "no measurable change"
+    return "faster" if lo > 1.0 else "slower"
+
+
 def per_request(reqs: list[RequestTiming]) -> dict[str, list[float]]:
     """E2E per request; TTFT, TPOT and every ITL gap of the streamed requests; in seconds."""
     out = {"ttft": [], "tpot": [], "itl": [], "e2e": []}
@@ -92,7 +107,7 @@ def _profile(engine, n, input_len, output_len, concurrency, warmup, repeats, see
             runs.append(reqs)
     durations, tpot_runs, lat = [], [], {"ttft": [], "tpot": [], "itl": [], "e2e": []}
     for reqs in runs:
-        durations.append(max(r.end for r in reqs) - min(r.submitted for r in reqs))
+        durations.append(duration(reqs))
         one = per_request(reqs)
         tpot_runs.append(statistics.mean(one["tpot"]) * 1e3)
         for k, v in one.items():
@@ -137,13 +152,7 @@ def compare(base: dict, art: dict, higher_is_better: bool = True) -> dict:
         ratio, lo, hi = art["median"] / base["median"], min(a) / max(b), max(a) / min(b)
     else:
         ratio, lo, hi = base["median"] / art["median"], min(b) / max(a), max(b) / min(a)
-    if len(a) < 2 or len(b) < 2:
-        verdict = "spread unknown"
-    elif lo <= 1.0 <= hi:
-        verdict = "no measurable change"
-    else:
-        verdict = "faster" if ratio > 1 else "slower"
-    return {"ratio": ratio, "lo": lo, "hi": hi, "verdict": verdict}
+    return {"ratio": ratio, "lo": lo, "hi": hi, "verdict": noise_verdict(lo, hi, min(len(a), len(b)))}
 
 
 def speedups(base: dict, art: dict) -> dict:
