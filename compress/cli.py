@@ -269,7 +269,7 @@ def _flag_errors(e) -> UserError:
 def _task_specs(a) -> list:
     from pydantic import ValidationError
 
-    from compress.recipe import TaskSpec
+    from compress.evalconfig import TaskSpec
     from compress.yamlio import format_errors, load_yaml
 
     specs = []
@@ -294,7 +294,7 @@ def _task_specs(a) -> list:
 def _eval_config(a):
     from pydantic import ValidationError
 
-    from compress.recipe import EvalConfig, PerplexityConfig, SpeedConfig, VLLMOptions
+    from compress.evalconfig import EvalConfig, PerplexityConfig, SpeedConfig, VLLMOptions
     from compress.yamlio import format_errors, load_yaml
 
     engines = {"auto": None, "both": ["hf", "vllm"]}.get(a.engine, [a.engine])

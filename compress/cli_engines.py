@@ -119,7 +119,7 @@ def add_parsers(sub, epilog: str, common) -> None:
 def _serving_config(a):
     from pydantic import ValidationError
 
-    from compress.recipe import ServingConfig
+    from compress.evalconfig import ServingConfig
 
     w = _workload(a, {"num_prompts": 32})
     if a.rates is not None or a.concurrency:
@@ -185,7 +185,7 @@ def cmd_serving(a) -> int:
 def _tune_config(a):
     from pydantic import ValidationError
 
-    from compress.recipe import TuneConfig
+    from compress.evalconfig import TuneConfig
     from compress.yamlio import format_errors, load_yaml
 
     raw = {}
@@ -230,7 +230,8 @@ def _parse_set(s: str) -> tuple[str, list]:
 
 def cmd_tune(a) -> int:
     from compress.models import resolve_device, resolve_model
-    from compress.recipe import ModelSpec, VLLMOptions
+    from compress.recipe import ModelSpec
+    from compress.evalconfig import VLLMOptions
     from eval.engines.server import signals_raise
     from eval.tune.landscape import markdown
     from eval.tune.study import Study

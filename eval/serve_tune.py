@@ -15,7 +15,8 @@ from pathlib import Path
 
 from compress.fsutil import atomic_write_text
 from compress.models import model_hash
-from compress.recipe import EvalConfig, Recipe
+from compress.recipe import Recipe
+from compress.evalconfig import EvalConfig
 
 
 def check(cfg: EvalConfig, device: str) -> None:

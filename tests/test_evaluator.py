@@ -12,7 +12,8 @@ import yaml
 
 from compress.cli import main
 from compress.errors import UserError
-from compress.recipe import EvalConfig, ModelSpec, TaskSpec, parse_recipe
+from compress.recipe import ModelSpec, parse_recipe
+from compress.evalconfig import EvalConfig, TaskSpec
 from conftest import tiny_recipe
 from eval.speed.workload import compare, distribution, per_request, RequestTiming
 

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from compress.cli import main
-from compress.recipe import EvalConfig, ModelSpec, SpeedConfig
+from compress.recipe import ModelSpec
+from compress.evalconfig import EvalConfig, SpeedConfig
 from conftest import tiny_recipe
 from eval.speed.paired import ratio_range, round_order, run_rounds, summarize
 from eval.speed.workload import RequestTiming, compare, workload_speed

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import eval.evaluate as ev
-from compress.recipe import EvalConfig, ModelSpec
+from compress.recipe import ModelSpec
+from compress.evalconfig import EvalConfig
 from eval import stack
 from eval.report.report import build_report, provenance_lines
 
