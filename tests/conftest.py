@@ -122,6 +122,24 @@ def home(tmp_path, monkeypatch) -> Path:
     return h
 
 
+def apply_linearized(model_dir: Path, text_file: Path, stage: dict):
+    """One stage on a mixture-of-experts model as the pipeline runs it: experts linearized
+    (compress.moe), the stage applied in memory. Returns (model, tokenizer, info)."""
+    from compress import moe, registry
+    from compress.models import load_model
+    from compress.pipeline import stage_context
+    from compress.recipe import parse_recipe
+
+    recipe = parse_recipe(tiny_recipe(model_dir, text_file, [stage]))
+    model, tok = load_model(model_dir)
+    moe.linearize(model)
+    ctx = stage_context(recipe, "cpu", tok, model_dir)
+    ctx.progress = False
+    spec = recipe.stages[0]
+    model, info = registry.get(spec.type).apply(model, spec.config, ctx)
+    return model, tok, info
+
+
 def tiny_recipe(model: Path, text: Path, stages: list[dict] | None = None, name: str = "tiny") -> dict:
     return {
         "name": name,

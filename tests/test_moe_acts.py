@@ -8,11 +8,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from compress import moe, registry
+from compress import moe
 from compress.models import load_model
-from compress.pipeline import save_model, stage_context
-from compress.recipe import parse_recipe
-from conftest import make_tiny_moe, tiny_recipe
+from compress.pipeline import save_model
+from conftest import apply_linearized, make_tiny_moe
 from eval.engines.kernels import hf_kernels
 
 IDS = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -44,13 +43,7 @@ def _fake_quantized(model_dir, text_file, stage):
     if stage["activations"] == "static":
         stage = {**stage, "calibration": {"dataset": str(text_file), "n_samples": 8, "seq_len": 32,
                                           "calibrate_all_experts": True}}
-    recipe = parse_recipe(tiny_recipe(model_dir, text_file, [stage]))
-    model, tok = load_model(model_dir)
-    moe.linearize(model)
-    ctx = stage_context(recipe, "cpu", tok, model_dir)
-    ctx.progress = False
-    spec = recipe.stages[0]
-    model, _ = registry.get(spec.type).apply(model, spec.config, ctx)
+    model, tok, _ = apply_linearized(model_dir, text_file, stage)
     return model, tok
 
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress import moe, registry
+from compress import moe
 from compress.models import load_model
-from compress.pipeline import stage_context
 from compress.quant import smooth, smooth_moe
 from compress.recipe import parse_recipe
-from conftest import MOE_ARCHS, make_tiny_moe, tiny_recipe
+from conftest import MOE_ARCHS, apply_linearized, make_tiny_moe, tiny_recipe
 from test_moe import _calib, _run
 
 IDS = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -26,14 +25,8 @@ def moe_model(request, tmp_path_factory):
 
 def _apply(model_dir, text_file, stage: dict):
     """The stage on the linearized model, as the pipeline runs it; (reference model, model, info)."""
-    recipe = parse_recipe(tiny_recipe(model_dir, text_file, [stage]))
-    ref, tok = load_model(model_dir)
-    model, _ = load_model(model_dir)
-    moe.linearize(model)
-    ctx = stage_context(recipe, "cpu", tok, model_dir)
-    ctx.progress = False
-    spec = recipe.stages[0]
-    model, info = registry.get(spec.type).apply(model, spec.config, ctx)
+    ref, _ = load_model(model_dir)
+    model, _, info = apply_linearized(model_dir, text_file, stage)
     return ref, model, info
 
 
@@ -189,8 +182,6 @@ def test_awq_beats_rtn_on_the_experts_routed_tokens(tmp_path_factory):
 
 
 def test_awq_on_moe_covers_every_expert_and_scales_routers_exactly(moe_model, text_file, tmp_path):
-    from compress.quant.awq_search import AWQCollector  # noqa: F401 (the stage's collector)
-
     stage = {"type": "awq", "group_size": 32, "n_grid": 10, "calibration": _calib(text_file)}
     out, info = _run(moe_model, text_file, [stage], tmp_path, "awq")
     cov = info["coverage"]["by_kind"]
