@@ -12,15 +12,14 @@ from __future__ import annotations
 import functools
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from compress.data import load_text
 from compress.errors import UserError
+from compress.schema import Strict
 
 
-class CalibrationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
+class CalibrationConfig(Strict):
     dataset: str = Field("wikitext2-valid", description="built-in name, a text/.jsonl file, or hf:ID[:CONFIG[:SPLIT]]")
     n_samples: int = Field(128, gt=0, description="number of token windows")
     seq_len: int = Field(2048, gt=1, description="tokens per window")

@@ -7,13 +7,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-
-class Strict(BaseModel):
-    """The base of every recipe schema: unknown fields refused, types strict, values frozen."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+from pydantic import Field, field_validator, model_validator
+from compress.schema import Strict
 
 
 class PerplexityConfig(Strict):

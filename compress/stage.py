@@ -40,6 +40,10 @@ class StageContext:
     # checkpoints in across a crash (removed once the stage is complete)
     base_dir: Path | None = None
     work_dir: Path | None = None
+    # open_engine(name, model_dir, **options) -> an inference engine with generate_ids() and
+    # close(): supplied by the layer above (the pipeline, from eval.engines), so that a stage that
+    # generates text (distillation's teacher data) never imports the evaluator itself
+    open_engine: Callable[..., Any] | None = None
 
     def calibration(self, cfg) -> torch.Tensor:
         """[n_samples, seq_len] LongTensor of calibration tokens for a CalibrationConfig (seeded by

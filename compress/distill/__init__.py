@@ -28,19 +28,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from compress.distill.data import Packed, pack, split
 from compress.errors import UserError
 from compress.moe import router_names
 from compress.stage import Stage, StageContext
+from compress.schema import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class LossConfig(_Strict):
+class LossConfig(Strict):
     kd: float = Field(1.0, ge=0.0, description="weight of the teacher-student divergence on the logits")
     kind: Literal["forward", "reverse", "jsd", "skew"] = Field(
         "forward", description="forward KL(teacher||student), reverse KL(student||teacher), jsd (Jensen-Shannon, "
@@ -55,7 +52,7 @@ class LossConfig(_Strict):
     chunk: int = Field(1024, gt=0, description="positions per loss chunk (logits never held for more)")
 
 
-class GeneratedConfig(_Strict):
+class GeneratedConfig(Strict):
     sequences: int = Field(..., gt=0, description="prompts the teacher continues (their sequences are added to "
                            "the training windows)")
     prompt_len: int = Field(32, gt=0, description="prompt tokens, cut from random training windows")
@@ -65,7 +62,7 @@ class GeneratedConfig(_Strict):
                                                   "else transformers")
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     datasets: list[str] = Field(["wikitext2-valid"], min_length=1, description="built-in names (wikitext2-valid, "
                                 "tinyshakespeare, gsm8k, ...), text/.jsonl files or hf:ID, joined")
     seq_len: int = Field(512, gt=1, description="tokens per packed sequence")
@@ -74,7 +71,7 @@ class DataConfig(_Strict):
                                               "continuations of prompts from the data")
 
 
-class DistillConfig(_Strict):
+class DistillConfig(Strict):
     teacher: str = Field("base", description="base: the recipe's input model; or a model directory")
     student: Literal["input", "every_other"] = Field(
         "input", description="input: the stage's input model; every_other: the teacher's even-numbered layers")

@@ -15,7 +15,7 @@ import sys
 from typing import Annotated, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from compress.calibration import CalibrationConfig, check_calibration
 from compress.collectors import ChannelNormCollector
@@ -26,11 +26,10 @@ from compress.prune.magnitude import magnitude_mask
 from compress.prune.masks import nm_mask, outlier_ratio, owl_sparsities, parse_nm, wanda_score
 from compress.select import matches, select_linears, unmatched
 from compress.stage import StageContext
+from compress.schema import Strict
 
 
-class CalibratedPruneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
+class CalibratedPruneConfig(Strict):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of weights zeroed in each pruned layer "
                             "(the mean, with allocation: owl)")
     nm: str | None = Field(None, description="semi-structured pattern 'N:M' (e.g. '2:4', '4:8'): N of every M "

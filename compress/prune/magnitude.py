@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from compress.errors import UserError
@@ -18,6 +18,7 @@ from compress.moe import router_names
 from compress.prune.masks import nm_mask, parse_nm
 from compress.select import linear_names, matches, unmatched
 from compress.stage import Stage, StageContext
+from compress.schema import Strict
 
 
 def magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -36,9 +37,7 @@ def magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask.view_as(w)
 
 
-class MagnitudePruneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
+class MagnitudePruneConfig(Strict):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of weights zeroed in each pruned layer")
     skip: list[str] = Field(
         default_factory=lambda: ["lm_head"],

@@ -15,19 +15,18 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from compress.errors import UserError
 from compress.export.compressed_tensors import refuse_quantized
 from compress.select import linear_names, unmatched
 from compress.stage import Stage, StageContext
+from compress.schema import Strict
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class BnBConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
+class BnBConfig(Strict):
     quant_type: Literal["nf4", "fp4", "int8"] = Field("nf4", description="4-bit NormalFloat, 4-bit float, or "
                                                       "LLM.int8() 8-bit")
     double_quant: bool = Field(True, description="4-bit: quantize the block scales too (saves ~0.4 bit/weight)")

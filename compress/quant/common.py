@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from compress.errors import UserError
 from compress.export.compressed_tensors import QuantRecord, WeightScheme, refuse_quantized
@@ -15,11 +15,10 @@ from compress.moe import expert_index
 from compress.quant.moe_engines import weight_only_problems
 from compress.select import select_linears
 from compress.stage import StageContext
+from compress.schema import Strict
 
 
-class WeightQuantConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
+class WeightQuantConfig(Strict):
     bits: Literal[4, 8] = Field(4, description="weight bits (activations stay 16-bit: W4A16 / W8A16)")
     group_size: Literal[-1, 32, 64, 128] = Field(128, description="input channels sharing one scale; -1 = one "
                                                  "scale per output channel")

@@ -21,15 +21,14 @@ from __future__ import annotations
 import copy
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from compress.errors import UserError
 from compress.layerwise import decoder_layers
+from compress.schema import Strict
 
 
-class Mapping(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
+class Mapping(Strict):
     balance: list[str] = Field(min_length=1, description="linears (names inside a decoder layer) that read one "
                                "input and take the scale into their columns")
     smooth: str = Field(description="the norm or linear (name inside a decoder layer) whose output is that input: "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from compress.calibration import CalibrationConfig, check_calibration
 from compress.collectors import AbsMaxCollector
@@ -34,11 +34,10 @@ from compress.layerwise import decoder_layers, run_layerwise, split_by_layer
 from compress.quant.smooth import SMOOTHQUANT_MAPPINGS, Mapping, fold, follow, resolve
 from compress.select import linear_names
 from compress.stage import Stage, StageContext
+from compress.schema import Strict
 
 
-class SmoothQuantConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
+class SmoothQuantConfig(Strict):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength: the share of the activations' "
                          "range moved into the weights")
     mappings: list[Mapping] | None = Field(None, description="norm -> linears pairs inside a decoder layer; "

@@ -23,7 +23,7 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from compress.calibration import CalibrationConfig, check_calibration
@@ -37,13 +37,12 @@ from compress.quant.moe_engines import w8a8_problems
 from compress.quant.grid import Grid, rtn
 from compress.select import select_linears
 from compress.stage import Stage, StageContext
+from compress.schema import Strict
 
 INT8_HALF_RANGE = 127.5  # compressed-tensors' symmetric int8 scale: absmax / ((127 - (-128)) / 2)
 
 
-class W8A8Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
+class W8A8Config(Strict):
     activations: Literal["dynamic", "static"] = Field(
         "dynamic", description="dynamic: a scale per token at run time; static: one scale per tensor from calibration")
     observer: Literal["minmax", "percentile"] = Field(

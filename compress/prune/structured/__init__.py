@@ -29,7 +29,7 @@ import copy
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from compress.calibration import CalibrationConfig, check_calibration
 from compress.collectors import ChannelNormCollector
@@ -40,11 +40,10 @@ from compress.prune.structured.cuts import (  # noqa: F401 - the cuts are part o
     ATTN, MLP, blocks, cut_depth, cut_heads, cut_hidden, cut_mlp, head_channels, head_shape, heads_to_keep,
     as_loadable, heads_fit_width, keep_cols, keep_rows, mistral_config, size_info)
 from compress.stage import Stage, StageContext
+from compress.schema import Strict
 
 
-class _Cut(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
+class _Cut(Strict):
     ratio: float = Field(0.25, gt=0.0, lt=1.0, description="fraction removed (rounded to whole units, the same "
                          "count in every layer)")
     importance: Literal["activation", "magnitude"] = Field(
