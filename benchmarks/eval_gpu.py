@@ -122,8 +122,8 @@ def cmd_hf_fidelity(args) -> None:
 
 def cmd_agree(args) -> None:
     from compress.models import import_gguf
-    from compress.recipe import ModelSpec
-    from compress.evalconfig import EvalConfig, PerplexityConfig, TaskSpec, VLLMOptions
+    from compress.spec import ModelSpec
+    from eval.config import EvalConfig, PerplexityConfig, TaskSpec, VLLMOptions
     from eval.evaluate import evaluate
 
     os.environ.setdefault("SQUEEZE_HOME", "/tmp/squeeze-home")

@@ -28,8 +28,8 @@ from gpu_common import ROOT, record  # noqa: F401 - ROOT puts the repo on sys.pa
 
 
 def cmd_study(args) -> None:
-    from compress.recipe import ModelSpec
-    from compress.evalconfig import TuneConfig, VLLMOptions
+    from compress.spec import ModelSpec
+    from eval.config import TuneConfig, VLLMOptions
     from compress.cli_engines import _parse_set
     from eval.tune.study import Study
 

@@ -269,7 +269,7 @@ def _flag_errors(e) -> UserError:
 def _task_specs(a) -> list:
     from pydantic import ValidationError
 
-    from compress.evalconfig import TaskSpec
+    from eval.config import TaskSpec
     from compress.yamlio import format_errors, load_yaml
 
     specs = []
@@ -294,7 +294,7 @@ def _task_specs(a) -> list:
 def _eval_config(a):
     from pydantic import ValidationError
 
-    from compress.evalconfig import EvalConfig, PerplexityConfig, SpeedConfig, VLLMOptions
+    from eval.config import EvalConfig, PerplexityConfig, SpeedConfig, VLLMOptions
     from compress.yamlio import format_errors, load_yaml
 
     engines = {"auto": None, "both": ["hf", "vllm"]}.get(a.engine, [a.engine])
@@ -320,7 +320,7 @@ def _eval_config(a):
 
 def cmd_eval(a) -> int:
     from compress.models import resolve_device, resolve_model
-    from compress.recipe import ModelSpec
+    from compress.spec import ModelSpec
     from eval.evaluate import check_eval, evaluate, protocol
     from eval.report.report import build_report, markdown, table, write_report
 

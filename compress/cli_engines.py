@@ -119,7 +119,7 @@ def add_parsers(sub, epilog: str, common) -> None:
 def _serving_config(a):
     from pydantic import ValidationError
 
-    from compress.evalconfig import ServingConfig
+    from eval.config import ServingConfig
 
     w = _workload(a, {"num_prompts": 32})
     if a.rates is not None or a.concurrency:
@@ -185,7 +185,7 @@ def cmd_serving(a) -> int:
 def _tune_config(a):
     from pydantic import ValidationError
 
-    from compress.evalconfig import TuneConfig
+    from eval.config import TuneConfig
     from compress.yamlio import format_errors, load_yaml
 
     raw = {}
@@ -230,8 +230,8 @@ def _parse_set(s: str) -> tuple[str, list]:
 
 def cmd_tune(a) -> int:
     from compress.models import resolve_device, resolve_model
-    from compress.recipe import ModelSpec
-    from compress.evalconfig import VLLMOptions
+    from compress.spec import ModelSpec
+    from eval.config import VLLMOptions
     from eval.engines.server import signals_raise
     from eval.tune.landscape import markdown
     from eval.tune.study import Study

@@ -29,7 +29,7 @@ import itertools
 import re
 from typing import Any
 
-from compress.recipe import StageSpec, Variant, _parse_stage
+from compress.spec import StageSpec, Variant, parse_stage
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KEYS = ("axes", "variants", "exclude")
@@ -41,7 +41,7 @@ def _stage_list(raw: Any, at: str, where: str, errors: list[str]) -> list[StageS
     if not isinstance(raw, list):
         errors.append(f"{where}: {at}: must be a list of stages (or [] for none), got {type(raw).__name__}")
         return None
-    out = [_parse_stage(st, i, where, errors, at=f"{at}[{i}]") for i, st in enumerate(raw)]
+    out = [parse_stage(st, i, where, errors, at=f"{at}[{i}]") for i, st in enumerate(raw)]
     return None if any(s is None for s in out) else out
 
 

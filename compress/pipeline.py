@@ -37,7 +37,8 @@ from compress.export.compressed_tensors import is_quantized, save_compressed
 from compress.fsutil import atomic_dir, atomic_write_text
 from compress.manifest import write_manifest
 from compress.models import home, load_model, load_tokenizer, meta_model, resolve_device, resolve_model
-from compress.recipe import Recipe, StageSpec, chain_key
+from compress.recipe import Recipe
+from compress.spec import StageSpec, chain_key
 from compress.stage import StageContext
 
 
@@ -317,11 +318,11 @@ def _evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: P
     if ecfg.serving is not None:
         from eval import serve_tune
 
-        report["serving"] = serve_tune.serving(recipe, run_dir, device, [("baseline", base_dir), *finals], log)
+        report["serving"] = serve_tune.serving(recipe.eval, recipe.model, recipe.seed, run_dir, device, [("baseline", base_dir), *finals], log)
     if ecfg.tune is not None:
         from eval import serve_tune
 
-        report["tuning"] = serve_tune.tuning(recipe, run_dir, device, finals, log)
+        report["tuning"] = serve_tune.tuning(recipe.eval, recipe.model, run_dir, device, finals, log)
     if recipe.gate:
         from eval.report.gate import apply_gate, junit_xml
 

@@ -34,8 +34,8 @@ from compress.errors import UserError
 from compress.export.compressed_tensors import describe, quantization_config
 from compress.fsutil import atomic_write_text, sha256_file
 from compress.models import check_model_dir, home, model_hash
-from compress.recipe import ModelSpec
-from compress.evalconfig import EvalConfig, HFOptions
+from compress.spec import ModelSpec
+from eval.config import EvalConfig, HFOptions
 from eval.accuracy.perplexity import perplexity
 from eval.accuracy.tasks import headline
 from eval.engines import check_engines, open_engine

@@ -31,8 +31,8 @@ from pathlib import Path
 from compress.errors import UserError
 from compress.fsutil import atomic_write_text
 from compress.models import home, model_hash
-from compress.recipe import ModelSpec
-from compress.evalconfig import EvalConfig
+from compress.spec import ModelSpec
+from eval.config import EvalConfig
 from eval.engines import open_engine
 from eval.evaluate import engine_settings, hardware, one_line, stack_versions
 from eval.speed.paired import PROTOCOL_VERSION, SIDES, run_rounds, summarize

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from compress.fsutil import atomic_write_text
 from compress.models import model_hash
-from compress.recipe import Recipe
-from compress.evalconfig import EvalConfig
+from compress.spec import ModelSpec
+from eval.config import EvalConfig
 
 
 def check(cfg: EvalConfig, device: str) -> None:
@@ -30,28 +30,29 @@ def check(cfg: EvalConfig, device: str) -> None:
         check_tune(cfg.tune, device)
 
 
-def _server_settings(recipe: Recipe, device: str) -> dict:
+def _server_settings(cfg: EvalConfig, model: ModelSpec, device: str) -> dict:
     from eval.speed.serving import context_len
     from eval.tune.trials import vllm_base
 
-    w = recipe.eval.serving
-    base = {k: v for k, v in vllm_base(recipe.eval.vllm, recipe.model, device).items() if v is not None}
+    w = cfg.serving
+    base = {k: v for k, v in vllm_base(cfg.vllm, model, device).items() if v is not None}
     base.setdefault("max_model_len", context_len(w))
     return base
 
 
-def serving(recipe: Recipe, run_dir: Path, device: str, models: list[tuple[str, Path]], log) -> dict:
+def serving(cfg: EvalConfig, model: ModelSpec, seed: int, run_dir: Path, device: str,
+            models: list[tuple[str, Path]], log) -> dict:
     """The serving section: every model's load points (cached per model) and the SLO lines."""
     from compress.models import load_tokenizer
     from eval.engines.server import VLLMServer
     from eval.evaluate import stack_versions
     from eval.speed.serving_report import run_targets, serving_markdown
 
-    w, settings = recipe.eval.serving, _server_settings(recipe, device)
+    w, settings = cfg.serving, _server_settings(cfg, model, device)
     rows, summaries, errors = [], {}, []
-    tok = load_tokenizer(models[0][1], recipe.model.trust_remote_code)
+    tok = load_tokenizer(models[0][1], model.trust_remote_code)
     for name, d in models:
-        key = hashlib.sha256(json.dumps([model_hash(d), w.model_dump(mode="json"), settings, recipe.seed,
+        key = hashlib.sha256(json.dumps([model_hash(d), w.model_dump(mode="json"), settings, seed,
                                          stack_versions(device)], default=str).encode()).hexdigest()[:16]
         cache = run_dir / "serving" / f"{name}.json"
         hit = json.loads(cache.read_text()) if cache.is_file() else None
@@ -59,7 +60,7 @@ def serving(recipe: Recipe, run_dir: Path, device: str, models: list[tuple[str, 
             log(f"[serving] {name}: starting a vLLM server")
             res = run_targets([("server", name, lambda d=d: VLLMServer(d, settings, device=device,
                                                                       log_path=run_dir / "serving" / f"{name}.log"))],
-                              w, tok, seed=recipe.seed, log=log)
+                              w, tok, seed=seed, log=log)
             hit = {"key": key, **res}
             if not res["errors"]:  # a server that did not start is tried again next run
                 cache.parent.mkdir(parents=True, exist_ok=True)
@@ -75,15 +76,15 @@ def serving(recipe: Recipe, run_dir: Path, device: str, models: list[tuple[str, 
     return res
 
 
-def tuning(recipe: Recipe, run_dir: Path, device: str, artifacts: list[tuple[str, Path]], log) -> dict:
+def tuning(cfg: EvalConfig, model: ModelSpec, run_dir: Path, device: str, artifacts: list[tuple[str, Path]],
+           log) -> dict:
     """The tuning section: one study per final artifact; its best setting and gain."""
     from eval.tune.study import Study
 
     out = {}
     for name, d in artifacts:
-        log(f"[tune] {name}: {recipe.eval.tune.strategy} search, budget {recipe.eval.tune.budget}")
-        st = Study(d, recipe.eval.tune, recipe.model, recipe.eval.vllm, device, out_dir=run_dir / "tune" / name,
-                   log=log)
+        log(f"[tune] {name}: {cfg.tune.strategy} search, budget {cfg.tune.budget}")
+        st = Study(d, cfg.tune, model, cfg.vllm, device, out_dir=run_dir / "tune" / name, log=log)
         res = st.run()
         out[name] = {k: res[k] for k in ("engine", "hardware", "strategy", "objective", "unit", "measured", "failed",
                                          "best", "gain", "apply")}

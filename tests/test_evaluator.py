@@ -12,8 +12,9 @@ import yaml
 
 from compress.cli import main
 from compress.errors import UserError
-from compress.recipe import ModelSpec, parse_recipe
-from compress.evalconfig import EvalConfig, TaskSpec
+from compress.recipe import parse_recipe
+from compress.spec import ModelSpec
+from eval.config import EvalConfig, TaskSpec
 from conftest import tiny_recipe
 from eval.speed.workload import compare, distribution, per_request, RequestTiming
 

@@ -12,8 +12,8 @@ import time
 import psutil
 import pytest
 
-from compress.recipe import ModelSpec
-from compress.evalconfig import EvalConfig, TaskSpec
+from compress.spec import ModelSpec
+from eval.config import EvalConfig, TaskSpec
 from conftest import REPO
 from test_evaluator import MC_PROMPT, mc_records, write_jsonl
 

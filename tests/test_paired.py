@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from compress.cli import main
-from compress.recipe import ModelSpec
-from compress.evalconfig import EvalConfig, SpeedConfig
+from compress.spec import ModelSpec
+from eval.config import EvalConfig, SpeedConfig
 from conftest import tiny_recipe
 from eval.speed.paired import ratio_range, round_order, run_rounds, summarize
 from eval.speed.workload import RequestTiming, compare, workload_speed
@@ -243,7 +243,7 @@ def _gate_report(ranges: dict) -> dict:
 
 
 def test_gate_speed_passes_only_when_the_whole_range_clears_the_bound():
-    from compress.recipe import GateCriterion
+    from eval.config import GateCriterion
     from eval.report.gate import apply_gate
 
     rep = _gate_report({"clear": (1.22, 1.30), "across": (1.15, 1.25), "below": (0.95, 1.10)})
@@ -257,7 +257,7 @@ def test_gate_speed_passes_only_when_the_whole_range_clears_the_bound():
 
 
 def test_gate_speed_on_unpaired_speedups_is_not_measurable(tmp_path):
-    from compress.recipe import GateCriterion
+    from eval.config import GateCriterion
     from eval.report.gate import apply_gate, junit_xml
     from test_report import ARTS, make_report
 

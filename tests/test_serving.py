@@ -209,7 +209,7 @@ def test_transformers_serve_under_load(tiny_model, tmp_path):
     """`transformers serve --continuous-batching` (the HF engine's server), for real: text
     prompts and a generation_config for the exact length, since it refuses ids and ignore_eos."""
     from compress.models import load_tokenizer
-    from compress.evalconfig import ServingConfig
+    from eval.config import ServingConfig
     from eval.engines.server import TransformersServer
     from eval.speed.serving import make_prompts
 
@@ -269,7 +269,7 @@ def test_a_server_that_fails_does_not_lose_the_others(fake, tmp_path, tiny_model
 
 def test_who_measures_which_server():
     """vLLM's client measures the vLLM servers we start (auto), ours everything it cannot drive."""
-    from compress.evalconfig import ServingConfig
+    from eval.config import ServingConfig
     from eval.speed.serving_report import clients_for
 
     auto, ours, both = ServingConfig(), ServingConfig(client="squeeze"), ServingConfig(client="both")
@@ -284,7 +284,7 @@ def test_who_measures_which_server():
 def test_bench_client_needs_random_prompts_and_trials_use_ours():
     from pydantic import ValidationError
 
-    from compress.evalconfig import ServingConfig, TuneConfig
+    from eval.config import ServingConfig, TuneConfig
 
     with pytest.raises(ValidationError, match="vllm bench serve sends its own random prompts"):
         ServingConfig(client="vllm-bench", prompts="wikitext2")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import eval.evaluate as ev
-from compress.recipe import ModelSpec
-from compress.evalconfig import EvalConfig
+from compress.spec import ModelSpec
+from eval.config import EvalConfig
 from eval import stack
 from eval.report.report import build_report, provenance_lines
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from compress.errors import UserError
-from compress.evalconfig import TuneConfig
+from eval.config import TuneConfig
 from eval.tune import space as sp
 from eval.tune.study import Study
 

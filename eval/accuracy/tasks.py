@@ -5,7 +5,7 @@ their standard errors); this module only turns our task specs into lm-eval task 
 hands lm-eval the loaded model through lm-eval's own backends: ``HFLM`` wraps the
 transformers model object, ``VLLM`` wraps the ``vllm.LLM`` instance (no second load).
 
-Task specs (``compress.evalconfig.TaskSpec``):
+Task specs (``eval.config.TaskSpec``):
   - built-in: ``piqa`` (PIQA validation from the data directory, lm-eval's prompt) and
     ``gsm8k`` (GSM8K word problems from the data directory, lm-eval's prompt and strict
     ``#### N`` answer match; the local copy is the train split, few-shot examples are drawn

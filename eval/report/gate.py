@@ -1,6 +1,6 @@
 """The release gate: thresholds checked against a report, a verdict per criterion, JUnit XML.
 
-Criteria (compress.recipe.GateCriterion) sit in a recipe's ``gate:`` or in a gate file (a
+Criteria (eval.config.GateCriterion) sit in a recipe's ``gate:`` or in a gate file (a
 YAML list, or a mapping with ``gate:``). Each is checked on every artifact it selects
 (``artifacts``: final, all, or a glob) and every engine (or the one it names). A figure
 that was not measured fails its criterion (a gate never passes on a gap); a criterion that
@@ -22,7 +22,7 @@ from xml.sax.saxutils import escape, quoteattr
 from pydantic import ValidationError
 
 from compress.errors import UserError
-from compress.recipe import GATE_METRICS, GateCriterion
+from eval.config import GATE_METRICS, GateCriterion
 from compress.yamlio import format_errors, load_yaml
 from eval.accuracy.tasks import headline
 from eval.report.compare import peak_memory

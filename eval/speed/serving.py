@@ -264,7 +264,7 @@ def context_len(w) -> int:
 
 
 def make_prompts(w, tokenizer, seed: int = 0, as_text: bool = False) -> list:
-    """`w.num_prompts` prompts of `w.input_len` tokens (w: compress.evalconfig.ServingConfig):
+    """`w.num_prompts` prompts of `w.input_len` tokens (w: eval.config.ServingConfig):
     random token ids, or windows of a data set's text at random offsets; as token-id lists,
     or as text for servers that take text only."""
     from eval.speed.workload import random_prompts

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from compress.errors import UserError
 from compress.models import home, load_tokenizer, model_hash
-from compress.recipe import ModelSpec
-from compress.evalconfig import TuneConfig, VLLMOptions
+from compress.spec import ModelSpec
+from eval.config import TuneConfig, VLLMOptions
 from eval.evaluate import hardware, one_line
 from eval.tune import space as sp
 from eval.tune.trials import INTERRUPTED, OBJECTIVES, measure_hf, measure_vllm, score, vllm_base

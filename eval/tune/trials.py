@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from compress.recipe import ModelSpec
-from compress.evalconfig import ServingConfig, TuneConfig, VLLMOptions
+from compress.spec import ModelSpec
+from eval.config import ServingConfig, TuneConfig, VLLMOptions
 from eval.speed.serving import Load, context_len, make_prompts, run_load
 from eval.speed.serving_report import loads_of, slo_of
 from eval.speed.workload import spread

@@ -1,13 +1,14 @@
-"""The evaluation protocol as a recipe states it (its `eval` section): perplexity, speed and
-its paired rounds, lm-eval tasks, each engine's options, serving load and engine tuning. The
-schema lives apart from the recipe's own (compress.recipe: model, stages, matrix, gate),
-which holds one EvalConfig; eval/ reads these."""
+"""The evaluation half of a recipe's schema, read by eval/: its `eval` section (perplexity,
+speed and its paired rounds, lm-eval tasks, each engine's options, serving load, engine
+tuning) and its release-gate criteria (`gate:`, or a gate file: eval.report.gate). The recipe
+as a whole (compress.recipe) holds one EvalConfig and a list of GateCriterion."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
+
 from compress.schema import Strict
 
 
@@ -201,3 +202,51 @@ class EvalConfig(Strict):
         import importlib.util
 
         return ["hf", "vllm"] if importlib.util.find_spec("vllm") is not None else ["hf"]
+
+
+GATE_METRICS = {
+    "perplexity_increase_pct": "perplexity change against the baseline, in % (use max)",
+    "perplexity_retention": "baseline perplexity / artifact perplexity (use min)",
+    "task_retention": "artifact accuracy / baseline accuracy for `task` (use min)",
+    "task_drop_points": "baseline accuracy - artifact accuracy for `task`, in points (use max)",
+    "throughput_speedup": "artifact / baseline output tok/s with requests in flight (use min)",
+    "tpot_speedup": "baseline / artifact batch-1 time per output token (use min)",
+    "throughput_tok_s": "output tok/s with requests in flight (use min)",
+    "peak_memory_mib": "peak memory while measured (GPU if used, else resident set), MiB (use max)",
+    "size_mb": "bytes of the safetensors on disk / 1e6 (use max)",
+    "size_ratio": "artifact bytes on disk / baseline bytes (use max)",
+}
+
+
+class GateCriterion(Strict):
+    """One release-gate threshold, checked on every matching artifact and engine of a report."""
+
+    metric: Literal[tuple(GATE_METRICS)]  # type: ignore[valid-type]
+    # a NaN bound fails every check and an infinite one passes every check: neither is a gate
+    min: float | None = Field(None, allow_inf_nan=False, description="pass when the value is >= min (finite)")
+    max: float | None = Field(None, allow_inf_nan=False, description="pass when the value is <= max (finite)")
+    task: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                             description="task_*: 'piqa' (its headline metric: the task spec's `metric`, else "
+                             "acc or exact_match) or 'piqa.acc_norm'")
+    engine: Literal["hf", "vllm"] | None = Field(None, description="one engine; default: every engine measured")
+    artifacts: str = Field("final", min_length=1, description="'final' (the last stage of a recipe, every "
+                           "variant of a matrix), 'all', or a glob over artifact names")
+    name: str | None = Field(None, description="label in the verdict and JUnit XML (default: derived)")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min is None and self.max is None:
+            raise ValueError("give `min` or `max` (or both)")
+        if self.metric.startswith("task_") and not self.task:
+            raise ValueError(f"metric {self.metric} needs `task` (e.g. piqa or piqa.acc_norm)")
+        if self.task and not self.metric.startswith("task_"):
+            raise ValueError(f"`task` applies to task_retention and task_drop_points only, not {self.metric}")
+        return self
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        what = f"{self.metric}[{self.task}]" if self.task else self.metric
+        bounds = " and ".join(b for b in (self.min is not None and f">= {self.min:g}",
+                                           self.max is not None and f"<= {self.max:g}") if b)
+        return f"{what} {bounds}"
