@@ -19,6 +19,7 @@ from pathlib import Path
 
 from compress.errors import UserError
 from eval.accuracy.tasks import headline
+from eval.report.cells import quant_label
 from eval.report.pareto import Axis, mark_pareto, memory_axis, quality_axis
 
 READABLE_SCHEMAS = (3, 4)
@@ -66,8 +67,6 @@ def peak_memory(m: dict) -> int | None:
 
 def flat_row(run: str, entry: dict, engine: str, m: dict, ret: dict, is_base: bool) -> dict:
     """The figures of one model on one engine, flat (None where not measured)."""
-    from eval.report.report import quant_label
-
     sp = m.get("speed") or {}
     conc, b1 = sp.get("concurrent") or {}, sp.get("batch1") or {}
     tasks = {}

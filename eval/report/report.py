@@ -40,6 +40,7 @@ from compress.manifest import git_sha, versions
 from eval.accuracy.tasks import headline
 from eval.engines.kernels import kernel_notes
 from eval.evaluate import retention
+from eval.report.cells import fmt, mib, quant_label
 from eval.report.coverage import coverage_lines
 from eval.speed.workload import fmt_speedup
 from eval.stack import gpu_stack
@@ -86,20 +87,6 @@ def build_report(baseline: dict, artifacts: list[dict], recipe: dict | None = No
     }
 
 
-def _f(x, fmt):
-    return "–" if x is None else format(x, fmt)
-
-
-def quant_label(m: dict) -> str:
-    """'W4A16 g128', 'W8A16 ch asym', or '–' for a dense model."""
-    q = m.get("quantization")
-    if not q:
-        return "–"
-    sizes = "/".join("ch" if g == -1 else f"{g}" for g in q.get("group_sizes", [q.get("group_size", -1)]))
-    label = sizes if sizes == "ch" else f"g{sizes}"
-    return f"{q.get('scheme', '?')} {label}{'' if q.get('symmetric', True) else ' asym'}"
-
-
 def rows(report: dict):
     """(entry, engine, metrics, retention) in table order: baseline first, per engine."""
     base = report["baseline"]
@@ -122,10 +109,6 @@ def task_columns(report: dict) -> list[tuple[str, str]]:
     return cols
 
 
-def _mb(x) -> str:
-    return "–" if not x else f"{x / 2**20:.1f}" if x < 10 * 2**20 else f"{x / 2**20:.0f}"
-
-
 def table(report: dict) -> str:
     """Markdown table: one row per (model, engine), changes against the baseline on that engine.
     Speedups carry the range of their paired rounds; inside the noise they read 'no measurable change'."""
@@ -145,15 +128,15 @@ def table(report: dict) -> str:
             tasks.append("–" if v is None else f"{v:.3f}" + (f" ± {se:.3f}" if se is not None else ""))
         speed = ret.get("speed", {})
         cells = [
-            entry["name"], engine, quant_label(m), _f(m.get("perplexity", {}).get("perplexity"), ".3f"),
-            _f(ret.get("ppl_retention"), ".3f"), *tasks,
-            _f(conc.get("output_tok_s", {}).get("median"), ".1f"),
+            entry["name"], engine, quant_label(m), fmt(m.get("perplexity", {}).get("perplexity"), ".3f"),
+            fmt(ret.get("ppl_retention"), ".3f"), *tasks,
+            fmt(conc.get("output_tok_s", {}).get("median"), ".1f"),
             "base" if is_base and conc else fmt_speedup(speed.get("throughput")),
-            _f(b1.get("tpot_mean_ms", {}).get("median"), ".2f"),
+            fmt(b1.get("tpot_mean_ms", {}).get("median"), ".2f"),
             "base" if is_base and b1 else fmt_speedup(speed.get("batch1_tpot")),
-            _f(conc.get("ttft_ms", {}).get("p50"), ".1f"),
-            _mb(mem.get("weight_bytes")), _mb(mem.get("peak_rss_bytes")),
-            _f(m.get("linear_sparsity"), ".1%"), _f(m.get("size_bytes", 0) / 1e6, ".1f")]
+            fmt(conc.get("ttft_ms", {}).get("p50"), ".1f"),
+            mib(mem.get("weight_bytes")), mib(mem.get("peak_rss_bytes")),
+            fmt(m.get("linear_sparsity"), ".1%"), fmt(m.get("size_bytes", 0) / 1e6, ".1f")]
         if m.get("error"):
             cells[3] = cells[3] if cells[3] != "–" else "error"
         out.append("| " + " | ".join(cells) + " |")
@@ -281,7 +264,7 @@ def notes(report: dict) -> list[str]:
                 lines.append(f"- {entry['name']} ({e}): KV cache holds {mem['kv_cache_tokens']:,} tokens")
             if mem.get("peak_gpu_used_bytes") or mem.get("peak_torch_allocated_bytes"):
                 lines.append(f"- {entry['name']} ({e}): peak GPU memory "
-                             f"{_mb(mem.get('peak_gpu_used_bytes') or mem.get('peak_torch_allocated_bytes'))} MiB")
+                             f"{mib(mem.get('peak_gpu_used_bytes') or mem.get('peak_torch_allocated_bytes'))} MiB")
             if em.get("error"):
                 lines.append(f"- **{entry['name']} ({e}) failed**: {em['error']} (figures before it are kept)")
     source = ((report.get("recipe") or {}).get("model") or {}).get("source")

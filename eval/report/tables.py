@@ -8,10 +8,8 @@ import csv
 import io
 from pathlib import Path
 
+from eval.report.cells import fmt
 from eval.report.compare import Group, run_label
-
-def _f(x, fmt: str) -> str:
-    return "–" if x is None else format(x, fmt)
 
 
 def _speed(c: dict | None) -> str:
@@ -32,15 +30,15 @@ def columns(rows: list[dict]) -> list[tuple[str, callable]]:
     cols = [("model", lambda r: r["artifact"]),
             ("engine", lambda r: r["engine"]), ("quant", lambda r: r["quant"])]
     if has("params"):
-        cols.append(("params M", lambda r: _f(r["params"] and r["params"] / 1e6, ".1f")))
+        cols.append(("params M", lambda r: fmt(r["params"] and r["params"] / 1e6, ".1f")))
     if has("flops_per_token"):
-        cols.append(("GFLOP/tok", lambda r: _f(r["flops_per_token"] and r["flops_per_token"] / 1e9, ".3f")))
+        cols.append(("GFLOP/tok", lambda r: fmt(r["flops_per_token"] and r["flops_per_token"] / 1e9, ".3f")))
     if has("size_bytes"):
-        cols.append(("size MB", lambda r: _f(r["size_bytes"] and r["size_bytes"] / 1e6, ".1f")))
+        cols.append(("size MB", lambda r: fmt(r["size_bytes"] and r["size_bytes"] / 1e6, ".1f")))
     if has("perplexity"):
         cols += [("perplexity", lambda r: "error" if r["error"] and r["perplexity"] is None
-                  else _f(r["perplexity"], ".3f")),
-                 ("ppl Δ %", lambda r: "base" if r["baseline"] else _f(r["ppl_change_pct"], "+.1f"))]
+                  else fmt(r["perplexity"], ".3f")),
+                 ("ppl Δ %", lambda r: "base" if r["baseline"] else fmt(r["ppl_change_pct"], "+.1f"))]
     for t in task_keys(rows):
         def cell(r, t=t):
             tv = r["tasks"].get(t)
@@ -50,16 +48,16 @@ def columns(rows: list[dict]) -> list[tuple[str, callable]]:
             return s if r["baseline"] or tv.get("retention") is None else f"{s} ({tv['retention']:.1%})"
         cols.append((t, cell))
     if has("throughput"):
-        cols += [("out tok/s", lambda r: _f(r["throughput"], ".1f")),
+        cols += [("out tok/s", lambda r: fmt(r["throughput"], ".1f")),
                  ("speedup", lambda r: "base" if r["baseline"] else _speed(r["throughput_speedup"])),
-                 ("TTFT p50 ms", lambda r: _f(r["ttft_p50_ms"], ".1f"))]
+                 ("TTFT p50 ms", lambda r: fmt(r["ttft_p50_ms"], ".1f"))]
     if has("tpot_ms"):
-        cols += [("b1 TPOT ms", lambda r: _f(r["tpot_ms"], ".2f")),
+        cols += [("b1 TPOT ms", lambda r: fmt(r["tpot_ms"], ".2f")),
                  ("TPOT speedup", lambda r: "base" if r["baseline"] else _speed(r["tpot_speedup"]))]
     if has("weight_bytes"):
-        cols.append(("weights MiB", lambda r: _f(r["weight_bytes"] and r["weight_bytes"] / 2**20, ".0f")))
+        cols.append(("weights MiB", lambda r: fmt(r["weight_bytes"] and r["weight_bytes"] / 2**20, ".0f")))
     if has("peak_memory_bytes"):
-        cols.append(("peak mem MiB", lambda r: _f(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20, ".0f")))
+        cols.append(("peak mem MiB", lambda r: fmt(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20, ".0f")))
     cols.append(("Pareto", lambda r: ", ".join(k for k, v in r.get("pareto", {}).items() if v) or "–"))
     return cols
 
