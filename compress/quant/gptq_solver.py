@@ -120,35 +120,13 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, grid: Grid, block_size: int 
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if actorder else None
     keep = None if keep is None else keep.float()
     if perm is not None:
-        w = w[:, perm]
-        keep = None if keep is None else keep[:, perm]
-        h.copy_(h.index_select(0, perm))
-        h.copy_(h.index_select(1, perm))
-        col_group = col_group[perm]
+        w, keep, col_group = _permute(w, h, keep, col_group, perm)
     row_energy = ((w @ h) * w).sum(1)
     hinv = inverse_hessian_factor(h, damp)
     del h
 
     bs = block_size if static else -(-max(block_size, gs) // gs) * gs
-    q = torch.zeros_like(w)
-    row_error = torch.zeros(out, device=w.device)
-    for i1 in range(0, n, bs):
-        i2 = min(i1 + bs, n)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        q1 = torch.zeros_like(w1)
-        if static:
-            s1, z1 = scale[:, col_group[i1:i2]], zero[:, col_group[i1:i2]]
-        else:
-            s1, z1 = torch.empty_like(w1), torch.empty_like(w1)
-        keep1 = None if keep is None else keep[:, i1:i2].contiguous()
-        block_fn(w1, hinv[i1:i2, i1:i2], s1, z1, q1, err1, grid, 0 if static else gs, keep1)
-        q[:, i1:i2] = q1
-        if not static:  # group k = processed columns k*gs .. (k+1)*gs - 1
-            scale[:, i1 // gs:i2 // gs], zero[:, i1 // gs:i2 // gs] = s1[:, ::gs], z1[:, ::gs]
-        row_error += err1.square().sum(1)
-        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
-
+    q, row_error = _solve_blocks(w, hinv, scale, zero, col_group, keep, grid, 0 if static else gs, bs, block_fn)
     g_idx = None
     if not static and perm is not None:
         g_idx = torch.empty(n, dtype=torch.int32, device=w.device)
@@ -157,6 +135,47 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, grid: Grid, block_size: int 
         q = q[:, torch.argsort(perm)]
     return GPTQResult(q=q, scale=scale, zero=zero, g_idx=g_idx, loss=row_error.sum().item() / 2,
                       row_error=row_error, row_energy=row_energy)
+
+
+def _permute(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor | None, col_group: torch.Tensor,
+             perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Columns of W, keep and col_group, and rows and columns of H (in place), in solving order."""
+    w = w[:, perm]
+    keep = None if keep is None else keep[:, perm]
+    h.copy_(h.index_select(0, perm))
+    h.copy_(h.index_select(1, perm))
+    return w, keep, col_group[perm]
+
+
+def _solve_blocks(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  col_group: torch.Tensor, keep: torch.Tensor | None, grid: Grid, dynamic_group: int, bs: int,
+                  block_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lazy-batch loop over blocks of `bs` columns: (Q [out, in] in solving order, row error [out]).
+
+    W is updated in place with each block's error. With `dynamic_group` (> 0, the group size)
+    each group's scale and zero are fixed when reached and written into `scale` / `zero`; else
+    they are read from there (fixed up front)."""
+    out, n = w.shape
+    gs = dynamic_group
+    q = torch.zeros_like(w)
+    row_error = torch.zeros(out, device=w.device)
+    for i1 in range(0, n, bs):
+        i2 = min(i1 + bs, n)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        q1 = torch.zeros_like(w1)
+        if not gs:
+            s1, z1 = scale[:, col_group[i1:i2]], zero[:, col_group[i1:i2]]
+        else:
+            s1, z1 = torch.empty_like(w1), torch.empty_like(w1)
+        keep1 = None if keep is None else keep[:, i1:i2].contiguous()
+        block_fn(w1, hinv[i1:i2, i1:i2], s1, z1, q1, err1, grid, gs, keep1)
+        q[:, i1:i2] = q1
+        if gs:  # group k = processed columns k*gs .. (k+1)*gs - 1
+            scale[:, i1 // gs:i2 // gs], zero[:, i1 // gs:i2 // gs] = s1[:, ::gs], z1[:, ::gs]
+        row_error += err1.square().sum(1)
+        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
+    return q, row_error
 
 
 def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
