@@ -7,7 +7,8 @@ positive per-channel s. The division by s is folded into the op that produces x:
 o_proj, up_proj before down_proj, whose product with the gate is linear in each channel). The
 model's structure is unchanged; only weights move, exactly up to rounding.
 
-A `Mapping` names, relative to one decoder layer, the `balance` linears and the `smooth` op.
+A `Mapping` (compress.quant.mapping) names, relative to one decoder layer, the `balance`
+linears and the `smooth` op.
 Over a mixture-of-experts block a mapping covers every expert (compress.quant.smooth_moe).
 The Llama family's (Llama, Mistral, Qwen2/3, SmolLM, Phi-3 style: input_layernorm ->
 q/k/v, post_attention_layernorm -> gate/up, v_proj -> o_proj, up_proj -> down_proj) are the
@@ -21,18 +22,11 @@ from __future__ import annotations
 import copy
 
 import torch
-from pydantic import Field
 
 from compress.errors import UserError
 from compress.layerwise import decoder_layers
-from compress.schema import Strict
-
-
-class Mapping(Strict):
-    balance: list[str] = Field(min_length=1, description="linears (names inside a decoder layer) that read one "
-                               "input and take the scale into their columns")
-    smooth: str = Field(description="the norm or linear (name inside a decoder layer) whose output is that input: "
-                        "it takes 1/scale")
+from compress.quant.mapping import Mapping
+from compress.quant.smooth_moe import expand_all
 
 
 def _m(balance, smooth):
@@ -80,8 +74,6 @@ def resolve(model: torch.nn.Module, mappings, targets: set[str], stage: str, req
     targets; raises UserError (naming the layer and module) where a `required` mapping does not
     fit. A mapping that cannot apply for a structural reason (v_proj narrower than o_proj's
     input under grouped-query attention) gets a note and is skipped."""
-    from compress.quant.smooth_moe import expand_all  # it builds on Mapping
-
     layers_name, layers = decoder_layers(model)
     out: dict[int, list] = {}
     errors = []
@@ -136,8 +128,3 @@ def fold(smooth: torch.nn.Module, balance: list[torch.nn.Linear], s: torch.Tenso
 def follow(layer: torch.nn.Module, mp) -> list[torch.nn.Module]:
     """The modules that take a mapping's scale without setting it (an MoE block's routers)."""
     return [layer.get_submodule(f) for f in getattr(mp, "follow", ())]
-
-
-def mapping_for(plan: list, group: list[str]):
-    """The (mapping, note) whose balance linears include the first of `group` (None if none)."""
-    return next(((mp, note) for mp, note in plan if group[0] in mp.balance), None)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from compress.moe import ExpertMLP, LinearExperts, router_names
-from compress.quant.smooth import Mapping
+from compress.quant.mapping import Mapping
 
 ROLES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}   # dense name -> expert role
 

@@ -31,7 +31,8 @@ from compress.collectors import AbsMaxCollector
 from compress.errors import UserError
 from compress.export.compressed_tensors import refuse_quantized
 from compress.layerwise import decoder_layers, run_layerwise, split_by_layer
-from compress.quant.smooth import SMOOTHQUANT_MAPPINGS, Mapping, fold, follow, resolve
+from compress.quant.mapping import Mapping
+from compress.quant.smooth import SMOOTHQUANT_MAPPINGS, fold, follow, resolve
 from compress.select import linear_names
 from compress.stage import Stage, StageContext
 from compress.schema import Strict
