@@ -10,7 +10,8 @@ engines see one kind of thing:
   * a ``.gguf`` file: dequantized through transformers + gguf into ``checkpoints/_imported/``;
   * a local HF directory: used in place;
   * a hub id (``org/name``): fetched with huggingface_hub where the network allows.
-Loading is safe by default: safetensors only, ``trust_remote_code`` off.
+Loading is safe by default: safetensors only, ``trust_remote_code`` off; a directory is checked
+before it is loaded (compress.model_files).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -30,10 +30,13 @@ from pathlib import Path
 
 import torch
 
+from compress.calibration import calibration_batches
 from compress.errors import UserError
 from compress.export.moe_load import load_per_expert, per_expert_quantized
 from compress.fsutil import atomic_dir, sha256_file
 from compress.manifest import known_hashes, write_manifest
+from compress.model_files import PICKLED, check_model_dir
+from compress.moefy import REFIT, moefy
 
 BUILTIN_MODELS = {
     "smollm2": {
@@ -48,7 +51,6 @@ BUILTIN_MODELS = {
         "calibration": {"dataset": "wikitext2-valid", "n_samples": 16, "seq_len": 512}} for k in (8, 2, 4, 6)},
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
 def home() -> Path:
@@ -91,55 +93,6 @@ def resolve_model(source: str, allow_pickle: bool = False) -> Path:
         return _from_hub(source, allow_pickle)
     allowed = ", ".join(BUILTIN_MODELS)
     raise UserError(f"model.source: {source!r} is not a directory, a .gguf file, a hub id (org/name) or a built-in ({allowed})")
-
-
-def check_model_dir(d: Path, allow_pickle: bool) -> None:
-    """A readable HF directory: config.json that parses, and weights whose files are whole."""
-    if not (d / "config.json").is_file():
-        raise UserError(f"model.source: {d} has no config.json; it is not a Hugging Face model directory")
-    try:
-        json.loads((d / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{d / 'config.json'}: unreadable or not JSON ({e})") from None
-    files = sorted(d.glob("*.safetensors"))
-    if files:
-        for f in files:
-            check_safetensors(f)
-        return
-    pickled = [f.name for pat in _PICKLED for f in d.glob(pat)]
-    if pickled and not allow_pickle:
-        raise UserError(
-            f"model.source: {d} has only pickled weights ({', '.join(sorted(pickled))}); loading them can run "
-            "arbitrary code: set model.allow_pickle: true (or --allow-pickle) if you trust the source")
-    if not pickled:
-        raise UserError(f"model.source: {d} has no weights (*.safetensors)")
-
-
-def safetensors_header(f: Path) -> tuple[int, dict]:
-    """(header length, header) of a safetensors file, read without its tensors. Raises ValueError
-    or OSError when the file is too short or the header is not JSON."""
-    with open(f, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ValueError("shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > f.stat().st_size - 8:
-            raise ValueError(f"header length {n} exceeds the file ({f.stat().st_size} bytes)")
-        return n, json.loads(fh.read(n))
-
-
-def check_safetensors(f: Path) -> None:
-    """Raise a one-line UserError if `f` is not a whole safetensors file (a truncated copy, a
-    corrupt header), without reading the tensors."""
-    try:
-        n, header = safetensors_header(f)
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # JSONDecodeError is a ValueError
-        raise UserError(f"{f}: not a readable safetensors file ({e}); the checkpoint is corrupt or incomplete") from None
-    size = f.stat().st_size
-    if 8 + n + end > size:
-        raise UserError(f"{f}: truncated: its header needs {8 + n + end} bytes, the file has {size}; the checkpoint "
-                        "is incomplete (copy it again)")
 
 
 def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
@@ -258,10 +211,25 @@ def _builtin(name: str) -> Path:
     if (out / "manifest.json").is_file():
         return out
     if "base" in spec:  # made from another built-in
-        from compress.moefy import build
-
-        return build(_builtin(spec["base"]), out, spec)
+        return _moefied(_builtin(spec["base"]), out, spec)
     return import_gguf(builtin_gguf(name), out)
+
+
+def _moefied(base_dir: Path, out: Path, spec: dict) -> Path:
+    """Write the MoEfied form (compress.moefy) of the HF directory `base_dir` to `out` (atomically,
+    with its manifest): `spec` holds experts, top_k and the calibration text (dataset, n_samples,
+    seq_len; seed 0) that the partition (and, for top_k < experts, the router and refit) are fitted on."""
+    e, k, c = spec["experts"], spec["top_k"], spec["calibration"]
+    print(f"making {out.name} from {base_dir.name} (MoEfication, {e} experts, top {k}; once)", file=sys.stderr)
+    model, tok = load_model(base_dir)
+    moe = moefy(model, e, k, calibration_batches(tok, c["dataset"], c["n_samples"], c["seq_len"]))
+    how = {"experts": e, "top_k": k, "base_model_hash": model_hash(base_dir), "partition": "coact",
+           **({"router": "zero"} if k == e else {"router": "lsq", "refit": REFIT}), "calibration": c, "seed": 0}
+    with atomic_dir(out) as tmp:
+        moe.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_manifest(tmp, {"source": {"moefy": how}})
+    return out
 
 
 def builtin_gguf(name: str) -> Path:
@@ -294,7 +262,7 @@ def _from_hub(repo_id: str, allow_pickle: bool) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise UserError(f"model.source: {repo_id!r} looks like a hub id, but huggingface_hub is not installed") from None
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py"] + (list(_PICKLED) if allow_pickle else [])
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py"] + (list(PICKLED) if allow_pickle else [])
     try:
         d = Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:

@@ -26,9 +26,9 @@ For k < E the partition and the router decide what is lost (Zhang et al. 2022, "
     the dense MLP's output on calibration tokens, with a ridge (`REFIT`) pulling toward the plain
     split: the chosen experts take up part of what the dropped ones would have added.
 `moefy` is a function of the model and, for k < E, calibration tokens: it goes through the
-decoder one layer at a time (the calibration runner's capture, compress.layerwise), so each
-layer's partition, router and refit see the inputs that the layers already MoEfied produce.
-`build` writes a built-in source's directory (compress.models: `smollm2-moe`, `-topK`).
+decoder one layer at a time (the calibration runner's capture, compress.layerwise.capture), so
+each layer's partition, router and refit see the inputs that the layers already MoEfied produce.
+compress.models makes the built-in sources `smollm2-moe` and `smollm2-moe-topK` with it.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def moefy(model: nn.Module, num_experts: int = 8, top_k: int = 8, calib: torch.T
 
 def _sequential(model, layers, calib: torch.Tensor, batch_size: int, split) -> list[Routed]:
     """Each layer's MLP split on the inputs that the already-split layers before it produce."""
-    from compress.layerwise import capture
+    from compress.layerwise.capture import capture
 
     device = next(model.parameters()).device
     batches = list(calib.split(batch_size))
@@ -249,29 +249,3 @@ def _sequential(model, layers, calib: torch.Tensor, batch_size: int, split) -> l
             hook.remove()
             layer.mlp = dense
     return blocks
-
-
-# ---------------------------------------------------------------------------- built-in sources
-
-def build(base_dir, out, spec: dict):
-    """Write the MoEfied form of the HF directory `base_dir` to `out` (atomically, with its
-    manifest): `spec` holds experts, top_k and the calibration text (dataset, n_samples, seq_len;
-    seed 0) that the partition (and, for top_k < experts, the router and refit) are fitted on."""
-    import sys
-
-    from compress.calibration import calibration_batches
-    from compress.fsutil import atomic_dir
-    from compress.manifest import write_manifest
-    from compress.models import load_model, model_hash
-
-    e, k, c = spec["experts"], spec["top_k"], spec["calibration"]
-    print(f"making {out.name} from {base_dir.name} (MoEfication, {e} experts, top {k}; once)", file=sys.stderr)
-    model, tok = load_model(base_dir)
-    moe = moefy(model, e, k, calibration_batches(tok, c["dataset"], c["n_samples"], c["seq_len"]))
-    how = {"experts": e, "top_k": k, "base_model_hash": model_hash(base_dir), "partition": "coact",
-           **({"router": "zero"} if k == e else {"router": "lsq", "refit": REFIT}), "calibration": c, "seed": 0}
-    with atomic_dir(out) as tmp:
-        moe.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        write_manifest(tmp, {"source": {"moefy": how}})
-    return out

@@ -33,7 +33,8 @@ from compress.data import check_text_source, load_text
 from compress.errors import UserError
 from compress.export.compressed_tensors import describe, quantization_config
 from compress.fsutil import atomic_write_text, sha256_file
-from compress.models import check_model_dir, home, model_hash
+from compress.model_files import check_model_dir
+from compress.models import home, model_hash
 from compress.spec import ModelSpec
 from eval.config import EvalConfig, HFOptions
 from eval.accuracy.perplexity import perplexity

@@ -93,7 +93,7 @@ class MemorySampler:
 def checkpoint_weight_bytes(model_dir: Path, dtype: str) -> int:
     """Bytes of the checkpoint's tensors with floating-point ones at the engine's `dtype` and
     integer (packed) ones as stored: what an engine that loads it as written holds in memory."""
-    from compress.models import safetensors_header
+    from compress.model_files import safetensors_header
 
     total = 0
     for f in sorted(Path(model_dir).glob("*.safetensors")):
