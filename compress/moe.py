@@ -9,8 +9,9 @@ parameters and no such flags is read with transformers' defaults (gated, concate
 [gate; up], not transposed). No branch on a model's name.
 
 `linearize(model)` replaces every such module by a `LinearExperts`: a ModuleList of per-expert
-MLPs of plain `nn.Linear` (`experts.N.gate_proj / up_proj / down_proj`, the names
-`save_pretrained` and vLLM's MoE loaders use), with a forward that computes the same function.
+MLPs of plain `nn.Linear` (`experts.N.gate_proj / up_proj / down_proj`, or as the model type's
+checkpoints name them: compress.moe_checkpoint; the names `save_pretrained` and vLLM's MoE
+loaders use), with a forward that computes the same function.
 Every stage that works on `nn.Linear` then covers the experts, and the calibration runner's
 hooks see, for each expert, exactly the tokens its router sends it (or, with
 `all_tokens`, every token for statistics while the output stays the routed one). `fuse(model)`
@@ -20,11 +21,12 @@ writes the weights back into the 3-D parameters. This is the peer's "linearize" 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from compress.moe_checkpoint import checkpoint_layout
 
 _WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
 
@@ -88,55 +90,6 @@ def router_names(model: nn.Module) -> list[str]:
             if w.shape[0] in (e, 1):
                 out.append(f"{name}.{cn}" if name else cn)
     return out
-
-
-@dataclass(frozen=True)
-class CheckpointLayout:
-    """How a model type's checkpoints name experts, read from transformers' conversion mapping
-    (the mapping it applies when loading, and reverses when saving)."""
-
-    proj: dict            # role (gate, up, down) -> per-expert module name: gate_proj / w1, ...
-    renames: tuple = ()   # (model substring, checkpoint substring), e.g. ('.mlp.', '.block_sparse_moe.')
-    per_expert: bool = True   # False: checkpoints keep the experts fused (gpt-oss)
-
-    def to_checkpoint(self, name: str) -> str:
-        for model_part, ckpt_part in self.renames:
-            name = name.replace(model_part, ckpt_part)
-        return name
-
-    def to_model(self, name: str) -> str:
-        for model_part, ckpt_part in self.renames:
-            name = name.replace(ckpt_part, model_part)
-        return name
-
-
-_PLAIN = re.compile(r"^[\w.]+$")
-
-
-def checkpoint_layout(model_type: str | None) -> CheckpointLayout:
-    """The per-expert names and key renamings of `model_type`'s checkpoints (defaults where
-    transformers has no conversion mapping: gate_proj / up_proj / down_proj, no renaming)."""
-    proj = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-        mapping = get_checkpoint_conversion_mapping(model_type) if model_type else None
-    except ImportError:
-        mapping = None
-    if not mapping:
-        return CheckpointLayout(proj, per_expert=model_type is None)
-    renames, per_expert = [], False
-    for conv in mapping:
-        src, dst = list(conv.source_patterns), list(conv.target_patterns)
-        if type(conv).__name__ == "WeightRenaming" and _PLAIN.match(src[0]) and _PLAIN.match(dst[0]):
-            renames.append((dst[0], src[0]))
-        elif dst and dst[0].endswith(("experts.gate_up_proj", "experts.up_proj", "experts.down_proj")):
-            names = [s.split("*.", 1)[-1].rsplit(".weight", 1)[0] for s in src]
-            roles = {"experts.gate_up_proj": ("gate", "up"), "experts.up_proj": ("up",),
-                     "experts.down_proj": ("down",)}[".".join(dst[0].split(".")[-2:])]
-            proj.update(zip(roles, names))
-            per_expert = True
-    return CheckpointLayout(proj, tuple(renames), per_expert)
 
 
 def expert_index(name: str) -> tuple[str, int, str] | None:
