@@ -1,10 +1,14 @@
-"""Calibration data for the stages that look at activations (GPTQ, Wanda, SparseGPT, AWQ,
-SmoothQuant, static activation scales, structured-pruning importance): token windows of a text data set, consumed by the layer-wise runner
-(compress.layerwise).
+"""Calibration data: token windows of a text data set at seeded random offsets.
 
-`CalibrationConfig` is a field of each calibrated stage's config, so the data set, sample
-count and length enter the recipe hash and stage.json. Sensible sizes: 128 × 2048 tokens on
-a GPU (the GPTQ paper's setting); on a CPU, 32-64 × 512 keeps a 135M model within minutes.
+The stages that look at activations run them through the layer-wise runner
+(compress.layerwise): gptq, awq, smoothquant, static int8/fp8 activation scales, wanda,
+sparsegpt, and the structured cuts' importance (MLP channels, heads, hidden channels, depth,
+experts). `CalibrationConfig` is a field of each such stage's config, so the data set, sample
+count and length enter the recipe hash and stage.json; StageContext.calibration (compress.stage)
+draws the windows with the recipe's seed. The MoEfied built-in models are fitted on such windows
+(compress.models), and distillation reads its training text through `dataset_tokens`.
+Sensible sizes: 128 × 2048 tokens on a GPU (the GPTQ paper's setting); on a CPU, 32-64 × 512
+keeps a 135M model within minutes.
 """
 
 from __future__ import annotations

@@ -8,9 +8,11 @@ gate/up) share one collector.
 An empty batch (an expert of a mixture-of-experts layer that no token was routed to) adds
 nothing: `n` counts the tokens a collector saw, which the stages compare to their threshold.
 
-  HessianCollector      H = 2/n Σ xᵀx            [in, in]   GPTQ, SparseGPT
-  ChannelNormCollector  Σ x_j² / n (per channel)  [in]       Wanda, AWQ
-  AbsMaxCollector       max |x_j| (per channel)   [in]       SmoothQuant, static activation scales
+  HessianCollector      H = 2/n Σ xᵀx            [in, in]   GPTQ, SparseGPT, AWQ (its AWQCollector
+                                                             adds the mean |x_j|: compress.quant.awq_search)
+  ChannelNormCollector  Σ x_j² / n (per channel)  [in]       Wanda, OWL, structured-pruning importance
+  AbsMaxCollector       max |x_j| (per channel)   [in]       SmoothQuant
+  RangeCollector        max |x|, log2 |x| histogram (per tensor)   static activation scales (int8, fp8)
 """
 
 from __future__ import annotations
