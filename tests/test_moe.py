@@ -349,7 +349,7 @@ def test_freeze_router_on_a_dense_student_is_refused(tiny_model, corpus):
 
 
 def test_the_report_shows_coverage_fallbacks_and_routing(qwen3, text_file, tmp_path):
-    from eval.report.report import notes
+    from eval.report.lines import notes
 
     stage = {"type": "gptq", "group_size": 32, "calibration": _calib(text_file, min_expert_tokens=40)}
     _, info = _run(qwen3, text_file, [stage], tmp_path, "rep")

@@ -205,7 +205,7 @@ def test_a_failed_pairing_is_reported_not_cached_and_leaves_speedups_unpaired(ti
     import shutil
 
     import eval.paired as P
-    from eval.report.report import paired_lines
+    from eval.report.lines import paired_lines
     from eval.speed.paired import speedups
 
     shutil.copytree(tiny_model, tmp_path / "a")

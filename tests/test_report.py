@@ -358,7 +358,7 @@ def test_report_matches_its_json_schema(tmp_path):
 
 
 def test_cut_lines_say_what_a_structured_cut_and_a_distillation_did():
-    from eval.report.report import cut_lines
+    from eval.report.lines import cut_lines
 
     info = {"heads": [8, 6], "kv_heads": [4, 3], "kept_heads_per_layer": [[0, 1, 2, 3, 6, 7], [2, 3, 4, 5, 6, 7]],
             "mode": "kv_groups"}

@@ -13,7 +13,8 @@ import eval.evaluate as ev
 from compress.spec import ModelSpec
 from eval.config import EvalConfig
 from eval import stack
-from eval.report.report import build_report, provenance_lines
+from eval.report.lines import provenance_lines
+from eval.report.report import build_report
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -28,7 +28,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from compress.fsutil import atomic_write_text
 from compress.models import hub_id
 from eval.accuracy.tasks import headline
-from eval.report.report import protocol_lines, provenance_lines, table
+from eval.report.lines import protocol_lines, provenance_lines
+from eval.report.report import table
 
 KINDS = {"compress.prune": "pruned", "compress.quant": "quantized", "compress.distill": "distilled"}
 

@@ -12,6 +12,7 @@ import json
 
 from eval.report.charts import pareto_figure
 from eval.report.compare import Group, compare_reports, run_label
+from eval.report.lines import notes, protocol_lines
 from eval.report.tables import columns
 
 CSS = """
@@ -126,8 +127,6 @@ def gate_html(gate: dict | None) -> str:
 
 def report_page(report: dict) -> str:
     """report.html of one run: gate, charts, table, protocol, provenance, notes."""
-    from eval.report.report import notes, protocol_lines
-
     title = (report.get("recipe") or {}).get("name", "evaluation")
     (g,) = compare_reports([{**report, "_path": "report.json"}])
     prov = report.get("provenance") or {}
