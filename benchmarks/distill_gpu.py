@@ -1,4 +1,4 @@
-"""Distillation figures (issue "Distillation") on the GPU host.
+"""Distillation figures on a GPU machine: recovery, efficiency and scaling.
 
     python3 benchmarks/distill_gpu.py recovery [--tokens 20e6] [--processes 1] [--seq-len 1024] [--batch 32]
     python3 benchmarks/distill_gpu.py scale [--tokens 2e6]        (needs 2 GPUs: 1 process, then 2)

@@ -1,4 +1,4 @@
-"""The evaluator's own figures (issue "Evaluator I"): fidelity of its speed measurement to bare
+"""The evaluator's own figures: fidelity of its speed measurement to bare
 engine scripts, and agreement of the two engines on accuracy.
 
     python3 benchmarks/eval_gpu.py vllm-fidelity --model DIR [--dummy] --prompts 1024 --input-len 128 --output-len 128

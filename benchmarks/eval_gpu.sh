@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures of the issue "Evaluator I", in parts that each fit one device call (10
-# minutes). Run from the repository root on the GPU host after the GPU bundle is installed
+# The evaluator's GPU figures, in parts of at most about 10 minutes each. Run from the
+# repository root on the GPU host after the GPU bundle is installed
 # (. /tmp/gpu-env), with the data sets under .data (SQUEEZE_DATA_DIR); results go to
 # $OUT/eval_gpu.jsonl, logs to stderr.
 #   A: SmolLM2 on both engines in bf16 (perplexity, full PIQA, GSM8K 5-shot on 200 items);

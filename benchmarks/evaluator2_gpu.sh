@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU figures of the issue "Evaluator II", in parts that each fit one device call (10
-# minutes). Run from the repository root on the GPU host; everything lands in
+# The GPU figures of serving, engine tuning, the fast HF decode path, structured-pruning speed
+# and distillation, in parts of at most about 10 minutes each. Run from the repository root
+# on the GPU host; everything lands in
 # $OUT/evaluator2-<part>-<GPU>.tgz (JSONL records, landscapes, logs).
 #   decode: the fast HF decode path against bare `generate`, Llama-3.1-8B shape (random
 #           weights), batch 1 (and 8), in one process. Needs only optuna/pydantic wheels (.whl).
@@ -9,10 +10,10 @@
 #   vllm-serve, vllm-smol, vllm-8b: after the GPU bundle (. /tmp/gpu-env): our serving
 #           client against `vllm bench serve` on SmolLM2; vLLM tuning landscapes for SmolLM2
 #           and for the 8B shape (dummy weights). A study cut short by the deadline resumes
-#           when the same part runs again on the same (still warm) machine.
-#   prune-vllm, prune-hf: issue "Pruning II": the 8B shape with 25 % of the MLP channels and
+#           when the same part runs again on the same machine (its study database still there).
+#   prune-vllm, prune-hf: structured pruning: the 8B shape with 25 % of the MLP channels and
 #           25 % of the heads cut against the unpruned one (benchmarks/prune_structured_gpu.py).
-#   distill-recovery, distill-scale: issue "Distillation" (benchmarks/distill_gpu.py; TOKENS sets
+#   distill-recovery, distill-scale: distillation (benchmarks/distill_gpu.py; TOKENS sets
 #           the recovery budget, default 20e6; COMPILE=1 its compile option; DISTILL_ARGS more
 #           options of the scale part); distill-scale needs both GPUs of the host. distill-profile:
 #           torch.profiler over a few steps on one GPU (PROFILE_ARGS, default --compile).

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Two lists of benchmarks/evaluator2_gpu.sh parts side by side, one list per GPU of a
-# two-GPU host (nvidia-h200-x2), each list in turn on its GPU, all cut off at one deadline so
+# two-GPU host (e.g. two H200s), each list in turn on its GPU, all cut off at one deadline so
 # that every part still packs what it has into $OUT (a tuning study cut off resumes when the
-# same part runs again while the machine is warm).
+# same part runs again on the same machine).
 #   bash benchmarks/gpu_pair.sh "vllm-smol vllm-8b" "prune-vllm prune-hf decode" [SECONDS]
 set -uo pipefail
 a=${1:?parts for GPU 0}; b=${2:?parts for GPU 1}

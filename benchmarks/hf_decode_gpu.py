@@ -1,6 +1,6 @@
 """HF decode speed: bare `generate` against the HF engine's decode paths, side by side in one
-process on one model (issue "Evaluator II": batch-1 decode >= 3x bare generate on the
-Llama-3.1-8B shape).
+process on one model (goal: batch-1 decode >= 3x bare generate on the Llama-3.1-8B
+shape).
 
     python3 benchmarks/hf_decode_gpu.py [--model llama8b|smollm2|tiny|DIR] [--batch 1 --batch 8]
                                         [--input-len 128] [--new-tokens 128] [--repeats 3] [--out JSONL]

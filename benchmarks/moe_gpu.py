@@ -8,7 +8,7 @@ linearized, every token through every expert for statistics (`calibrate_all_expe
 the experts of each layer solved as one batch. Prints one JSON record and appends it to
 --out (JSONL) with the GPU, versions and command.
 
-  python3 benchmarks/moe_gpu.py --out $OUT/moe_gpu.jsonl            # the issue's target
+  python3 benchmarks/moe_gpu.py --out $OUT/moe_gpu.jsonl            # the full shape (the target)
   python3 benchmarks/moe_gpu.py --layers 2 --experts 16 --samples 8  # a smoke run (CPU or GPU)
 """
 

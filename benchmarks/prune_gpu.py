@@ -1,4 +1,4 @@
-"""GPU benchmarks for the calibrated pruners and 2:4 kernels (issue "Pruning I").
+"""GPU benchmarks for the calibrated pruners and 2:4 kernels.
 
     python3 benchmarks/prune_gpu.py cost   --method wanda|sparsegpt [--nm 2:4] [--cap-gib 12] [--tiny]
     python3 benchmarks/prune_gpu.py semi24 [--tiny]

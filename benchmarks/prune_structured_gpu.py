@@ -1,5 +1,5 @@
 """Speed of a structurally pruned Llama-3.1-8B shape against the unpruned one, side by side in
-one run (issue "Pruning II": 25 % of the MLP channels + 25 % of the heads, vLLM throughput
+one run (goal, with 25 % of the MLP channels + 25 % of the heads, vLLM throughput
 >= 1.3x and batch-1 TPOT >= 1.25x on 512 x 512 in / 128 out).
 
     python3 benchmarks/prune_structured_gpu.py [--engine vllm|hf] [--prompts 512] [--input-len 512] [--output-len 128]

@@ -1,6 +1,6 @@
 """SmolLM2 perplexity after each structured cut, activation-based against magnitude-based
-importance on the same cut, and depth by block influence against dropping the last layers
-(issue "Pruning II"); records JSONL.
+importance on the same cut, and depth by block influence against dropping the last layers;
+records JSONL.
 
     python benchmarks/prune_structured_smollm2.py [--samples 32 --seq-len 512] [--max-tokens 4096]
 

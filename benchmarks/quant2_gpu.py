@@ -1,5 +1,4 @@
-"""GPU benchmarks for static and dynamic W8A8, SmoothQuant, AWQ and bitsandbytes (issue
-"Quantization II").
+"""GPU benchmarks for static and dynamic W8A8, SmoothQuant, AWQ and bitsandbytes.
 
     python3 benchmarks/quant2_gpu.py layouts --out DIR [--tiny]
     python3 benchmarks/quant2_gpu.py speed DIR[:dummy|:bnb][=LABEL]... [--tput-repeats 3] [--tiny]
@@ -17,8 +16,9 @@ speed: benchmarks/vllm_speed.py per model in a fresh process (512 prompts × 512
 cost8b: the stage(s) on a random-weight 8B-shaped model in host memory with 128 × 2048
   random calibration tokens, the process capped at --cap-gib of GPU memory: seconds and peak.
 bf16-dir: the random 8B model written as a bf16 checkpoint (for the bitsandbytes run).
-smollm2: each Quantization II recipe's stage on SmolLM2 on the GPU, the artifact measured on
-  transformers and vLLM (perplexity, WikiText-2, 8,192 tokens): our real checkpoints in vLLM.
+smollm2: the stage of each W8A8 / SmoothQuant / AWQ / bitsandbytes recipe on SmolLM2 on the GPU,
+  the artifact measured on transformers and vLLM (perplexity, WikiText-2, 8,192 tokens): our real
+  checkpoints in vLLM.
 """
 
 from __future__ import annotations

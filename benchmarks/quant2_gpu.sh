@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU figures of the issue "Quantization II", in parts that each fit one device call (10
-# minutes). Run from the repository root on the GPU host after the GPU bundle is installed
+# The GPU figures of W8A8 int8 / FP8, SmoothQuant, AWQ and bitsandbytes, in parts of at most
+# about 10 minutes each. Run from the repository root on the GPU host after the GPU bundle is
+# installed
 # (. /tmp/gpu-env), with the data sets under .data; results go to $OUT/quant2_gpu.jsonl and
 # vLLM logs to $OUT.
 #   A: vLLM speed on the Llama-3.1-8B shape (dummy weights, 512 x 512/128, median of 3):

@@ -1,4 +1,4 @@
-"""GPU benchmarks for the weight-only quantizers (issue "Quantization I").
+"""GPU benchmarks for the weight-only quantizers.
 
     python3 benchmarks/quant_gpu.py gptq8b  --out DIR [--cap-gib 12] [--tiny]
     python3 benchmarks/quant_gpu.py layouts --src DIR --out DIR [--tiny]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures of the issue "Quantization I", in parts that each fit one device call
-# (10 minutes). Run from the repository root on the GPU host after the GPU bundle is
+# The GPU figures of weight-only quantization, in parts of at most about 10 minutes each.
+# Run from the repository root on the GPU host after the GPU bundle is
 # installed (. /tmp/gpu-env); results go to $OUT/quant_gpu.jsonl and logs to $OUT.
 #   A: CUDA-graph self-check; GPTQ W4A16 on the Llama-3.1-8B shape under a 12 GiB GPU cap;
 #      vLLM speed of the bf16 model and of that artifact

@@ -1,4 +1,4 @@
-"""Engine tuning and serving figures (issue "Evaluator II") on the GPU host.
+"""Engine tuning and serving figures on a GPU machine.
 
     python3 benchmarks/tune_gpu.py study --engine hf --model DIR --strategy grid --budget 18 --set batch_size=32,64,128 ...
     python3 benchmarks/tune_gpu.py study --engine vllm --model DIR [--dummy] --strategy grid ...
@@ -11,7 +11,8 @@ landscape files copied to --copy-to, one JSONL record: every trial, the best, th
 the defaults with its noise range.
 cross: the published experiment (Martinez, 2024): settings tuned on GPU A used on GPU B
 against settings re-tuned on B, and the reverse; both grids cover the same points, so the
-other GPU's best is looked up in this GPU's own grid (measured in the same session).
+other GPU's best is looked up in this GPU's own grid (so both figures come from this GPU's
+own study).
 tpe-vs-grid: the TPE study's best against the grid's best on the same workload, and the
 trials each needed.
 """
