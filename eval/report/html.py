@@ -11,9 +11,9 @@ import html
 import json
 
 from eval.report.charts import pareto_figure
+from eval.report.columns import columns
 from eval.report.compare import Group, compare_reports, run_label
 from eval.report.lines import notes, protocol_lines
-from eval.report.tables import columns
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1400px;
