@@ -17,7 +17,7 @@ import yaml
 from compress import pipeline
 from compress.cli import main
 from compress.errors import UserError
-from compress.models import local_model_dir
+from compress.models import load_tokenizer, local_model_dir
 from compress.recipe import load_recipe, parse_recipe
 from conftest import REPO, tiny_recipe
 
@@ -76,7 +76,7 @@ def meta_home(tmp_path_factory) -> Path:
     return home
 
 
-_tokenizer = functools.lru_cache(pipeline.load_tokenizer)
+_tokenizer = functools.lru_cache(load_tokenizer)
 
 
 @pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: p.name)

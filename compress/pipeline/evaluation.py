@@ -1,0 +1,81 @@
+"""After the stages: every artifact (and the baseline) evaluated on every engine, speedups
+paired, serving and tuning where asked, the gate applied, and the report and model cards written.
+This is where the pipeline calls the evaluator (eval/)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from compress.fsutil import atomic_write_text
+from compress.pipeline.chain import log
+from compress.recipe import Recipe
+from compress.spec import StageSpec
+
+
+def _targets(recipe: Recipe, done: list[tuple[str, list[StageSpec], list[Path]]]) -> list[dict]:
+    """What to evaluate: each variant's final output for a matrix; every stage output of one
+    recipe (or its last with eval.artifacts: final). Artifact entries without metrics yet."""
+    out = []
+    for name, stages, outs in filter(lambda c: c[2], done):
+        keep = range(len(outs)) if not recipe.is_matrix and recipe.eval.artifacts == "all" else [len(outs) - 1]
+        out += [{"name": name or outs[i].name, "stages": [s.type for s in stages[:i + 1]], "model_dir": outs[i],
+                 "final": i == len(outs) - 1} for i in keep]
+    return out
+
+
+def evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: Path,
+                         done: list[tuple[str, list[StageSpec], list[Path]]]) -> dict:
+    from eval.evaluate import evaluate, protocol
+    from eval.paired import pair_entries
+    from eval.report.card import write_cards
+    from eval.report.report import build_report, write_report
+
+    m, ecfg = recipe.model, recipe.eval
+    targets = _targets(recipe, done)
+    entries = [{"name": "baseline", "model_dir": base_dir}] + targets
+    for i, entry in enumerate(entries):
+        entry["engines"] = {}
+        for engine in ecfg.engine_list():
+            tag = f"[eval {i + 1}/{len(entries)}] {entry['name']} ({engine})"
+            log(tag)
+            t0 = time.perf_counter()
+            res = evaluate(entry["model_dir"], ecfg, m, engine=engine, device=device, seed=recipe.seed)
+            entry["engines"][engine] = res
+            log(f"{tag}: " + ("cached" if res.get("cached") else f"measured in {time.perf_counter() - t0:.0f} s"))
+    pair_entries(entries[0], targets, ecfg, m, device, recipe.seed, log)  # speedups: paired rounds (eval.paired)
+    for a in targets:
+        st = json.loads((a["model_dir"] / "stage.json").read_text())
+        a.update(stage=st["type"], stage_info=st["info"], model_dir=str(a["model_dir"]))
+    report = build_report({"name": f"baseline ({m.source})", "model_dir": str(base_dir),
+                           "engines": entries[0]["engines"]}, targets, recipe=recipe.as_dict(), device=device,
+                          protocol=protocol(ecfg, m, device, recipe.seed),
+                          provenance={"recipe_hash": recipe.recipe_hash(),
+                                      "compression_hash": recipe.compression_hash(),
+                                      "seeds": {"recipe": recipe.seed, "eval": recipe.seed}})
+    finals = [(a["name"], Path(a["model_dir"])) for a in targets if a["final"]]
+    if ecfg.serving is not None:
+        from eval import serve_tune
+
+        report["serving"] = serve_tune.serving(ecfg, m, recipe.seed, run_dir, device, [("baseline", base_dir), *finals],
+                                               log)
+    if ecfg.tune is not None:
+        from eval import serve_tune
+
+        report["tuning"] = serve_tune.tuning(ecfg, m, run_dir, device, finals, log)
+    if recipe.gate:
+        from eval.report.gate import apply_gate, junit_xml
+
+        report["gate"] = apply_gate(report, recipe.gate, "recipe")
+        atomic_write_text(run_dir / "gate.json", json.dumps(report["gate"], indent=1, default=str))
+        atomic_write_text(run_dir / "gate.xml", junit_xml(report["gate"], f"squeeze gate: {recipe.name}"))
+    write_report(report, run_dir)
+    write_cards(report)  # README.md (model card) in each artifact directory
+    return report
+
+
+def evaluation_errors(report: dict) -> list[str]:
+    """One line per failed evaluation in a report ('<model> (<engine>): <error>')."""
+    return [f"{entry['name']} ({e}): {m['error']}" for entry in [report["baseline"], *report["artifacts"]]
+            for e, m in entry["engines"].items() if m.get("error")]
