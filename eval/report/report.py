@@ -1,4 +1,6 @@
-"""Build, write and render the run report.
+"""Build, write and render the run report: report.json's dict (build_report), its table (also
+the console's summary), report.md, and the three files; the bullet lines under the table come
+from eval.report.lines, report.html from eval.report.html.
 
 report.json schema (version 4; eval/report/report.schema.json is its JSON Schema, the README
 section "Report schema" its prose):
@@ -144,7 +146,7 @@ def table(report: dict) -> str:
 
 def markdown(report: dict) -> str:
     title = (report.get("recipe") or {}).get("name", "evaluation")
-    from eval.serve_tune import report_lines
+    from eval.serve_tune import report_lines  # the serving and tuning code: loaded only for report.md
 
     lines = [f"# Squeeze report: {title}", *gate_lines(report.get("gate")), "", table(report), *report_lines(report),
              "", "Protocol:", *protocol_lines(report), *notes(report), "", "Provenance:", *provenance_lines(report)]
@@ -155,7 +157,7 @@ def markdown(report: dict) -> str:
 
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path, Path]:
     """report.json, report.md and the self-contained report.html in `out_dir`."""
-    from eval.report.html import report_page
+    from eval.report.html import report_page  # matplotlib (its charts): loaded only when writing
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
