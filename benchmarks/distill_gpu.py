@@ -52,8 +52,8 @@ def distill_stage(args, **over) -> dict:
 
 
 def run_recipe(recipe: dict, path: Path, fresh: bool = False) -> Path:
-    """`squeeze run` on the recipe; fresh: an earlier run of the same name (another batch, on a
-    host still warm) is replaced, not refused."""
+    """`squeeze run` on the recipe; fresh: an earlier run of the same name (another batch on the
+    same host) is replaced, not refused."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     rc = subprocess.call([sys.executable, "-m", "compress.cli", "run", str(path)] + ["--force"] * fresh, cwd=ROOT)

@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from compress.errors import UserError
-from eval.engines.server import VLLMServer, group_members, port_in_use, serve_command
+from eval.engines.processes import group_members, port_in_use
+from eval.engines.server import VLLMServer, serve_command
 from eval.speed.serving import SLO, Load, Result, run_load, send_times, slo_summary, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,7 +193,7 @@ def test_vllm_server_under_load(tiny_vllm_model, tmp_path, capsys):
     for r in res["rows"]:
         assert r["completed"] == 8 and r["failed"] == 0 and r["output_tokens"] == 8 * 16
         assert r["ttft_ms"]["p50"] > 0 and r["tpot_ms"]["p50"] > 0 and r["output_tok_s"] > 0
-    # the figures themselves are compared on the GPU host (README): 8 requests on 2 shared cores
+    # the figures themselves are compared on the GPU host (benchmarks/BENCHMARKS.md): 8 requests on 2 shared cores
     # measure the cores more than the clients (a run here read 164 vs 345 tok/s at rate inf)
     after = {p.pid for p in psutil.process_iter() if "api_server" in " ".join(_cmd(p))}
     assert after <= before, "a vLLM server process was left running"

@@ -3,7 +3,7 @@
 Who measures what (eval.speed.serving_report.clients_for): the vLLM servers Squeeze starts
 are measured by vLLM's own client, `vllm bench serve` (eval.speed.vllm_bench), by default:
 on a GPU at saturation this Python client read 22.6 % more throughput than vLLM's on the
-same server (README), and a gate should rest on the reference client. This one measures
+same server (benchmarks/BENCHMARKS.md), and a gate should rest on the reference client. This one measures
 what vLLM's cannot drive: running servers given by URL, `transformers serve` (text only, no
 ignore_eos), data-set prompts and burst arrivals, and the tuning trials, which run
 in-process; `client: both` runs the two side by side.
