@@ -33,14 +33,14 @@ from torch import nn
 from compress import moe
 from compress.errors import UserError
 from compress.layerwise import run_layerwise
-from compress.prune.structured import _check_common, _count, _Cut
+from compress.prune.structured.base import CutConfig, check_common, removed_count
 from compress.prune.structured.cuts import size_info
 from compress.stage import Stage, StageContext
 
 NAME = "prune_experts"
 
 
-class ExpertCutConfig(_Cut):
+class ExpertCutConfig(CutConfig):
     ratio: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of each layer's experts removed (rounded to "
                          "whole experts, the same count in every layer)")
     importance: Literal["reap", "frequency"] = Field(
@@ -108,7 +108,7 @@ def plan(model, cfg: ExpertCutConfig) -> tuple[int, int, list[tuple[str, nn.Modu
     if top_k is None:
         raise UserError(f"{NAME}: cannot tell the router's top-k (no top_k on {blocks[0][0]}.{blocks[0][3]}, no "
                         "num_experts_per_tok in the config)")
-    k = _count(e, cfg.ratio, "experts per layer", NAME)
+    k = removed_count(e, cfg.ratio, "experts per layer", NAME)
     if e - k < top_k:
         raise UserError(f"{NAME}.ratio: {cfg.ratio:g} of {e} experts leaves {e - k}, fewer than the router's top-k "
                         f"of {top_k}; keep at least {top_k} (ratio at most {(e - top_k) / e:g})")
@@ -249,7 +249,7 @@ def apply_experts(model, cfg: ExpertCutConfig, ctx: StageContext):
 
 def check_experts(cfg: ExpertCutConfig, model, ctx: StageContext) -> None:
     plan(model, cfg)
-    _check_common(cfg, model, ctx, NAME)
+    check_common(cfg, model, ctx, NAME)
 
 
 STAGE = Stage(name=NAME, config=ExpertCutConfig, apply=apply_experts, check=check_experts, experts=True,
