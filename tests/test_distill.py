@@ -5,6 +5,7 @@ and its output is a normal checkpoint, and bad input is one line before training
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -15,10 +16,14 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from compress import distill as D
+from compress.distill.checkpoint import latest_checkpoint
+from compress.distill.data import Packed, pack
+from compress.distill.generate import teacher_windows
 from compress.distill.losses import chunked_losses, head_losses, token_divergence
 from compress.errors import UserError
 from compress.models import load_model
 from compress.stage import StageContext
+from eval.engines import open_engine
 from tests.conftest import REPO, distill_cfg, distill_ctx, sigkill_at_marker, tiny_recipe
 
 
@@ -106,8 +111,8 @@ def test_a_few_steps_lower_the_distillation_loss(teacher, corpus):
     cfg = distill_cfg(corpus, save_every=0)
     ctx = distill_ctx(teacher)
     t_model, tok = load_model(teacher)
-    packed = D.Packed(D.pack(tok, (str(corpus),), 32), 4, 2, 0)
-    before_student = D._every_other(t_model, [0, 2])
+    packed = Packed(pack(tok, (str(corpus),), 32), 4, 2, 0)
+    before_student = D.every_other(t_model, [0, 2])
     before = _kd_on_held_out(before_student, t_model, packed)
     student, info = D.apply(load_model(teacher)[0], cfg, ctx)
     after = _kd_on_held_out(student, t_model, packed)
@@ -163,7 +168,7 @@ def test_hidden_loss_through_a_projection_trains(teacher, corpus):
     from compress.prune import structured as st
 
     t_model, _ = load_model(teacher)
-    student = D._every_other(t_model, [0, 1, 2, 3])
+    student = D.every_other(t_model, [0, 1, 2, 3])
     st.cut_hidden(student, student.model.layers, torch.arange(48))
     cfg = distill_cfg(corpus, student="input", save_every=0, loss={"kd": 1.0, "hidden": 1.0, "ce": 0.5})
     out, info = D.apply(student, cfg, distill_ctx(teacher))
@@ -271,6 +276,20 @@ def test_bad_input_is_one_line_before_training(teacher, corpus, tmp_path):
         distill_cfg(corpus, steps=0)
 
 
+def _engine_ctx(teacher, work):
+    """distill_ctx with the engine factory the pipeline supplies (eval.engines.open_engine)."""
+    return dataclasses.replace(distill_ctx(teacher, work), open_engine=open_engine)
+
+
+def test_generated_data_without_an_engine_factory_is_one_line(teacher, corpus, tmp_path):
+    """A stage run outside the pipeline (no StageContext.open_engine) cannot generate: one line."""
+    cfg = distill_cfg(corpus, data={"generated": {"sequences": 2, "engine": "hf"}})
+    _, tok = load_model(teacher)
+    with pytest.raises(UserError, match=r"needs an engine factory .*run the stage through the pipeline") as e:
+        D.generated(teacher, cfg, tok, distill_ctx(teacher, tmp_path / "work"))
+    assert "\n" not in str(e.value)
+
+
 def test_sequence_level_distillation_trains_on_the_teachers_own_sequences(teacher, corpus, tmp_path, monkeypatch):
     """data.generated: the teacher continues prompts cut from the training text (transformers
     here), the sequences become extra training windows, and they are made once: a resumed run
@@ -278,18 +297,18 @@ def test_sequence_level_distillation_trains_on_the_teachers_own_sequences(teache
     cfg = distill_cfg(corpus, save_every=0, steps=2, data={"generated": {"sequences": 6, "prompt_len": 8, "new_tokens": 40,
                                                                   "temperature": 1.0, "engine": "hf"}})
     work = tmp_path / "work"
-    _, info = D.apply(load_model(teacher)[0], cfg, distill_ctx(teacher, work))
+    _, info = D.apply(load_model(teacher)[0], cfg, _engine_ctx(teacher, work))
     made = torch.load(work / "generated.pt")
     assert info["teacher_windows"] == made.shape[0] > 0 and made.shape[1] == 33
     _, tok = load_model(teacher)
-    text = D.pack(tok, (str(corpus),), 32)
+    text = pack(tok, (str(corpus),), 32)
     assert not any(torch.equal(w, t) for w in made for t in text)  # not the text's own windows
 
     def no_generation(*a, **k):
         raise AssertionError("generated again")
 
     monkeypatch.setattr("eval.engines.hf.HFEngine.load", no_generation)
-    again = D.generated(teacher, cfg, tok, distill_ctx(teacher, work))
+    again = D.generated(teacher, cfg, tok, _engine_ctx(teacher, work))
     assert torch.equal(again, made)
 
 
@@ -297,12 +316,12 @@ def test_sequence_level_distillation_trains_on_the_teachers_own_sequences(teache
 def test_teacher_sequences_through_vllm_cpu(tiny_vllm_model, tmp_path):
     """The vLLM engine continues token-id prompts: its greedy tokens agree with transformers'
     greedy ones (random weights: a near-tie may flip one), laid out prompt then continuation."""
-    from compress.distill.generate import teacher_windows
     from eval.engines.hf import HFEngine
 
     windows = torch.randint(5, 300, (4, 17), generator=torch.Generator().manual_seed(0))
     gcfg = D.GeneratedConfig(sequences=3, prompt_len=8, new_tokens=12, temperature=0.0, engine="vllm")
-    got = teacher_windows(tiny_vllm_model, windows, gcfg, seq_len=7, eos=None, device="cpu", seed=0)
+    got = teacher_windows(tiny_vllm_model, windows, gcfg, seq_len=7, eos=None, device="cpu", seed=0,
+                          open_engine=open_engine)
     hf = HFEngine.load(tiny_vllm_model)
     g = torch.Generator().manual_seed(0 + 7919)
     prompts = windows[torch.randint(0, 4, (3,), generator=g), :8].tolist()
@@ -336,7 +355,6 @@ def test_recovery_training_keeps_a_pruned_models_zeros(teacher, corpus):
 def test_a_kill_while_a_checkpoint_is_replaced_loses_nothing(tmp_path):
     """Killed after the old checkpoint moved aside and before the new one took its name: the
     newest whole one is found (the new ckpt.tmp, whole once its step.json exists), never none."""
-    from compress.distill.trainer import latest_checkpoint
 
     assert latest_checkpoint(tmp_path) is None
     for name, step in (("ckpt.old", 4), ("ckpt.tmp", 6)):
