@@ -12,12 +12,14 @@ registry importing them back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from pydantic import BaseModel
+
+from compress.engine_facts import EngineFacts
 
 
 @dataclass
@@ -34,8 +36,10 @@ class StageContext:
     tokenizer: Any = None
     model_dir: Path | None = None
     progress: bool = True
-    engines: tuple[str, ...] = ("hf",)
-    engine_dtypes: dict[str, str] = field(default_factory=dict)
+    # what each engine of the recipe can run, at its platform, version and dtype (see
+    # compress.engine_facts): supplied by the layer above from eval.engines; stages ask it
+    # before any work
+    engine_facts: tuple[EngineFacts, ...] = ()
     # the recipe's input model (a distillation teacher), and a directory a long stage keeps its
     # checkpoints in across a crash (removed once the stage is complete)
     base_dir: Path | None = None

@@ -13,15 +13,13 @@ from compress.models import load_tokenizer, meta_model
 from compress.pipeline.rundir import artifact_names
 from compress.recipe import Recipe
 from compress.stage import StageContext
-from eval.engines import open_engine
+from eval.engines import engine_facts, open_engine
 
 
 def stage_context(recipe: Recipe, device: str, tokenizer, model_dir: Path, base_dir: Path | None = None,
                   work_dir: Path | None = None) -> StageContext:
-    e = recipe.eval
     return StageContext(device=device, seed=recipe.seed, tokenizer=tokenizer, model_dir=model_dir,
-                        engines=tuple(e.engine_list()), engine_dtypes={"hf": recipe.model.dtype,
-                                                                 "vllm": e.vllm.dtype or recipe.model.dtype},
+                        engine_facts=engine_facts(recipe.eval, recipe.model, device),
                         base_dir=base_dir, work_dir=work_dir, open_engine=open_engine)
 
 

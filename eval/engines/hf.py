@@ -1,5 +1,7 @@
 """Hugging Face transformers engine: eager PyTorch forward passes with a DynamicCache, or a static
-cache with the decode step replayed as a CUDA graph (eval.engines.hf_static)."""
+cache with the decode step replayed as a CUDA graph (eval.engines.hf_static); lm-eval's HFLM on
+the loaded model; what the engine is (version, options, tunable settings, compression facts
+from eval.engines.facts); and the weight statistics it reports."""
 
 from __future__ import annotations
 
@@ -9,10 +11,14 @@ from pathlib import Path
 
 import torch
 
+from compress.engine_facts import EngineFacts
 from compress.errors import UserError
 from compress.models import load_model
+from eval.config import HFOptions
+from eval.engines.facts import lookup
 from eval.engines.kernels import hf_kernels
 from eval.speed.workload import RequestTiming
+from eval.stack import installed_version
 
 
 def _sync(device: str) -> None:
@@ -67,7 +73,18 @@ def to_semi_structured_(model) -> int:
 
 
 class HFEngine:
+    """transformers in this process (see eval.engines.base.Engine for the interface)."""
+
     name = "hf"
+    # setting -> (type check, what is allowed, as said in errors): what eval.tune may search
+    tunable = {
+        "batch_size": (lambda v: isinstance(v, int) and v > 0, "a positive integer (requests per static batch)"),
+        "attn_implementation": (lambda v: v in ("eager", "sdpa", "flash_attention_2"),
+                                "eager, sdpa, flash_attention_2"),
+        "decode": (lambda v: v in ("dynamic", "static", "cuda_graph"), "dynamic, static, cuda_graph"),
+        "compile_decode": (lambda v: isinstance(v, bool), "true or false (torch.compile the static decode step)"),
+        "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16, float16"),
+    }
 
     def __init__(self, model, tokenizer, device: str, decode: str = "dynamic", compile_decode: bool = False):
         from eval.engines.hf_static import StaticDecoder
@@ -75,6 +92,49 @@ class HFEngine:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.vocab_size = model.config.vocab_size
         self.decoder = None if decode == "dynamic" else StaticDecoder(model, decode, compile_decode)
+        self.stats: dict = {}
+
+    # -- what the engine is --------------------------------------------------------------------
+    @classmethod
+    def version(cls) -> str | None:
+        return installed_version("transformers")
+
+    @classmethod
+    def check_installed(cls) -> None:
+        """transformers is one of squeeze's own requirements: always there."""
+
+    @classmethod
+    def options(cls, cfg, model) -> dict:
+        """The model's dtype and the eval.hf options that differ from their defaults (so cache
+        keys of earlier runs stay valid)."""
+        defaults = HFOptions()
+        return {"dtype": model.dtype, **{k: v for k, v in cfg.hf.model_dump().items() if v != getattr(defaults, k)}}
+
+    @classmethod
+    def paired_options(cls, options: dict, device: str) -> dict:
+        return dict(options)
+
+    @classmethod
+    def free_memory(cls, device: str) -> int | None:
+        """Device memory on a GPU, else host memory."""
+        if device.startswith("cuda"):
+            return torch.cuda.mem_get_info(device)[0]
+        import psutil
+
+        return psutil.virtual_memory().available
+
+    @classmethod
+    def facts(cls, device: str, dtype: str) -> EngineFacts:
+        return lookup(cls.name, device, cls.version(), dtype)
+
+    @classmethod
+    def tune_space(cls, device: str) -> dict[str, list]:
+        if device.startswith("cuda"):
+            return {"batch_size": [8, 32, 64, 128], "attn_implementation": ["eager", "sdpa"],
+                    "decode": ["dynamic", "static", "cuda_graph"]}
+        return {"batch_size": [1, 4, 8], "attn_implementation": ["eager", "sdpa"]}
+
+    # -- one loaded model ----------------------------------------------------------------------
 
     @classmethod
     def load(cls, model_dir: Path, dtype: str = "float32", device: str = "cpu",
@@ -166,6 +226,13 @@ class HFEngine:
                 out[j] = row[:cut]
             i += len(group)
         return [out[j] for j in range(len(prompts))]
+
+    def lm_eval_model(self, batch_size: int | str = 32):
+        """lm-eval's HFLM around the loaded model (log-softmax in float32)."""
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size,
+                    max_batch_size=64, device=self.device, softmax_dtype="float32")
 
     def close(self) -> None:
         self.model = None

