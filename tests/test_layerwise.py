@@ -154,3 +154,30 @@ def test_modules_outside_the_decoder_layers_are_refused():
 def test_a_model_without_a_layer_stack_is_named():
     with pytest.raises(UserError, match="no stack of decoder layers"):
         decoder_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_a_solver_that_raises_leaves_the_layer_home_and_no_hooks():
+    """A failing solve (out of memory, a bad Hessian) must not strand a layer on the device nor
+    leave hooks behind: the layer's last move is back home and no module keeps a hook."""
+    model = _tiny("llama")
+    _, layers = decoder_layers(model)
+    moves = []
+    for i, layer in enumerate(layers):
+        def to(*args, _i=i, _to=layer.to, **kw):
+            moves.append((_i, str(args[0] if args else kw.get("device"))))
+            return _to(*args, **kw)
+        layer.to = to
+
+    def solve(i, group, stats):
+        if i == 1:
+            raise RuntimeError("solver failed")
+        return {rel: {} for rel in group}
+
+    with pytest.raises(RuntimeError, match="solver failed"):
+        run_layerwise(model, _calib(), _targets(model), lambda m, d: HessianCollector(m.in_features, d), solve,
+                      "cpu", progress=False)
+    # moved to the device, then back home (the layer's own device) despite the error; on a CPU
+    # both are "cpu": without the `finally` the second move is missing
+    assert [m for m in moves if m[0] == 1] == [(1, "cpu"), (1, "cpu")]
+    assert not [m for m in moves if m[0] == 2]  # the loop stopped at the failing layer
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

@@ -179,7 +179,7 @@ def round_expert_inputs_(fused: nn.Module, per_expert: list[dict[str, InputQuant
 
 def round_inputs_(model: nn.Module, acts: dict[str, InputQuant], proj: dict[str, str]) -> int:
     """Input rounding for every module of `acts` (linearized names: `…experts.N.<proj>` for an
-    expert, `proj` the role -> name map of compress.moe.CheckpointLayout), on the fused model.
+    expert, `proj` the role -> name map of compress.moe_checkpoint.CheckpointLayout), on the fused model.
     Returns how many modules (expert projections counted one by one) round their input."""
     role_of = {name: role for role, name in proj.items()}
     experts: dict[str, dict[int, dict[str, InputQuant]]] = {}
