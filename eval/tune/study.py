@@ -25,26 +25,21 @@ import re
 import time
 from pathlib import Path
 
-from compress.errors import UserError
 from compress.models import home, load_tokenizer, model_hash
 from compress.spec import ModelSpec
 from eval.config import TuneConfig, VLLMOptions
+from eval.engines import check_engines
 from eval.evaluate import hardware, one_line
 from eval.tune import space as sp
-from eval.tune.trials import INTERRUPTED, OBJECTIVES, measure_hf, measure_vllm, score, vllm_base
+from eval.tune.trials import INTERRUPTED, OBJECTIVES, TRIALS, score
 
 MAX_ASKS_PER_TRIAL = 20  # TPE proposals of already-measured points before the space counts as exhausted
 
 
 def check_tune(cfg: TuneConfig, device: str) -> dict[str, list]:
     """Everything about a study checkable before any work; returns its search space."""
-    if cfg.engine == "vllm":
-        from eval.engines import check_engines
-
-        check_engines(["vllm"])
-    if cfg.engine == "hf" and cfg.objective == "goodput":
-        raise UserError("eval.tune.objective: goodput needs a server's per-request latencies; with engine hf "
-                        "use throughput or p99_latency")
+    check_engines([cfg.engine])
+    TRIALS[cfg.engine].check(cfg)
     return sp.check_space(cfg.engine, cfg.space if cfg.space is not None else sp.builtin_space(cfg.engine, device))
 
 
@@ -92,9 +87,9 @@ class Study:
                  progress: bool = True, log=print, server_extra: dict | None = None):
         self.model_dir, self.cfg, self.model, self.device = Path(model_dir), cfg, model, device
         self.space = check_tune(cfg, device)
+        self.trials = TRIALS[cfg.engine]
         # server_extra: more vLLM engine arguments for every trial (e.g. load_format: dummy)
-        self.base = {**vllm_base(vllm, model, device), **(server_extra or {})} if cfg.engine == "vllm" \
-            else {"dtype": model.dtype}
+        self.base = self.trials.base(vllm, model, device, server_extra)
         self.root = Path(out_dir) if out_dir else study_dir(self.model_dir, cfg.engine, device)
         self.name = study_name(cfg, self.space, self.base)
         self.dir = self.root / self.name
@@ -102,17 +97,18 @@ class Study:
         self._tokenizer = None
 
     # -- measuring -------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The model's tokenizer, loaded on first use (server trials send token ids)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_dir, self.model.trust_remote_code)
+        return self._tokenizer
+
     def measure(self, settings: dict, label: str) -> dict:
         """Figures for one setting; {"error": ...} if it failed (crash, OOM, no server)."""
         t0 = time.perf_counter()
         try:
-            if self.cfg.engine == "vllm":
-                if self._tokenizer is None:
-                    self._tokenizer = load_tokenizer(self.model_dir, self.model.trust_remote_code)
-                m = measure_vllm(self.model_dir, settings, self.base, self.cfg, self.device,
-                                 self.dir / f"server-{label}.log", self._tokenizer)
-            else:
-                m = measure_hf(self.model_dir, settings, self.model, self.cfg, self.device)
+            m = self.trials.measure(self, settings, label)
             return {**m, **score(m, self.cfg), "seconds": time.perf_counter() - t0}
         except Exception as e:  # noqa: BLE001 - a failed trial is a result (OOM, bad setting, no server)
             _free_gpu()

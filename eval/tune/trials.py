@@ -4,7 +4,9 @@ vLLM: start a server with the setting (eval.engines.server), warm it, run the wo
 load point `repeats` times with fresh prompts (eval.speed.serving), stop the server.
 HF: open the transformers engine with the setting and run the offline workload in static
 batches of `batch_size` (eval.speed.workload). Either way the trial's figure per repeat is
-kept, so a gain over the defaults carries its noise (eval.speed.workload.compare).
+kept, so a gain over the defaults carries its noise (eval.speed.workload.compare). `TRIALS`
+holds each engine's way: its checks, the settings under every trial, the measurement, and how
+to use the best setting.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from compress.errors import UserError
 from compress.spec import ModelSpec
 from eval.config import ServingConfig, TuneConfig, VLLMOptions
 from eval.speed.serving import Load, context_len, make_prompts, run_load
@@ -88,6 +91,54 @@ def measure_hf(model_dir: Path, settings: dict, model: ModelSpec, cfg: TuneConfi
     runs = [{"output_tok_s": t, "requests_s": r, "e2e_ms": {"p99": res["e2e_ms"]["p99"]}}
             for t, r in zip(res["output_tok_s"]["runs"], res["requests_s"]["runs"])]
     return {"runs": runs, "ttft_ms": res["ttft_ms"], "tpot_ms": res["tpot_ms"], **({"note": note} if note else {})}
+
+
+class VLLMTrials:
+    """vLLM trials: a server per setting, on the recipe's vLLM options (`base`)."""
+
+    def check(self, cfg: TuneConfig) -> None:
+        """Every objective can be measured on a server."""
+
+    def base(self, vllm: VLLMOptions, model: ModelSpec, device: str, extra: dict | None) -> dict:
+        """Every trial's settings under its own: the recipe's vLLM options and `extra` (more
+        engine arguments, e.g. load_format: dummy)."""
+        return {**vllm_base(vllm, model, device), **(extra or {})}
+
+    def measure(self, study, settings: dict, label: str) -> dict:
+        """One trial of `study` (eval.tune.study.Study)."""
+        return measure_vllm(study.model_dir, settings, study.base, study.cfg, study.device,
+                            study.dir / f"server-{label}.log", study.tokenizer)
+
+    def apply(self, model_dir: Path, base: dict, settings: dict) -> dict:
+        """How to use a setting: the `vllm serve` line and the engine arguments."""
+        from eval.engines.server import serve_command
+
+        base = {k: v for k, v in base.items() if v is not None}
+        return {"vllm_serve": serve_command(str(model_dir), {**base, **settings}),
+                "engine_args": {**base, **settings}}
+
+
+class HFTrials:
+    """transformers trials: the engine opened in this process per setting, at the model's dtype."""
+
+    def check(self, cfg: TuneConfig) -> None:
+        if cfg.objective == "goodput":
+            raise UserError("eval.tune.objective: goodput needs a server's per-request latencies; with engine hf "
+                            "use throughput or p99_latency")
+
+    def base(self, vllm: VLLMOptions, model: ModelSpec, device: str, extra: dict | None) -> dict:
+        return {"dtype": model.dtype}
+
+    def measure(self, study, settings: dict, label: str) -> dict:
+        return measure_hf(study.model_dir, settings, study.model, study.cfg, study.device)
+
+    def apply(self, model_dir: Path, base: dict, settings: dict) -> dict:
+        """How to use a setting: the HF engine's keywords."""
+        return {"hf": {**base, **settings}}
+
+
+# how each engine's trials run (eval.tune.study looks its engine up here)
+TRIALS = {"vllm": VLLMTrials(), "hf": HFTrials()}
 
 
 def default_batch(w: ServingConfig) -> int:
