@@ -8,6 +8,7 @@ SIGTERM/SIGHUP once `signals_raise()` is in force (the CLI sets it). Its output 
 log file whose tail is put into any start error. A port already in use is refused before
 anything starts. `Endpoint` is what the load client talks to: a base URL and the served
 model's name, for our server or any other (TGI, trtllm-serve, SGLang, `transformers serve`).
+Ports and process groups are looked at through eval.engines.processes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,9 +27,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from compress.errors import UserError
+from eval.engines.processes import free_port, group_members, port_in_use, wait_group_gone
+from eval.engines.vllm_dist import cpu_environment
 
 LOG_TAIL_LINES = 25
 _LIVE: set["ManagedServer"] = set()  # servers to kill if the interpreter exits with them running
@@ -76,22 +76,6 @@ def endpoint_for(url: str, model: str | None = None, dialect: str = "vllm") -> E
     if not models:
         raise UserError(f"--url {url}: the server lists no model; name one with --served-model")
     return Endpoint(base, models[0]["id"], dialect)
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def flag_args(settings: dict) -> list[str]:
@@ -205,7 +189,7 @@ class ManagedServer:
                     return
             except subprocess.TimeoutExpired:
                 pass
-        _wait_group_gone(p.pid, 10.0)
+        wait_group_gone(p.pid, 10.0)
 
     def __enter__(self) -> "ManagedServer":
         return self.start()
@@ -234,9 +218,8 @@ class VLLMServer(ManagedServer):
     def _env(self) -> dict:
         env = dict(os.environ)
         if not self.device.startswith("cuda"):
-            env.setdefault("VLLM_CPU_INT4_W4A8", "0")
-            if (os.cpu_count() or 1) <= 4:  # see eval.engines.vllm: no core kept back on small machines
-                env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            for k, v in cpu_environment().items():  # as the in-process engine runs
+                env.setdefault(k, v)
         elif self.device.startswith("cuda:"):
             env["CUDA_VISIBLE_DEVICES"] = self.device.split(":", 1)[1]
         return env
@@ -274,24 +257,6 @@ class TransformersServer(ManagedServer):
 
 
 SERVERS = {"vllm": VLLMServer, "hf": TransformersServer}
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group."""
-    out = []
-    for p in psutil.process_iter(["pid", "status"]):
-        with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
-            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.info["pid"]) == pgid:
-                out.append(p.info["pid"])
-    return out
-
-
-def _wait_group_gone(pgid: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while group_members(pgid) and time.monotonic() < deadline:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-        time.sleep(0.1)
 
 
 @atexit.register
