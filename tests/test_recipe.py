@@ -87,7 +87,7 @@ def test_shipped_recipe_passes_validate_and_the_preflight(recipe, meta_home, mon
     monkeypatch.setenv("SQUEEZE_HOME", str(meta_home))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU stack, even on a GPU machine
     # one tokenizer object for every recipe, so the calibration checks tokenize each data set once
-    monkeypatch.setattr(pipeline, "load_tokenizer", _tokenizer)
+    monkeypatch.setattr(pipeline.checks, "load_tokenizer", _tokenizer)
     r = load_recipe(recipe)
     assert r.stages or r.variants, "a shipped recipe should do something"
     rc, (out, err) = main(["validate", str(recipe)]), capsys.readouterr()
