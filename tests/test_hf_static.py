@@ -94,6 +94,16 @@ def test_recipe_decode_options(tiny_model, text_file, home, tmp_path, capsys):
     assert main(["run", str(tmp_path / "r.yaml")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "error: eval.hf.decode: cuda_graph needs a CUDA GPU; the device is cpu (use static or dynamic)"
+    r["model"]["dtype"] = "bfloat16"
+    r["eval"]["hf"] = {"sparse_kernels": True}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("error: eval.hf.sparse_kernels: torch's "
+                                                                "semi-structured (2:4) kernels need a CUDA GPU; the "
+                                                                "device is cpu")
+    r["eval"]["engines"] = ["vllm"]  # the transformers engine's own options do not bind vLLM
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 0
 
 
 def test_sliding_window_cache_refuses_cuda_graph():

@@ -151,16 +151,17 @@ def cmd_serving(a) -> int:
                         "is measured by ours (--client auto or squeeze)")
     if a.url and tok_dir is None and w.prompts == "random":
         raise UserError("serving --url: give --tokenizer DIR (or a MODEL) to make text prompts of --input-len tokens")
-    settings = {"dtype": a.dtype, "max_model_len": a.max_model_len or context_len(w),
-                "trust_remote_code": a.trust_remote_code or None}
+    # each server's settings: vLLM's take the context length the workload needs
+    settings = {"vllm": {"dtype": a.dtype, "max_model_len": a.max_model_len or context_len(w),
+                         "trust_remote_code": a.trust_remote_code or None},
+                "hf": {"dtype": a.dtype}}
     engines = ["vllm", "hf"] if a.engine == "both" else [a.engine]
-    if "vllm" in engines and dirs:
-        check_engines(["vllm"])
+    if dirs:
+        check_engines(engines)
     if a.port is not None and len(dirs) * len(engines) > 1:
         raise UserError("serving --port: one MODEL and one engine only (each server needs its own port)")
-    hf_settings = {"dtype": a.dtype}
     targets = [("server", f"{d} ({e})" if len(engines) > 1 else str(d),
-                lambda d=d, e=e: SERVERS[e](d, settings if e == "vllm" else hf_settings, port=a.port, device=device))
+                lambda d=d, e=e: SERVERS[e](d, settings[e], port=a.port, device=device))
                for d in dirs for e in engines]
     targets += [("url", u, lambda u=u: endpoint_for(u, a.served_model, a.dialect)) for u in a.url]
     tokenizer = load_tokenizer(Path(tok_dir), a.trust_remote_code) if tok_dir else None

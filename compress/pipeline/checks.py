@@ -13,7 +13,7 @@ from compress.models import load_tokenizer, meta_model
 from compress.pipeline.rundir import artifact_names
 from compress.recipe import Recipe
 from compress.stage import StageContext
-from eval.engines import engine_facts, open_engine
+from eval.engines import engine_class, engine_facts, open_engine
 
 
 def stage_context(recipe: Recipe, device: str, tokenizer, model_dir: Path, base_dir: Path | None = None,
@@ -26,13 +26,10 @@ def stage_context(recipe: Recipe, device: str, tokenizer, model_dir: Path, base_
 def preflight(recipe: Recipe, device: str, base_dir: Path) -> None:
     """Run every stage's own checks on a weightless copy of the input model, before any work."""
     hf = recipe.eval.hf
-    if hf.decode == "cuda_graph" and "hf" in recipe.eval.engine_list() and not device.startswith("cuda"):
-        raise UserError(f"eval.hf.decode: cuda_graph needs a CUDA GPU; the device is {device} (use static or dynamic)")
+    for name in recipe.eval.engine_list():
+        engine_class(name).check_config(recipe.eval, device)
     if hf.compile_decode and hf.decode == "dynamic":
         raise UserError("eval.hf.compile_decode: needs eval.hf.decode static or cuda_graph")
-    if recipe.eval.hf.sparse_kernels and "hf" in recipe.eval.engine_list() and not device.startswith("cuda"):
-        raise UserError(f"eval.hf.sparse_kernels: torch's semi-structured (2:4) kernels need a CUDA GPU; the "
-                        f"device is {device}")
     from eval import serve_tune
     from eval.evaluate import check_eval
 

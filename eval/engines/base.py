@@ -37,6 +37,11 @@ class Engine(Protocol):
         """Open the engine on a local model directory (`options`: dtype, device, and its own)."""
 
     @classmethod
+    def check_config(cls, cfg, device: str) -> None:
+        """Raise UserError, before any work, on options of its own (eval.config.EvalConfig) that
+        `device` cannot run."""
+
+    @classmethod
     def options(cls, cfg, model) -> dict:
         """What it is opened with for an evaluation (eval.config.EvalConfig, compress.spec.ModelSpec),
         beyond device and model: `dtype` always; part of the evaluation cache key."""

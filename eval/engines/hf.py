@@ -104,6 +104,16 @@ class HFEngine:
         """transformers is one of squeeze's own requirements: always there."""
 
     @classmethod
+    def check_config(cls, cfg, device: str) -> None:
+        """CUDA-graph decoding and torch's 2:4 kernels need a CUDA GPU."""
+        if cfg.hf.decode == "cuda_graph" and not device.startswith("cuda"):
+            raise UserError(f"eval.hf.decode: cuda_graph needs a CUDA GPU; the device is {device} (use static or "
+                            "dynamic)")
+        if cfg.hf.sparse_kernels and not device.startswith("cuda"):
+            raise UserError(f"eval.hf.sparse_kernels: torch's semi-structured (2:4) kernels need a CUDA GPU; the "
+                            f"device is {device}")
+
+    @classmethod
     def options(cls, cfg, model) -> dict:
         """The model's dtype and the eval.hf options that differ from their defaults (so cache
         keys of earlier runs stay valid)."""

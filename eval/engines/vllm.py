@@ -58,6 +58,10 @@ class VLLMEngine:
             raise UserError(f"eval.engines: 'vllm' is not installed here; {INSTALL}, or leave it out")
 
     @classmethod
+    def check_config(cls, cfg, device: str) -> None:
+        """Its options are checked where they are used (eval.evaluate.check_eval, the tuner)."""
+
+    @classmethod
     def options(cls, cfg, model) -> dict:
         """Every eval.vllm option, the dtype defaulting to the model's."""
         opts = cfg.vllm.model_dump()
