@@ -186,3 +186,24 @@ def test_nm_that_does_not_divide_a_layer_is_named(tiny_model, text_file, home):
     with pytest.raises(UserError, match="nm: 3 does not divide the input width 64 of model.layers.0.self_attn.q_proj"):
         _run(tiny_model, text_file, [{"type": "wanda", "nm": "2:3", "calibration": _calib(text_file)}])
     assert not (home / "p").exists()
+
+
+@pytest.mark.vllm
+def test_stage_info_holds_what_the_recipes_engines_run_differently(tiny_model, text_file, home):
+    """An N:M checkpoint runs dense on vLLM: the stage's info says so, from the engine's facts for
+    the version installed; an unstructured one, which every engine runs as written, has no note."""
+    pytest.importorskip("vllm")
+    from eval.engines import engine_class
+
+    for name, extra in (("nmv", {"nm": "2:4"}), ("unv", {"sparsity": 0.5})):
+        rec = tiny_recipe(tiny_model, text_file, [{"type": "wanda", **extra, "calibration": _calib(text_file)}],
+                          name=name)
+        rec["eval"]["engines"] = ["hf", "vllm"]
+        pipeline.run(parse_recipe(rec), evaluate_outputs=False)
+        (stage_json,) = (home / name / "stages").glob("*-wanda/stage.json")
+        info = json.loads(stage_json.read_text())["info"]
+        if "nm" in extra:
+            major_minor = ".".join(engine_class("vllm").version().split(".")[:2])
+            assert info["vllm_note"].startswith(f"vLLM {major_minor} runs 2:4 checkpoints as dense"), info["vllm_note"]
+        else:
+            assert "vllm_note" not in info

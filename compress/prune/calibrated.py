@@ -157,5 +157,6 @@ def run_pruning(model, cfg: CalibratedPruneConfig, ctx: StageContext, stage: str
             "layer_sparsity": {n: m["sparsity"] for n, m in mods.items()},
             **({"owl_layer_targets": {str(k): round(v, 4) for k, v in layer_sparsity.items()}} if layer_sparsity
                else {}),
-            "vllm_note": "vLLM 0.26 runs pruned checkpoints as dense (its 2:4 sparse kernels were removed)",
+            # what the recipe's engines run differently (N:M as dense): from their facts, per version
+            **(engine_notes(ctx.engine_facts, NMSparse(cfg.nm)) if cfg.pattern else {}),
             **info}
