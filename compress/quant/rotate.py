@@ -1,0 +1,120 @@
+"""The `rotate` stage: an orthogonal rotation of the residual stream folded into the weights
+(QuaRot's R1, Ashkboos et al. 2024), so that the activations the quantization stages after it
+see have no outlier channels, while the model computes the same function.
+
+Steps, in float64, on a pre-norm decoder (Llama, Mistral, Qwen2, Qwen3):
+  1. fold each RMSNorm's weight into the linears that read its output (attention's q/k/v,
+     the MLP's gate/up, lm_head after the final norm) and set the norm's weight to 1: an RMSNorm
+     without weight commutes with any orthogonal Q (it divides by the root mean square, which
+     Q keeps);
+  2. with the residual stream h carried as Qᵀh: the embedding's rows become E Q, every linear
+     that reads the residual W Q, every linear that writes to it (o_proj, down_proj) Qᵀ W (and
+     its bias Qᵀ b).
+The result is an ordinary checkpoint of the same architecture that every engine loads with no
+custom code (tied input and output embeddings are untied: after the fold they differ). Online
+rotations (R3/R4, inside attention and before down_proj) need engine support and are not
+written here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from compress.errors import UserError
+from compress.export.compressed_tensors import refuse_quantized
+from compress.layerwise import decoder_layers
+from compress.quant.hadamard import rotation
+from compress.schema import Strict
+from compress.stage import Stage, StageContext
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # pre-norm decoders whose norms are RMSNorm on the residual
+
+
+class RotateConfig(Strict):
+    kind: Literal["hadamard", "random"] = Field(
+        "hadamard", description="hadamard: a randomized Hadamard matrix where the hidden size has one (else a random "
+        "orthogonal matrix, recorded); random: a random orthogonal matrix (seeded by the recipe's seed)")
+
+
+def _parts(layer) -> tuple[list, list, list]:
+    """(attention readers, MLP readers, writers) of one decoder layer, by role."""
+    attn, mlp = layer.self_attn, layer.mlp
+    lin = torch.nn.Linear
+    attn_in = [m for n, m in attn.named_children() if isinstance(m, lin) and n != "o_proj"]
+    mlp_in = [m for n, m in mlp.named_children() if isinstance(m, lin) and n != "down_proj"]
+    return attn_in, mlp_in, [attn.o_proj, mlp.down_proj]
+
+
+def check(cfg: RotateConfig, model: torch.nn.Module, ctx: StageContext) -> None:
+    """Refuse, before any work, what the rotation cannot keep exact."""
+    refuse_quantized(ctx.model_dir, "rotate")
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    if kind not in SUPPORTED:
+        raise UserError(f"rotate: {kind} models are not supported (supported: {', '.join(SUPPORTED)}; the norms of "
+                        "others sit where a rotation does not commute with them, or their experts are fused)")
+    _, layers = decoder_layers(model)
+    for layer in layers:
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            if getattr(getattr(layer, name, None), "weight", None) is None:
+                raise UserError(f"rotate: a decoder layer of {kind} has no {name} with a weight")
+
+
+def _fold(norm: torch.nn.Module, readers: list[torch.nn.Linear]) -> None:
+    w = norm.weight.data.double()
+    for lin in readers:
+        lin.weight.data = (lin.weight.data.double() * w[None, :]).to(lin.weight.dtype)
+    norm.weight.data.fill_(1.0)
+
+
+def _read(lin: torch.nn.Linear, q: torch.Tensor) -> None:
+    lin.weight.data = (lin.weight.data.double() @ q).to(lin.weight.dtype)
+
+
+def _write(lin: torch.nn.Linear, q: torch.Tensor) -> None:
+    lin.weight.data = (q.T @ lin.weight.data.double()).to(lin.weight.dtype)
+    if lin.bias is not None:
+        lin.bias.data = (q.T @ lin.bias.data.double()).to(lin.bias.dtype)
+
+
+def _untie(model) -> bool:
+    """Give lm_head its own weight where it shares the embedding's; True if it did."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head.weight.data_ptr() != emb.weight.data_ptr():
+        return False
+    head.weight = torch.nn.Parameter(emb.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    if getattr(model.config, "get_text_config", None) is not None:
+        model.config.get_text_config().tie_word_embeddings = False
+    return True
+
+
+@torch.no_grad()
+def apply(model, cfg: RotateConfig, ctx: StageContext):
+    check(cfg, model, ctx)
+    _, layers = decoder_layers(model)
+    d = model.config.hidden_size
+    q, what = rotation(d, ctx.seed, cfg.kind)
+    untied = _untie(model)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    final_norm = model.model.norm
+    for layer in layers:
+        attn_in, mlp_in, writers = _parts(layer)
+        _fold(layer.input_layernorm, attn_in)
+        _fold(layer.post_attention_layernorm, mlp_in)
+        for lin in attn_in + mlp_in:
+            _read(lin, q)
+        for lin in writers:
+            _write(lin, q)
+    _fold(final_norm, [head])
+    _read(head, q)
+    emb.weight.data = (emb.weight.data.double() @ q).to(emb.weight.dtype)
+    return model, {"rotation": what, "hidden_size": d, "seed": ctx.seed, "layers": len(layers),
+                   "untied_embeddings": untied, "online_rotations": "none (R1 only, folded into the weights)"}
+
+
+STAGE = Stage(name="rotate", config=RotateConfig, apply=apply, check=check, weights=True,
+              summary="orthogonal (randomized Hadamard) rotation of the residual stream folded into the weights "
+                      "(QuaRot R1): the same function, no outlier channels for the quantization stages after it")

@@ -1,0 +1,118 @@
+"""The `rotate` stage: an orthogonal rotation of the residual stream folded into the weights must
+leave the model's function unchanged on every supported architecture, spread an outlier
+channel over all channels, and write an ordinary checkpoint the next stages and engines load."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compress.errors import UserError
+from compress.quant.hadamard import factors, hadamard, rotation
+from compress.quant.rotate import RotateConfig, apply
+from compress.stage import StageContext
+from tests.conftest import make_tiny_moe, tiny_recipe
+
+COMMON = dict(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _tiny(arch: str, tied: bool = False) -> torch.nn.Module:
+    import transformers as tf
+
+    cfg, cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[arch]
+    extra = {"head_dim": 12} if arch == "qwen3" else {}
+    torch.manual_seed(0)
+    model = cls(cfg(**COMMON, **extra, tie_word_embeddings=tied)).eval()
+    for m in model.modules():  # norms with weights far from 1, so that folding them matters
+        if "RMSNorm" in type(m).__name__:
+            m.weight.data.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("n", [12, 64, 576, 960, 2048, 4096])
+def test_hadamard_matrices_of_model_widths(n):
+    h = hadamard(n)
+    assert h is not None and set(h.unique().tolist()) == {-1.0, 1.0}
+    torch.testing.assert_close(h @ h.T, n * torch.eye(n, dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_a_width_without_a_hadamard_gets_a_seeded_random_rotation():
+    assert factors(100) is None
+    q, what = rotation(100, seed=3)
+    assert what == "random orthogonal"
+    torch.testing.assert_close(q @ q.T, torch.eye(100, dtype=torch.float64))
+    torch.testing.assert_close(rotation(100, seed=3)[0], q)  # seeded
+    assert not torch.equal(rotation(100, seed=4)[0], q)
+    assert rotation(576, seed=0)[1] == "randomized Hadamard (12 x 12 x 4)"
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", True), ("llama", False), ("qwen2", False), ("qwen3", False),
+                                       ("mistral", False)])
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_rotated_model_computes_the_same_logits(arch, tied, kind):
+    model = _tiny(arch, tied)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    rot, info = apply(copy.deepcopy(model), RotateConfig(kind=kind), StageContext(device="cpu", seed=0))
+    with torch.no_grad():
+        out = rot(ids).logits
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert info["untied_embeddings"] is tied
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert (rot.state_dict()[q] - model.state_dict()[q]).abs().max() > 0.01  # really rotated
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in rot.modules() if "RMSNorm" in type(m).__name__
+               and m.weight.shape[0] == COMMON["hidden_size"])  # the residual norms' weights are folded
+
+
+def test_the_rotation_spreads_an_outlier_channel():
+    """One channel 40x the others at q_proj's input (a norm weight outlier, as in real LLMs):
+    after rotation the largest |x| is a few times the RMS, not tens of times."""
+    model = _tiny("llama")
+    model.model.layers[0].input_layernorm.weight.data[5] = 40.0
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def peak_to_rms(m):
+        seen = []
+        h = m.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda mod, a: seen.append(a[0]))
+        with torch.no_grad():
+            m(ids)
+        h.remove()
+        x = seen[0]
+        return (x.abs().amax(-1) / x.pow(2).mean(-1).sqrt()).mean().item()
+
+    before = peak_to_rms(model)
+    after = peak_to_rms(apply(copy.deepcopy(model), RotateConfig(), StageContext(device="cpu", seed=0))[0])
+    assert before > 5.0 and after < before / 2, (before, after)
+
+
+def test_unsupported_architectures_are_refused_in_one_line(tmp_path):
+    from compress.models import load_model
+
+    model, _ = load_model(make_tiny_moe(tmp_path / "moe", "qwen3_moe"))
+    with pytest.raises(UserError, match=r"^rotate: qwen3_moe models are not supported \(supported: llama, mistral, "):
+        apply(model, RotateConfig(), StageContext(device="cpu", seed=0))
+
+
+def test_rotate_then_int8_through_the_pipeline(tiny_model, text_file, home):
+    """The rotated checkpoint is an ordinary HF directory with the base model's logits; int8
+    after it runs as usual; rotate after a quantization stage is refused."""
+    from compress import pipeline
+    from compress.models import load_model
+    from compress.recipe import parse_recipe
+
+    rec = tiny_recipe(tiny_model, text_file, [{"type": "rotate"}, {"type": "int8"}], name="rot")
+    pipeline.run(parse_recipe(rec), evaluate_outputs=False)
+    (rot_dir,) = (home / "rot" / "stages").glob("01-rotate")
+    base, _ = load_model(tiny_model)
+    rot, _ = load_model(rot_dir)
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(rot(ids).logits, base(ids).logits, rtol=0, atol=1e-4)
+    assert (home / "rot" / "stages" / "02-int8" / "stage.json").is_file()
+    with pytest.raises(UserError, match=r"'rotate' after 'int8'"):
+        parse_recipe(tiny_recipe(tiny_model, text_file, [{"type": "int8"}, {"type": "rotate"}]))
