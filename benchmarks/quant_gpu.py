@@ -66,7 +66,7 @@ def cmd_selfcheck(args) -> None:
 
 def cmd_gptq8b(args) -> None:
     from compress import registry
-    from compress.pipeline import save_model
+    from squeeze.pipeline import save_model
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = llama_config(args.tiny)
@@ -182,8 +182,8 @@ def cmd_speed(args) -> None:
 def cmd_smollm2(args) -> None:
     """RTN vs GPTQ on SmolLM2 on the GPU, measured on both engines (fidelity on vLLM 0.26)."""
     from compress.models import import_gguf
-    from compress.pipeline import run
-    from compress.recipe import load_recipe
+    from squeeze.pipeline import run
+    from squeeze.recipe import load_recipe
 
     os.environ.setdefault("SQUEEZE_HOME", "/tmp/squeeze-home")
     base = import_gguf(Path(args.gguf), Path(os.environ["SQUEEZE_HOME"]) / "_models" / "SmolLM2-135M-Instruct")

@@ -37,10 +37,10 @@ def main() -> None:
 
     if a.home:
         os.environ["SQUEEZE_HOME"] = str(a.home)
-    from compress import pipeline
+    from squeeze import pipeline
     from compress.models import resolve_device
     from compress.manifest import versions
-    from compress.recipe import load_recipe
+    from squeeze.recipe import load_recipe
     from eval.evaluate import hardware
     from eval.report.report import table
 

@@ -31,7 +31,7 @@ from gpu_common import ROOT, record  # noqa: F401 - ROOT puts the repo on sys.pa
 def cmd_study(args) -> None:
     from compress.spec import ModelSpec
     from eval.config import TuneConfig, VLLMOptions
-    from compress.cli.engines import _parse_set
+    from squeeze.cli.engines import _parse_set
     from eval.tune.study import Study
 
     wl = {"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,

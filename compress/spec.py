@@ -1,7 +1,7 @@
 """The compression half of a recipe: the model a chain starts from (ModelSpec), its stages
 (StageSpec, each validated against its stage's own config from the registry), matrix variants,
 the order rule for quantization stages, and the content key of a chain's output. The recipe as a
-whole (compress.recipe) adds the evaluation and gate sections, which eval/ owns."""
+whole (squeeze.recipe) adds the evaluation and gate sections, which eval/ owns."""
 
 from __future__ import annotations
 

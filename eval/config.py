@@ -1,7 +1,7 @@
 """The evaluation half of a recipe's schema, read by eval/: its `eval` section (perplexity,
 speed and its paired rounds, lm-eval tasks, each engine's options, serving load, engine
 tuning) and its release-gate criteria (`gate:`, or a gate file: eval.report.gate). The recipe
-as a whole (compress.recipe) holds one EvalConfig and a list of GateCriterion."""
+as a whole (squeeze.recipe) holds one EvalConfig and a list of GateCriterion."""
 
 from __future__ import annotations
 

@@ -127,8 +127,8 @@ def apply_linearized(model_dir: Path, text_file: Path, stage: dict):
     (compress.moe), the stage applied in memory. Returns (model, tokenizer, info)."""
     from compress import moe, registry
     from compress.models import load_model
-    from compress.pipeline import stage_context
-    from compress.recipe import parse_recipe
+    from squeeze.pipeline import stage_context
+    from squeeze.recipe import parse_recipe
 
     recipe = parse_recipe(tiny_recipe(model_dir, text_file, [stage]))
     model, tok = load_model(model_dir)

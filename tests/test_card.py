@@ -13,7 +13,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from compress.cli import main
+from squeeze.cli import main
 from compress.models import hub_id, model_hash
 from conftest import tiny_recipe
 from eval.report.card import card_text

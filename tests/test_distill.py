@@ -184,9 +184,9 @@ def _weights(m) -> dict:
 KILL_DRIVER = """
 import json, sys, time
 from pathlib import Path
-from compress import pipeline
+from squeeze import pipeline
 from compress.distill import trainer
-from compress.recipe import parse_recipe
+from squeeze.recipe import parse_recipe
 
 real = trainer.train
 
@@ -205,8 +205,8 @@ pipeline.run(parse_recipe(json.loads(Path(sys.argv[1]).read_text())), evaluate_o
 def test_sigkilled_run_resumes_bit_identical(teacher, corpus, home, tmp_path):
     """A `squeeze run` SIGKILLed during step 7 of 10 (checkpoints every 3 steps), run again,
     resumes at step 6 and ends with exactly the weights of a run never interrupted (CPU, fp32)."""
-    from compress import pipeline
-    from compress.recipe import parse_recipe
+    from squeeze import pipeline
+    from squeeze.recipe import parse_recipe
 
     stage = {"type": "distill", "student": "every_other", "steps": 10, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1,
              "eval_every": 0, "save_every": 3, "data": {"datasets": [str(corpus)], "seq_len": 32, "eval_blocks": 2},
@@ -230,8 +230,8 @@ def test_distill_stage_in_a_recipe(teacher, corpus, home, tmp_path):
     the pruned model, its checkpoint is a normal one, the work directory is gone once done."""
     import yaml
 
-    from compress import pipeline
-    from compress.recipe import parse_recipe
+    from squeeze import pipeline
+    from squeeze.recipe import parse_recipe
 
     raw = yaml.safe_load((REPO / "recipes" / "prune-distill-cpu.yaml").read_text())
     stages = raw["stages"]

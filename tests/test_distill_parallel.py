@@ -25,8 +25,8 @@ def one_process_run(teacher, corpus, tmp_path_factory):
 
 
 def _processes_run(teacher, corpus, home, n, sharding, **over):
-    from compress import pipeline
-    from compress.recipe import parse_recipe
+    from squeeze import pipeline
+    from squeeze.recipe import parse_recipe
 
     stage = {"type": "distill", "student": "every_other", "steps": 4, "batch_size": 4, "lr": 3e-3,
              "warmup_steps": 1, "eval_every": 2, "save_every": 2, "processes": n, "sharding": sharding,
@@ -59,8 +59,8 @@ def test_two_processes_train_as_one(teacher, corpus, tmp_path, one_process_run, 
 RUN_DRIVER = """
 import json, sys
 from pathlib import Path
-from compress import pipeline
-from compress.recipe import parse_recipe
+from squeeze import pipeline
+from squeeze.recipe import parse_recipe
 
 pipeline.run(parse_recipe(json.loads(Path(sys.argv[1]).read_text())), evaluate_outputs=False)
 """
@@ -70,8 +70,8 @@ def test_sharded_run_killed_resumes_bit_identical(teacher, corpus, home, tmp_pat
     """A 2-process FSDP run whose whole process group is SIGKILLed after a checkpoint (sharded
     model and optimizer through torch.distributed.checkpoint), run again, resumes there and ends
     with exactly the weights of a run never interrupted."""
-    from compress import pipeline
-    from compress.recipe import parse_recipe
+    from squeeze import pipeline
+    from squeeze.recipe import parse_recipe
 
     stage = {"type": "distill", "student": "every_other", "steps": 60, "batch_size": 4, "lr": 3e-3,
              "warmup_steps": 1, "eval_every": 0, "save_every": 5, "processes": 2, "sharding": "fsdp",

@@ -115,7 +115,7 @@ def test_readme_is_short():
 
 
 def test_every_squeeze_command_in_the_docs_exists():
-    from compress.cli import build_parser
+    from squeeze.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     real = set(sub.choices)

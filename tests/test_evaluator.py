@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from compress.cli import main
+from squeeze.cli import main
 from compress.errors import UserError
-from compress.recipe import parse_recipe
+from squeeze.recipe import parse_recipe
 from compress.spec import ModelSpec
 from eval.config import EvalConfig, TaskSpec
 from conftest import tiny_recipe

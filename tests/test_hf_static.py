@@ -79,7 +79,7 @@ def test_recipe_decode_options(tiny_model, text_file, home, tmp_path, capsys):
 
     import yaml
 
-    from compress.cli import main
+    from squeeze.cli import main
     from tests.conftest import tiny_recipe
 
     r = tiny_recipe(tiny_model, text_file)

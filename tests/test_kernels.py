@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from compress.pipeline import save_model
+from squeeze.pipeline import save_model
 from eval.engines import kernels as K
 from eval.engines.hf import HFEngine
 from test_quant_w8a8 import _apply

@@ -8,9 +8,9 @@ import json
 import pytest
 import yaml
 
-from compress.cli import main
+from squeeze.cli import main
 from compress.errors import UserError
-from compress.recipe import parse_recipe
+from squeeze.recipe import parse_recipe
 from conftest import tiny_recipe
 
 AXES = {

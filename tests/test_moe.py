@@ -13,8 +13,8 @@ from safetensors import safe_open
 from compress import coverage, moe
 from compress.errors import UserError
 from compress.models import load_model
-from compress.pipeline import run
-from compress.recipe import parse_recipe
+from squeeze.pipeline import run
+from squeeze.recipe import parse_recipe
 from conftest import MOE_ARCHS, make_tiny_moe, tiny_recipe
 
 IDS = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from compress import moe
 from compress.models import load_model
-from compress.pipeline import save_model
+from squeeze.pipeline import save_model
 from conftest import apply_linearized, make_tiny_moe
 from eval.engines.kernels import hf_kernels
 

@@ -11,7 +11,7 @@ import torch
 from compress import moe
 from compress.models import load_model
 from compress.quant import smooth, smooth_moe
-from compress.recipe import parse_recipe
+from squeeze.recipe import parse_recipe
 from conftest import MOE_ARCHS, apply_linearized, make_tiny_moe, tiny_recipe
 from test_moe import _calib, _run
 
@@ -118,7 +118,7 @@ def test_smoothquant_then_static_int8_on_moe_through_the_pipeline(moe_model, tex
     calib = _calib(text_file, calibrate_all_experts=True)
     stages = [{"type": "smoothquant", "alpha": 0.5, "calibration": calib},
               {"type": "int8", "activations": "static", "calibration": calib}]
-    from compress.pipeline import run
+    from squeeze.pipeline import run
 
     recipe = parse_recipe(tiny_recipe(moe_model, text_file, stages, name="sq"))
     run(recipe, tmp_path / "sq", evaluate_outputs=False)

@@ -10,7 +10,7 @@ import random
 import pytest
 import yaml
 
-from compress.cli import main
+from squeeze.cli import main
 from compress.spec import ModelSpec
 from eval.config import EvalConfig, SpeedConfig
 from conftest import tiny_recipe

@@ -10,11 +10,12 @@ import pytest
 import torch
 import yaml
 
-from compress import pipeline, registry
-from compress.cli import main
+from compress import registry
+from squeeze import pipeline
+from squeeze.cli import main
 from compress.errors import UserError
 from compress.fsutil import sha256_file
-from compress.recipe import parse_recipe
+from squeeze.recipe import parse_recipe
 from conftest import sigkill_at_marker, tiny_recipe
 
 TWO_STAGES = [{"type": "magnitude_prune", "sparsity": 0.3},
@@ -238,8 +239,9 @@ def test_models_refuse_pickled_weights(tiny_model, tmp_path):
 KILL_DRIVER = """
 import dataclasses, json, sys, time
 from pathlib import Path
-from compress import pipeline, registry
-from compress.recipe import parse_recipe
+from compress import registry
+from squeeze import pipeline
+from squeeze.recipe import parse_recipe
 
 real = registry.get("magnitude_prune")
 

@@ -10,14 +10,14 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from compress import pipeline
+from squeeze import pipeline
 from compress.errors import UserError
 from compress.models import load_model
 from compress.prune.masks import nm_mask, owl_sparsities, parse_nm, row_mask, wanda_mask, wanda_score
 from compress.prune.sparsegpt import SparseGPTConfig, sparsegpt_prune
 from compress.prune.wanda import WandaConfig
 from compress.quant.gptq_solver import output_error
-from compress.recipe import parse_recipe
+from squeeze.recipe import parse_recipe
 from conftest import tiny_recipe
 
 

@@ -13,9 +13,9 @@ from compress import moe
 from compress.calibration import calibration_batches
 from compress.errors import UserError
 from compress.models import load_model, load_tokenizer
-from compress.pipeline import run
+from squeeze.pipeline import run
 from compress.prune.structured import experts as pe
-from compress.recipe import parse_recipe
+from squeeze.recipe import parse_recipe
 from conftest import make_tiny_moe, tiny_recipe
 
 IDS = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -15,8 +15,8 @@ from safetensors import safe_open
 
 from compress import registry
 from compress.models import load_model
-from compress.pipeline import save_model, stage_context
-from compress.recipe import parse_recipe
+from squeeze.pipeline import save_model, stage_context
+from squeeze.recipe import parse_recipe
 from conftest import REPO, engine_scores, tiny_recipe
 
 
@@ -98,7 +98,7 @@ def _run_cli(recipe: dict, tmp_path, home):
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "SQUEEZE_HOME": str(home)}
-    r = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(p), "--output", str(tmp_path / "run")],
+    r = subprocess.run([sys.executable, "-m", "squeeze.cli", "run", str(p), "--output", str(tmp_path / "run")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     return r
 
@@ -143,7 +143,7 @@ def test_stages_after_quantization_are_refused_by_validate(tiny_model, text_file
     rec = tiny_recipe(tiny_model, text_file, [{"type": "rtn"}, {"type": "magnitude_prune"}])
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(rec))
-    r = subprocess.run([sys.executable, "-m", "compress.cli", "validate", str(p)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "squeeze.cli", "validate", str(p)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "stages[1].type: 'magnitude_prune' after 'rtn' (stages[0]): quantized checkpoints are final" in r.stderr
@@ -180,6 +180,6 @@ def test_validate_checks_the_stages_against_a_local_model(tiny_model, text_file,
     rec = tiny_recipe(tiny_model, text_file, [{"type": "rtn", "group_size": 128}])
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(rec))
-    r = subprocess.run([sys.executable, "-m", "compress.cli", "validate", str(p)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "squeeze.cli", "validate", str(p)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "128 does not divide the input width 64 of model.layers.0.self_attn.q_proj" in r.stderr

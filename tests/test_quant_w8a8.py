@@ -14,9 +14,9 @@ from safetensors import safe_open
 from compress import registry
 from compress.errors import UserError
 from compress.models import load_model, meta_model
-from compress.pipeline import save_model, stage_context
+from squeeze.pipeline import save_model, stage_context
 from compress.quant import smooth
-from compress.recipe import parse_recipe
+from squeeze.recipe import parse_recipe
 from conftest import engine_scores, make_tiny_llama, tiny_recipe
 from test_quant_stages import _run_cli
 
@@ -132,7 +132,7 @@ def test_smoothquant_keeps_the_function_and_shrinks_activation_outliers(tiny_mod
 
 
 def test_smoothquant_then_static_int8_is_one_recipe(tiny_model, text_file, tmp_path, home):
-    from compress import pipeline
+    from squeeze import pipeline
 
     rec = tiny_recipe(tiny_model, text_file, [
         {"type": "smoothquant", "alpha": 0.5, "calibration": _calib(text_file)},

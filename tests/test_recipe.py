@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 
-from compress import pipeline
-from compress.cli import main
+from squeeze import pipeline
+from squeeze.cli import main
 from compress.errors import UserError
 from compress.models import load_tokenizer, local_model_dir
-from compress.recipe import load_recipe, parse_recipe
+from squeeze.recipe import load_recipe, parse_recipe
 from conftest import REPO, tiny_recipe
 
 GOOD = """\
@@ -206,7 +206,7 @@ def test_validate_cli_exit_codes_in_a_real_process(tmp_path):
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
     good.write_text(GOOD)
     bad.write_text("name: x\nstages:\n  - type: magnitude_prune\n    sparsity: 1.5\n")
-    cmd = [sys.executable, "-m", "compress.cli", "validate"]
+    cmd = [sys.executable, "-m", "squeeze.cli", "validate"]
     ok = subprocess.run(cmd + [str(good)], capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0 and "ok" in ok.stdout
     ko = subprocess.run(cmd + [str(bad)], capture_output=True, text=True, cwd=REPO)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from compress.cli import main
+from squeeze.cli import main
 from eval.report.compare import compare
 from eval.report.pareto import pareto_front
 from eval.report.tables import write_comparison

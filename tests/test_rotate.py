@@ -101,9 +101,9 @@ def test_unsupported_architectures_are_refused_in_one_line(tmp_path):
 def test_rotate_then_int8_through_the_pipeline(tiny_model, text_file, home):
     """The rotated checkpoint is an ordinary HF directory with the base model's logits; int8
     after it runs as usual; rotate after a quantization stage is refused."""
-    from compress import pipeline
+    from squeeze import pipeline
     from compress.models import load_model
-    from compress.recipe import parse_recipe
+    from squeeze.recipe import parse_recipe
 
     rec = tiny_recipe(tiny_model, text_file, [{"type": "rotate"}, {"type": "int8"}], name="rot")
     pipeline.run(parse_recipe(rec), evaluate_outputs=False)
@@ -116,3 +116,13 @@ def test_rotate_then_int8_through_the_pipeline(tiny_model, text_file, home):
     assert (home / "rot" / "stages" / "02-int8" / "stage.json").is_file()
     with pytest.raises(UserError, match=r"'rotate' after 'int8'"):
         parse_recipe(tiny_recipe(tiny_model, text_file, [{"type": "int8"}, {"type": "rotate"}]))
+
+
+def test_a_matrix_the_rotation_cannot_reach_is_refused_not_skipped():
+    """A supported model type with a weight outside nn.Linear in its MLP (as fused experts are):
+    refused in one line, since rotating everything else would change the function."""
+    model = _tiny("llama")
+    model.model.layers[1].mlp.extra = torch.nn.Parameter(torch.zeros(4, COMMON["hidden_size"]))
+    with pytest.raises(UserError, match=r"^rotate: 1 weight matrices of llama are not nn.Linear projections it can "
+                                        r"rotate \(e.g. layers.1.mlp.extra\)"):
+        apply(model, RotateConfig(), StageContext(device="cpu", seed=0))

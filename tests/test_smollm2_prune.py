@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def test_wanda_50_keeps_smollm2_within_2_5x_of_dense(smol_home):
     env = {**os.environ, "SQUEEZE_HOME": str(smol_home)}
-    r = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(REPO / "recipes" / "wanda-50.yaml")],
+    r = subprocess.run([sys.executable, "-m", "squeeze.cli", "run", str(REPO / "recipes" / "wanda-50.yaml")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((smol_home / "wanda-50" / "report.json").read_text())

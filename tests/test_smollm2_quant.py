@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 def _run(recipe: str, home: Path) -> dict:
     pytest.importorskip("vllm")
     env = {**os.environ, "SQUEEZE_HOME": str(home)}
-    r = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(REPO / "recipes" / f"{recipe}.yaml")],
+    r = subprocess.run([sys.executable, "-m", "squeeze.cli", "run", str(REPO / "recipes" / f"{recipe}.yaml")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((home / recipe / "report.json").read_text())
@@ -77,7 +77,7 @@ def test_w8a8_int8_runs_in_vllm_like_the_fake_quantized_model(smol_home, tmp_pat
     from compress import registry
     from compress.data import load_text
     from compress.models import load_model, resolve_model
-    from compress.pipeline import save_model
+    from squeeze.pipeline import save_model
     from compress.stage import StageContext
     src = resolve_model("smollm2", False)
     model, tok = load_model(src)

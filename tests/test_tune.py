@@ -131,7 +131,7 @@ def test_bad_search_space(space, msg, tiny_model, tmp_path):
 
 
 def test_tune_cli_bad_input(tiny_model, capsys):
-    from compress.cli import main
+    from squeeze.cli import main
 
     base = ["tune", str(tiny_model)]
     assert main([*base, "--budget", "0"]) == 2
@@ -164,7 +164,7 @@ def test_recipe_serving_and_tuning_sections(fake, tiny_model, text_file, home, t
     import jsonschema
     import yaml
 
-    from compress.cli import main
+    from squeeze.cli import main
     from tests.conftest import tiny_recipe
 
     r = tiny_recipe(tiny_model, text_file)
@@ -196,7 +196,7 @@ def test_recipe_serving_and_tuning_sections(fake, tiny_model, text_file, home, t
 def test_recipe_refuses_a_bad_tuning_space_before_any_work(tiny_model, text_file, home, tmp_path, capsys):
     import yaml
 
-    from compress.cli import main
+    from squeeze.cli import main
     from tests.conftest import tiny_recipe
 
     r = tiny_recipe(tiny_model, text_file)

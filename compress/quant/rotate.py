@@ -56,10 +56,18 @@ def check(cfg: RotateConfig, model: torch.nn.Module, ctx: StageContext) -> None:
         raise UserError(f"rotate: {kind} models are not supported (supported: {', '.join(SUPPORTED)}; the norms of "
                         "others sit where a rotation does not commute with them, or their experts are fused)")
     _, layers = decoder_layers(model)
-    for layer in layers:
+    for i, layer in enumerate(layers):
         for name in ("input_layernorm", "post_attention_layernorm"):
             if getattr(getattr(layer, name, None), "weight", None) is None:
                 raise UserError(f"rotate: a decoder layer of {kind} has no {name} with a weight")
+        # every matrix that reads or writes the residual must be an nn.Linear the rotation reaches:
+        # one it skipped (a fused 3-D expert weight, a custom projection) would change the function
+        covered = {id(m.weight) for m in sum(_parts(layer), [])}
+        left = [f"layers.{i}.{block}.{n}" for block in ("self_attn", "mlp")
+                for n, w in getattr(layer, block).named_parameters() if w.dim() >= 2 and id(w) not in covered]
+        if left:
+            raise UserError(f"rotate: {len(left)} weight matrices of {kind} are not nn.Linear projections it can "
+                            f"rotate (e.g. {left[0]}); rotating the rest would change the model's function")
 
 
 def _fold(norm: torch.nn.Module, readers: list[torch.nn.Linear]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from compress.cli.recipes import report_errors
+from squeeze.cli.recipes import report_errors
 from compress.errors import UserError
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from compress.cli.engines import cmd_serving, cmd_tune
-from compress.cli.evaluate import cmd_eval
-from compress.cli.parser import build_parser
-from compress.cli.recipes import cmd_import, cmd_run, cmd_stages, cmd_validate
-from compress.cli.reports import cmd_compare, cmd_gate
+from squeeze.cli.engines import cmd_serving, cmd_tune
+from squeeze.cli.evaluate import cmd_eval
+from squeeze.cli.parser import build_parser
+from squeeze.cli.recipes import cmd_import, cmd_run, cmd_stages, cmd_validate
+from squeeze.cli.reports import cmd_compare, cmd_gate
 from compress.errors import UserError
 
 COMMANDS = {"run": cmd_run, "eval": cmd_eval, "compare": cmd_compare, "gate": cmd_gate, "serving": cmd_serving,

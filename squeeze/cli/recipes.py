@@ -12,8 +12,8 @@ from compress.errors import UserError
 
 def cmd_run(a) -> int:
     from compress.models import resolve_device
-    from compress.pipeline import run, run_dir_for
-    from compress.recipe import load_recipe
+    from squeeze.pipeline import run, run_dir_for
+    from squeeze.recipe import load_recipe
     from eval.report.report import table
 
     recipe = load_recipe(a.recipe)
@@ -45,10 +45,10 @@ def cmd_run(a) -> int:
     return rc
 
 def cmd_validate(a) -> int:
-    from compress.recipe import load_recipe
+    from squeeze.recipe import load_recipe
 
     from compress.models import local_model_dir, resolve_device
-    from compress.pipeline import preflight
+    from squeeze.pipeline import preflight
 
     r = load_recipe(a.recipe)
     base = local_model_dir(r.model.source)
@@ -96,7 +96,7 @@ def cmd_import(a) -> int:
 def report_errors(report: dict) -> int:
     """Print the evaluations that failed (one line each, results gathered so far are in the
     report); exit code 1 if there were any."""
-    from compress.pipeline import evaluation_errors
+    from squeeze.pipeline import evaluation_errors
 
     errs = evaluation_errors(report)
     for line in errs:

@@ -1,6 +1,6 @@
 """Run a recipe: stages in order, each saved as an HF directory, then evaluate and report.
 
-Run directory layout (compress.pipeline.rundir) (default ``checkpoints/<recipe name>/``)::
+Run directory layout (squeeze.pipeline.rundir) (default ``checkpoints/<recipe name>/``)::
 
     run.json                      identity: the recipe's compression hash (model, seed, stages)
     recipe.yaml, recipe.json      the recipe as given and as validated
@@ -21,11 +21,11 @@ The pipeline sits in the top layer with the CLI and the recipe schema: it is the
 calls both the compression half (compress/) and the evaluator (eval/).
 """
 
-from compress.pipeline.chain import chains, run_chain, run_stages, save_model
-from compress.pipeline.checks import preflight, stage_context
-from compress.pipeline.driver import run
-from compress.pipeline.evaluation import evaluate_and_report, evaluation_errors
-from compress.pipeline.rundir import artifact_names, chain_dirs, is_complete, run_dir_for, run_lock, stage_dir
+from squeeze.pipeline.chain import chains, run_chain, run_stages, save_model
+from squeeze.pipeline.checks import preflight, stage_context
+from squeeze.pipeline.driver import run
+from squeeze.pipeline.evaluation import evaluate_and_report, evaluation_errors
+from squeeze.pipeline.rundir import artifact_names, chain_dirs, is_complete, run_dir_for, run_lock, stage_dir
 
 __all__ = ["run", "run_dir_for", "preflight", "stage_context", "run_stages", "run_chain", "chains", "save_model",
            "evaluate_and_report", "evaluation_errors", "artifact_names", "chain_dirs", "is_complete", "run_lock",

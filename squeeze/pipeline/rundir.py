@@ -30,7 +30,7 @@ from pathlib import Path
 from compress.errors import UserError
 from compress.fsutil import atomic_write_text
 from compress.models import home
-from compress.recipe import Recipe
+from squeeze.recipe import Recipe
 from compress.spec import StageSpec, chain_key
 
 

@@ -1,11 +1,11 @@
 """The `squeeze` argument parser: one function per command adds its subparser (serving and tune:
-compress.cli.engines), so each command's flags read as one block."""
+squeeze.cli.engines), so each command's flags read as one block."""
 
 from __future__ import annotations
 
 import argparse
 
-from compress.cli.engines import add_parsers as add_engine_parsers
+from squeeze.cli.engines import add_parsers as add_engine_parsers
 
 EPILOG = "Docs: README.md (recipes, outputs). Exit codes: 0 ok, 1 failure, 2 bad input."
 

@@ -16,9 +16,9 @@ from compress.export.compressed_tensors import is_quantized, save_compressed
 from compress.fsutil import atomic_dir, atomic_write_text
 from compress.manifest import write_manifest
 from compress.models import load_model
-from compress.pipeline.checks import stage_context
-from compress.pipeline.rundir import chain_dirs, is_complete
-from compress.recipe import Recipe
+from squeeze.pipeline.checks import stage_context
+from squeeze.pipeline.rundir import chain_dirs, is_complete
+from squeeze.recipe import Recipe
 from compress.spec import StageSpec, chain_key
 
 

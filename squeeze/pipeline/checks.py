@@ -10,8 +10,8 @@ from pathlib import Path
 from compress import coverage, moe, registry
 from compress.errors import UserError
 from compress.models import load_tokenizer, meta_model
-from compress.pipeline.rundir import artifact_names
-from compress.recipe import Recipe
+from squeeze.pipeline.rundir import artifact_names
+from squeeze.recipe import Recipe
 from compress.stage import StageContext
 from eval.engines import engine_class, engine_facts, open_engine
 

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from compress.fsutil import atomic_write_text
-from compress.pipeline.chain import log
-from compress.recipe import Recipe
+from squeeze.pipeline.chain import log
+from squeeze.recipe import Recipe
 from compress.spec import StageSpec
 
 

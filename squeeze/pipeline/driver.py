@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from compress.models import resolve_device, resolve_model
-from compress.pipeline.chain import run_stages
-from compress.pipeline.checks import preflight
-from compress.pipeline.evaluation import evaluate_and_report
-from compress.pipeline.rundir import clear_partial, prepare_run_dir, run_dir_for, run_lock
-from compress.recipe import Recipe
+from squeeze.pipeline.chain import run_stages
+from squeeze.pipeline.checks import preflight
+from squeeze.pipeline.evaluation import evaluate_and_report
+from squeeze.pipeline.rundir import clear_partial, prepare_run_dir, run_dir_for, run_lock
+from squeeze.recipe import Recipe
 
 
 def run(recipe: Recipe, run_dir: Path | None = None, force: bool = False, recipe_text: str | None = None,

@@ -1,5 +1,0 @@
-import sys
-
-from compress.cli.main import main
-
-sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from squeeze.cli.main import main
+
+sys.exit(main())
