@@ -1,21 +1,8 @@
 """Run a recipe: stages in order, each saved as an HF directory, then evaluate and report.
 
-Run directory layout (squeeze.pipeline.rundir) (default ``checkpoints/<recipe name>/``)::
-
-    run.json                      identity: the recipe's compression hash (model, seed, stages)
-    recipe.yaml, recipe.json      the recipe as given and as validated
-    stages/01-<type>/             HF model dir + stage.json + manifest.json (complete, or absent)
-    stages/<key>-<type>/          the same for a matrix recipe, content-addressed (compress.matrix)
-    report.json, .md, .html       the evaluation report (eval.report); each evaluated stage directory
-                                  gets its model card, README.md (eval.report.card)
-    gate.json, gate.xml           the release gate's verdicts, where the recipe has a gate
-
-Every stage directory is written under a temporary name and renamed when complete, its
-manifest last, so a crash never leaves a stage that looks done. Running the same recipe
-again resumes after the last completed stage; a directory made by another recipe is never
-overwritten without ``force``. A matrix run directory is only tied to its model and seed: its
-stage directories are keyed by content, so adding variants to the matrix reuses every stage
-already made.
+The run directory (its layout, resume and crash safety) is described in
+squeeze.pipeline.rundir; the checks before any work in checks, the stages in chain, the
+evaluation and report in evaluation, the whole run in driver.
 
 The pipeline sits in the top layer with the CLI and the recipe schema: it is the code that
 calls both the compression half (compress/) and the evaluator (eval/).
