@@ -6,8 +6,8 @@
     python3 benchmarks/quant2_gpu.py bf16-dir --out DIR [--tiny]
     python3 benchmarks/quant2_gpu.py smollm2 --gguf FILE
 
-layouts: config-only directories of the Llama-3.1-8B shape for vLLM's dummy weights (speed
-  does not depend on weight values at fixed output lengths): bf16, and the W8A8 int8 and FP8
+layouts: config-only directories (and an empty weights file) of the Llama-3.1-8B shape for
+  vLLM's dummy weights (speed does not depend on weight values at fixed output lengths): bf16, and the W8A8 int8 and FP8
   checkpoints our stages write (dynamic per-token and static per-tensor activations), their
   quantization_config built by the same export code (compress.export.compressed_tensors).
 speed: benchmarks/vllm_speed.py per model in a fresh process (512 prompts × 512 in / 128 out,
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from gpu_common import add_common_args, bench_context, capped_random_llama, llama_config, random_llama, record
 from quant_gpu import cmd_speed
@@ -58,10 +59,13 @@ def cmd_layouts(args) -> None:
     for name, q in LAYOUTS.items():
         d = out / name
         d.mkdir(parents=True, exist_ok=True)
-        c = cfg.to_dict()
+        c = {**cfg.to_dict(), "architectures": ["LlamaForCausalLM"]}
         if q:
             c["quantization_config"] = _ct_config(*q)
         (d / "config.json").write_text(json.dumps(c, indent=1))
+        # an empty weights file, so that Squeeze's own loaders take the directory (its checks want
+        # weights); vLLM's dummy loader (load_format: dummy) never reads it
+        save_file({}, str(d / "model.safetensors"))
     record(args, {"what": "layout configs written", "dirs": sorted(p.name for p in out.iterdir()),
                   "int8_static_config": _ct_config(False, False)})
 

@@ -85,6 +85,16 @@ class VLLMOptions(Strict):
                                        "false on GPUs")
     kv_cache_dtype: str = "auto"
     tensor_parallel_size: int = Field(1, gt=0)
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="more of vLLM's engine arguments, passed as they are (e.g. max_num_seqs: 256; "
+        "load_format: dummy times a layout of config files and a tokenizer, without weights); not the fields above")
+
+    @model_validator(mode="after")
+    def _no_shadowing(self):
+        named = sorted(set(self.engine_args) & (set(type(self).model_fields) - {"engine_args"}))
+        if named:
+            raise ValueError(f"engine_args: {', '.join(named)} has its own field here; set it there")
+        return self
 
 
 class HFOptions(Strict):

@@ -63,8 +63,9 @@ class VLLMEngine:
 
     @classmethod
     def options(cls, cfg, model) -> dict:
-        """Every eval.vllm option, the dtype defaulting to the model's."""
+        """Every eval.vllm option (engine_args merged in), the dtype defaulting to the model's."""
         opts = cfg.vllm.model_dump()
+        opts.update(opts.pop("engine_args"))
         opts["dtype"] = opts["dtype"] or model.dtype
         return opts
 

