@@ -39,9 +39,12 @@ class SpeedConfig(Strict):
                                  "(0: skip)")
     warmup: int = Field(1, ge=0, description="untimed runs of the whole workload first")
     repeats: int = Field(3, gt=0, description="timed runs; figures are medians, spreads the min..max")
-    rounds: int = Field(6, ge=0, description="paired rounds behind every speedup over the baseline: both models "
+    rounds: int = Field(10, ge=0, description="paired rounds behind every speedup over the baseline: both models "
                         "open, measured in turn, order swapped each round (eval.speed.paired); the speedup is the "
-                        "median of the per-round ratios, its range their min..max; 0: no speedups")
+                        "median of the per-round ratios, its range the order statistics that hold the median with "
+                        ">= 95 % probability (min..max up to 8 rounds, 2nd lowest..2nd highest at 9 to 11); 0: no speedups")
+    noise_floor: float = Field(0.02, ge=0.0, lt=1.0, description="a paired speedup whose median is within this "
+                               "fraction of 1.0 reads 'no measurable change' even where its range excludes 1.0")
 
 
 class TaskSpec(Strict):

@@ -184,12 +184,13 @@ def _measure_one(pair: EnginePair, cfg: EvalConfig, seed: int, r: dict) -> None:
         return
     s = cfg.speed
     r.update(protocol={"method": "paired", "version": PROTOCOL_VERSION, "rounds": s.rounds, "warmup": s.warmup,
+                       "noise_floor": s.noise_floor,
                        "num_prompts": s.num_prompts, "input_len": s.input_len, "output_len": s.output_len,
                        "concurrency": min(s.concurrency or s.num_prompts, s.num_prompts),
                        "batch1_requests": s.batch1_requests,
                        "order": "baseline first in even rounds, artifact first in odd ones"},
              mode="both open" if pair.coexist else f"one at a time ({pair.why})", loads=pair.loads, rounds=rounds,
-             speedups=summarize(rounds) if rounds else {}, seconds=time.perf_counter() - t0,
+             speedups=summarize(rounds, s.noise_floor) if rounds else {}, seconds=time.perf_counter() - t0,
              seconds_per_round=statistics.median(x["seconds"] for x in rounds) if rounds else None)
 
 

@@ -54,6 +54,19 @@ def test_the_vllm_dtype_defaults_to_the_models():
     assert engine_facts(EvalConfig(engines=["vllm"]), ModelSpec(dtype="float32"), "cpu")[0].dtype == "float32"
 
 
+def test_vllm_engine_args_pass_through_and_never_shadow_a_named_option():
+    from pydantic import ValidationError
+
+    from eval.tune.trials import vllm_base
+
+    cfg = EvalConfig(engines=["vllm"], vllm={"engine_args": {"load_format": "dummy", "max_num_seqs": 64}})
+    opts = engine_class("vllm").options(cfg, ModelSpec(dtype="bfloat16"))
+    assert opts["load_format"] == "dummy" and opts["max_num_seqs"] == 64 and "engine_args" not in opts
+    assert vllm_base(cfg.vllm, ModelSpec(), "cpu")["load_format"] == "dummy"  # servers and tuning trials too
+    with pytest.raises(ValidationError, match="engine_args: dtype has its own field here"):
+        EvalConfig(engines=["vllm"], vllm={"engine_args": {"dtype": "float16"}})
+
+
 def test_the_engine_table():
     assert engine_class("hf").name == "hf" and engine_class("vllm").name == "vllm"
     with pytest.raises(ValueError, match="unknown engine 'tgi'; allowed: hf, vllm"):

@@ -129,6 +129,26 @@ def test_ratio_range_verdicts():
     assert ratio_range([1.3])["verdict"] == "spread unknown"
 
 
+def test_range_is_the_order_statistic_interval_holding_the_median_with_95_percent():
+    from eval.speed.paired import coverage, order_k
+
+    assert [order_k(n) for n in (2, 6, 8, 9, 10, 12)] == [1, 1, 1, 2, 2, 3]
+    assert coverage(6, 1) == pytest.approx(1 - 2 / 64) and coverage(10, 2) == pytest.approx(1 - 2 * 11 / 1024)
+    # ten rounds, one stray round at each end (a hiccup of the machine): they no longer set the range
+    r = ratio_range([1.01, 0.99, 1.48, 1.00, 1.02, 0.98, 0.91, 1.01, 1.00, 0.99])
+    assert (r["lo"], r["hi"], r["range_rank"]) == (0.98, 1.02, 2) and r["verdict"] == "no measurable change"
+    assert r["coverage"] == pytest.approx(0.9785, abs=1e-4)
+
+
+def test_noise_floor_calls_a_resolved_but_tiny_difference_noise():
+    rounds = [1.019, 1.02, 1.013, 1.022, 1.003, 1.006]  # all above 1, median 1.016
+    assert ratio_range(rounds)["verdict"] == "faster"
+    r = ratio_range(rounds, noise_floor=0.02)
+    assert r["verdict"] == "no measurable change" and r["noise_floor"] == 0.02
+    assert ratio_range([1.03, 1.05, 1.04, 1.06, 1.035, 1.045], noise_floor=0.02)["verdict"] == "faster"
+    assert ratio_range([0.9, 0.95, 0.93], noise_floor=0.02)["verdict"] == "slower"
+
+
 # ---------------------------------------------------------------------------- eval.paired
 
 def test_an_engine_instance_effect_is_split_by_the_half_time_swap():

@@ -63,9 +63,21 @@ def paired_lines(report: dict) -> list[str]:
             "baseline first in even rounds and the artifact in odd ones, the baseline's engine reopened at half-time "
             "(so that it is opened before the artifact's in one half and after it in the other); a speedup is the "
             "median of the per-round "
-            "ratios, its range their min..max (it holds the true median ratio with probability "
-            f"{1 - 2 ** (1 - p['rounds']):.0%}), and a range containing 1 reads 'no measurable change'. "
+            f"ratios, its range {_range_words(p['rounds'])}, and a range containing 1, or a median within "
+            f"{p.get('noise_floor', 0):.0%} of 1, reads 'no measurable change'. "
             f"Seconds per round: {per}."] + failed
+
+
+def _range_words(n: int) -> str:
+    from eval.speed.paired import coverage, order_k
+
+    k = order_k(n)
+    which = "their min..max" if k == 1 else f"from the {_ordinal(k)} lowest to the {_ordinal(k)} highest ratio"
+    return f"{which} (it holds the true median ratio with probability {coverage(n, k):.0%})"
+
+
+def _ordinal(k: int) -> str:
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(k, f"{k}th")
 
 
 def cut_lines(info: dict) -> list[str]:

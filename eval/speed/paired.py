@@ -28,11 +28,17 @@ Protocol (`eval.speed`: its workload, `warmup`, and `rounds` = n):
   drift favours the artifact in one round and the baseline in the next.
 - Per round: throughput ratio = artifact output tok/s / baseline output tok/s; batch-1 TPOT
   ratio = baseline TPOT / artifact TPOT (both above 1 when the artifact is faster).
-- The speedup is the median of the n per-round ratios, its range their min..max. Whatever the
-  noise's distribution, that range holds the true median ratio with probability 1 - 2^(1-n)
-  (the sign test): 88 % at 4 rounds, 94 % at 5, 97 % at 6, 99 % at 8. A range containing 1.0
-  reads "no measurable change"; a single round has no range ("spread unknown"), and the
-  release gate refuses to judge it.
+- The speedup is the median of the n per-round ratios; its range runs from the k-th lowest to
+  the k-th highest ratio, k the largest for which that range holds the true median ratio with
+  probability >= 95 % whatever the noise's distribution (the sign test's interval: coverage
+  1 - 2 P(Binomial(n, 1/2) < k)). So k = 1 (min..max) up to 8 rounds (97 % at 6, 99 % at 8),
+  k = 2 at 9 and 10 (96 %, 98 %): from 9 rounds on, one stray round at either end (a hiccup of the
+  machine) no longer sets the range. The range and its `coverage` are in the result.
+- Verdict: a range containing 1.0 reads "no measurable change"; so does a range beside 1.0
+  whose median is within `noise_floor` of it (default 2 %: a difference this protocol cannot
+  tell from an engine instance's own bias, see above, is no claim to act on); otherwise
+  "faster" or "slower". A single round has no range ("spread unknown"), and the release gate
+  refuses to judge it.
 
 Cost: a round runs the workload and the batch-1 profile once on each model, about twice one
 timed repeat of the single-model measurement (`seconds_per_round` in the result), plus
@@ -43,6 +49,7 @@ plus once).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -50,8 +57,23 @@ from tqdm.auto import tqdm
 
 from eval.speed.workload import LATENCY_SAMPLE, duration, noise_verdict, per_request, random_prompts
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2   # 2: order-statistic ranges (k-th lowest..highest) and the noise floor
 SIDES = ("base", "art")
+COVERAGE = 0.95
+
+
+def order_k(n: int) -> int:
+    """The largest k >= 1 whose k-th lowest..k-th highest of n ratios holds their true median with
+    probability >= COVERAGE (1 where none does)."""
+    k = 1
+    while k + 1 <= n // 2 and coverage(n, k + 1) >= COVERAGE:
+        k += 1
+    return k
+
+
+def coverage(n: int, k: int) -> float:
+    """P(the k-th lowest <= true median <= the k-th highest of n independent draws)."""
+    return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
 
 
 def round_order(r: int) -> tuple[str, str]:
@@ -59,12 +81,15 @@ def round_order(r: int) -> tuple[str, str]:
     return SIDES if r % 2 == 0 else SIDES[::-1]
 
 
-def ratio_range(ratios: list[float]) -> dict:
-    """Median of per-round ratios (> 1: the artifact is faster) with their min..max and a verdict."""
-    lo, hi = min(ratios), max(ratios)
-    return {"ratio": statistics.median(ratios), "lo": lo, "hi": hi, "verdict": noise_verdict(lo, hi, len(ratios)),
-            "method": "paired",
-            "rounds": len(ratios), "ratios": list(ratios)}
+def ratio_range(ratios: list[float], noise_floor: float = 0.0) -> dict:
+    """Median of per-round ratios (> 1: the artifact is faster), the order-statistic range around
+    it (see the module's docstring) and a verdict."""
+    n, srt = len(ratios), sorted(ratios)
+    k = order_k(n)
+    lo, hi, med = srt[k - 1], srt[n - k], statistics.median(ratios)
+    return {"ratio": med, "lo": lo, "hi": hi, "verdict": noise_verdict(lo, hi, n, noise_floor, med),
+            "method": "paired", "rounds": n, "ratios": list(ratios), "range_rank": k,
+            "coverage": round(coverage(n, k), 4) if n > 1 else None, "noise_floor": noise_floor}
 
 
 # ---------------------------------------------------------------------------- one run
@@ -131,11 +156,12 @@ def run_rounds(pair, speed, seed: int = 0, progress: bool = True) -> list[dict]:
     return out
 
 
-def summarize(rounds: list[dict]) -> dict:
+def summarize(rounds: list[dict], noise_floor: float = 0.0) -> dict:
     """The speedups of a paired measurement: throughput and (where measured) batch-1 TPOT."""
-    out = {"throughput": ratio_range([r["art"]["output_tok_s"] / r["base"]["output_tok_s"] for r in rounds])}
+    out = {"throughput": ratio_range([r["art"]["output_tok_s"] / r["base"]["output_tok_s"] for r in rounds],
+                                     noise_floor)}
     if all("tpot_ms" in r["base"] for r in rounds):
-        out["batch1_tpot"] = ratio_range([r["base"]["tpot_ms"] / r["art"]["tpot_ms"] for r in rounds])
+        out["batch1_tpot"] = ratio_range([r["base"]["tpot_ms"] / r["art"]["tpot_ms"] for r in rounds], noise_floor)
     return out
 
 

@@ -71,12 +71,13 @@ def duration(reqs: list[RequestTiming]) -> float:
     return max(r.end for r in reqs) - min(r.submitted for r in reqs)
 
 
-def noise_verdict(lo: float, hi: float, n: int) -> str:
+def noise_verdict(lo: float, hi: float, n: int, noise_floor: float = 0.0, ratio: float | None = None) -> str:
     """The verdict on a speedup range (> 1: faster) drawn from n measurements per side (or n
-    paired rounds): under 2 the spread is unknown; a range holding 1.0 is inside the noise."""
+    paired rounds): under 2 the spread is unknown; a range holding 1.0 is inside the noise, and
+    so is a `ratio` within `noise_floor` of 1.0 (a difference too small to claim)."""
     if n < 2:
         return "spread unknown"
-    if lo <= 1.0 <= hi:
+    if lo <= 1.0 <= hi or (ratio is not None and abs(ratio - 1.0) < noise_floor):
         return "no measurable change"
     return "faster" if lo > 1.0 else "slower"
 
