@@ -123,6 +123,7 @@ def test_hf_study_of_four_trials(tiny_model, tmp_path):
     ({"max_num_seqs": [0]}, "max_num_seqs: 0 is not allowed; expected a positive integer"),
     ({"enable_chunked_prefill": ["yes"]}, "enable_chunked_prefill: 'yes' is not allowed; expected true or false"),
     ({"block_size": [16, 16]}, "block_size: repeated values"),
+    ({"linear_backend": ["machete", "fastest"]}, "linear_backend: 'fastest' is not allowed; expected auto, cutlass,"),
 ])
 def test_bad_search_space(space, msg, tiny_model, tmp_path):
     with pytest.raises(UserError, match=msg) as e:
@@ -223,3 +224,22 @@ def test_recommendation_keeps_the_defaults_when_they_measure_higher(gain, last):
            "gain": gain, "objective": "throughput", "apply": {"vllm_serve": "vllm serve m --max-num-seqs 256"}}
     lines = recommendation(res)
     assert lines[0].startswith("Best: trial 2 (max_num_seqs=256): ") and lines[-1] == last
+
+
+def test_the_linear_kernels_a_server_chose_are_read_from_its_log_and_reported(tmp_path):
+    from eval.tune.landscape import recommendation
+    from eval.tune.trials import kernels_in_log
+
+    log = tmp_path / "server.log"
+    log.write_text("(APIServer pid=1) INFO 12-06 01:00:00 [compressed_tensors_wNa16.py:95] Using MacheteLinearKernel "
+                   "for CompressedTensorsWNA16\nINFO [fp8.py:12] Selected CutlassFP8ScaledMMLinearKernel for "
+                   "CompressedTensorsW8A8Fp8\nINFO Using max model len 2048\n")
+    ran = kernels_in_log(log)
+    assert ran == {"CompressedTensorsWNA16": "MacheteLinearKernel",
+                   "CompressedTensorsW8A8Fp8": "CutlassFP8ScaledMMLinearKernel"}
+    assert kernels_in_log(tmp_path / "missing.log") == {}
+    res = {"best": {"number": 1, "settings": {"linear_backend": "machete"}, "value": 10.0, "kernels": ran},
+           "unit": "output tok/s", "gain": None, "objective": "throughput", "apply": {"vllm_serve": "vllm serve m"}}
+    assert recommendation(res)[0].endswith("Its linear kernels (the server's log): MacheteLinearKernel for "
+                                           "CompressedTensorsWNA16; CutlassFP8ScaledMMLinearKernel for "
+                                           "CompressedTensorsW8A8Fp8.")

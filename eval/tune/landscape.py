@@ -35,7 +35,7 @@ def landscape(st, study) -> dict:
         if "spread" in m:
             row.update(value=m["spread"]["median"], min=m["spread"]["min"], max=m["spread"]["max"],
                        runs=m["spread"]["runs"], throughput=m["throughput"]["median"], feasible=m["feasible"],
-                       seconds=m.get("seconds"), note=m.get("note"))
+                       seconds=m.get("seconds"), note=m.get("note"), kernels=m.get("kernels") or None)
         trials.append(row)
     defaults = study.user_attrs.get("defaults") or {}
     ok = [t for t in trials if t["state"] == "ok" and t.get("feasible")]
@@ -127,8 +127,10 @@ def recommendation(res: dict) -> list[str]:
         return ["No trial succeeded" + ("" if res["objective"] != "p99_latency" else " above the throughput floor")
                 + "; nothing to recommend."]
     s = ", ".join(f"{k}={_cell(v)}" for k, v in b["settings"].items())
+    ran = "; ".join(f"{k} for {scheme}" for scheme, k in (b.get("kernels") or {}).items())
     out = [f"Best: trial {b['number']} ({s}): {fmt_value(b['value'])} {res['unit']}; over the defaults: "
-           f"{fmt_speedup(res['gain']) if res['gain'] else 'defaults not measured'}."]
+           f"{fmt_speedup(res['gain']) if res['gain'] else 'defaults not measured'}."
+           + (f" Its linear kernels (the server's log): {ran}." if ran else "")]
     if res["gain"] and res["gain"]["verdict"] == "slower":
         return out + ["The defaults beat every setting tried: keep them (or widen the space)."]
     if res["gain"] and res["gain"]["ratio"] < 1:

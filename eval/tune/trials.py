@@ -12,6 +12,7 @@ to use the best setting.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from compress.errors import UserError
@@ -66,7 +67,22 @@ def measure_vllm(model_dir: Path, settings: dict, base: dict, cfg: TuneConfig, d
     if failed:
         errs = sorted({e for r in runs for e in r.get("errors", [])})
         raise RuntimeError(f"{failed} requests failed: {errs[0] if errs else 'no message'}")
-    return {"runs": runs, "startup_s": startup}
+    return {"runs": runs, "startup_s": startup, "kernels": kernels_in_log(log_path)}
+
+
+# vLLM's kernel pickers log their choice at INFO: "Using MacheteLinearKernel for CompressedTensorsWNA16",
+# "Selected CutlassFP8ScaledMMLinearKernel for CompressedTensorsW8A8Fp8"
+KERNEL_LINE = re.compile(r"\b(?:Using|Selected) (\w+Kernel\w*) for (\w+)")
+
+
+def kernels_in_log(log_path: Path) -> dict[str, str]:
+    """{quantization scheme: the linear kernel vLLM chose for it} as a server's log says ({} when
+    it names none: an unquantized model, or a log level above INFO)."""
+    try:
+        text = Path(log_path).read_text(errors="replace")
+    except OSError:
+        return {}
+    return {scheme: kernel for kernel, scheme in KERNEL_LINE.findall(text)}
 
 
 def measure_hf(model_dir: Path, settings: dict, model: ModelSpec, cfg: TuneConfig, device: str) -> dict:
