@@ -59,7 +59,7 @@ def test_gpu_host_with_wheels_reuses_its_cuda_torch_and_installs_offline(host):
     assert r.stdout.strip() == "would run: squeeze run recipes/demo-gpu.yaml --force"
     err, venv, wheels = r.stderr, host["venv"], host["wheels"]
     assert f"torch 2.11.0 reused from {host['site']}" in err and f"packages from {wheels}" in err
-    assert f"_squeeze_system_torch.pth" in err and f"{host['site']}\n" in err
+    assert "_squeeze_system_torch.pth" in err and f"{host['site']}\n" in err
     assert (f"+ {venv}/bin/python -m pip install -q --disable-pip-version-check --no-index --no-deps --find-links "
             f"{wheels} {wheels}/sqdummy-1.0-py3-none-any.whl") in err
     assert f"--no-index --no-deps --no-build-isolation --find-links {wheels} -e {REPO}\n" in err

@@ -244,5 +244,6 @@ def describe(qcfg: dict | None) -> dict | None:
         name = scheme_name(w.get("type"), w.get("num_bits"), None if not acts else bool(acts.get("dynamic")),
                            acts and acts.get("type"), block)
         out.update({"bits": w.get("num_bits"), "group_size": sizes[0], "group_sizes": sizes,
-                    "symmetric": w.get("symmetric"), "actorder": w.get("actorder"), "scheme": name})
+                    "symmetric": w.get("symmetric"), "actorder": w.get("actorder"), "scheme": name,
+                    **({"block": block} if block else {})})
     return out

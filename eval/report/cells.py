@@ -21,6 +21,8 @@ def quant_label(m: dict) -> str:
     q = m.get("quantization")
     if not q:
         return "–"
+    if q.get("block"):  # the scheme's name says the tile ('FP8 block128 dynamic')
+        return q.get("scheme", "?")
     sizes = "/".join("ch" if g == -1 else f"{g}" for g in q.get("group_sizes", [q.get("group_size", -1)]))
     label = sizes if sizes == "ch" else f"g{sizes}"
     return f"{q.get('scheme', '?')} {label}{'' if q.get('symmetric', True) else ' asym'}"
