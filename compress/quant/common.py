@@ -76,12 +76,12 @@ def check_weight_quant(cfg: WeightQuantConfig, model: torch.nn.Module, ctx: Stag
     # their linear kernels: asked apart
     experts = frozenset(cfg.scheme(w, actorder) for n, w in widths.items() if expert_index(n) is not None)
     dense = frozenset(cfg.scheme(w, actorder) for n, w in widths.items() if expert_index(n) is None)
-    if cfg.activations == "fp8":
-        problems = engine_problems(ctx.engine_facts, W4A8(cfg.group_size)) if dense else []
-        problems += engine_problems(ctx.engine_facts, W4A8(cfg.group_size, experts=True)) if experts else []
-    else:
-        problems = sorted(set(engine_problems(ctx.engine_facts, WeightOnlyInt(dense)))) if dense else []
-        problems += engine_problems(ctx.engine_facts, WeightOnlyInt(experts, experts=True)) if experts else []
+
+    def asked(schemes, of_experts: bool):
+        return W4A8(cfg.group_size, of_experts) if cfg.activations == "fp8" else WeightOnlyInt(schemes, of_experts)
+
+    problems = sorted(set(engine_problems(ctx.engine_facts, asked(dense, False)))) if dense else []
+    problems += engine_problems(ctx.engine_facts, asked(experts, True)) if experts else []
     if problems:
         raise UserError(*(f"{stage}: {p}" for p in problems))
     return names

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -85,11 +86,10 @@ class W8A8Config(Strict):
 
 
 def engine_checkpoints(cfg: W8A8Config, model, fp8: bool) -> tuple[W8A8, ...]:
-    """What the engines are asked about: the dense linears, and the experts where there are any
-    (engines run those as one fused layer with their own methods)."""
+    """What the engines are asked about: the dense linears (first), and the experts where there
+    are any (engines run those as one fused layer with their own methods)."""
     dense = W8A8(fp8=fp8, dynamic=cfg.activations == "dynamic", block=cfg.block)
-    return (dense, W8A8(fp8=fp8, dynamic=dense.dynamic, experts=True, block=cfg.block)) if linear_experts(model) \
-        else (dense,)
+    return (dense, replace(dense, experts=True)) if linear_experts(model) else (dense,)
 
 
 def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool) -> list[str]:
@@ -106,10 +106,11 @@ def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool)
         raise UserError(f"{stage}.calibration.calibrate_all_experts: static input scales of a mixture-of-experts "
                         "model need every expert to see tokens (vLLM takes one scale per layer across its experts); "
                         "set it to true, or use activations: dynamic")
-    problems = [p for c in engine_checkpoints(cfg, model, fp8) for p in engine_problems(ctx.engine_facts, c)]
+    asked = engine_checkpoints(cfg, model, fp8)
+    problems = [p for c in asked for p in engine_problems(ctx.engine_facts, c)]
     if problems:
         raise UserError(*(f"{stage}: {p}" for p in problems))
-    for note in engine_notes(ctx.engine_facts, engine_checkpoints(cfg, model, fp8)[0]).values():
+    for note in engine_notes(ctx.engine_facts, asked[0]).values():
         if ctx.progress:
             print(f"note: {stage}: {note}", file=sys.stderr)
     if cfg.calibration is not None and ctx.tokenizer is not None:
@@ -226,7 +227,7 @@ def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
                                    "per token, dynamic") if cfg.activations == "dynamic"
                    else f"per tensor, static ({cfg.observer}{f' {cfg.percentile}' if cfg.histogram else ''})",
                    "quantized_modules": len(records),
-                   **engine_notes(ctx.engine_facts, W8A8(fp8, cfg.activations == "dynamic")),
+                   **engine_notes(ctx.engine_facts, engine_checkpoints(cfg, model, fp8)[0]),
                    "mean_weight_rel_error": round(sum(errs) / len(errs), 6),
                    "seconds_solve": round(time.perf_counter() - t0, 3), **info, "modules": per_module}
 

@@ -25,6 +25,8 @@ kernels; bitsandbytes runs on CUDA only.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from compress.engine_facts import BitsAndBytes, Checkpoint, NMSparse, W4A8, W8A8, WeightOnlyInt
@@ -200,7 +202,7 @@ class VLLMCpuFacts(VLLMFacts):
                 "leave vllm out of eval.engines, or run on a GPU"]
 
     def w8a8_notes(self, c: W8A8) -> list[str]:
-        if c.block and "amx_fp8" not in (cpu_flags() or set()):
+        if c.block and "amx_fp8" not in (cpu_flags() or ()):
             return [f"{self.label} runs FP8 block-wise checkpoints with 16-bit activations on CPUs without AMX-FP8 "
                     "(CPUFp8BlockScaledMMKernel: W8A16), so its figures are those of FP8 weights alone"]
         if c.fp8 or c.dynamic:
@@ -210,14 +212,15 @@ class VLLMCpuFacts(VLLMFacts):
                 "transformers use the static scale"]
 
 
-def cpu_flags() -> set[str] | None:
-    """The x86 CPU's feature flags (None where /proc/cpuinfo does not say)."""
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The x86 CPU's feature flags (None where /proc/cpuinfo does not say); read once."""
     try:
         with open("/proc/cpuinfo") as f:
             line = next((ln for ln in f if ln.startswith("flags")), None)
     except OSError:
         return None
-    return set(line.split(":", 1)[1].split()) if line else None
+    return frozenset(line.split(":", 1)[1].split()) if line else None
 
 
 # (engine, platform) -> [(the version a row was measured on and holds from, its facts)], oldest first

@@ -9,16 +9,13 @@ from squeeze.cli.recipes import report_errors
 from compress.errors import UserError
 
 
-_EVAL_FLAGS = {"dataset": "--dataset", "context_length": "--context-length", "stride": "--stride",
-               "max_tokens": "--max-tokens", "num_prompts": "--num-prompts", "input_len": "--input-len",
-               "output_len": "--output-len", "concurrency": "--concurrency", "repeats": "--repeats",
-               "limit": "--limit", "num_fewshot": "--num-fewshot"}
+def _flag_errors(e, a) -> UserError:
+    """Validation errors named by the flag that set the field (a.eval_flags: dest -> (flag, default));
+    the one model-level check on these flags is stride <= context length."""
+    def flag(loc) -> str:
+        return a.eval_flags.get(loc[-1], (loc[-1],))[0] if loc else "--stride"
 
-
-def _flag_errors(e) -> UserError:
-    # the one model-level check on these flags is stride <= context length
-    return UserError(*(f"{_EVAL_FLAGS.get(err['loc'][-1], err['loc'][-1]) if err['loc'] else '--stride'}: {err['msg']}"
-                       for err in e.errors(include_url=False)))
+    return UserError(*(f"{flag(err['loc'])}: {err['msg']}" for err in e.errors(include_url=False)))
 
 
 def _task_specs(a) -> list:
@@ -34,7 +31,7 @@ def _task_specs(a) -> list:
         try:
             specs.append(TaskSpec(name=name[4:] if hub else name, hub=hub, **over))
         except ValidationError as e:
-            raise _flag_errors(e) from None
+            raise _flag_errors(e, a) from None
     for f in a.task_file:
         raw = load_yaml(Path(f))
         if not isinstance(raw, dict):
@@ -72,7 +69,7 @@ def _eval_config(a):
                                                     output_len=a.output_len, concurrency=a.concurrency,
                                                     repeats=a.repeats, rounds=a.rounds)
     except ValidationError as e:
-        raise _flag_errors(e) from None
+        raise _flag_errors(e, a) from None
     vllm = VLLMOptions(dtype=a.vllm_dtype) if a.vllm_dtype else VLLMOptions()
     return EvalConfig(engines=engines, vllm=vllm, perplexity=ppl, speed=speed, tasks=_task_specs(a))
 
