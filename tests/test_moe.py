@@ -290,8 +290,7 @@ def test_moe_artifacts_run_in_vllm_cpu_like_in_transformers(tmp_path_factory, te
     log-probabilities as transformers' (W4A16 g64 symmetric, CPUExpertsInt4, is left out: its worker
     crashed without a message in some runs on this 2-core machine)."""
     pytest.importorskip("vllm")
-    from conftest import engine_scores
-    from eval.engines.vllm import VLLMEngine
+    from conftest import engine_run, engine_scores
 
     model = make_tiny_moe(tmp_path_factory.mktemp("v") / "model", "qwen3_moe", hidden=128)
     ids = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -301,11 +300,7 @@ def test_moe_artifacts_run_in_vllm_cpu_like_in_transformers(tmp_path_factory, te
         run(parse_recipe(rec), tmp_path / f"m{i}", evaluate_outputs=False)
         art = next((tmp_path / f"m{i}" / "stages").glob("01-*"))
         ref = engine_scores(art, ids, "bfloat16")
-        eng = VLLMEngine.load(art, dtype="bfloat16", device="cpu")
-        try:
-            got, ran = eng.score(ids), eng.stats["kernels"]
-        finally:
-            eng.close()
+        got, ran = engine_run(art, ids, "bfloat16", "vllm")
         assert (got - ref).abs().max().item() < 0.05, stage
         # the fused-MoE method and experts kernel the engine chose, read from its layers
         (experts,) = [v for k, v in ran.items() if k.endswith("experts")]

