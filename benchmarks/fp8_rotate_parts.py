@@ -7,32 +7,30 @@ rotated model, in memory (no export), on transformers, float32. Results: results
 WikiText-2 8,192 tokens, context 1,024."""
 import copy
 import json
-import math
 import os
 import time
 
 import torch
 
+from compress.data import load_text
 from compress.models import load_model, resolve_model
 from compress.quant.rotate import apply as rot_apply, RotateConfig
 from compress.quant.w8a8 import quantize_weight
 from compress.export.compressed_tensors import fp8_round
 from compress.stage import StageContext
+from eval.accuracy.perplexity import perplexity
+from eval.engines.hf import HFEngine
 
 d = resolve_model("smollm2")
 model, tok = load_model(d, dtype="float32")
 model.eval()
-text = open("/work/shared/data/wikitext-2-raw/wiki.test.raw").read()
-ids = tok(text[:200000], return_tensors="pt").input_ids[0][:8192]
+# the evaluator's protocol (eval.evaluate): the data set's text, tokenized whole, first 8 x 1024 tokens
+ids = tok(load_text("wikitext2"), add_special_tokens=False, return_tensors="pt").input_ids[0]
 
-@torch.no_grad()
-def ppl(m):
-    nll, n = 0.0, 0
-    for i in range(0, 8192, 1024):
-        x = ids[i:i + 1024][None]
-        out = m(x, labels=x)
-        nll += out.loss.item() * (x.shape[1] - 1); n += x.shape[1] - 1
-    return math.exp(nll / n)
+
+def ppl(m) -> float:
+    return perplexity(HFEngine(m, tok, "cpu"), ids, context_length=1024, max_tokens=8192, progress=False)["perplexity"]
+
 
 def linears(m):
     return [(n, l) for n, l in m.named_modules() if isinstance(l, torch.nn.Linear) and n != "lm_head"]
