@@ -36,38 +36,52 @@ from gpu_common import add_common_args, bench_context, capped_random_llama, llam
 from quant_gpu import cmd_speed
 
 
-def _ct_config(fp8: bool, dynamic: bool) -> dict:
+def _ct_config(sch) -> dict:
+    """The quantization_config our export writes for a WeightScheme (compress.export)."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-    from compress.export.compressed_tensors import ActScheme, WeightScheme
-
-    sch = WeightScheme(8, -1, True, type="float" if fp8 else "int",
-                       input_acts=ActScheme(type="float" if fp8 else "int", dynamic=dynamic))
     q = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
-        targets=["Linear"], weights=sch.args(), input_activations=sch.input_acts.args())},
+        targets=["Linear"], weights=sch.args(),
+        input_activations=sch.input_acts.args() if sch.input_acts else None)},
         format=sch.format, quantization_status="compressed", ignore=["lm_head"])
     return {"quant_method": "compressed-tensors", **q.model_dump(mode="json", exclude_none=False)}
 
 
-LAYOUTS = {"bf16": None, "int8-dynamic": (False, True), "int8-static": (False, False),
-           "fp8-dynamic": (True, True), "fp8-static": (True, False)}
+def _schemes() -> dict:
+    """Layout name -> the WeightScheme our stages write for it (None: bf16)."""
+    from compress.export.compressed_tensors import ActScheme, WeightScheme
+
+    def w8a8(fp8, dynamic):
+        t = "float" if fp8 else "int"
+        return WeightScheme(8, -1, True, type=t, input_acts=ActScheme(type=t, dynamic=dynamic))
+
+    return {"bf16": None, "int8-dynamic": w8a8(False, True), "int8-static": w8a8(False, False),
+            "fp8-dynamic": w8a8(True, True), "fp8-static": w8a8(True, False),
+            # issue 25's Hopper formats: FP8 128 x 128 weight blocks with activations per token
+            # and group of 128 (the fp8 stage's `weights: block`), int4 g128 weights with FP8
+            # token activations (W4A8: `activations: fp8` on rtn / gptq / awq), and W4A16 g128
+            # with a zero point (the W4A16 recipes' layout)
+            "fp8-block128": WeightScheme(8, -1, True, type="float", block=128,
+                                         input_acts=ActScheme(type="float", dynamic=True, group_size=128)),
+            "w4a8": WeightScheme(4, 128, True, input_acts=ActScheme(type="float", dynamic=True)),
+            "w4a16": WeightScheme(4, 128, False)}
 
 
 def cmd_layouts(args) -> None:
     out = Path(args.out)
     cfg = llama_config(args.tiny)
-    for name, q in LAYOUTS.items():
+    for name, q in _schemes().items():
         d = out / name
         d.mkdir(parents=True, exist_ok=True)
         c = {**cfg.to_dict(), "architectures": ["LlamaForCausalLM"]}
         if q:
-            c["quantization_config"] = _ct_config(*q)
+            c["quantization_config"] = _ct_config(q)
         (d / "config.json").write_text(json.dumps(c, indent=1))
         # an empty weights file, so that Squeeze's own loaders take the directory (its checks want
         # weights); vLLM's dummy loader (load_format: dummy) never reads it
         save_file({}, str(d / "model.safetensors"))
     record(args, {"what": "layout configs written", "dirs": sorted(p.name for p in out.iterdir()),
-                  "int8_static_config": _ct_config(False, False)})
+                  "int8_static_config": _ct_config(_schemes()["int8-static"])})
 
 
 def cmd_bf16_dir(args) -> None:
@@ -190,6 +204,10 @@ def main() -> None:
     p.add_argument("models", nargs="+")
     p.add_argument("--timeout", type=int, default=400)
     p.add_argument("--tput-repeats", type=int, default=3)
+    p.add_argument("--prompts", type=int)
+    p.add_argument("--input-len", type=int)
+    p.add_argument("--output-len", type=int)
+    p.add_argument("--max-model-len", type=int)
     p = sub.add_parser("cost8b")
     p.add_argument("--method", choices=["awq", "sq-int8-static"], required=True)
     p.add_argument("--cap-gib", type=float, default=8.0)
@@ -203,6 +221,8 @@ def main() -> None:
     p.add_argument("--piqa", action="store_true", help="full PIQA validation (1,838) on both engines")
     add_common_args(sub)
     args = ap.parse_args()
+    args.workload = {k: getattr(args, k) for k in ("prompts", "input_len", "output_len", "max_model_len")
+                     if getattr(args, k, None)}
     {"layouts": cmd_layouts, "speed": cmd_speed, "cost8b": cmd_cost8b, "bf16-dir": cmd_bf16_dir,
      "smollm2": cmd_smollm2}[args.cmd](args)
 

@@ -10,6 +10,10 @@
 #   C: cost of AWQ W4A16 on the 8B shape (8 GiB GPU cap); our SmolLM2 checkpoints (static
 #      int8, FP8 dynamic and static, AWQ, bitsandbytes NF4) on transformers and vLLM
 #   D: bitsandbytes in vLLM on the 8B shape (real bf16 weights, in-flight quantization)
+#   F1 / F2 / F3: issue 25's Hopper formats on the 8B shape (dummy weights; ratios to bf16 in the
+#      same call): F1 bf16, FP8 128x128 blocks, W4A8; F2 W4A16 g128 on vLLM's default kernel and
+#      with linear_backend=marlin, FP8 dynamic per channel; F3 the KV cache: bf16 weights with a
+#      16-bit and an FP8 cache at 128 prompts x 8,192 in / 256 out (capacity from the engine)
 #   E NAME...: SmolLM2 schemes (quant2_gpu.py SMOLLM2_STAGES) with perplexity and full PIQA on
 #      both engines
 set -uo pipefail
@@ -18,7 +22,7 @@ export SQUEEZE_DATA_DIR="${SQUEEZE_DATA_DIR:-$PWD/.data}" SQUEEZE_HOME=/tmp/sque
 mkdir -p "$OUT"
 q() { python3 benchmarks/quant2_gpu.py "$@" --jsonl "$OUT/quant2_gpu.jsonl" 2> >(grep -v -E "it/s\]|s/it\]|layer/s|window/s" >&2); }
 L=/tmp/q2layouts
-case "${1:?part A, B, C or D}" in
+case "${1:?part A, B, C, D, E or F1..F3}" in
   A)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     q layouts --out $L
@@ -31,6 +35,18 @@ case "${1:?part A, B, C or D}" in
     q cost8b --method awq --cap-gib 8
     q smollm2 --gguf /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf \
       --only int8-static fp8-dynamic fp8-static awq-w4-g128 bnb-nf4 ;;
+  F1)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    q layouts --out $L
+    q speed $L/bf16:dummy=bf16 $L/fp8-block128:dummy=fp8-block128 $L/w4a8:dummy=w4a8 --tput-repeats 2 ;;
+  F2)
+    [ -d $L ] || q layouts --out $L
+    q speed $L/w4a16:dummy=w4a16 $L/w4a16:dummy=w4a16-marlin+linear_backend=marlin \
+      $L/fp8-dynamic:dummy=fp8-dynamic --tput-repeats 2 ;;
+  F3)
+    [ -d $L ] || q layouts --out $L
+    q speed $L/bf16:dummy=bf16-kv16 $L/bf16:dummy=bf16-kvfp8+kv_cache_dtype=fp8 --tput-repeats 1 \
+      --prompts 128 --input-len 8192 --output-len 256 --max-model-len 8448 --timeout 560 ;;
   E)
     q smollm2 --gguf /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf --piqa --only "${@:2}" ;;
   D)

@@ -156,14 +156,18 @@ def cmd_layouts(args) -> None:
 
 
 def cmd_speed(args) -> None:
+    """Each DIR[:dummy|:bnb][=LABEL[+KEY=VALUE...]] in a fresh process (benchmarks/vllm_speed.py);
+    +KEY=VALUE are more engine arguments (e.g. +kv_cache_dtype=fp8, +linear_backend=marlin)."""
     for spec in args.models:
         spec, _, label = spec.partition("=")
+        label, *eargs = label.split("+")
         path, _, mode = spec.partition(":")
         extra = ["--prompts", "16", "--input-len", "64", "--output-len", "16", "--max-model-len", "256"] if args.tiny \
-            else []
+            else [f"--{k.replace('_', '-')}={v}" for k, v in (getattr(args, "workload", None) or {}).items()]
         cmd = [sys.executable, str(ROOT / "benchmarks" / "vllm_speed.py"), path, "--label", label or Path(path).name,
                *(["--dummy"] if mode == "dummy" else []), *(["--quantization", "bitsandbytes"] if mode == "bnb" else []),
-               "--tput-repeats", str(getattr(args, "tput_repeats", 1)), *extra]
+               "--tput-repeats", str(getattr(args, "tput_repeats", 1)), *extra,
+               *[f"--engine-arg={e}" for e in eargs]]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         log = r.stdout + r.stderr
@@ -175,7 +179,11 @@ def cmd_speed(args) -> None:
             record(args, {"what": "vllm speed", "label": label, "model": path, "failed": True, "rc": r.returncode,
                           "error_tail": tail, "seconds": round(time.perf_counter() - t0, 1)})
             continue
+        other = sorted({ln.split("] ", 1)[-1][:160] for ln in log.splitlines()
+                        if re.search(r"(?i)(deep_?gemm|cutlass|marlin|machete|fp8 kv|kv cache dtype)", ln)
+                        and "Kernel for" not in ln})[:12]
         record(args, {"what": "vllm speed", **res, "kernels": [f"{k} for {s}" for k, s in kernels],
+                      "kernel_log_lines": other,
                       "seconds": round(time.perf_counter() - t0, 1)})
 
 

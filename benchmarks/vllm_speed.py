@@ -8,7 +8,8 @@ wall time of that call. Batch 1: TTFT = wall time of a 1-token generation of one
 TPOT = (wall time of `output_len` tokens − TTFT) / (output_len − 1); median of `repeats`
 fresh prompts. Prefix caching is off so no run reuses another's prefill. `--dummy` loads
 random weights of the model's config (vLLM's load_format="dummy"): speed does not depend
-on weight values at fixed output lengths. Prints one line `RESULT {json}` at the end.
+on weight values at fixed output lengths. `--engine-arg KEY=VALUE` passes more engine
+arguments (kv_cache_dtype, linear_backend, ...); the KV cache's capacity in tokens is recorded. Prints one line `RESULT {json}` at the end.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ import json
 import statistics
 import time
 from pathlib import Path
+
+
+def _kv_tokens(llm) -> int | None:
+    """Tokens the KV cache holds: blocks x block size, from the loaded engine's cache config."""
+    cc = llm.llm_engine.vllm_config.cache_config
+    return cc.num_gpu_blocks * cc.block_size if cc.num_gpu_blocks else None
 
 
 def main() -> None:
@@ -33,7 +40,17 @@ def main() -> None:
     ap.add_argument("--label", default="")
     ap.add_argument("--quantization", default=None, help="vLLM's in-flight quantization, e.g. bitsandbytes")
     ap.add_argument("--tput-repeats", type=int, default=1, help="throughput runs (fresh prompts each); median")
+    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="more of vLLM's engine arguments (VALUE read as JSON where it parses, e.g. "
+                    "kv_cache_dtype=fp8, linear_backend=marlin)")
     a = ap.parse_args()
+    extra = {}
+    for kv in a.engine_arg:
+        k, _, v = kv.partition("=")
+        try:
+            extra[k] = json.loads(v)
+        except json.JSONDecodeError:
+            extra[k] = v
 
     import torch
     import vllm
@@ -50,7 +67,7 @@ def main() -> None:
     t0 = time.perf_counter()
     llm = LLM(model=a.model, load_format="dummy" if a.dummy else "auto", dtype=a.dtype, skip_tokenizer_init=True,
               max_model_len=a.max_model_len, enable_prefix_caching=False, seed=0,
-              **({"quantization": a.quantization} if a.quantization else {}), **cpu)
+              **({"quantization": a.quantization} if a.quantization else {}), **cpu, **extra)
     start_s = time.perf_counter() - t0
     sp = lambda n: SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)  # noqa: E731
     llm.generate(prompts(16), sp(16), use_tqdm=False)  # warm-up
@@ -78,6 +95,7 @@ def main() -> None:
         tpot.append((tn - t1) / (a.output_len - 1))
     res = {
         "label": a.label, "model": a.model, "dummy": a.dummy, "dtype": a.dtype, "quantization": a.quantization,
+        "engine_args": extra, "kv_cache_tokens": _kv_tokens(llm),
         "workload": {"prompts": a.prompts, "input_len": a.input_len, "output_len": a.output_len},
         "output_tokens": n_out, "wall_s": round(wall, 3), "wall_s_all": [round(w, 3) for w in walls], "output_tok_s": round(n_out / wall, 1),
         "total_tok_s": round((n_out + a.prompts * a.input_len) / wall, 1), "requests_s": round(a.prompts / wall, 2),
