@@ -10,7 +10,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${SQUEEZE_VENV:-$root/.venv}"
-extras="cpu,test"
+extras="cpu,test,cluster"
 want="$(cat "$root/pyproject.toml" "$root/.ci/env.sh" | sha256sum | cut -c1-16)"
 stamp="$venv/.squeeze-env"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

@@ -12,18 +12,20 @@ fails to start, or a measurement that fails (out of memory, an engine crash), is
 `error` in the result, next to whatever was measured before it; such a result is not cached,
 and the engine is always closed (also on Ctrl-C).
 
-Results are cached under ``<home>/_eval_cache/`` keyed by the model's content hash, the
-measurement protocol (perplexity, speed, tasks and the task files' contents), the engine and
-its options, the dtype, the hardware and the software stack (`stack_versions`: torch,
-transformers, compressed-tensors, lm-eval, vLLM, NVIDIA driver and CUDA), so the baseline is
-measured once per engine and stack, a resumed run does not measure an artifact twice, and an
-upgrade re-measures.
+Results are cached under ``<home>/_eval_cache/`` (``$SQUEEZE_EVAL_CACHE`` where set: a store
+that every node of a cluster mounts) keyed by the model's content hash, the measurement
+protocol (perplexity, speed, tasks and the task files' contents), the engine and its options,
+the dtype, the hardware and the software stack (`stack_versions`: torch, transformers,
+compressed-tensors, lm-eval, vLLM, NVIDIA driver and CUDA), so the baseline is measured once
+per engine and stack, a resumed run does not measure an artifact twice, and an upgrade
+re-measures.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -45,6 +47,11 @@ from eval.stack import gpu_stack, installed_version
 
 CACHE_VERSION = 3
 
+
+
+def cache_dir() -> Path:
+    """Where evaluation results are cached: $SQUEEZE_EVAL_CACHE, else <home>/_eval_cache."""
+    return Path(os.environ.get("SQUEEZE_EVAL_CACHE") or home() / "_eval_cache")
 
 
 def hardware() -> str:
@@ -151,7 +158,7 @@ def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "
     key_src = {"model": model_hash(model_dir), **_measurement(cfg), "engine": engine, "settings": settings,
                "device": device, "hardware": hardware(), "stack": stack, "seed": seed, "v": CACHE_VERSION}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    cache = home() / "_eval_cache" / f"{key}.json"
+    cache = cache_dir() / f"{key}.json"
     if use_cache and cache.is_file():
         return with_headlines({**json.loads(cache.read_text()), "cached": True}, cfg)
 

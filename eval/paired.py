@@ -14,10 +14,11 @@ or where opening it fails for memory, one engine is open at a time and reopened 
 side changes (`mode` in the result; `loads`: the engines opened for the pair, i.e. the
 artifact's and the baseline's second instance, or one per switch).
 
-Cache: ``<home>/_eval_cache/paired-<key>.json``, keyed by both models' content hashes, the
-engine and its settings as opened here, the speed workload with its warm-up and rounds, the
-protocol's version, the device, hardware, software stack (eval.evaluate.stack_versions) and
-seed. A failed measurement is recorded as `error` and not cached.
+Cache: ``<eval cache>/paired-<key>.json`` (eval.evaluate.cache_dir), keyed by both models'
+content hashes, the engine and its settings as opened here, the speed workload with its
+warm-up and rounds, the protocol's version, the device, hardware, software stack
+(eval.evaluate.stack_versions) and seed. A failed measurement is recorded as `error` and not
+cached.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from pathlib import Path
 
 from compress.errors import UserError
 from compress.fsutil import atomic_write_text
-from compress.models import home, model_hash
+from compress.models import model_hash
 from compress.spec import ModelSpec
 from eval.config import EvalConfig
 from eval.engines import engine_class, open_engine
-from eval.evaluate import engine_settings, hardware, one_line, stack_versions
+from eval.evaluate import cache_dir, engine_settings, hardware, one_line, stack_versions
 from eval.speed.paired import PROTOCOL_VERSION, SIDES, run_rounds, summarize
 
 SPARE = 1.2  # a second model must fit in what the first left free, with this factor to spare
@@ -121,7 +122,7 @@ def paired_speeds(base_dir: Path, art_dirs: list[Path], cfg: EvalConfig, model: 
     results, todo = [], []
     for i, d in enumerate(art_dirs):
         art_hash = model_hash(d)
-        cache = home() / "_eval_cache" / f"paired-{paired_key(base_hash, art_hash, cfg, engine, settings, device, seed)}.json"
+        cache = cache_dir() / f"paired-{paired_key(base_hash, art_hash, cfg, engine, settings, device, seed)}.json"
         if use_cache and cache.is_file():
             results.append({**json.loads(cache.read_text()), "cached": True})
             continue
@@ -198,15 +199,16 @@ def pair_entries(base: dict, entries: list[dict], cfg: EvalConfig, model: ModelS
                  seed: int = 0, log=None, use_cache: bool = True) -> None:
     """Pair every entry ({model_dir, engines: {engine: evaluation result}}) with the baseline
     (the same shape) on each engine both were evaluated on without error; the result goes to the
-    entry's evaluation as `paired_speed` (where eval.speed.paired.speedups finds it). Nothing
-    when eval.speed is null or its rounds 0."""
+    entry's evaluation as `paired_speed` (where eval.speed.paired.speedups finds it); an entry
+    that has one already is left as it is. Nothing when eval.speed is null or its rounds 0."""
     if cfg.speed is None or not cfg.speed.rounds:
         return
     base_dir = Path(base["model_dir"])
     for engine in cfg.engine_list():
         if base["engines"].get(engine, {"error": "not evaluated"}).get("error"):
             continue
-        todo = [e for e in entries if engine in e["engines"] and not e["engines"][engine].get("error")]
+        todo = [e for e in entries if engine in e["engines"] and not e["engines"][engine].get("error")
+                and "paired_speed" not in e["engines"][engine]]  # paired elsewhere already (a cluster's task)
         if not todo:
             continue
         for e, res in zip(todo, paired_speeds(base_dir, [Path(e["model_dir"]) for e in todo], cfg, model, engine,

@@ -22,7 +22,29 @@ from compress.spec import (ModelSpec, StageSpec, Variant, chain_key, content_has
 from compress.yamlio import format_errors, load_yaml
 from eval.config import EvalConfig, GateCriterion
 
-__all__ = ["Recipe", "load_recipe", "parse_recipe", "ModelSpec", "StageSpec", "Variant", "chain_key"]
+__all__ = ["Recipe", "Execution", "load_recipe", "parse_recipe", "ModelSpec", "StageSpec", "Variant", "chain_key"]
+
+
+class Execution(Strict):
+    """Where a run's work goes (squeeze.pipeline.fanout): how, never what, so it enters no hash
+    and no report; the report of a run on a cluster is the sequential run's."""
+
+    cluster: str | None = Field(
+        None, pattern=r"^(local|auto|ray://\S+)$",
+        description="null (the default): one process, everything in order; local: a Ray instance started on this "
+        "host (all its GPUs, or CPUs); auto: the Ray cluster this host belongs to; ray://HOST:PORT: a Ray cluster's "
+        "client address")
+    store: str | None = Field(None, description="a directory every node mounts: stage outputs by content hash and "
+                              "the evaluation cache (default: the run directory and SQUEEZE_HOME)")
+    stage_gpus: float = Field(1.0, ge=0, description="GPUs a chain of stages takes (where the cluster has GPUs)")
+    eval_gpus: float = Field(1.0, ge=0, description="GPUs an evaluation takes; a fraction shares a GPU (vLLM's "
+                             "gpu_memory_utilization must fit it; speed figures then share the GPU too)")
+    stage_cpus: float = Field(1.0, ge=0, description="CPUs a chain of stages takes (Ray's scheduling count)")
+    eval_cpus: float = Field(1.0, ge=0, description="CPUs an evaluation takes (Ray's scheduling count)")
+    threads: int | None = Field(None, gt=0, description="torch threads in each task (default: its CPUs, Ray's "
+                                "rule, so that tasks sharing a host do not oversubscribe it)")
+    max_retries: int = Field(2, ge=0, le=10, description="retries of a task whose worker died (a task's own error "
+                             "is never retried)")
 
 
 class Recipe(Strict):
@@ -39,6 +61,7 @@ class Recipe(Strict):
     variants: list[Variant] = Field(default_factory=list)  # from `matrix:` (compress.matrix); empty: one chain
     eval: EvalConfig = EvalConfig()
     gate: list[GateCriterion] = Field(default_factory=list, description="release gate checked after evaluation")
+    execution: Execution = Execution()
 
     @model_validator(mode="after")
     def _sparse_kernels_need_16_bits(self):
@@ -66,7 +89,7 @@ class Recipe(Strict):
         return stage_dicts(self.stages)
 
     def as_dict(self) -> dict:
-        d = self.model_dump(exclude={"stages", "variants"})
+        d = self.model_dump(exclude={"stages", "variants", "execution"})  # how it ran changes no figure
         d["stages"] = self.stage_dicts()
         if self.variants:
             d["variants"] = {v.name: stage_dicts(v.stages) for v in self.variants}

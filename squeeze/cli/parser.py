@@ -40,6 +40,11 @@ def _add_run(sub) -> None:
     p.add_argument("--output", "-o", metavar="DIR", help="run directory (default: checkpoints/<recipe name>)")
     p.add_argument("--force", action="store_true", help="discard an existing run directory and redo everything")
     p.add_argument("--no-eval", action="store_true", help="run the stages only; skip evaluation and report")
+    p.add_argument("--cluster", metavar="WHERE", help="fan the stages and evaluations out over Ray: local (a Ray "
+                   "instance on this host), auto (the cluster this host joined) or ray://HOST:PORT; default: the "
+                   "recipe's execution.cluster, else one process, in order (docs/clusters.md)")
+    p.add_argument("--store", metavar="PATH", help="a directory every node mounts: stage outputs by content hash and "
+                   "the evaluation cache (default: the recipe's execution.store, else the run directory)")
     common(p)
 
 

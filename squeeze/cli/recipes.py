@@ -4,6 +4,7 @@ stages and checkpoints."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,8 +22,10 @@ def cmd_run(a) -> int:
         raise UserError(f"{a.recipe}: requires: gpu (the recipe is sized for a GPU), and the device is {device}; run "
                         "it on a GPU machine, or remove `requires: gpu` to run it here anyway")
     run_dir = run_dir_for(recipe, a.output)
+    if a.cluster is not None and not re.fullmatch(r"local|auto|ray://\S+", a.cluster):
+        raise UserError(f"--cluster {a.cluster}: expected local, auto or ray://HOST:PORT")
     report = run(recipe, run_dir, force=a.force, recipe_text=Path(a.recipe).read_text(),
-                 evaluate_outputs=not a.no_eval)
+                 evaluate_outputs=not a.no_eval, cluster=a.cluster, store=a.store)
     if report is None:
         return 0
     if recipe.is_matrix:
@@ -37,6 +40,9 @@ def cmd_run(a) -> int:
         print(table(report))
     print(f"report: {run_dir / 'report.md'}, {run_dir / 'report.html'}")
     rc = report_errors(report)
+    for line in report.get("failed_tasks", []):  # on a cluster: a variant whose stage failed has no row
+        print(f"error: {line}", file=sys.stderr)
+        rc = 1
     if report.get("gate"):
         from eval.report.gate import verdict_lines
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from compress.fsutil import atomic_write_text
 from squeeze.pipeline.chain import log
+from squeeze.pipeline.rundir import record
 from squeeze.recipe import Recipe
 from compress.spec import StageSpec
 
@@ -26,25 +27,30 @@ def _targets(recipe: Recipe, done: list[tuple[str, list[StageSpec], list[Path]]]
 
 
 def evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: Path,
-                         done: list[tuple[str, list[StageSpec], list[Path]]]) -> dict:
-    from eval.evaluate import evaluate, protocol
+                         done: list[tuple[str, list[StageSpec], list[Path]]], measured: dict | None = None) -> dict:
+    """Evaluate, pair, serve, tune, gate and report. `measured` holds what a cluster measured
+    (squeeze.pipeline.fanout): {("eval" | "paired", model dir, engine): result}; whatever it
+    lacks is measured here, in this process, and recorded in events.jsonl."""
+    from eval.evaluate import protocol
     from eval.paired import pair_entries
     from eval.report.card import write_cards
     from eval.report.report import build_report, write_report
 
     m, ecfg = recipe.model, recipe.eval
+    measured, events = measured or {}, run_dir / "events.jsonl"
     targets = _targets(recipe, done)
     entries = [{"name": "baseline", "model_dir": base_dir}] + targets
-    for i, entry in enumerate(entries):
-        entry["engines"] = {}
-        for engine in ecfg.engine_list():
-            tag = f"[eval {i + 1}/{len(entries)}] {entry['name']} ({engine})"
-            log(tag)
-            t0 = time.perf_counter()
-            res = evaluate(entry["model_dir"], ecfg, m, engine=engine, device=device, seed=recipe.seed)
-            entry["engines"][engine] = res
-            log(f"{tag}: " + ("cached" if res.get("cached") else f"measured in {time.perf_counter() - t0:.0f} s"))
+    _evaluate_all(recipe, entries, device, measured, events)
+    for a in targets:  # paired on the cluster: eval.paired.pair_entries skips these
+        for engine, res in a["engines"].items():
+            if (pr := measured.get(("paired", str(a["model_dir"]), engine))) is not None:
+                res["paired_speed"] = pr
     pair_entries(entries[0], targets, ecfg, m, device, recipe.seed, log)  # speedups: paired rounds (eval.paired)
+    for a in targets:
+        for engine, res in a["engines"].items():
+            pr = res.get("paired_speed") or {}
+            if pr.get("cached") is False and ("paired", str(a["model_dir"]), engine) not in measured:
+                record(events, "paired speed measured", model=a["name"], engine=engine)
     for a in targets:
         st = json.loads((a["model_dir"] / "stage.json").read_text())
         a.update(stage=st["type"], stage_info=st["info"], model_dir=str(a["model_dir"]))
@@ -73,6 +79,28 @@ def evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: Pa
     write_report(report, run_dir)
     write_cards(report)  # README.md (model card) in each artifact directory
     return report
+
+
+def _evaluate_all(recipe: Recipe, entries: list[dict], device: str, measured: dict, events: Path) -> None:
+    """Each entry's `engines`: its evaluation on every engine, from `measured` or measured here."""
+    from eval.evaluate import evaluate
+
+    for i, entry in enumerate(entries):
+        entry["engines"] = {}
+        for engine in recipe.eval.engine_list():
+            tag = f"[eval {i + 1}/{len(entries)}] {entry['name']} ({engine})"
+            if (res := measured.get(("eval", str(entry["model_dir"]), engine))) is not None:
+                entry["engines"][engine] = {**res, "model_dir": str(entry["model_dir"])}
+                log(f"{tag}: from the cluster" + (f": {res['error']}" if res.get("error") else ""))
+                continue
+            log(tag)
+            t0 = time.perf_counter()
+            res = evaluate(entry["model_dir"], recipe.eval, recipe.model, engine=engine, device=device,
+                           seed=recipe.seed)
+            entry["engines"][engine] = res
+            log(f"{tag}: " + ("cached" if res.get("cached") else f"measured in {time.perf_counter() - t0:.0f} s"))
+            if not res.get("cached") and not res.get("error"):
+                record(events, "evaluation measured", model=entry["name"], engine=engine)
 
 
 def evaluation_errors(report: dict) -> list[str]:

@@ -9,6 +9,9 @@ Layout (default ``checkpoints/<recipe name>/``)::
     report.json, .md, .html       the evaluation report (eval.report); each evaluated stage directory
                                   gets its model card, README.md (eval.report.card)
     gate.json, gate.xml           the release gate's verdicts, where the recipe has a gate
+    events.jsonl                  append-only: one line per stage computed and per evaluation or
+                                  paired speed measured (nothing is done twice on a resume)
+    tasks.json                    (run on a cluster) every task's state, node, GPUs and attempts
 
 Every stage directory is written under a temporary name and renamed when complete, its
 manifest last, so a crash never leaves a stage that looks done. Running the same recipe
@@ -16,6 +19,11 @@ again resumes after the last completed stage; a directory made by another recipe
 overwritten without ``force``. A matrix run directory is only tied to its model and seed: its
 stage directories are keyed by content, so adding variants to the matrix reuses every stage
 already made.
+
+With a store (``--store PATH``, squeeze.pipeline.fanout), each ``stages/<name>`` is a symbolic
+link to ``PATH/stages/<content key>-<type>``: the names stay, the outputs are shared by
+content. A stage is computed under a lock (``work/.<name>.lock`` beside ``stages/``), so two
+writers (two nodes, two runs) never compute it twice: the second finds it complete.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -95,6 +104,50 @@ def clear_partial(run_dir: Path) -> None:
     """Remove temporaries a killed run left behind (they never look like completed stages)."""
     for p in (run_dir / "stages").glob(".*"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def stage_lock(out: Path):
+    """Hold `out`'s writer lock (blocking): one writer of a stage directory at a time, on any
+    host that sees the same file system with working locks (local disks, NFSv4)."""
+    lock = Path(out).parent.parent / "work" / f".{Path(out).name}.lock"  # <run or store>/work/
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def record(events: Path | None, kind: str, **what) -> None:
+    """Append one line to the run's events.jsonl (O_APPEND: whole lines from any process)."""
+    if events is None:
+        return
+    line = json.dumps({"event": kind, "time": time.time(), **what}) + "\n"
+    fd = os.open(events, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    f = Path(run_dir) / "events.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+
+
+def link_store(run_dir: Path, store: Path, recipe: Recipe, dirs: list[Path], stages: list[StageSpec]) -> list[Path]:
+    """Point each of a chain's run-directory stage names at its content-addressed directory in
+    `store` (made on first use); the stage directories to write into, in the store."""
+    out = []
+    for i, d in enumerate(dirs):
+        target = Path(store).resolve() / "stages" / f"{chain_key(recipe.model, recipe.seed, stages[:i + 1])[:16]}-" \
+                                                       f"{stages[i].type}"
+        if d.is_symlink() and d.resolve() != target:
+            d.unlink()
+        if not d.is_symlink() and not d.exists():
+            d.parent.mkdir(parents=True, exist_ok=True)
+            d.symlink_to(target, target_is_directory=True)
+        out.append(target if d.is_symlink() else d)  # a real directory from a run without the store stays
+    return out
 
 
 def chain_dirs(recipe: Recipe, run_dir: Path, stages: list[StageSpec]) -> list[Path]:
