@@ -63,7 +63,16 @@ class NMSparse:
     nm: str
 
 
-Checkpoint = Union[WeightOnlyInt, W8A8, W4A8, BitsAndBytes, NMSparse]
+@dataclass(frozen=True)
+class KVCacheFP8:
+    """An FP8 (E4M3) KV cache with static scales from calibration: one per tensor (a K and a V scale per
+    layer) or one per KV head (`per_head`); `head_dim` of the attention it serves."""
+
+    per_head: bool
+    head_dim: int
+
+
+Checkpoint = Union[WeightOnlyInt, W8A8, W4A8, BitsAndBytes, NMSparse, KVCacheFP8]
 
 
 class EngineFacts(Protocol):

@@ -29,10 +29,11 @@ def _builtin() -> None:
     from compress import distill
     from compress.prune import magnitude, sparsegpt, structured, wanda
     from compress.prune.structured import experts as prune_experts
-    from compress.quant import awq, bnb, gptq, rotate, rtn, smoothquant, w8a8
+    from compress.quant import awq, bnb, gptq, kv_cache, rotate, rtn, smoothquant, w8a8
 
     for stage in (magnitude.STAGE, wanda.STAGE, sparsegpt.STAGE, *structured.STAGES, prune_experts.STAGE, rotate.STAGE,
-                  rtn.STAGE, gptq.STAGE, awq.STAGE, smoothquant.STAGE, w8a8.INT8, w8a8.FP8, bnb.STAGE, distill.STAGE):
+                  rtn.STAGE, gptq.STAGE, awq.STAGE, smoothquant.STAGE, w8a8.INT8, w8a8.FP8, kv_cache.STAGE, bnb.STAGE,
+                  distill.STAGE):
         register(stage)
 
 

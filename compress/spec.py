@@ -52,13 +52,15 @@ def content_hash(obj: Any) -> str:
 
 
 def order_errors(stages: list[StageSpec], where: str, what: str = "") -> list[str]:
-    """Quantized weights are final: nothing may change the weights after a quantization stage."""
+    """Quantized weights are final: nothing may change the weights after a quantization stage (a stage
+    that keeps the weights, the FP8 KV cache's, may follow one)."""
     first = next((i for i, s in enumerate(stages) if registry.get(s.type).quantizes), None)
     if first is None:
         return []
     q = stages[first].type
     return [f"{where}: {what}stages[{i}].type: {s.type!r} after {q!r} (stages[{first}]): quantized checkpoints "
-            "are final; put quantization last" for i, s in enumerate(stages) if i > first]
+            "are final; put quantization last" for i, s in enumerate(stages)
+            if i > first and not (registry.get(s.type).keeps_weights and not registry.get(q).keeps_weights)]
 
 
 def parse_stage(st: Any, i: int, where: str, errors: list[str], at: str | None = None) -> StageSpec | None:

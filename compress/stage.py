@@ -68,6 +68,8 @@ class Stage:
     check: Callable[[BaseModel, torch.nn.Module, StageContext], None] | None = None
     # a stage that writes quantized weights: later stages may not change the weights again
     quantizes: bool = False
+    # it changes no weight (the FP8 KV cache's scales): it may follow a quantization stage
+    keeps_weights: bool = False
     # a stage that compresses weight matrices: the pipeline records its coverage, and refuses it
     # before any work where it would leave fused (3-D) expert weights it cannot handle untouched
     weights: bool = False

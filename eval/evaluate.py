@@ -227,7 +227,7 @@ def retention(base: dict, art: dict) -> dict:
     """Artifact relative to the baseline on the same engine: perplexity retention (base/artifact;
     1.0 = no loss), task metrics (ratio and change in points), speedups with their noise
     verdicts (from the paired rounds `art` carries, else not paired: eval.speed.paired.speedups),
-    size ratio."""
+    size ratio, KV-cache capacity ratio (tokens the engine's KV cache holds)."""
     from eval.speed.paired import speedups
 
     r = {}
@@ -248,4 +248,7 @@ def retention(base: dict, art: dict) -> dict:
         r["speed"] = sp
     if base.get("size_bytes") and art.get("size_bytes"):
         r["size_ratio"] = art["size_bytes"] / base["size_bytes"]
+    kv = [(m.get("memory") or {}).get("kv_cache_tokens") for m in (base, art)]
+    if all(kv):  # tokens the engine's KV cache holds (vLLM), e.g. twice as many with an FP8 cache
+        r["kv_cache_ratio"] = kv[1] / kv[0]
     return r

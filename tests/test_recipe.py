@@ -137,7 +137,7 @@ MALFORMED = [
     ("sparsity not a number", "name: x\nstages:\n  - type: magnitude_prune\n    sparsity: half\n",
      "stages[0].sparsity:"),
     ("unknown stage", "name: x\nstages:\n  - type: magnitude_prune\n  - type: prune_everything\n",
-     "stages[1].type: unknown stage 'prune_everything'; allowed: awq, bnb, distill, fp8, gptq, int8, magnitude_prune, prune_depth, prune_experts, prune_heads, prune_hidden, prune_mlp, rotate, rtn"),
+     "stages[1].type: unknown stage 'prune_everything'; allowed: awq, bnb, distill, fp8, gptq, int8, kv_cache, magnitude_prune, prune_depth, prune_experts, prune_heads, prune_hidden, prune_mlp, rotate, rtn"),
     ("stage without type", "name: x\nstages:\n  - sparsity: 0.5\n", "stages[0].type: missing; allowed:"),
     ("unknown stage field", "name: x\nstages:\n  - type: magnitude_prune\n    sparsty: 0.5\n",
      "stages[0].sparsty: unknown field; allowed: sparsity, skip, overrides"),

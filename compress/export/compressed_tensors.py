@@ -7,6 +7,9 @@ puts the compressed-tensors scheme and those parameters on the modules; `save_co
 lets the library pack and write them. The library re-quantizes the weight with *our* scale,
 zero point and g_idx (no observer runs), so the codes it packs are the ones we solved:
 weights are handed to it in float32, where (code - zero) * scale is exact.
+
+The FP8 KV cache's scales live on the attention modules (`attach_kv_cache`: compressed-tensors'
+`kv_cache_scheme`, tensors `<attention>.k_scale` / `v_scale`), beside any weight scheme.
 """
 
 from __future__ import annotations
@@ -135,6 +138,62 @@ def attach(model: torch.nn.Module, records: dict[str, QuantRecord], schemes: dic
                 m.input_scale.data.copy_(rec.input_scale.reshape(m.input_scale.shape).to(m.input_scale.dtype))
 
 
+# ---------------------------------------------------------------------------- FP8 KV cache
+
+def kv_cache_args(per_head: bool):
+    """compressed-tensors' `kv_cache_scheme`: FP8 E4M3, symmetric, static scales, one per tensor or
+    one per KV head (`attn_head`), the two strategies vLLM's CompressedTensorsKVCacheMethod takes."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=False,
+                            strategy="attn_head" if per_head else "tensor")
+
+
+def with_kv_cache(qcfg, kv_args):
+    """A checkpoint's QuantizationConfig with the FP8 KV cache's scheme: the weights' config, or for
+    16-bit weights an empty one (format "dense": the weights are written as they are)."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    q = qcfg or QuantizationConfig(config_groups={}, format="dense", quantization_status="compressed")
+    q.kv_cache_scheme = kv_args
+    return q
+
+
+def attach_kv_cache(model: torch.nn.Module, attentions: list[str], per_head: bool) -> None:
+    """Give every named attention module compressed-tensors' KV-cache scheme: a `QuantizedKVCache`
+    that sees the keys (after the rotary embedding) and values the cache stores, and `k_scale` /
+    `v_scale` parameters ([1], or [kv_heads, 1, 1] per head), written as `<attention>.k_scale`
+    (vLLM maps them onto its attention layers). Quantization is left off (`quantization_enabled`)
+    until a layer's scales are set."""
+    from compressed_tensors.modeling import initialize_hooked_kv_cache
+    from compressed_tensors.quantization import QuantizationScheme, QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
+    from compressed_tensors.quantization.utils import KV_CACHE_TARGETS
+
+    scheme = QuantizationScheme(targets=list(KV_CACHE_TARGETS), input_activations=kv_cache_args(per_head))
+    for name in attentions:
+        m = model.get_submodule(name)
+        m.quantization_scheme = scheme
+        initialize_hooked_kv_cache(model, m)
+        initialize_module_for_quantization(m, force_zero_point=False)
+        m.quantization_status = QuantizationStatus.FROZEN
+        m.quantization_enabled = False
+
+
+def load_kv_cache(model: torch.nn.Module, scales: dict[str, torch.Tensor], per_head: bool) -> None:
+    """The FP8 KV cache of a loaded checkpoint put on `model` (its `<attention>.k_scale` / `v_scale`
+    tensors in `scales`), rounding the cache as the saved model did."""
+    names = sorted({k.rsplit(".", 1)[0] for k in scales})
+    attach_kv_cache(model, names, per_head)
+    with torch.no_grad():
+        for n in names:
+            m = model.get_submodule(n)
+            for w in ("k", "v"):
+                p = getattr(m, f"{w}_scale")
+                p.data.copy_(scales[f"{n}.{w}_scale"].reshape(p.shape).to(p.dtype))
+            m.quantization_enabled = True
+
+
 def is_quantized(model: torch.nn.Module) -> bool:
     return any(getattr(m, "quantization_scheme", None) is not None for m in model.modules())
 
@@ -147,7 +206,7 @@ def save_compressed(model: torch.nn.Module, out_dir: Path) -> None:
     with torch.no_grad():
         for m in model.modules():
             sch = getattr(m, "quantization_scheme", None)
-            if sch is None:
+            if sch is None or sch.weights is None:  # attention modules: the KV cache's scales only
                 continue
             # rebuild the weight from its codes in float32: exact, whatever the model dtype
             w = m.weight.data.float()
@@ -172,8 +231,20 @@ def save_compressed(model: torch.nn.Module, out_dir: Path) -> None:
             m.weight.data = (quantize(w, s, z, grid) - z) * s
     if len(formats) > 1:
         raise ValueError(f"one checkpoint holds one compressed-tensors format, got {sorted(formats)}")
-    comp = ModelCompressor.from_pretrained_model(model, quantization_format=formats.pop())
-    comp.compress_model(model)
+    # the attention modules' schemes (the KV cache's scales, saved as they are) step aside while the
+    # library describes and packs the weights, then join the config as its kv_cache_scheme
+    kv = [(m, m.quantization_scheme) for m in model.modules()
+          if getattr(m, "quantization_scheme", None) is not None and m.quantization_scheme.weights is None]
+    try:
+        for m, _ in kv:
+            del m.quantization_scheme
+        comp = ModelCompressor.from_pretrained_model(model, quantization_format=formats.pop() if formats else None)
+        comp.compress_model(model)
+    finally:
+        for m, sch in kv:
+            m.quantization_scheme = sch
+    if kv:
+        comp.quantization_config = with_kv_cache(comp.quantization_config, kv[0][1].input_activations)
     model.save_pretrained(out_dir)
     comp.update_config(str(out_dir))  # after save_pretrained, which rewrites config.json
     _moe_config(model, out_dir)
@@ -235,6 +306,9 @@ def describe(qcfg: dict | None) -> dict | None:
         kind = (qcfg.get("bnb_4bit_quant_type") or "nf4").upper() if four else "LLM.int8"
         return {**out, "format": "bitsandbytes", "bits": 4 if four else 8, "group_size": 64 if four else -1,
                 "group_sizes": [64 if four else -1], "symmetric": True, "scheme": f"{kind} (bitsandbytes)"}
+    kv = qcfg.get("kv_cache_scheme")
+    if kv:  # 'FP8 per tensor' / 'FP8 per head'
+        out["kv_cache"] = f"FP8 per {'head' if kv.get('strategy') == 'attn_head' else 'tensor'}"
     groups = list((qcfg.get("config_groups") or {}).values())
     sizes = sorted({(g.get("weights") or {}).get("group_size") or -1 for g in groups}, reverse=True)
     for g in groups[:1]:

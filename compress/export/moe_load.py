@@ -37,7 +37,10 @@ def per_expert_quantized(model_dir: Path) -> bool:
 
         files = sorted(Path(model_dir).glob("*.safetensors"))
         keys = [k for f in files for k in safe_open(f, "pt").keys()]
-    return any(".experts.0." in k and k.endswith(("weight_packed", "weight_scale")) for k in keys)
+    # quantized experts, or experts in 16 bits beside an FP8 KV cache (transformers 5.19's expert
+    # loader wants a weight scheme and fails on a checkpoint whose only scheme is the cache's)
+    kv = bool(q.get("kv_cache_scheme"))
+    return any(".experts.0." in k and (kv or k.endswith(("weight_packed", "weight_scale"))) for k in keys)
 
 
 def _state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -62,6 +65,7 @@ def load_per_expert(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool
 
     from compress import moe
     from compress.export import moe_acts
+    from compress.export.compressed_tensors import load_kv_cache
 
     cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     qcfg = QuantizationConfig.model_validate(json.loads((Path(model_dir) / "config.json").read_text())
@@ -87,12 +91,15 @@ def load_per_expert(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool
             dense[f"{name}.bias"] = out["bias"].to(dtype)
         if (iq := moe_acts.input_quant(scheme, out, dtype)) is not None:
             acts[name] = iq
+    kv = {k: sd.pop(k) for k in [k for k in sd if k.endswith((".k_scale", ".v_scale"))]}
     dense.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()
                   if not k.rsplit(".", 1)[-1].startswith(("weight_", "input_"))})
     _, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     model.tie_weights()
     moe.fuse(model)
     moe_acts.round_inputs_(model, acts, layout.proj)  # W8A8: activations rounded as in the saved model
+    if qcfg.kv_cache_scheme is not None:  # the FP8 KV cache, as transformers applies it to a dense layout
+        load_kv_cache(model, kv, qcfg.kv_cache_scheme.strategy == "attn_head")
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing or unexpected:
         raise ValueError(f"{model_dir}: checkpoint does not match the model: missing {missing[:4]}, "

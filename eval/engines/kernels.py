@@ -75,6 +75,12 @@ class VLLMKernelProbe:
     def squeeze_kernels(self) -> dict[str, str]:
         return observe_vllm(self.get_model())
 
+    def squeeze_kv_cache_dtypes(self) -> list[str]:
+        """The KV-cache dtypes of the loaded attention layers, as each resolved it ('auto' becomes 'fp8'
+        where a checkpoint has a kv_cache_scheme: vLLM decides that in the worker, not in the engine's config)."""
+        return sorted({str(m.kv_cache_dtype) for m in self.get_model().modules()
+                       if hasattr(m, "kv_cache_dtype") and hasattr(m, "impl")})
+
 
 def vllm_kernels(llm) -> dict[str, str]:
     """Ask the engine's first worker (tensor-parallel ranks run the same kernels); `{}` when it
@@ -86,6 +92,18 @@ def vllm_kernels(llm) -> dict[str, str]:
     except Exception:  # noqa: BLE001 - a note, not a measurement: a probe that fails leaves it unobserved
         return {}
     return dict(got[0]) if got and isinstance(got[0], dict) else {}
+
+
+def vllm_kv_cache_dtype(llm) -> str | None:
+    """The KV-cache dtype the engine's attention layers run ('fp8', 'auto' for the model's dtype, or
+    several joined by '/'); None where the probe cannot answer."""
+    if getattr(llm.llm_engine.vllm_config.parallel_config, "worker_extension_cls", "") != PROBE:
+        return None
+    try:
+        got = llm.collective_rpc("squeeze_kv_cache_dtypes")
+    except Exception:  # noqa: BLE001 - unobserved, as for the kernels
+        return None
+    return "/".join(got[0]) if got and got[0] else None
 
 
 def observe_vllm(model) -> dict[str, str]:

@@ -22,7 +22,7 @@ from compress.engine_facts import EngineFacts
 from compress.errors import UserError
 from eval.engines import vllm_dist
 from eval.engines.facts import lookup
-from eval.engines.kernels import PROBE, vllm_kernels
+from eval.engines.kernels import PROBE, vllm_kernels, vllm_kv_cache_dtype
 from eval.memory import checkpoint_weight_bytes
 from eval.speed.workload import RequestTiming
 
@@ -139,6 +139,9 @@ class VLLMEngine:
                   max_model_len=max_model_len, enforce_eager=enforce_eager, seed=0, **kw)
         eng = cls(llm, device)
         eng.stats["kernels"] = vllm_kernels(llm)
+        # what the attention layers store (the engine's config keeps 'auto' where a checkpoint's kv_cache_scheme
+        # made it fp8)
+        eng.stats["memory"]["kv_cache_dtype"] = vllm_kv_cache_dtype(llm) or eng.stats["memory"]["kv_cache_dtype"]
         eng.stats["memory"].update(weight_bytes=checkpoint_weight_bytes(Path(model_dir), dtype),
                                    weight_bytes_method="checkpoint tensors, floating point ones at the engine dtype")
         return eng

@@ -17,12 +17,16 @@ def mib(x) -> str:
 
 
 def quant_label(m: dict) -> str:
-    """'W4A16 g128', 'W8A16 ch asym', or '–' for a dense model."""
+    """'W4A16 g128', 'W8A16 ch asym', 'FP8 dynamic ch, KV FP8 per tensor', 'KV FP8 per head' (16-bit
+    weights), or '–' for a dense model."""
     q = m.get("quantization")
     if not q:
         return "–"
+    kv = f"KV {q['kv_cache']}" if q.get("kv_cache") else ""
+    if "scheme" not in q and kv:  # no weight scheme: an FP8 KV cache alone
+        return kv
     if q.get("block"):  # the scheme's name says the tile ('FP8 block128 dynamic')
-        return q.get("scheme", "?")
+        return q.get("scheme", "?") + (f", {kv}" if kv else "")
     sizes = "/".join("ch" if g == -1 else f"{g}" for g in q.get("group_sizes", [q.get("group_size", -1)]))
     label = sizes if sizes == "ch" else f"g{sizes}"
-    return f"{q.get('scheme', '?')} {label}{'' if q.get('symmetric', True) else ' asym'}"
+    return f"{q.get('scheme', '?')} {label}{'' if q.get('symmetric', True) else ' asym'}" + (f", {kv}" if kv else "")

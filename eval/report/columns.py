@@ -52,6 +52,9 @@ def columns(rows: list[dict]) -> list[tuple[str, callable]]:
                  ("TPOT speedup", lambda r: "base" if r["baseline"] else _speed(r["tpot_speedup"]))]
     if has("weight_bytes"):
         cols.append(("weights MiB", lambda r: fmt(r["weight_bytes"] and r["weight_bytes"] / 2**20, ".0f")))
+    if has("kv_cache_tokens"):
+        cols += [("KV tokens", lambda r: fmt(r["kv_cache_tokens"], ",")),
+                 ("KV vs base", lambda r: "base" if r["baseline"] else fmt(r["kv_cache_ratio"], ".2f"))]
     if has("peak_memory_bytes"):
         cols.append(("peak mem MiB", lambda r: fmt(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20, ".0f")))
     cols.append(("Pareto", lambda r: ", ".join(k for k, v in r.get("pareto", {}).items() if v) or "–"))

@@ -97,6 +97,8 @@ def flat_row(run: str, entry: dict, engine: str, m: dict, ret: dict, is_base: bo
         "peak_is_gpu": bool((m.get("memory") or {}).get("peak_gpu_used_bytes")
                             or (m.get("memory") or {}).get("peak_torch_allocated_bytes")),
         "size_ratio": 1.0 if is_base and m.get("size_bytes") else ret.get("size_ratio"),
+        "kv_cache_tokens": (m.get("memory") or {}).get("kv_cache_tokens"),
+        "kv_cache_ratio": None if is_base else ret.get("kv_cache_ratio"),
         "error": m.get("error"),
     }
 

@@ -141,7 +141,11 @@ def notes(report: dict) -> list[str]:
         for e, em in entry["engines"].items():
             mem = em.get("memory") or {}
             if mem.get("kv_cache_tokens"):
-                lines.append(f"- {entry['name']} ({e}): KV cache holds {mem['kv_cache_tokens']:,} tokens")
+                ratio = None if entry is report["baseline"] else (entry.get("retention") or {}).get(e, {}).get(
+                    "kv_cache_ratio")
+                lines.append(f"- {entry['name']} ({e}): KV cache holds {mem['kv_cache_tokens']:,} tokens"
+                             + (f" in {mem['kv_cache_dtype']}" if mem.get("kv_cache_dtype") else "")
+                             + (f", {ratio:.2f} × the baseline's" if ratio else ""))
             if mem.get("peak_gpu_used_bytes") or mem.get("peak_torch_allocated_bytes"):
                 lines.append(f"- {entry['name']} ({e}): peak GPU memory "
                              f"{mib(mem.get('peak_gpu_used_bytes') or mem.get('peak_torch_allocated_bytes'))} MiB")

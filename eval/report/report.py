@@ -16,7 +16,8 @@ section "Report schema" its prose):
                engines: {engine: metrics},
                retention: {engine: {ppl_retention, ppl_change_pct, tasks: {"task.metric":
                            {retention, change_points}}, speed: {throughput | batch1_tpot:
-                           {ratio, lo, hi, verdict, method, rounds, ratios}}, size_ratio}}}],
+                           {ratio, lo, hi, verdict, method, rounds, ratios}}, size_ratio,
+                           kv_cache_ratio}}}],
   gate (where a gate was applied): {passed, verdicts: [...]} (eval.report.gate).
   metrics (eval.evaluate): perplexity, tasks {name: {acc, acc_stderr, acc_norm, ...}},
   speed {concurrent, batch1: per-repeat throughput and latency distributions, protocol},
@@ -114,9 +115,10 @@ def table(report: dict) -> str:
     """Markdown table: one row per (model, engine), changes against the baseline on that engine.
     Speedups carry the range of their paired rounds; inside the noise they read 'no measurable change'."""
     tcols = task_columns(report)
+    kv = any((m.get("memory") or {}).get("kv_cache_tokens") for _, _, m, _ in rows(report))  # a vLLM engine ran
     head = ["model", "engine", "quant", "perplexity", "ppl retention", *[f"{t} {m}" for t, m in tcols],
             "out tok/s", "throughput vs base", "b1 TPOT ms", "b1 TPOT vs base", "TTFT p50 ms",
-            "weights MiB", "peak RSS MiB", "sparsity", "size MB"]
+            "weights MiB", "peak RSS MiB", "sparsity", "size MB", *(["KV cache tokens"] if kv else [])]
     out = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
     for entry, engine, m, ret in rows(report):
         sp, mem = m.get("speed", {}), m.get("memory", {})
@@ -138,10 +140,21 @@ def table(report: dict) -> str:
             fmt(conc.get("ttft_ms", {}).get("p50"), ".1f"),
             mib(mem.get("weight_bytes")), mib(mem.get("peak_rss_bytes")),
             fmt(m.get("linear_sparsity"), ".1%"), fmt(m.get("size_bytes", 0) / 1e6, ".1f")]
+        if kv:
+            cells.append(kv_cell(mem, None if is_base else ret.get("kv_cache_ratio")))
         if m.get("error"):
             cells[3] = cells[3] if cells[3] != "–" else "error"
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def kv_cell(mem: dict, ratio: float | None) -> str:
+    """Tokens the engine's KV cache holds: '232,448', or '464,896 fp8 (2.00 ×)' with its dtype where it is
+    not the model's (as the engine resolved it) and its ratio to the baseline's."""
+    n, dt = mem.get("kv_cache_tokens"), str(mem.get("kv_cache_dtype") or "")
+    if not n:
+        return "–"
+    return f"{n:,}" + (f" {dt}" if dt.startswith("fp8") else "") + (f" ({ratio:.2f} ×)" if ratio is not None else "")
 
 
 def markdown(report: dict) -> str:
