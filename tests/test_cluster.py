@@ -78,7 +78,8 @@ def test_local_cluster_matches_the_sequential_run(tiny_model, text_file, tmp_pat
     t_seq = time.perf_counter() - t0
     monkeypatch.setenv("SQUEEZE_HOME", str(tmp_path / "ray-home"))  # its own evaluation cache: measured anew
     t0 = time.perf_counter()
-    assert main(["run", str(r), "--output", str(tmp_path / "ray"), "--cluster", "local"]) == 0
+    store = tmp_path / "store"
+    assert main(["run", str(r), "--output", str(tmp_path / "ray"), "--cluster", "local", "--store", str(store)]) == 0
     t_ray = time.perf_counter() - t0
     err = capsys.readouterr().err
     print(f"3-variant matrix on 2 CPUs: sequential {t_seq:.1f} s, --cluster local {t_ray:.1f} s", file=sys.stderr)
@@ -98,11 +99,14 @@ def test_local_cluster_matches_the_sequential_run(tiny_model, text_file, tmp_pat
     ev = events(tmp_path / "ray")
     assert sorted(k[0] for k in ev) == ["evaluation measured"] * 4 + ["paired speed measured"] * 3 + [
         "stage computed"] * 3 and set(ev.values()) == {1}
-    # again: no stage task at all, every measurement from the cache, nothing recorded
-    assert main(["run", str(r), "--output", str(tmp_path / "ray"), "--cluster", "local"]) == 0
-    assert events(tmp_path / "ray") == ev
-    ids = [t["id"] for t in json.loads((tmp_path / "ray" / "tasks.json").read_text())["tasks"]]
-    assert not any(i.startswith("stages ") for i in ids)
+    assert all((tmp_path / "ray" / "stages" / d).is_symlink() for d in json.loads(
+        (tmp_path / "ray" / "variants.json").read_text())["m30+rtn8"])  # the outputs live in the store
+    # another run directory on the same store: no stage task at all, every measurement from its cache
+    assert main(["run", str(r), "--output", str(tmp_path / "again"), "--cluster", "local", "--store", str(store)]) == 0
+    assert not (tmp_path / "again" / "events.jsonl").exists()
+    ids = [t["id"] for t in json.loads((tmp_path / "again" / "tasks.json").read_text())["tasks"]]
+    assert ids and not any(i.startswith("stages ") for i in ids)
+    assert stable(json.loads((tmp_path / "again" / "report.json").read_text())) == stable(rep)
 
 
 def test_a_dead_worker_is_retried_and_a_failing_task_is_not(tmp_path):
