@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from gpu_common import add_common_args, bench_context, capped_random_llama, llama_config, random_llama, record
+from kv_cache_gpu import write_layouts as kv_layouts
 from quant_gpu import cmd_speed
 
 
@@ -80,6 +81,9 @@ def cmd_layouts(args) -> None:
         # an empty weights file, so that Squeeze's own loaders take the directory (its checks want
         # weights); vLLM's dummy loader (load_format: dummy) never reads it
         save_file({}, str(d / "model.safetensors"))
+    # the FP8 KV cache's scheme on 16-bit weights: kv-fp8 (per tensor), kv-fp8-head (per KV head); how to
+    # time them with dummy weights (random k/v scales): benchmarks/kv_cache_gpu.py's docstring
+    kv_layouts(out, args.tiny)
     record(args, {"what": "layout configs written", "dirs": sorted(p.name for p in out.iterdir()),
                   "int8_static_config": _ct_config(_schemes()["int8-static"])})
 
