@@ -6,6 +6,7 @@ twice (counted in events.jsonl); bad input is one line each."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 import time
@@ -239,3 +240,21 @@ def test_a_gpu_share_that_vllm_would_overflow_is_refused():
     with pytest.raises(UserError, match=r"execution.eval_gpus: 0.25 of a GPU per evaluation, but "
                                         r"eval.vllm.gpu_memory_utilization is 0.9; set it at most 0.25"):
         check(r, Execution(cluster="local", eval_gpus=0.25))
+
+
+def test_tune_runs_trials_at_once_in_a_shared_journal(tiny_model, home, tmp_path, capsys):
+    """`squeeze tune --cluster`: 4 HF trials, 2 at a time on the 2 CPUs, the study in optuna's
+    journal file; run again, it resumes from the journal and measures nothing."""
+    out = tmp_path / "study"
+    argv = ["tune", str(tiny_model), "--engine", "hf", "--strategy", "grid", "--budget", "4", "--repeats", "1",
+            "--set", "batch_size=1,4", "--set", "attn_implementation=eager,sdpa", "--num-prompts", "4",
+            "--input-len", "8", "--output-len", "4", "--cluster", "local", "--output", str(out)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "2 trials at once on the cluster (local)" in err and len(re.findall(r"trial \d: ", err)) == 4
+    assert (out / "study.journal").is_file() and not (out / "study.db").exists()
+    land = json.loads(next(out.glob("*/landscape.json")).read_text())
+    assert land["measured"] == 4 and land["failed"] == 0 and land["defaults"]["value"] > 0
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "4 of 4 trials measured" in err and not re.findall(r"trial \d: ", err)

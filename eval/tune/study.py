@@ -15,6 +15,13 @@ re-measured: its earlier result is told once more, and only measured trials use 
 
 Studies live per (model, engine, GPU): <SQUEEZE_HOME>/tune/<model>-<hash>/<engine>/<gpu>/,
 so tuning results of one GPU never pass for another's, and a change of GPU is re-tunable.
+
+Trials in parallel (`run(executor=..., parallel=N)`, `squeeze tune --cluster`): N trials are
+measured at once, each through `executor.submit` (a concurrent.futures-style executor: the CLI
+gives one whose every call is a Ray task on a GPU of its own, squeeze.pipeline.cluster); this
+process asks and tells optuna, TPE with its constant liar so that settings in flight are not
+proposed again. Such a study is kept in optuna's journal file (`study.journal`, on a directory
+every node mounts), which several processes may share; a sequential study stays in SQLite.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from eval.config import TuneConfig, VLLMOptions
 from eval.engines import check_engines
 from eval.evaluate import hardware, one_line
 from eval.tune import space as sp
-from eval.tune.trials import INTERRUPTED, OBJECTIVES, TRIALS, score
+from eval.tune.trials import INTERRUPTED, OBJECTIVES, TRIALS, free_gpu, score, trial_line
 
 MAX_ASKS_PER_TRIAL = 20  # TPE proposals of already-measured points before the space counts as exhausted
 
@@ -68,14 +75,14 @@ def _settings(params: dict) -> dict:
     return {k: json.loads(v) for k, v in params.items()}
 
 
-def _sampler(cfg: TuneConfig):
+def _sampler(cfg: TuneConfig, parallel: int = 1):
     import optuna
 
     if cfg.strategy == "tpe":
         kw = {} if hasattr(optuna.trial.Trial, "set_constraint") else \
             {"constraints_func": lambda t: [t.user_attrs.get("violation", 0.0)]}  # optuna < 5
         return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, n_startup_trials=max(2, cfg.budget // 4),
-                                          **kw)
+                                          constant_liar=parallel > 1, **kw)
     return optuna.samplers.RandomSampler(seed=cfg.seed)  # grid/random: the points are enqueued
 
 
@@ -86,6 +93,9 @@ class Study:
                  vllm: VLLMOptions = VLLMOptions(), device: str = "cpu", out_dir: Path | None = None,
                  progress: bool = True, log=print, server_extra: dict | None = None):
         self.model_dir, self.cfg, self.model, self.device = Path(model_dir), cfg, model, device
+        self.args = {"model_dir": self.model_dir, "cfg": cfg, "model": model, "vllm": vllm, "device": device,
+                     "out_dir": out_dir, "server_extra": server_extra}  # the same study, rebuilt in a worker
+        self.journal, self.parallel = False, 1  # run() sets them: optuna's journal file, trials at once
         self.space = check_tune(cfg, device)
         self.trials = TRIALS[cfg.engine]
         # server_extra: more vLLM engine arguments for every trial (e.g. load_format: dummy)
@@ -111,7 +121,7 @@ class Study:
             m = self.trials.measure(self, settings, label)
             return {**m, **score(m, self.cfg), "seconds": time.perf_counter() - t0}
         except Exception as e:  # noqa: BLE001 - a failed trial is a result (OOM, bad setting, no server)
-            _free_gpu()
+            free_gpu()
             return {"error": one_line(e), "seconds": time.perf_counter() - t0}
 
     # -- the study -------------------------------------------------------------------------
@@ -120,10 +130,16 @@ class Study:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.dir.mkdir(parents=True, exist_ok=True)
-        storage = f"sqlite:///{self.root / 'study.db'}"
+        if self.journal:
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
+
+            storage = JournalStorage(JournalFileBackend(str(self.root / "study.journal")))
+        else:
+            storage = f"sqlite:///{self.root / 'study.db'}"
         direction = OBJECTIVES[self.cfg.objective][0]
         study = optuna.create_study(study_name=self.name, storage=storage, direction=direction,
-                                    sampler=_sampler(self.cfg), load_if_exists=True)
+                                    sampler=_sampler(self.cfg, self.parallel), load_if_exists=True)
         return study
 
     def _recover(self, study) -> None:
@@ -144,17 +160,25 @@ class Study:
             return sp.sample(self.space, self.cfg.budget, self.cfg.seed)
         return []
 
-    def run(self) -> dict:
+    def run(self, executor=None, parallel: int = 1) -> dict:
+        """Measure the defaults and the budget's trials; the landscape. With an `executor`
+        (concurrent.futures-style), up to `parallel` measurements run at once through it."""
         from optuna.trial import TrialState
         from tqdm.auto import tqdm
 
         from eval.tune.landscape import landscape, write_landscape
 
+        self.parallel, self.journal = max(1, parallel), executor is not None
+        self._submit = (lambda settings, label: executor.submit(measure_setting, self.args, settings, label)) \
+            if executor is not None else (lambda settings, label: _finished(self.measure(settings, label)))
         study = self._open()
         self._recover(study)
+        inflight = {}  # future -> (trial or None for the defaults, settings, key)
         if "defaults" not in study.user_attrs:
             self.log(f"measuring the engine's defaults ({self.cfg.engine}, {self.device})")
-            study.set_user_attr("defaults", self.measure({}, "defaults"))
+            inflight[self._submit({}, "defaults")] = (None, {}, None)
+            if executor is None:
+                self._collect(study, inflight, {}, None)
         measured = self._measured(study)
         grid_size = len(sp.grid(self.space))
         if self.cfg.strategy == "grid" and grid_size > self.cfg.budget:
@@ -166,35 +190,62 @@ class Study:
             k = sp.key(pt)
             if k not in measured and k not in queued:
                 study.enqueue_trial({n: json.dumps(v) for n, v in pt.items()})
-        dists = _distributions(self.space)
         bar = tqdm(total=min(self.cfg.budget, grid_size), initial=len(measured), desc=f"tune {self.cfg.engine}",
                    unit="trial", disable=not self.progress)
-        asks = 0
         try:
-            while len(measured) < min(self.cfg.budget, grid_size):
-                if self.cfg.strategy != "tpe" and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-                    break
-                trial = study.ask(dists)
-                settings = _settings(trial.params)
-                k = sp.key(settings)
-                if k in measured:  # TPE proposed a point again: tell its result, measure nothing
-                    asks += 1
-                    self._tell(study, trial, measured[k], repeat_of=measured[k]["number"])
-                    if asks > MAX_ASKS_PER_TRIAL * self.cfg.budget:
-                        self.log("the sampler keeps proposing measured settings; stopping early")
-                        break
-                    continue
-                m = self.measure(settings, f"t{trial.number}")
-                m["number"] = trial.number
-                self._tell(study, trial, m)
-                measured[k] = m
-                bar.update(1)
-                self.log(_trial_line(trial.number, settings, m, self.cfg.objective))
+            while self._ask(study, inflight, measured, min(self.cfg.budget, grid_size)) or inflight:
+                self._collect(study, inflight, measured, bar)
         finally:
             bar.close()
             result = landscape(self, study)
             write_landscape(result, self.dir)
         return result
+
+    def _ask(self, study, inflight: dict, measured: dict, target: int) -> bool:
+        """Start trials until `parallel` are in flight or the budget is spoken for; False when
+        no more will start (budget, a grid or random plan used up, a sampler that repeats itself)."""
+        from optuna.trial import TrialState
+
+        dists = _distributions(self.space)
+        while len(inflight) < self.parallel:
+            if len(measured) + sum(t is not None for t, _, _ in inflight.values()) >= target:
+                return False
+            if self.cfg.strategy != "tpe" and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                return False
+            trial = study.ask(dists)
+            settings = _settings(trial.params)
+            k = sp.key(settings)
+            running = next((t.number for t, _, key in inflight.values() if key == k and t is not None), None)
+            if k in measured or running is not None:  # proposed again: tell its result, measure nothing
+                self._asks = getattr(self, "_asks", 0) + 1
+                self._tell(study, trial, measured[k] if k in measured else {"error": "proposed while being measured"},
+                           repeat_of=measured[k]["number"] if k in measured else running)
+                if self._asks > MAX_ASKS_PER_TRIAL * self.cfg.budget:
+                    self.log("the sampler keeps proposing measured settings; stopping early")
+                    return False
+                continue
+            inflight[self._submit(settings, f"t{trial.number}")] = (trial, settings, k)
+        return True
+
+    def _collect(self, study, inflight: dict, measured: dict, bar) -> None:
+        """Tell optuna the measurements that finished (waiting for the first of them)."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+        for f in done:
+            trial, settings, k = inflight.pop(f)
+            try:
+                m = f.result()
+            except Exception as e:  # noqa: BLE001 - its worker died on every try: a failed trial
+                m = {"error": one_line(e), "seconds": None}
+            if trial is None:
+                study.set_user_attr("defaults", m)
+                continue
+            m["number"] = trial.number
+            self._tell(study, trial, m)
+            measured[k] = m
+            bar.update(1)
+            self.log(trial_line(trial.number, settings, m, self.cfg.objective))
 
     def _tell(self, study, trial, m: dict, repeat_of: int | None = None) -> None:
         from optuna.trial import TrialState
@@ -222,21 +273,16 @@ class Study:
         return out
 
 
-def _trial_line(n: int, settings: dict, m: dict, objective: str) -> str:
-    s = " ".join(f"{k}={v}" for k, v in settings.items())
-    if "error" in m:
-        return f"trial {n}: {s}: FAILED {m['error']}"
-    sp_ = m["spread"]
-    extra = "" if m["feasible"] else " (below the throughput floor)"
-    return (f"trial {n}: {s}: {sp_['median']:.2f} {OBJECTIVES[objective][1]} "
-            f"({sp_['min']:.2f}-{sp_['max']:.2f}){extra}")
+def _finished(value):
+    """A future that is done already (a measurement made in this process)."""
+    from concurrent.futures import Future
+
+    f = Future()
+    f.set_result(value)
+    return f
 
 
-def _free_gpu() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def measure_setting(args: dict, settings: dict, label: str) -> dict:
+    """One trial measured in another process (a worker of `run`'s executor): the same study
+    rebuilt from its arguments, its result returned."""
+    return Study(**args, progress=False, log=print).measure(settings, label)

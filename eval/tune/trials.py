@@ -183,3 +183,25 @@ def fmt_value(v: float | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+
+
+def trial_line(n: int, settings: dict, m: dict, objective: str) -> str:
+    """One measured trial, as a study logs it."""
+    s = " ".join(f"{k}={v}" for k, v in settings.items())
+    if "error" in m:
+        return f"trial {n}: {s}: FAILED {m['error']}"
+    sp_ = m["spread"]
+    extra = "" if m["feasible"] else " (below the throughput floor)"
+    return (f"trial {n}: {s}: {sp_['median']:.2f} {OBJECTIVES[objective][1]} "
+            f"({sp_['min']:.2f}-{sp_['max']:.2f}){extra}")
+
+
+def free_gpu() -> None:
+    """What a failed trial left on the GPU, released."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -111,6 +111,8 @@ def add_parsers(sub, epilog: str, common) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--output", "-o", metavar="DIR", help="study directory (default: <SQUEEZE_HOME>/tune/<model>/"
                    "<engine>/<GPU>)")
+    p.add_argument("--cluster", metavar="WHERE", help="measure trials at once on a Ray cluster, one GPU each (or one "
+                   "CPU): local, auto or ray://HOST:PORT; the study directory must be one every node mounts")
     _workload_flags(p, 64)
     _engine_flags(p)
     common(p)
@@ -238,14 +240,32 @@ def cmd_tune(a) -> int:
     from eval.tune.study import Study
 
     cfg = _tune_config(a)
+    if a.cluster:
+        from squeeze.pipeline.cluster import check_address, import_ray
+
+        check_address(a.cluster)
+        import_ray()
     device = resolve_device(a.device)
     model_dir = resolve_model(a.model)
     spec = ModelSpec(dtype=a.dtype, trust_remote_code=a.trust_remote_code)
     st = Study(model_dir, cfg, spec, VLLMOptions(max_model_len=a.max_model_len), device,
                out_dir=Path(a.output) if a.output else None, log=lambda s: print(s, file=sys.stderr))
     print(f"study {st.name} in {st.dir}", file=sys.stderr)
-    with signals_raise():
-        res = st.run()
+    executor, parallel, started = None, 1, False
+    if a.cluster:
+        from squeeze.pipeline.cluster import connect, tune_executor
+
+        started = connect(a.cluster)
+        executor, parallel = tune_executor(st.root, device)
+        print(f"{parallel} trials at once on the cluster ({a.cluster})", file=sys.stderr)
+    try:
+        with signals_raise():
+            res = st.run(executor, parallel)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     print(markdown(res))
     print(f"landscape: {st.dir / 'landscape.md'}, {st.dir / 'landscape.png'}; best: {st.dir / 'best.json'}",
           file=sys.stderr)

@@ -4,7 +4,6 @@ stages and checkpoints."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -22,8 +21,10 @@ def cmd_run(a) -> int:
         raise UserError(f"{a.recipe}: requires: gpu (the recipe is sized for a GPU), and the device is {device}; run "
                         "it on a GPU machine, or remove `requires: gpu` to run it here anyway")
     run_dir = run_dir_for(recipe, a.output)
-    if a.cluster is not None and not re.fullmatch(r"local|auto|ray://\S+", a.cluster):
-        raise UserError(f"--cluster {a.cluster}: expected local, auto or ray://HOST:PORT")
+    if a.cluster is not None:
+        from squeeze.pipeline.cluster import check_address
+
+        check_address(a.cluster)
     report = run(recipe, run_dir, force=a.force, recipe_text=Path(a.recipe).read_text(),
                  evaluate_outputs=not a.no_eval, cluster=a.cluster, store=a.store)
     if report is None:

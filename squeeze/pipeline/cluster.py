@@ -11,12 +11,17 @@
 - `check_resources(needs)`: every kind of task must fit on some node (a task asking for a GPU
   on a cluster without one would wait forever): one line per task kind, with what each node
   offers.
+- `run_env(store)`: the environment every worker gets (SQUEEZE_HOME, the evaluation cache, the
+  data directory, as absolute paths); `RayExecutor`: a concurrent.futures-style `submit` whose
+  every call is a Ray task (tuning trials, eval.tune.study), `tune_executor` sets one up.
 
 Ray is optional (`pip install -e '.[cluster]'`); without it `--cluster` says so in one line.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -26,6 +31,11 @@ from compress.errors import UserError
 
 INSTALL = "pip install -e '.[cluster]'"
 CONNECT_TIMEOUT_S = 10.0  # a TCP connect to a ray:// address; Ray's own retries take minutes
+
+
+def check_address(address: str) -> None:
+    if not re.fullmatch(r"local|auto|ray://\S+", address):
+        raise UserError(f"--cluster {address}: expected local, auto or ray://HOST:PORT")
 
 
 def import_ray():
@@ -147,3 +157,59 @@ def check_resources(needs: list[tuple[str, dict]]) -> None:
               if not any(all(n["Resources"].get(k, 0) >= v for k, v in need.items()) for n in nodes)]
     if errors:
         raise UserError(*errors)
+
+
+# ---- the environment of a worker, and single calls as tasks -------------------------------------
+
+def run_env(store: Path | None = None) -> dict:
+    """The run's environment for every worker (absolute paths: workers start elsewhere)."""
+    from compress.data import data_dir
+    from compress.models import home
+    from eval.evaluate import cache_dir
+
+    env = {"SQUEEZE_HOME": str(home().resolve()),
+           "SQUEEZE_EVAL_CACHE": str((Path(store) / "_eval_cache") if store else cache_dir().resolve())}
+    if (d := data_dir()) is not None:
+        env["SQUEEZE_DATA_DIR"] = str(Path(d).resolve())
+    env.update({k: os.environ[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if k in os.environ})
+    return env
+
+
+def _call(env: dict, threads: int, fn, *args):
+    import torch
+
+    os.environ.update(env)
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
+class RayExecutor:
+    """`submit(fn, *args)` -> a concurrent.futures.Future: one Ray task taking `resources`,
+    retried up to `max_retries` times when its worker dies, never when `fn` raises."""
+
+    def __init__(self, resources: dict, env: dict, max_retries: int = 2):
+        import ray
+
+        self.resources, self.env, self.max_retries = resources, env, max_retries
+        self._remote = ray.remote(_call)
+
+    def submit(self, fn, *args):
+        opts = {"num_cpus": self.resources.get("CPU", 0), "num_gpus": self.resources.get("GPU", 0),
+                "max_retries": self.max_retries, "retry_exceptions": False}
+        threads = max(1, int(self.resources.get("CPU", 1)))
+        return self._remote.options(**opts).remote(self.env, threads, fn, *args).future()
+
+
+def slots(need: dict) -> int:
+    """How many tasks taking `need` fit on the alive nodes at once."""
+    return sum(min(int(n["Resources"].get(k, 0) // v) for k, v in need.items() if v) for n in alive_nodes()) \
+        if any(need.values()) else len(alive_nodes())
+
+
+def tune_executor(study_dir: Path, device: str) -> tuple[RayExecutor, int]:
+    """Trials of a study on the connected cluster: one GPU each where the cluster has GPUs (one
+    engine per GPU), else one CPU; the study directory probed from every node."""
+    need = {"CPU": 1.0, "GPU": 1.0 if device != "cpu" and has_gpus() else 0.0}
+    check_resources([("a tuning trial", need)])
+    probe([study_dir], [])
+    return RayExecutor(need, run_env()), slots(need)

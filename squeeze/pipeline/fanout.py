@@ -22,7 +22,6 @@ from every node before any work (squeeze.pipeline.cluster).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from compress.errors import UserError
@@ -132,20 +131,6 @@ def _failed_evaluation(results: list) -> str | None:
     return "an evaluation it pairs ended in an error" if any(r.get("error") for r in results) else None
 
 
-def _env(store: Path | None) -> dict:
-    """The run's environment for every worker (absolute paths: workers start elsewhere)."""
-    from compress.data import data_dir
-    from compress.models import home
-    from eval.evaluate import cache_dir
-
-    env = {"SQUEEZE_HOME": str(home().resolve()),
-           "SQUEEZE_EVAL_CACHE": str((store / "_eval_cache") if store else cache_dir().resolve())}
-    if (d := data_dir()) is not None:
-        env["SQUEEZE_DATA_DIR"] = str(Path(d).resolve())
-    env.update({k: os.environ[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if k in os.environ})
-    return env
-
-
 def run_on_cluster(recipe: Recipe, run_dir: Path, base_dir: Path, ex: Execution, evaluate: bool = True):
     """Stages (and, with `evaluate`, evaluations and paired speeds) as tasks on the connected
     cluster. Returns (the chains that completed, as run_stages gives them; what was measured,
@@ -161,7 +146,7 @@ def run_on_cluster(recipe: Recipe, run_dir: Path, base_dir: Path, ex: Execution,
     for t in tasks:
         kinds.setdefault(tuple(sorted(t.resources.items())), (f"task {t.id!r}", t.resources))
     cluster.check_resources([v for v in kinds.values() if any(v[1].values())])
-    env = _env(store)
+    env = cluster.run_env(store)
     cluster.probe([run_dir, *([store] if store else []), Path(env["SQUEEZE_EVAL_CACHE"])], [base_dir])
     ran = run_tasks(tasks, env=env, threads=ex.threads, max_retries=ex.max_retries,
                     tasks_json=run_dir / "tasks.json", log=lambda s: log(f"[cluster] {s}"),
