@@ -15,7 +15,7 @@ from compress import distill as D
 from compress.errors import UserError
 from compress.models import load_model
 from compress.stage import StageContext
-from tests.conftest import distill_cfg, distill_ctx, sigkill_at_marker, tiny_recipe
+from tests.conftest import REPO, distill_cfg, distill_ctx, sigkill_at_marker, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,32 @@ def test_two_processes_train_as_one(teacher, corpus, tmp_path, one_process_run, 
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(w1[k], load_file(next(teacher.glob("*.safetensors")))[k]) for k in w1
                if k in load_file(next(teacher.glob("*.safetensors"))))  # it did train
+
+
+def test_two_nodes_through_a_rendezvous_train_as_one(teacher, corpus, tmp_path, one_process_run):
+    """nodes: 2 with one process each, two "hosts" on this one: the stage's launcher and a second
+    that joins with `python -m compress.distill.launch SPEC` (a c10d rendezvous on localhost, gloo)
+    end where one process does."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = tmp_path / "p1ddp" / "work" / "01-distill" / "spec.json"
+    joiner = subprocess.Popen([sys.executable, "-m", "compress.distill.launch", str(spec)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        w2, i2 = _processes_run(teacher, corpus, tmp_path, 1, "ddp", nodes=2, rendezvous=f"127.0.0.1:{port}")
+        assert joiner.wait(timeout=120) == 0, joiner.stderr.read().decode()[-2000:]
+    finally:
+        joiner.kill()
+    w1, i1 = one_process_run
+    assert i2["processes"] == 2 and i2["tokens_trained_this_run"] == i1["tokens_trained_this_run"]
+    assert i2["held_out_perplexity"]["end"] == pytest.approx(i1["held_out_perplexity"]["end"], rel=1e-4)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
 
 
 RUN_DRIVER = """

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress.schema import Strict
 
@@ -79,3 +79,16 @@ class DistillConfig(Strict):
     processes: int | Literal["auto"] = Field(
         1, description="processes to train on, one per GPU: 1 trains in this process; N > 1 starts N through "
         "torch's launcher, each training through accelerate on its slice of every batch; auto: every visible GPU")
+    nodes: int = Field(1, gt=0, description="hosts to train on, `processes` on each: N > 1 starts this host's share "
+                       "through torch's launcher with a c10d rendezvous at `rendezvous`, and each other host joins "
+                       "with `python -m compress.distill.launch <run>/work/<stage>/spec.json` (the run directory on "
+                       "storage every host mounts)")
+    rendezvous: str | None = Field(None, pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d+$",
+                                   description="nodes > 1: HOST:PORT of the rendezvous, reachable from every host "
+                                   "(torch's c10d store, started by whichever host reaches it first)")
+
+    @model_validator(mode="after")
+    def _nodes_need_a_rendezvous(self):
+        if self.nodes > 1 and self.rendezvous is None:
+            raise ValueError("nodes > 1 needs rendezvous: HOST:PORT (a port every host can reach)")
+        return self

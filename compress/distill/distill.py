@@ -115,7 +115,7 @@ def check(cfg: DistillConfig, model, ctx: StageContext) -> None:
 
         if engine_for(gen.engine, ctx.device) == "vllm" and importlib.util.find_spec("vllm") is None:
             raise UserError("distill.data.generated.engine: vllm is not installed; use hf or auto")
-    n = n_processes(cfg, ctx.device)
+    n = n_processes(cfg, ctx.device) * cfg.nodes
     if (cfg.batch_size // cfg.grad_accum) % n:
         raise UserError(f"distill.batch_size: micro-batches of {cfg.batch_size // cfg.grad_accum} sequences do not "
                         f"split over {n} processes")
@@ -147,7 +147,7 @@ def apply(model, cfg: DistillConfig, ctx: StageContext):
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     n = n_processes(cfg, ctx.device)
     extra = generated(t_dir, cfg, ctx.tokenizer, ctx)  # before any process trains: made once, kept for a resume
-    if n > 1:
+    if n > 1 or cfg.nodes > 1:
         if ctx.work_dir is None or ctx.model_dir is None:
             raise UserError("distill.processes: several processes need the stage's input on disk and a work directory "
                             "(run it through a recipe)")

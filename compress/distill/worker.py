@@ -35,12 +35,13 @@ def main(spec_path: str) -> None:
     extra = torch.load(spec["generated"]) if spec.get("generated") else None
     student, info = train_student(student, teacher, cfg, tok, spec["seed"], spec["device"], Path(spec["work_dir"]),
                                   extra, log=lambda s: print(s, file=sys.stderr, flush=True))
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return
-    with atomic_dir(Path(spec["out_dir"])) as tmp:
-        student.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "info.json").write_text(json.dumps(info, default=float))
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        with atomic_dir(Path(spec["out_dir"])) as tmp:
+            student.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "info.json").write_text(json.dumps(info, default=float))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every host's launcher ends once the student is written (nodes > 1)
 
 
 if __name__ == "__main__":
