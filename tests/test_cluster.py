@@ -258,3 +258,22 @@ def test_tune_runs_trials_at_once_in_a_shared_journal(tiny_model, home, tmp_path
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "4 of 4 trials measured" in err and not re.findall(r"trial \d: ", err)
+
+
+def test_vllm_across_nodes_passes_ray_and_pipeline_parallel_through():
+    """eval.vllm.engine_args reach vLLM's LLM(...) and its server as they are: the Ray executor and
+    pipeline parallelism that put one model on several nodes (docs/clusters.md)."""
+    from eval.config import EvalConfig
+    from eval.engines.server import serve_command
+    from eval.engines.vllm import VLLMEngine
+    from eval.tune.trials import vllm_base
+    from squeeze.recipe import ModelSpec
+
+    cfg = EvalConfig.model_validate({"engines": ["vllm"], "vllm": {"tensor_parallel_size": 8, "engine_args": {
+        "distributed_executor_backend": "ray", "pipeline_parallel_size": 2}}})
+    opts = VLLMEngine.options(cfg, ModelSpec())
+    assert (opts["tensor_parallel_size"], opts["pipeline_parallel_size"], opts["distributed_executor_backend"]) == (
+        8, 2, "ray")
+    line = serve_command("m", vllm_base(cfg.vllm, ModelSpec(), "cuda"))
+    assert "--tensor-parallel-size 8" in line and "--pipeline-parallel-size 2" in line
+    assert "--distributed-executor-backend ray" in line
