@@ -18,7 +18,7 @@ from compress.errors import UserError
 from compress.models import load_model
 from squeeze.pipeline import save_model, stage_context
 from squeeze.recipe import parse_recipe
-from conftest import engine_scores, make_tiny_moe, tiny_recipe
+from conftest import apply_linearized, engine_scores, make_tiny_moe, tiny_recipe
 from test_quant_w8a8 import IDS, _apply, _calib, refused_in_one_line, reload_as_fake
 
 
@@ -91,14 +91,25 @@ def test_kv_cache_after_a_weight_stage_keeps_its_format(tiny_model, text_file, t
         assert f.get_tensor("model.layers.1.self_attn.v_scale").shape == (1,)
 
 
-def test_kv_cache_on_a_mixture_of_experts_model(tmp_path, text_file):
-    """Attention is not expert-specific: a tiny Qwen3-MoE (q/k norms before the rotary embedding)
-    gets a scale pair per layer and reloads as the fake-quantized model."""
+@pytest.mark.parametrize("after", [None, "int8"], ids=["16-bit", "after-int8"])
+def test_kv_cache_on_a_mixture_of_experts_model(after, tmp_path, text_file):
+    """Attention is not expert-specific: a tiny Qwen3-MoE (q/k norms before the rotary embedding) gets a
+    scale pair per layer, with 16-bit experts or after int8 (its per-expert checkpoint kept as written),
+    and reloads as the fake-quantized model."""
     d = make_tiny_moe(tmp_path / "moe", "qwen3_moe")
+    if after:
+        model, tok, _ = apply_linearized(d, text_file, {"type": after})
+        save_model(model, tok, tmp_path / after)
+        d = tmp_path / after
     model, tok, info = _apply(d, text_file, _kv(text_file))
     reload_as_fake(model, tok, tmp_path / "art", 1e-5)
     assert info["attention_modules"] == 2
     assert all(m["k_scale"] > 0 and m["v_scale"] > 0 for m in info["modules"].values())
+    q = json.loads((tmp_path / "art" / "config.json").read_text())["quantization_config"]
+    assert q["kv_cache_scheme"]["strategy"] == "tensor" and len(q["config_groups"]) == (1 if after else 0)
+    with safe_open(tmp_path / "art" / "model.safetensors", "pt") as f:
+        w = f.get_tensor("model.layers.1.mlp.experts.3.down_proj.weight")
+    assert w.dtype == (torch.int8 if after else torch.float32)
 
 
 def test_the_report_shows_kv_capacity_against_the_baseline():

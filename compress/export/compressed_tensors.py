@@ -180,6 +180,42 @@ def attach_kv_cache(model: torch.nn.Module, attentions: list[str], per_head: boo
         m.quantization_enabled = False
 
 
+# set on a model whose FP8 KV cache was calibrated on a compressed-tensors checkpoint (the directory):
+# save_compressed writes that checkpoint's weights as they are, not packed again (the per-expert
+# loader's mixture-of-experts models could not be)
+KV_ON = "squeeze_kv_cache_on"
+
+
+def _save_kv_beside(model: torch.nn.Module, src: Path, out_dir: Path) -> None:
+    """`src`'s config and weight files with the KV cache's scheme and `<attention>.k_scale` / `v_scale`
+    added: into the one safetensors file, or a file of their own listed in the shards' index."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    kv = [(n, m) for n, m in model.named_modules()
+          if getattr(m, "quantization_scheme", None) is not None and m.quantization_scheme.weights is None]
+    tensors = {f"{n}.{w}_scale": getattr(m, f"{w}_scale").detach().cpu().contiguous() for n, m in kv for w in "kv"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        for f in src.glob("*.safetensors"):
+            shutil.copy2(f, out_dir / f.name)
+        save_file(tensors, str(out_dir / "kv_cache.safetensors"), metadata={"format": "pt"})
+        idx = json.loads(index.read_text())
+        idx["weight_map"].update({k: "kv_cache.safetensors" for k in tensors})
+        (out_dir / index.name).write_text(json.dumps(idx, indent=2))
+    else:
+        (f,) = src.glob("*.safetensors")
+        save_file({**load_file(f), **tensors}, str(out_dir / f.name), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"]["kv_cache_scheme"] = kv[0][1].quantization_scheme.input_activations.model_dump(
+        mode="json")
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if (src / "generation_config.json").is_file():
+        shutil.copy2(src / "generation_config.json", out_dir / "generation_config.json")
+
+
 def load_kv_cache(model: torch.nn.Module, scales: dict[str, torch.Tensor], per_head: bool) -> None:
     """The FP8 KV cache of a loaded checkpoint put on `model` (its `<attention>.k_scale` / `v_scale`
     tensors in `scales`), rounding the cache as the saved model did."""
@@ -201,6 +237,9 @@ def is_quantized(model: torch.nn.Module) -> bool:
 def save_compressed(model: torch.nn.Module, out_dir: Path) -> None:
     """Pack the attached modules and write the model to `out_dir` (config, safetensors)."""
     from compressed_tensors.compressors import ModelCompressor
+
+    if getattr(model, KV_ON, None) is not None:  # weights kept: the input checkpoint plus the cache's scales
+        return _save_kv_beside(model, Path(getattr(model, KV_ON)), Path(out_dir))
 
     formats = set()
     with torch.no_grad():

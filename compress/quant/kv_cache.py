@@ -16,9 +16,9 @@ them to its cache, through compressed-tensors' `QuantizedKVCache` (compress.expo
 stopped after its attention's output projection; once a layer's scales are set its cache is
 fake-quantized, so later layers are calibrated on what an FP8 cache gives them.
 
-It changes no weight, so it may follow a quantization stage (`Stage.keeps_weights`) and the
-checkpoint keeps that stage's weight format beside the KV-cache scheme. Attention is not
-expert-specific: mixture-of-experts models are calibrated the same way.
+It changes no weight, so it may follow a quantization stage (`Stage.keeps_weights`): the output
+is then that stage's checkpoint as it was written, with the KV-cache scheme and scales added.
+Attention is not expert-specific: mixture-of-experts models are calibrated the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pydantic import Field
 from compress.calibration import CalibrationConfig, check_calibration
 from compress.engine_facts import KVCacheFP8, engine_notes, engine_problems
 from compress.errors import UserError
-from compress.export.compressed_tensors import FP8_MAX, attach_kv_cache, quantization_config
+from compress.export.compressed_tensors import FP8_MAX, KV_ON, attach_kv_cache, quantization_config
 from compress.layerwise import decoder_layers, run_layerwise
 from compress.schema import Strict
 from compress.stage import Stage, StageContext
@@ -167,6 +167,8 @@ def run_kv_cache(model, cfg: KVCacheConfig, ctx: StageContext):
     finally:
         for h in handles:
             h.remove()
+    if ctx.model_dir is not None and quantization_config(ctx.model_dir):
+        setattr(model, KV_ON, str(ctx.model_dir))  # its weights are written as that checkpoint holds them
     per_attn = {n[: -len(ANCHOR) - 1]: v for n, v in info.pop("modules").items()}
     asked = KVCacheFP8(per_head=cfg.per_head, head_dim=head_dim(model, model.get_submodule(attns[0])))
     return model, {"kv_cache": f"FP8 (E4M3) per {'head' if cfg.per_head else 'tensor'}, static, scale = amax / 448",
