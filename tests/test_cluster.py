@@ -277,3 +277,21 @@ def test_vllm_across_nodes_passes_ray_and_pipeline_parallel_through():
     line = serve_command("m", vllm_base(cfg.vllm, ModelSpec(), "cuda"))
     assert "--tensor-parallel-size 8" in line and "--pipeline-parallel-size 2" in line
     assert "--distributed-executor-backend ray" in line
+
+
+def test_the_gpu_benchmark_recipes_validate(tmp_path):
+    """benchmarks/cluster_gpu.py's recipes (run on a GPU host only) parse, and their GPU shares
+    fit vLLM's memory setting: a typo fails here, not on the GPU."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import cluster_gpu
+    finally:
+        sys.path.pop(0)
+    from squeeze.pipeline.fanout import check
+    from squeeze.recipe import parse_recipe
+
+    for variants, share in ((cluster_gpu.VARIANTS, 0.25), ({"int8-dyn": cluster_gpu.VARIANTS["int8-dyn"]}, 1.0)):
+        r = parse_recipe(cluster_gpu.recipe("b", tmp_path, variants, share, False, None))
+        assert [v.name for v in r.variants] == list(variants) and r.eval.engine_list() == ["vllm"]
+        check(r, r.execution.model_copy(update={"cluster": "local"}))
+        assert r.eval.vllm.gpu_memory_utilization <= share

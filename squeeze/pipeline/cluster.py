@@ -70,7 +70,7 @@ def connect(address: str) -> bool:
     if ray.is_initialized():
         return False
     if address == "local":
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)  # a new one, whatever RAY_ADDRESS says
     elif address == "auto":
         try:
             ray.init(address="auto", log_to_driver=True)
