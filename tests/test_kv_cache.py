@@ -19,7 +19,7 @@ from compress.models import load_model
 from squeeze.pipeline import save_model, stage_context
 from squeeze.recipe import parse_recipe
 from conftest import apply_linearized, engine_scores, make_tiny_moe, tiny_recipe
-from test_quant_w8a8 import IDS, _apply, _calib, refused_in_one_line, reload_as_fake
+from test_quant_w8a8 import IDS, _apply, _calib, reload_as_fake
 
 
 def _kv(text_file, **over) -> dict:
@@ -139,9 +139,15 @@ def test_the_report_shows_kv_capacity_against_the_baseline():
 
 # ---------------------------------------------------------------------------- bad input
 
-def test_kv_cache_without_calibration_data_is_refused_in_one_line(tiny_model, text_file, tmp_path, home):
-    refused_in_one_line(tiny_recipe(tiny_model, text_file, [{"type": "kv_cache"}]),
-                        "kv_cache.calibration: the K and V scales come from calibration data", tmp_path, home)
+def test_kv_cache_without_calibration_data_is_refused_in_one_line(tiny_model, text_file):
+    """In the checks `squeeze run` makes before any work (squeeze.pipeline.checks.preflight)."""
+    from squeeze.pipeline.checks import preflight
+
+    rec = parse_recipe(tiny_recipe(tiny_model, text_file, [{"type": "kv_cache"}]))
+    with pytest.raises(UserError) as e:
+        preflight(rec, "cpu", tiny_model)
+    (line,) = e.value.lines
+    assert line.startswith("stages[0] (kv_cache): kv_cache.calibration: the K and V scales come from calibration data")
 
 
 def test_a_weight_stage_after_kv_cache_is_refused():
