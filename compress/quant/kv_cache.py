@@ -177,6 +177,6 @@ def run_kv_cache(model, cfg: KVCacheConfig, ctx: StageContext):
 
 
 STAGE = Stage(name=STAGE_NAME, config=KVCacheConfig, apply=run_kv_cache,
-              check=lambda cfg, model, ctx: check_kv_cache(cfg, model, ctx), quantizes=True, keeps_weights=True,
+              check=check_kv_cache, quantizes=True, keeps_weights=True,
               summary="FP8 KV cache: K and V scales (per tensor or per KV head) calibrated after the rotary "
                       "embedding, compressed-tensors kv_cache_scheme; after a weight stage or alone.")
