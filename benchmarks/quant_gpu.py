@@ -169,14 +169,18 @@ def cmd_speed(args) -> None:
                "--tput-repeats", str(getattr(args, "tput_repeats", 1)), *extra,
                *[f"--engine-arg={e}" for e in eargs]]
         t0 = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        log = r.stdout + r.stderr
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            log, rc = r.stdout + r.stderr, r.returncode
+        except subprocess.TimeoutExpired as e:  # keep what it logged: where the time went is the result
+            out = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
+            log, rc = "".join(out) + f"\ntimed out after {args.timeout} s (error)", "timeout"
         Path(os.environ.get("OUT", "/tmp")).joinpath(f"vllm_{label or Path(path).name}.log").write_text(log[-200000:])
         kernels = sorted(set(re.findall(r"Using (\w+Kernel) for (\w+)", log)))
         res = next((json.loads(ln[7:]) for ln in log.splitlines() if ln.startswith("RESULT ")), None)
         if res is None:
             tail = [ln for ln in log.splitlines() if "Error" in ln or "error" in ln][-5:]
-            record(args, {"what": "vllm speed", "label": label, "model": path, "failed": True, "rc": r.returncode,
+            record(args, {"what": "vllm speed", "label": label, "model": path, "failed": True, "rc": rc,
                           "error_tail": tail, "seconds": round(time.perf_counter() - t0, 1)})
             continue
         other = sorted({ln.split("] ", 1)[-1][:160] for ln in log.splitlines()
