@@ -5,6 +5,7 @@ channel over all channels, and write an ordinary checkpoint the next stages and 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -126,3 +127,36 @@ def test_a_matrix_the_rotation_cannot_reach_is_refused_not_skipped():
     with pytest.raises(UserError, match=r"^rotate: 1 weight matrices of llama are not nn.Linear projections it can "
                                         r"rotate \(e.g. layers.1.mlp.extra\)"):
         apply(model, RotateConfig(), StageContext(device="cpu", seed=0))
+
+
+def test_rotate_inside_int8_is_the_chain_rotate_then_int8(tiny_model, text_file, home):
+    """`int8: {rotate: {}}` writes the same tensors as rotate -> int8 in two stages, and records
+    the rotation in its info; on a model it cannot rotate it refuses before any work."""
+    from safetensors.torch import load_file
+
+    from squeeze import pipeline
+    from squeeze.recipe import parse_recipe
+
+    pipeline.run(parse_recipe(tiny_recipe(tiny_model, text_file, [{"type": "rotate"}, {"type": "int8"}],
+                                          name="chain")), evaluate_outputs=False)
+    pipeline.run(parse_recipe(tiny_recipe(tiny_model, text_file, [{"type": "int8", "rotate": {}}], name="inline")),
+                 evaluate_outputs=False)
+    chained = load_file(next((home / "chain" / "stages" / "02-int8").glob("*.safetensors")))
+    inline_dir = home / "inline" / "stages" / "01-int8"
+    inline = load_file(next(inline_dir.glob("*.safetensors")))
+    assert chained.keys() == inline.keys() and any(k.endswith("weight_scale") for k in inline)
+    assert all(torch.equal(chained[k], inline[k]) for k in chained)
+    info = json.loads((inline_dir / "stage.json").read_text())["info"]
+    assert info["rotate"]["rotation"].startswith("randomized Hadamard") and info["quantized_modules"] > 0
+
+
+def test_rotate_inside_gptq_on_a_model_it_cannot_rotate_is_refused_first(tmp_path, text_file):
+    from squeeze import pipeline
+    from squeeze.recipe import parse_recipe
+
+    moe = make_tiny_moe(tmp_path / "moe", "qwen3_moe")
+    rec = parse_recipe(tiny_recipe(moe, text_file, [{"type": "gptq", "rotate": {}, "group_size": -1,
+                                                     "calibration": {"n_samples": 2, "seq_len": 16}}], name="m"))
+    with pytest.raises(UserError, match=r"rotate: qwen3_moe models are not supported"):
+        pipeline.run(rec, run_dir=tmp_path / "run", evaluate_outputs=False)
+    assert not list((tmp_path / "run").glob("stages/*/stage.json"))  # nothing written

@@ -21,6 +21,7 @@ from compress.quant.cuda_graph import graph_fn
 from compress.quant.gptq_batched import gptq_quantize_batched, solve_block_batched
 from compress.quant.gptq_solver import gptq_quantize, solve_block
 from compress.quant.grid import Grid, rtn
+from compress.quant.rotate import ROTATE_FIELD, RotateConfig, rotating
 from compress.stage import Stage, StageContext
 
 
@@ -41,6 +42,7 @@ class GPTQConfig(WeightQuantConfig):
     preserve_zeros: bool = Field(True, description="a pruned module (at least 10 % of its weights exactly 0) "
                                  "keeps its zeros exactly: prune, then quantize")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    rotate: RotateConfig | None = Field(None, description=ROTATE_FIELD)
 
     @model_validator(mode="after")
     def _actorder_needs_groups(self):
@@ -165,6 +167,6 @@ def apply(model, cfg: GPTQConfig, ctx: StageContext):
                    "mean_output_rel_error": round(sum(errs) / max(len(errs), 1), 6), **info}
 
 
-STAGE = Stage(name="gptq", config=GPTQConfig, apply=apply, check=check, quantizes=True, weights=True, experts=True,
+STAGE = rotating(Stage(name="gptq", config=GPTQConfig, apply=apply, check=check, quantizes=True, weights=True, experts=True,
               summary="GPTQ weight-only int4/int8 (W4A16, W8A16) on the layer-wise calibration runner, "
-                      "compressed-tensors pack-quantized.")
+                      "compressed-tensors pack-quantized; optionally rotated first (`rotate`)."))

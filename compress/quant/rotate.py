@@ -18,6 +18,7 @@ written here.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -126,3 +127,29 @@ def apply(model, cfg: RotateConfig, ctx: StageContext):
 STAGE = Stage(name="rotate", config=RotateConfig, apply=apply, check=check, weights=True,
               summary="orthogonal (randomized Hadamard) rotation of the residual stream folded into the weights "
                       "(QuaRot R1): the same function, no outlier channels for the quantization stages after it")
+
+
+ROTATE_FIELD = ("rotate the residual stream first, inside this stage (the `rotate` stage's rotation, then this "
+                "stage on the rotated model, one output): {} for a randomized Hadamard, {kind: random}; null: off")
+
+
+def rotating(stage: Stage) -> Stage:
+    """`stage` (whose config has a `rotate: RotateConfig | None` field) with the rotation run first
+    when the field is set: checked before any work with the stage's own checks, applied to the
+    model the stage then quantizes, and recorded under `rotate` in the stage's info. One output
+    instead of two, so a recipe says `gptq: {rotate: {}}` where it would chain rotate -> gptq."""
+
+    def check_(cfg, model, ctx: StageContext) -> None:
+        if cfg.rotate is not None:
+            check(cfg.rotate, model, ctx)
+        if stage.check is not None:
+            stage.check(cfg, model, ctx)
+
+    def apply_(model, cfg, ctx: StageContext):
+        rotated = None
+        if cfg.rotate is not None:
+            model, rotated = apply(model, cfg.rotate, ctx)
+        model, info = stage.apply(model, cfg, ctx)
+        return model, (info if rotated is None else {**info, "rotate": rotated})
+
+    return replace(stage, apply=apply_, check=check_)

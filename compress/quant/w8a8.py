@@ -38,6 +38,7 @@ from compress.export.compressed_tensors import (FP8_MAX, ActScheme, QuantRecord,
 from compress.layerwise import decoder_layers, run_layerwise
 from compress.moe import linear_experts
 from compress.quant.grid import Grid, rtn
+from compress.quant.rotate import ROTATE_FIELD, RotateConfig, rotating
 from compress.select import select_linears
 from compress.stage import Stage, StageContext
 from compress.schema import Strict
@@ -60,6 +61,7 @@ class W8A8Config(Strict):
         "block_size tile of the weight, activations per token and group of block_size channels (dynamic)")
     block_size: Literal[64, 128] = Field(128, description="weights: block: the tile's side; it must divide every "
                                          "quantized layer's input and output widths (vLLM's fast kernels take 128)")
+    rotate: RotateConfig | None = Field(None, description=ROTATE_FIELD)
 
     @property
     def histogram(self) -> bool:
@@ -236,8 +238,8 @@ def _stage(name: str, fp8: bool, summary: str) -> Stage:
     def check(cfg, model, ctx) -> None:
         check_w8a8(cfg, model, ctx, name, fp8)
 
-    return Stage(name=name, config=W8A8Config, apply=lambda m, c, x: run_w8a8(m, c, x, name, fp8), check=check,
-                 quantizes=True, weights=True, experts=True, summary=summary)
+    return rotating(Stage(name=name, config=W8A8Config, apply=lambda m, c, x: run_w8a8(m, c, x, name, fp8),
+                          check=check, quantizes=True, weights=True, experts=True, summary=summary))
 
 
 INT8 = _stage("int8", False, "W8A8 int8: per-channel weights, dynamic per-token or static per-tensor activations "
