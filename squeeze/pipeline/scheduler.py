@@ -73,15 +73,18 @@ class _Progress:
         return out
 
 
-def _body(progress, task_id: str, fn: Callable, args: tuple, env: dict, threads: int | None):
+def _body(progress, task_id: str, fn: Callable, args: tuple, env: dict, threads: int | None,
+          attempts: str | None):
     """What runs in the worker: report where, set the run's environment, run the function."""
     import ray
 
+    if attempts:  # one line per attempt, written before any work: an attempt that dies is counted
+        fd = os.open(attempts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, (task_id + "\n").encode())
+        os.close(fd)
     gpus = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
-    told = progress.started.remote(task_id, ray.util.get_node_ip_address(), gpus)
-    deadline = time.monotonic() + 10.0  # recorded before any work, so an attempt that dies is counted; polled,
-    while not ray.wait([told], timeout=0)[0] and time.monotonic() < deadline:  # not a blocking ray.get, which
-        time.sleep(0.005)  # would lend the task's CPU to another task
+    # not waited for: a task blocked in ray.get or ray.wait lends its CPUs to other tasks (oversubscribed)
+    progress.started.remote(task_id, ray.util.get_node_ip_address(), gpus)
     os.environ.update(env)
     if threads:
         import torch
@@ -130,6 +133,9 @@ class _Run:
         self.env, self.threads, self.max_retries = env, threads, max_retries
         self.tasks_json, self.log, self.header = tasks_json, log, header
         self.progress = ray.remote(num_cpus=0)(_Progress).remote()
+        self.attempts = tasks_json.with_name(f".{tasks_json.stem}.attempts") if tasks_json is not None else None
+        if self.attempts is not None:
+            self.attempts.unlink(missing_ok=True)
         self.remote = ray.remote(_body)
 
     def change(self, t: Task, state: str, note: str = "") -> None:
@@ -156,9 +162,15 @@ class _Run:
                 opts = {"num_cpus": t.resources.get("CPU", 0), "num_gpus": t.resources.get("GPU", 0),
                         "max_retries": self.max_retries, "retry_exceptions": False, "name": t.id}
                 n = self.threads or max(1, int(t.resources.get("CPU", 1)))  # Ray's own rule for OMP_NUM_THREADS
-                self.refs[self.remote.options(**opts).remote(self.progress, t.id, t.fn, t.args, self.env, n)] = t
+                self.refs[self.remote.options(**opts).remote(self.progress, t.id, t.fn, t.args, self.env, n,
+                                                             self.attempts and str(self.attempts))] = t
                 t._t0 = time.perf_counter()
                 self.change(t, "queued", f" ({_amount(t.resources)})")
+
+    def started(self, task_id: str) -> int:
+        """Attempts of `task_id` that started, as they wrote it (0 without an attempts file)."""
+        f = self.attempts
+        return f.read_text().split().count(task_id) if f is not None and f.is_file() else 0
 
     def drain(self) -> None:
         """Where the attempts that started since the last look run."""
@@ -166,7 +178,7 @@ class _Run:
 
         for task_id, node, gpus in ray.get(self.progress.drain.remote()):
             t = self.by_id[task_id]
-            t.attempts, t.node, t.gpus = t.attempts + 1, node, gpus
+            t.attempts, t.node, t.gpus = max(t.attempts + 1, self.started(t.id)), node, gpus
             where = f" on {node}" + (f", GPU {','.join(gpus)}" if gpus else "")
             self.change(t, "running", where + (f" (attempt {t.attempts})" if t.attempts > 1 else ""))
 
@@ -174,12 +186,13 @@ class _Run:
         import ray
 
         t = self.refs.pop(ref)
-        for _ in range(50):  # its start message may still be on its way (it is not waited for)
+        for _ in range(25):  # its start message may still be on its way (it is not waited for)
             if t.state == "running":
                 break
             time.sleep(0.02)
             self.drain()
         t.seconds = time.perf_counter() - t._t0
+        t.attempts = max(t.attempts, self.started(t.id))
         try:
             t.result = ray.get(ref)
         except ray.exceptions.RayTaskError as e:  # the task's own error: not retried
