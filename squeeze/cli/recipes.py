@@ -27,8 +27,11 @@ def cmd_run(a) -> int:
         check_address(a.cluster)
     report = run(recipe, run_dir, force=a.force, recipe_text=Path(a.recipe).read_text(),
                  evaluate_outputs=not a.no_eval, cluster=a.cluster, store=a.store)
-    if report is None:
-        return 0
+    if report is None:  # --no-eval: on a cluster, a stage task that failed is exit 1 (tasks.json names it)
+        tasks = run_dir / "tasks.json"
+        failed = (a.cluster or recipe.execution.cluster) and tasks.is_file() and any(
+            t["state"] in ("failed", "skipped") for t in json.loads(tasks.read_text())["tasks"])
+        return 1 if failed else 0
     if recipe.is_matrix:
         from eval.report.compare import compare_reports
         from eval.report.tables import markdown_table, write_comparison
