@@ -179,6 +179,18 @@ def test_a_killed_driver_resumes_with_nothing_done_twice(tiny_model, text_file, 
     assert all(a["engines"]["hf"].get("perplexity") for a in rep["artifacts"])
 
 
+def test_a_store_shares_stages_and_measurements_without_a_cluster(tiny_model, text_file, tmp_path, monkeypatch):
+    """--store alone: a second run directory (another SQUEEZE_HOME) computes and measures nothing."""
+    r = tiny_recipe(tiny_model, text_file)
+    r["eval"]["speed"] = None
+    path, store = write(r, tmp_path / "r.yaml"), tmp_path / "store"
+    for i in (1, 2):
+        monkeypatch.setenv("SQUEEZE_HOME", str(tmp_path / f"home{i}"))
+        assert main(["run", str(path), "--output", str(tmp_path / f"run{i}"), "--store", str(store)]) == 0
+    assert sum(events(tmp_path / "run1").values()) == 3 and not (tmp_path / "run2" / "events.jsonl").exists()
+    assert (tmp_path / "run2" / "stages" / "01-magnitude_prune").is_symlink() and list(store.glob("_eval_cache/*.json"))
+
+
 # ---- bad input: one line each --------------------------------------------------------------------
 
 def one_line_error(capsys, argv) -> str:

@@ -3,6 +3,7 @@ process (the default) or fanned out over a Ray cluster (squeeze.pipeline.fanout)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from compress.models import resolve_device, resolve_model
@@ -24,14 +25,16 @@ def run(recipe: Recipe, run_dir: Path | None = None, force: bool = False, recipe
     device = resolve_device(recipe.device)
     base_dir = resolve_model(recipe.model.source, recipe.model.allow_pickle)
     preflight(recipe, device, base_dir)
-    started = False
-    if ex.cluster:
-        from squeeze.pipeline.cluster import connect
-        from squeeze.pipeline.fanout import check, run_on_cluster
-
-        check(recipe, ex)
-        started = connect(ex.cluster)
+    started, cache_env = False, os.environ.get("SQUEEZE_EVAL_CACHE")
     try:
+        if ex.store:  # the store holds the evaluation cache too, for this process and (fanout) every task
+            os.environ["SQUEEZE_EVAL_CACHE"] = str(Path(ex.store).resolve() / "_eval_cache")
+        if ex.cluster:
+            from squeeze.pipeline.cluster import connect
+            from squeeze.pipeline.fanout import check, run_on_cluster
+
+            check(recipe, ex)
+            started = connect(ex.cluster)
         with run_lock(run_dir):
             prepare_run_dir(recipe, run_dir, force, recipe_text)
             clear_partial(run_dir)
@@ -48,6 +51,10 @@ def run(recipe: Recipe, run_dir: Path | None = None, force: bool = False, recipe
                     report["failed_tasks"] = failed
                 return report
     finally:
+        if cache_env is None:
+            os.environ.pop("SQUEEZE_EVAL_CACHE", None)
+        else:
+            os.environ["SQUEEZE_EVAL_CACHE"] = cache_env
         if started:
             import ray
 
