@@ -2,6 +2,7 @@
 
     python3 benchmarks/cluster_gpu.py share --gguf FILE [--share 0.25] [--repeats 1] [--work DIR]
     python3 benchmarks/cluster_gpu.py overhead --gguf FILE [--repeats 2] [--work DIR]
+    python3 benchmarks/cluster_gpu.py share --gguf FILE --only sequential|cluster   # one side per command
     python3 benchmarks/cluster_gpu.py share --tiny        # a dry run on the CPU (tiny random model, hf)
     python3 benchmarks/cluster_gpu.py overhead --cpu      # SmolLM2 on the CPU (hf, perplexity only)
 
@@ -133,19 +134,22 @@ def compare(args, what: str, variants: dict, share: float) -> None:
                                    sort_keys=False))
     for rep_i in range(args.repeats):
         times = {}
-        for cluster in ((False, True) if rep_i % 2 == 0 else (True, False)):
+        sides = (False, True) if rep_i % 2 == 0 else (True, False)
+        for cluster in [c for c in sides if args.only in (None, "cluster" if c else "sequential")]:
             tag = "cluster" if cluster else "sequential"
             home = work / f"home-{tag}"
             times[tag] = timed_run(path, work / f"run-{tag}", home, cluster)
             print(f"{what} repeat {rep_i + 1}: {tag} {times[tag]:.1f} s", flush=True)
-        reps = {t: json.loads((work / f"run-{t}" / "report.json").read_text()) for t in times}
-        tasks = json.loads((work / "run-cluster" / "tasks.json").read_text())["tasks"]
+        both = {t: work / f"run-{t}" / "report.json" for t in ("sequential", "cluster")}  # --only: the other's last
+        reps = {t: json.loads(f.read_text()) for t, f in both.items() if f.is_file()}
+        tasks = json.loads((work / "run-cluster" / "tasks.json").read_text())["tasks"] \
+            if (work / "run-cluster" / "tasks.json").is_file() else []
         record(args, {"what": what, "variants": list(variants), "share": share, "task_cpus": args.task_cpus,
                       "mode": "tiny" if args.tiny else "cpu" if args.cpu else "gpu", "repeat": rep_i + 1,
                       "order": list(times), "seconds": {k: round(v, 1) for k, v in times.items()},
-                      "ratio": round(times["cluster"] / times["sequential"], 3),
+                      "ratio": round(times["cluster"] / times["sequential"], 3) if len(times) == 2 else None,
                       "goal": 0.5 if what == "share" else 1.05,
-                      "reports_agree": stable(reps["cluster"]) == stable(reps["sequential"]),
+                      "reports_agree": stable(reps["cluster"]) == stable(reps["sequential"]) if len(reps) == 2 else None,
                       "perplexity": {t: perplexities(r) for t, r in reps.items()},
                       "tasks": [{k: t.get(k) for k in ("id", "state", "gpus", "attempts", "seconds")} for t in tasks],
                       "ray": _ray_version(), "recipe": str(path)})
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--gguf", default="/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf")
         p.add_argument("--repeats", type=int, default=repeats, help="pairs of runs, the order alternating")
         p.add_argument("--work", default=str(Path(os.environ.get("OUT", "/tmp")) / "cluster-bench"))
+        p.add_argument("--only", choices=["sequential", "cluster"], help="run one side (e.g. to keep each command "
+                       "short); the reports are still compared with the other side's last run")
         p.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU (a dry run)")
         p.add_argument("--cpu", action="store_true", help="SmolLM2 on the CPU, the transformers engine")
         p.add_argument("--task-cpus", type=float, default=1.0, help="execution.eval_cpus and stage_cpus (CPUs a task "
