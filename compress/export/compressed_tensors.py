@@ -8,7 +8,7 @@ lets the library pack and write them. The library re-quantizes the weight with *
 zero point and g_idx (no observer runs), so the codes it packs are the ones we solved:
 weights are handed to it in float32, where (code - zero) * scale is exact.
 
-The FP8 KV cache's scales live on the attention modules (`attach_kv_cache`: compressed-tensors'
+The FP8 KV cache's scales live on the attention modules (compress.export.kv_cache: compressed-tensors'
 `kv_cache_scheme`, tensors `<attention>.k_scale` / `v_scale`), beside any weight scheme.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from compress.export.kv_cache import KV_ON, save_kv_beside, with_kv_cache
 from compress.quant.grid import Grid, expand, quantize
 
 
@@ -138,98 +139,6 @@ def attach(model: torch.nn.Module, records: dict[str, QuantRecord], schemes: dic
                 m.input_scale.data.copy_(rec.input_scale.reshape(m.input_scale.shape).to(m.input_scale.dtype))
 
 
-# ---------------------------------------------------------------------------- FP8 KV cache
-
-def kv_cache_args(per_head: bool):
-    """compressed-tensors' `kv_cache_scheme`: FP8 E4M3, symmetric, static scales, one per tensor or
-    one per KV head (`attn_head`), the two strategies vLLM's CompressedTensorsKVCacheMethod takes."""
-    from compressed_tensors.quantization import QuantizationArgs
-
-    return QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=False,
-                            strategy="attn_head" if per_head else "tensor")
-
-
-def with_kv_cache(qcfg, kv_args):
-    """A checkpoint's QuantizationConfig with the FP8 KV cache's scheme: the weights' config, or for
-    16-bit weights an empty one (format "dense": the weights are written as they are)."""
-    from compressed_tensors.quantization import QuantizationConfig
-
-    q = qcfg or QuantizationConfig(config_groups={}, format="dense", quantization_status="compressed")
-    q.kv_cache_scheme = kv_args
-    return q
-
-
-def attach_kv_cache(model: torch.nn.Module, attentions: list[str], per_head: bool) -> None:
-    """Give every named attention module compressed-tensors' KV-cache scheme: a `QuantizedKVCache`
-    that sees the keys (after the rotary embedding) and values the cache stores, and `k_scale` /
-    `v_scale` parameters ([1], or [kv_heads, 1, 1] per head), written as `<attention>.k_scale`
-    (vLLM maps them onto its attention layers). Quantization is left off (`quantization_enabled`)
-    until a layer's scales are set."""
-    from compressed_tensors.modeling import initialize_hooked_kv_cache
-    from compressed_tensors.quantization import QuantizationScheme, QuantizationStatus
-    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
-    from compressed_tensors.quantization.utils import KV_CACHE_TARGETS
-
-    scheme = QuantizationScheme(targets=list(KV_CACHE_TARGETS), input_activations=kv_cache_args(per_head))
-    for name in attentions:
-        m = model.get_submodule(name)
-        m.quantization_scheme = scheme
-        initialize_hooked_kv_cache(model, m)
-        initialize_module_for_quantization(m, force_zero_point=False)
-        m.quantization_status = QuantizationStatus.FROZEN
-        m.quantization_enabled = False
-
-
-# set on a model whose FP8 KV cache was calibrated on a compressed-tensors checkpoint (the directory):
-# save_compressed writes that checkpoint's weights as they are, not packed again (the per-expert
-# loader's mixture-of-experts models could not be)
-KV_ON = "squeeze_kv_cache_on"
-
-
-def _save_kv_beside(model: torch.nn.Module, src: Path, out_dir: Path) -> None:
-    """`src`'s config and weight files with the KV cache's scheme and `<attention>.k_scale` / `v_scale`
-    added: into the one safetensors file, or a file of their own listed in the shards' index."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    kv = [(n, m) for n, m in model.named_modules()
-          if getattr(m, "quantization_scheme", None) is not None and m.quantization_scheme.weights is None]
-    tensors = {f"{n}.{w}_scale": getattr(m, f"{w}_scale").detach().cpu().contiguous() for n, m in kv for w in "kv"}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        for f in src.glob("*.safetensors"):
-            shutil.copy2(f, out_dir / f.name)
-        save_file(tensors, str(out_dir / "kv_cache.safetensors"), metadata={"format": "pt"})
-        idx = json.loads(index.read_text())
-        idx["weight_map"].update({k: "kv_cache.safetensors" for k in tensors})
-        (out_dir / index.name).write_text(json.dumps(idx, indent=2))
-    else:
-        (f,) = src.glob("*.safetensors")
-        save_file({**load_file(f), **tensors}, str(out_dir / f.name), metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"]["kv_cache_scheme"] = kv[0][1].quantization_scheme.input_activations.model_dump(
-        mode="json")
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    if (src / "generation_config.json").is_file():
-        shutil.copy2(src / "generation_config.json", out_dir / "generation_config.json")
-
-
-def load_kv_cache(model: torch.nn.Module, scales: dict[str, torch.Tensor], per_head: bool) -> None:
-    """The FP8 KV cache of a loaded checkpoint put on `model` (its `<attention>.k_scale` / `v_scale`
-    tensors in `scales`), rounding the cache as the saved model did."""
-    names = sorted({k.rsplit(".", 1)[0] for k in scales})
-    attach_kv_cache(model, names, per_head)
-    with torch.no_grad():
-        for n in names:
-            m = model.get_submodule(n)
-            for w in ("k", "v"):
-                p = getattr(m, f"{w}_scale")
-                p.data.copy_(scales[f"{n}.{w}_scale"].reshape(p.shape).to(p.dtype))
-            m.quantization_enabled = True
-
-
 def is_quantized(model: torch.nn.Module) -> bool:
     return any(getattr(m, "quantization_scheme", None) is not None for m in model.modules())
 
@@ -239,7 +148,7 @@ def save_compressed(model: torch.nn.Module, out_dir: Path) -> None:
     from compressed_tensors.compressors import ModelCompressor
 
     if getattr(model, KV_ON, None) is not None:  # weights kept: the input checkpoint plus the cache's scales
-        return _save_kv_beside(model, Path(getattr(model, KV_ON)), Path(out_dir))
+        return save_kv_beside(model, Path(getattr(model, KV_ON)), Path(out_dir))
 
     formats = set()
     with torch.no_grad():

@@ -65,7 +65,7 @@ def load_per_expert(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool
 
     from compress import moe
     from compress.export import moe_acts
-    from compress.export.compressed_tensors import load_kv_cache
+    from compress.export.kv_cache import load_kv_cache
 
     cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     qcfg = QuantizationConfig.model_validate(json.loads((Path(model_dir) / "config.json").read_text())

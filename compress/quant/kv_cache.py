@@ -11,7 +11,7 @@ half the bytes of a 16-bit cache, so twice the tokens fit).
 scale = amax / 448 (the largest E4M3 value), amax of the keys *after* the rotary embedding
 (what the cache stores) and of the values, over the calibration tokens: per tensor (one K and
 one V scale per layer) or per KV head. The keys and values are seen where the attention hands
-them to its cache, through compressed-tensors' `QuantizedKVCache` (compress.export
+them to its cache, through compressed-tensors' `QuantizedKVCache` (compress.export.kv_cache
 .attach_kv_cache), on the shared calibration runner: one layer at a time, each layer's batches
 stopped after its attention's output projection; once a layer's scales are set its cache is
 fake-quantized, so later layers are calibrated on what an FP8 cache gives them.
@@ -32,7 +32,8 @@ from pydantic import Field
 from compress.calibration import CalibrationConfig, check_calibration
 from compress.engine_facts import KVCacheFP8, engine_notes, engine_problems
 from compress.errors import UserError
-from compress.export.compressed_tensors import FP8_MAX, KV_ON, attach_kv_cache, quantization_config
+from compress.export.compressed_tensors import FP8_MAX, quantization_config
+from compress.export.kv_cache import KV_ON, attach_kv_cache
 from compress.layerwise import decoder_layers, run_layerwise
 from compress.schema import Strict
 from compress.stage import Stage, StageContext

@@ -15,7 +15,7 @@ from compress.engine_facts import EngineFacts
 from compress.errors import UserError
 from compress.models import load_model
 from eval.config import HFOptions
-from eval.engines.facts import lookup
+from eval.engines.facts_lookup import lookup
 from eval.engines.kernels import hf_kernels
 from eval.speed.workload import RequestTiming
 from eval.stack import installed_version

@@ -21,7 +21,7 @@ import torch
 from compress.engine_facts import EngineFacts
 from compress.errors import UserError
 from eval.engines import vllm_dist
-from eval.engines.facts import lookup
+from eval.engines.facts_lookup import lookup
 from eval.engines.kernels import PROBE, vllm_kernels, vllm_kv_cache_dtype
 from eval.memory import checkpoint_weight_bytes
 from eval.speed.workload import RequestTiming
