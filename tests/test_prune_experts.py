@@ -157,8 +157,8 @@ def test_gpt_oss_router_bias_rows_go_with_the_experts():
     for _, block, ex, router in blocks:
         pe.cut_experts(block, ex, router, torch.tensor([0, 3]))
         assert block.router.bias.shape == (2,) and block.experts.down_proj_bias.shape[0] == 2
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, ref)
+    with torch.no_grad():  # equal to float32 rounding: grouped_mm over 2 experts instead of 4 may sum in
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=1e-5)  # another order (AMD EPYC)
 
 
 def test_saliency_is_reap_on_a_hand_computed_layer():
