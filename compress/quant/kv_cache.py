@@ -103,6 +103,11 @@ def head_dim(model, attn: torch.nn.Module) -> int:
                or cfg.hidden_size // cfg.num_attention_heads)
 
 
+def _asked(cfg: KVCacheConfig, model, attns: list[str]) -> KVCacheFP8:
+    """What the engines are asked about: this cache, for the attention's head size."""
+    return KVCacheFP8(per_head=cfg.per_head, head_dim=head_dim(model, model.get_submodule(attns[0])))
+
+
 def check_kv_cache(cfg: KVCacheConfig, model, ctx: StageContext) -> list[str]:
     """Checks before any work; returns the attention modules' names."""
     stage = STAGE_NAME
@@ -118,7 +123,7 @@ def check_kv_cache(cfg: KVCacheConfig, model, ctx: StageContext) -> list[str]:
         raise UserError(f"{stage}: {ctx.model_dir} already has an FP8 KV cache (kv_cache_scheme); use one kv_cache "
                         "stage")
     attns = attention_modules(model)
-    asked = KVCacheFP8(per_head=cfg.per_head, head_dim=head_dim(model, model.get_submodule(attns[0])))
+    asked = _asked(cfg, model, attns)
     problems = engine_problems(ctx.engine_facts, asked)
     if problems:
         raise UserError(*(f"{stage}: {p}" for p in problems))
@@ -171,9 +176,8 @@ def run_kv_cache(model, cfg: KVCacheConfig, ctx: StageContext):
     if ctx.model_dir is not None and quantization_config(ctx.model_dir):
         setattr(model, KV_ON, str(ctx.model_dir))  # its weights are written as that checkpoint holds them
     per_attn = {n[: -len(ANCHOR) - 1]: v for n, v in info.pop("modules").items()}
-    asked = KVCacheFP8(per_head=cfg.per_head, head_dim=head_dim(model, model.get_submodule(attns[0])))
     return model, {"kv_cache": f"FP8 (E4M3) per {'head' if cfg.per_head else 'tensor'}, static, scale = amax / 448",
-                   "attention_modules": len(attns), **engine_notes(ctx.engine_facts, asked),
+                   "attention_modules": len(attns), **engine_notes(ctx.engine_facts, _asked(cfg, model, attns)),
                    "seconds_solve": round(time.perf_counter() - t0, 3), **info, "modules": per_attn}
 
 

