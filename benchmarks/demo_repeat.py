@@ -27,13 +27,13 @@ DENSE = ("magnitude-50", "wanda-50")
 
 
 def speed_cells(report: dict) -> dict:
-    """{(variant, engine, metric): {ratio, lo, hi, verdict}} from a report.json."""
+    """{(variant, engine, metric): {ratio, lo, hi, verdict, rounds, coverage, ratios}} from a report.json."""
     out = {}
     for a in report["artifacts"]:
         name = a["name"].split(" ")[0]
         for eng, ret in (a.get("retention") or {}).items():
             for metric, r in (ret.get("speed") or {}).items():
-                out[(name, eng, metric)] = {k: r.get(k) for k in ("ratio", "lo", "hi", "verdict", "rounds")}
+                out[(name, eng, metric)] = {k: r.get(k) for k in ("ratio", "lo", "hi", "verdict", "rounds", "coverage", "ratios")}
     return out
 
 
@@ -71,12 +71,15 @@ def main() -> int:
         if not rep_path.is_file():
             print(f"run {k}: no report (exit {r.returncode}); stderr tail:\n{r.stderr[-2000:]}", file=sys.stderr)
             return 1
-        cells = speed_cells(json.loads(rep_path.read_text()))
+        report = json.loads(rep_path.read_text())
+        cells = speed_cells(report)
         bad = problems(cells, a.max_width)
         failed += bool(bad)
         rec = {"what": "demo repeat", "run": k, "exit": r.returncode, "seconds": round(secs, 1),
                "cells": {" ".join(key): v for key, v in cells.items()}, "problems": bad,
-               "host": platform.node(), "cpus": os.cpu_count(), "command": "python benchmarks/demo_repeat.py"}
+               "host": platform.node(), "cpus": os.cpu_count(), "command": "python benchmarks/demo_repeat.py",
+               # the CPU model and software stack the figures belong to (the report's provenance)
+               "provenance": {k: report.get("provenance", {}).get(k) for k in ("host", "versions", "git_sha")}}
         rows.append(rec)
         with open(a.jsonl, "a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -42,7 +42,7 @@ class SpeedConfig(Strict):
     rounds: int = Field(10, ge=0, description="paired rounds behind every speedup over the baseline: both models "
                         "open, measured in turn, order swapped each round (eval.speed.paired); the speedup is the "
                         "median of the per-round ratios, its range the order statistics that hold the median with "
-                        ">= 95 % probability (min..max up to 8 rounds, 2nd lowest..2nd highest at 9 to 11); 0: no speedups")
+                        ">= 99 % probability (min..max up to 11 rounds, 2nd lowest..2nd highest at 12 to 14); 0: no speedups")
     noise_floor: float = Field(0.02, ge=0.0, lt=1.0, description="a paired speedup whose median is within this "
                                "fraction of 1.0 reads 'no measurable change' even where its range excludes 1.0")
 

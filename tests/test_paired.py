@@ -129,15 +129,20 @@ def test_ratio_range_verdicts():
     assert ratio_range([1.3])["verdict"] == "spread unknown"
 
 
-def test_range_is_the_order_statistic_interval_holding_the_median_with_95_percent():
+def test_range_is_the_order_statistic_interval_holding_the_median_with_99_percent():
     from eval.speed.paired import coverage, order_k
 
-    assert [order_k(n) for n in (2, 6, 8, 9, 10, 12)] == [1, 1, 1, 2, 2, 3]
-    assert coverage(6, 1) == pytest.approx(1 - 2 / 64) and coverage(10, 2) == pytest.approx(1 - 2 * 11 / 1024)
-    # ten rounds, one stray round at each end (a hiccup of the machine): they no longer set the range
-    r = ratio_range([1.01, 0.99, 1.48, 1.00, 1.02, 0.98, 0.91, 1.01, 1.00, 0.99])
+    assert [order_k(n) for n in (2, 6, 8, 10, 11, 12, 14, 15)] == [1, 1, 1, 1, 1, 2, 2, 3]
+    assert coverage(6, 1) == pytest.approx(1 - 2 / 64) and coverage(12, 2) == pytest.approx(1 - 2 * 13 / 4096)
+    assert coverage(11, 2) < 0.99 <= coverage(12, 2)
+    # ten rounds (the default): min..max, 99.8 %; nine of ten above 1 is no claim at that coverage
+    r = ratio_range([1.04, 1.05, 1.03, 1.06, 1.04, 0.99, 1.05, 1.04, 1.003, 1.05])
+    assert (r["lo"], r["hi"], r["range_rank"]) == (0.99, 1.06, 1) and r["verdict"] == "no measurable change"
+    assert r["coverage"] == pytest.approx(0.998, abs=1e-3)
+    # twelve rounds, one stray round at each end (a hiccup of the machine): they no longer set the range
+    r = ratio_range([1.01, 0.99, 1.48, 1.00, 1.02, 0.98, 0.91, 1.01, 1.00, 0.99, 1.0, 1.01])
     assert (r["lo"], r["hi"], r["range_rank"]) == (0.98, 1.02, 2) and r["verdict"] == "no measurable change"
-    assert r["coverage"] == pytest.approx(0.9785, abs=1e-4)
+    assert r["coverage"] == pytest.approx(0.9937, abs=1e-4)
 
 
 def test_noise_floor_calls_a_resolved_but_tiny_difference_noise():

@@ -61,8 +61,10 @@ def test_demo_report(demo_run):
     row = next(line for line in md.splitlines() if line.startswith("| 01-magnitude_prune | hf |"))
     assert len(re.findall(r"(?:no measurable change|\d\.\d\dx) \(\d\.\d\d-\d\.\d\d\)", row)) == 2, row
     thr = rep["artifacts"][0]["retention"]["hf"]["speed"]["throughput"]
-    assert thr["lo"] <= thr["ratio"] <= thr["hi"] and (thr["verdict"] == "no measurable change") == (
-        thr["lo"] <= 1.0 <= thr["hi"])
+    # inside the noise: a range holding 1.0, or a median within the noise floor (2 %) of it
+    inside = thr["lo"] <= 1.0 <= thr["hi"] or abs(thr["ratio"] - 1.0) < thr["noise_floor"]
+    assert thr["noise_floor"] == 0.02 and thr["lo"] <= thr["ratio"] <= thr["hi"], thr
+    assert (thr["verdict"] == "no measurable change") == inside, thr
     for e in ("hf", "vllm"):
         p = rep["artifacts"][0]["engines"][e]["paired_speed"]
         # loads: the artifact, and the baseline's second instance at half-time
