@@ -11,8 +11,8 @@
 #      int8, FP8 dynamic and static, AWQ, bitsandbytes NF4) on transformers and vLLM
 #   D: bitsandbytes in vLLM on the 8B shape (real bf16 weights, in-flight quantization)
 #   F1 / F2 / F3: issue 25's Hopper formats on the 8B shape (dummy weights; ratios to bf16 in the
-#      same call): F1 bf16, FP8 128x128 blocks, W4A8; F2 W4A16 g128 on vLLM's default kernel and
-#      with linear_backend=marlin, FP8 dynamic per channel; F3 the KV cache: bf16 weights with a
+#      same call): F1 bf16, FP8 128x128 blocks, W4A8; F2 bf16, W4A16 g128 on vLLM's default kernel
+#      and with linear_backend=marlin; F3 the KV cache: bf16 weights with a
 #      16-bit and an FP8 cache at 128 prompts x 7,936 in / 256 out (the layout's 8,192 positions; capacity
 #      from the engine); each engine's start took over 2 minutes on an H100 (2026-12-06): give it a call
 #   E NAME...: SmolLM2 schemes (quant2_gpu.py SMOLLM2_STAGES) with perplexity and full PIQA on
@@ -42,8 +42,8 @@ case "${1:?part A, B, C, D, E or F1..F3}" in
     q speed $L/bf16:dummy=bf16 $L/fp8-block128:dummy=fp8-block128 $L/w4a8:dummy=w4a8 --tput-repeats 2 ;;
   F2)
     [ -d $L ] || q layouts --out $L
-    q speed $L/w4a16:dummy=w4a16 $L/w4a16:dummy=w4a16-marlin+linear_backend=marlin \
-      $L/fp8-dynamic:dummy=fp8-dynamic --tput-repeats 2 ;;
+    q speed $L/bf16:dummy=bf16 $L/w4a16:dummy=w4a16 $L/w4a16:dummy=w4a16-marlin+linear_backend=marlin \
+      --tput-repeats 2 ;;
   F3)
     [ -d $L ] || q layouts --out $L
     q speed $L/bf16:dummy=bf16-kv16 $L/bf16:dummy=bf16-kvfp8+kv_cache_dtype=fp8 --tput-repeats 1 \
