@@ -25,10 +25,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class WeightOnlyInt:
     """Integer weights with 16-bit activations (W4A16, W8A16): the schemes of the dense linears,
-    or (`experts`) of a mixture-of-experts layer's experts, which engines run as one fused layer."""
+    or (`experts`) of a mixture-of-experts layer's experts, which engines run as one fused layer.
+    `out_widths`: (name, output width) of each dense linear as engines stack them (q/k/v as one
+    qkv_proj, gate/up as one gate_up_proj), for kernels that take only some widths."""
 
     schemes: frozenset[WeightScheme]
     experts: bool = False
+    out_widths: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)

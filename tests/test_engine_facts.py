@@ -5,6 +5,7 @@ engine table callers ask instead of branching on a name (eval.engines.registry).
 from __future__ import annotations
 
 import pytest
+import torch
 
 from compress.engine_facts import BitsAndBytes, NMSparse, W8A8, WeightOnlyInt, engine_notes, engine_problems
 from compress.export.compressed_tensors import WeightScheme
@@ -89,3 +90,46 @@ def test_the_engine_table():
     assert vllm.paired_options(opts, "cuda")["gpu_memory_utilization"] == 0.4
     assert vllm.paired_options(opts, "cpu") == opts and engine_class("hf").paired_options(opts, "cuda") == opts
     assert vllm.free_memory("cuda") is None and engine_class("hf").free_memory("cpu") > 0
+
+
+def test_vllm_gpu_refuses_8bit_zero_points_where_machete_cannot_run(monkeypatch, tiny_model):
+    """W8A16 with zero points has one kernel in vLLM 0.26 (Machete: compute capability 9.0, stacked output
+    widths divisible by 128); seen failing to start on SmolLM2 (qkv_proj 960 wide) on an H100."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.quant.common import stacked_out_widths
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    widths = dict(stacked_out_widths(model, names))
+    c = model.config
+    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    assert widths["model.layers.0.self_attn.qkv_proj"] == c.hidden_size + 2 * kv
+    assert widths["model.layers.0.mlp.gate_up_proj"] == 2 * c.intermediate_size
+    assert widths["model.layers.0.self_attn.o_proj"] == c.hidden_size and len(widths) == 4 * c.num_hidden_layers
+
+    gpu = lookup("vllm", "cuda:0", "0.26.0", "bfloat16")
+    h100 = ("NVIDIA H100 80GB HBM3", (9, 0))
+    monkeypatch.setattr(VLLMFacts, "gpu", lambda self: h100)
+    asym, sym = WeightScheme(8, -1, False), WeightScheme(8, -1, True)
+    smollm2 = (("model.layers.0.self_attn.qkv_proj", 960), ("model.layers.0.self_attn.o_proj", 576),
+               ("model.layers.0.mlp.gate_up_proj", 3072))
+    said = gpu.problems(WeightOnlyInt(frozenset({asym}), out_widths=smollm2))
+    assert said == ["vLLM 0.26 runs 8-bit weights with zero points (symmetric: false) with one kernel (Machete), "
+                    "which needs output widths divisible by 128; model.layers.0.self_attn.qkv_proj has 960 (and 1 "
+                    "more layers): set symmetric: true (Marlin runs it) or leave vllm out of eval.engines"]
+    wide = (("model.layers.0.self_attn.qkv_proj", 6144), ("model.layers.0.mlp.gate_up_proj", 28672))
+    assert gpu.problems(WeightOnlyInt(frozenset({asym}), out_widths=wide)) == []  # the 8B shape: Machete
+    assert gpu.problems(WeightOnlyInt(frozenset({sym}), out_widths=smollm2)) == []  # Marlin
+    assert gpu.problems(WeightOnlyInt(frozenset({WeightScheme(4, 128, False)}), out_widths=smollm2)) == []
+    from compress.errors import UserError
+    from compress.quant.rtn import RTNConfig, check
+    from compress.stage import StageContext
+
+    ctx = StageContext(device="cuda", seed=0, model_dir=tiny_model, engine_facts=(gpu,))
+    with pytest.raises(UserError, match=r"^rtn: vLLM 0.26 runs 8-bit weights with zero points .*\.o_proj has 64 "):
+        check(RTNConfig(bits=8, group_size=-1, symmetric=False), model, ctx)  # the stage's check asks with widths
+    check(RTNConfig(bits=8, group_size=-1, symmetric=True), model, ctx)
+    monkeypatch.setattr(VLLMFacts, "gpu", lambda self: ("NVIDIA A100-SXM4-80GB", (8, 0)))
+    assert "compute capability 9.0 only (H100, H200); NVIDIA A100-SXM4-80GB has 8.0" in \
+        gpu.problems(WeightOnlyInt(frozenset({asym}), out_widths=wide))[0]

@@ -78,13 +78,31 @@ def check_weight_quant(cfg: WeightQuantConfig, model: torch.nn.Module, ctx: Stag
     dense = frozenset(cfg.scheme(w, actorder) for n, w in widths.items() if expert_index(n) is None)
 
     def asked(schemes, of_experts: bool):
-        return W4A8(cfg.group_size, of_experts) if cfg.activations == "fp8" else WeightOnlyInt(schemes, of_experts)
+        if cfg.activations == "fp8":
+            return W4A8(cfg.group_size, of_experts)
+        return WeightOnlyInt(schemes, of_experts, () if of_experts else stacked_out_widths(
+            model, [n for n in names if expert_index(n) is None]))
 
     problems = sorted(set(engine_problems(ctx.engine_facts, asked(dense, False)))) if dense else []
     problems += engine_problems(ctx.engine_facts, asked(experts, True)) if experts else []
     if problems:
         raise UserError(*(f"{stage}: {p}" for p in problems))
     return names
+
+
+STACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+           "up_proj": "gate_up_proj"}  # the projections vLLM runs as one layer, by the name it gives it
+
+
+def stacked_out_widths(model: torch.nn.Module, names: list[str]) -> tuple[tuple[str, int], ...]:
+    """(name, output width) of each of `names` as engines run them: a module's q/k/v projections as
+    one `qkv_proj` (their widths added), gate/up as one `gate_up_proj`, the others as they are."""
+    widths: dict[str, int] = {}
+    for n in names:
+        parent, _, leaf = n.rpartition(".")
+        key = f"{parent}.{STACKED[leaf]}" if leaf in STACKED else n
+        widths[key] = widths.get(key, 0) + model.get_submodule(n).out_features
+    return tuple(widths.items())
 
 
 def group_summary(schemes: dict[str, WeightScheme]) -> dict[str, int]:

@@ -61,7 +61,7 @@ class VLLMFacts(RunsEverything):
     def problems(self, checkpoint: Checkpoint) -> list[str]:
         c = checkpoint
         if isinstance(c, WeightOnlyInt):
-            return self.experts_int(c.schemes) if c.experts else self.linears_int(c.schemes)
+            return self.experts_int(c.schemes) if c.experts else self.linears_int(c)
         if isinstance(c, W8A8):
             return self.experts_w8a8(c) if c.experts else self.linears_w8a8(c)
         if isinstance(c, W4A8):
@@ -86,7 +86,23 @@ class VLLMFacts(RunsEverything):
     def kv_cache_notes(self, c: KVCacheFP8) -> list[str]:
         return []
 
-    def linears_int(self, schemes) -> list[str]:
+    def linears_int(self, c: WeightOnlyInt) -> list[str]:
+        """Seen on an H100 with vLLM 0.26 (SmolLM2, W8A16 with zero points: "Failed to find a kernel that can
+        implement the WNA16 linear layer") and read from its kernel pickers: Marlin takes zero points with
+        4-bit weights only, so 8-bit weights with zero points run on Machete alone, which is built for
+        compute capability 9.0 and needs each stacked layer's output width divisible by 128."""
+        if not any(s.bits == 8 and not s.symmetric for s in c.schemes):
+            return []
+        why = f"vLLM {self.version} runs 8-bit weights with zero points (symmetric: false) with one kernel (Machete)"
+        fix = f"set symmetric: true (Marlin runs it) or {LEAVE_OUT}"
+        g = self.gpu()
+        if g and g[1] != (9, 0):
+            return [f"{why}, on compute capability 9.0 only (H100, H200); {g[0]} has {g[1][0]}.{g[1][1]}: {fix}"]
+        narrow = [(n, w) for n, w in c.out_widths if w % 128]
+        if narrow:
+            more = f" (and {len(narrow) - 1} more layers)" if len(narrow) > 1 else ""
+            return [f"{why}, which needs output widths divisible by 128; {narrow[0][0]} has {narrow[0][1]}{more}: "
+                    f"{fix}"]
         return []
 
     def experts_int(self, schemes) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from compress.engine_facts import KVCacheFP8, W4A8, W8A8
+from compress.engine_facts import KVCacheFP8, W4A8, W8A8, WeightOnlyInt
 from eval.engines.facts import LEAVE_OUT, VLLMFacts
 from eval.memory import cpu_flags
 
@@ -20,10 +20,10 @@ class VLLMCpuFacts(VLLMFacts):
     def float32(self, why: str) -> list[str]:
         return [f"{why}, which has no float32 path; set eval.vllm.dtype: bfloat16"] if self.dtype == "float32" else []
 
-    def linears_int(self, schemes) -> list[str]:
+    def linears_int(self, c: WeightOnlyInt) -> list[str]:
         why = f"{self.label} runs weight-only int checkpoints with one kernel (CPUWNA16)"
         out = []
-        for s in schemes:
+        for s in c.schemes:
             if s.bits != 4:
                 out.append(f"{why}, which is 4-bit only; use bits: 4 or {LEAVE_OUT}")
             if s.actorder == "group":
