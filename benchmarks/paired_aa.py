@@ -58,24 +58,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("base", type=Path)
     ap.add_argument("variants", nargs="*", type=Path)
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "demo.yaml", help="eval.speed and model from here")
-    ap.add_argument("--engine", default="vllm", choices=["hf", "vllm"])
+    ap.add_argument("--engine", default="vllm", help="hf, vllm, or several in the order to run them (hf,vllm: the "
+                    "demo's order, transformers' pairs first in the same process)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", type=Path, default=Path("/tmp/paired-aa"))
     ap.add_argument("--jsonl", default=str(ROOT / "benchmarks" / "results" / "paired_aa_cpu.jsonl"))
     args = ap.parse_args(argv)
 
-    from eval.evaluate import stack_versions
-    from eval.memory import device_info
     from eval.paired import paired_speeds
     from squeeze.recipe import load_recipe
 
     dirs = args.variants or [write_variant(args.base, args.work / how, how) for how in ("copy", "rand50", "mag50")]
     recipe = load_recipe(args.recipe)
     t0 = time.perf_counter()
-    results = paired_speeds(args.base, dirs, recipe.eval, recipe.model, engine=args.engine, device=args.device,
-                            use_cache=False)
+    for engine in args.engine.split(","):
+        results = paired_speeds(args.base, dirs, recipe.eval, recipe.model, engine=engine, device=args.device,
+                                use_cache=False)
+        report(args, dirs, results, engine, t0)
+
+
+def report(args, dirs: list[Path], results: list[dict], engine: str, t0: float) -> None:
+    from eval.evaluate import stack_versions
+    from eval.memory import device_info
+
     for d, r in zip(dirs, results):
-        rec = {"what": "paired A/A", "base": str(args.base), "variant": str(d), "engine": args.engine,
+        rec = {"what": "paired A/A", "base": str(args.base), "variant": str(d), "engine": engine,
+               "engines_in_order": args.engine,
                "recipe": str(args.recipe), "error": r.get("error")}
         if not r.get("error"):
             by = {i: statistics.median(q["base"]["tpot_ms"] / q["art"]["tpot_ms"] for q in r["rounds"]
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.jsonl, "a") as f:
             f.write(json.dumps(rec, default=str) + "\n")
         s = rec.get("speedups") or {}
-        print(Path(d).name, rec["error"] or "  ".join(
+        print(engine, Path(d).name, rec["error"] or "  ".join(
             f"{k} {v['ratio']:.3f} ({v['lo']:.3f}-{v['hi']:.3f}) {v['verdict']}" for k, v in s.items()), flush=True)
 
 

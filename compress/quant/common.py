@@ -22,8 +22,9 @@ class WeightQuantConfig(Strict):
     bits: Literal[4, 8] = Field(4, description="weight bits (activations stay 16-bit: W4A16 / W8A16)")
     group_size: Literal[-1, 32, 64, 128] = Field(128, description="input channels sharing one scale; -1 = one "
                                                  "scale per output channel")
-    symmetric: bool = Field(False, description="false stores a zero point per group (more accurate; vLLM runs it "
-                            "faster); true: symmetric grid, no zero point")
+    symmetric: bool = Field(False, description="false stores a zero point per group (more accurate; vLLM runs 4-bit "
+                            "ones faster, 8-bit ones on H100/H200 only where every layer's output width divides "
+                            "by 128); true: symmetric grid, no zero point")
     targets: list[str] = Field(default_factory=lambda: ["*"], description="module-name globs of nn.Linear layers "
                                "to quantize")
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="module-name globs left in "
