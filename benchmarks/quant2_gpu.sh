@@ -14,7 +14,8 @@
 #      same call): F1 bf16, FP8 128x128 blocks, W4A8; F2 bf16, W4A16 g128 on vLLM's default kernel
 #      and with linear_backend=marlin; F3 the KV cache: bf16 weights with a
 #      16-bit and an FP8 cache at 128 prompts x 7,936 in / 256 out (the layout's 8,192 positions; capacity
-#      from the engine); each engine's start took over 2 minutes on an H100 (2026-12-06): give it a call
+#      from the engine); a cold engine start took about 2 minutes on an H100 (compilation), 35 s
+#      with vLLM's compile cache warm: run F3 after F1 or F2 on the same machine, in its own call
 #   E NAME...: SmolLM2 schemes (quant2_gpu.py SMOLLM2_STAGES) with perplexity and full PIQA on
 #      both engines
 set -uo pipefail

@@ -75,14 +75,14 @@ def check_weight_quant(cfg: WeightQuantConfig, model: torch.nn.Module, ctx: Stag
                         "use actorder: weight (the same accuracy, no reordering at run time) or none")
     # engines run experts as one fused layer with their own methods, the other linears with
     # their linear kernels: asked apart
+    dense_names = [n for n in names if expert_index(n) is None]
     experts = frozenset(cfg.scheme(w, actorder) for n, w in widths.items() if expert_index(n) is not None)
-    dense = frozenset(cfg.scheme(w, actorder) for n, w in widths.items() if expert_index(n) is None)
+    dense = frozenset(cfg.scheme(widths[n], actorder) for n in dense_names)
 
     def asked(schemes, of_experts: bool):
         if cfg.activations == "fp8":
             return W4A8(cfg.group_size, of_experts)
-        return WeightOnlyInt(schemes, of_experts, () if of_experts else stacked_out_widths(
-            model, [n for n in names if expert_index(n) is None]))
+        return WeightOnlyInt(schemes, of_experts, () if of_experts else stacked_out_widths(model, dense_names))
 
     problems = sorted(set(engine_problems(ctx.engine_facts, asked(dense, False)))) if dense else []
     problems += engine_problems(ctx.engine_facts, asked(experts, True)) if experts else []
