@@ -3,6 +3,7 @@
     python3 benchmarks/cluster_gpu.py share --gguf FILE [--share 0.25] [--repeats 1] [--work DIR]
     python3 benchmarks/cluster_gpu.py overhead --gguf FILE [--repeats 2] [--work DIR]
     python3 benchmarks/cluster_gpu.py share --gguf FILE --only sequential|cluster   # one side per command
+    python3 benchmarks/cluster_gpu.py share --gguf FILE --eager   # engines without compilation, both runs
     python3 benchmarks/cluster_gpu.py share --tiny        # a dry run on the CPU (tiny random model, hf)
     python3 benchmarks/cluster_gpu.py overhead --cpu      # SmolLM2 on the CPU (hf, perplexity only)
 
@@ -52,7 +53,7 @@ VOLATILE = {"hardware", "created", "model_dir", "cached", "memory", "provenance"
 
 
 def recipe(name: str, base: Path, variants: dict, share: float, tiny: bool, data: Path | None,
-           cpu: bool = False, task_cpus: float = 1.0) -> dict:
+           cpu: bool = False, task_cpus: float = 1.0, eager: bool = False) -> dict:
     """The recipe both runs use; only `--cluster` differs between them."""
     if tiny:  # the CPU dry run: the transformers engine on a tiny random model
         ev = {"engines": ["hf"], "perplexity": {"dataset": str(data), "context_length": 64, "max_tokens": 512},
@@ -62,7 +63,7 @@ def recipe(name: str, base: Path, variants: dict, share: float, tiny: bool, data
               "speed": None}
     else:
         ev = {"engines": ["vllm"], "vllm": {"dtype": "bfloat16", "gpu_memory_utilization": round(share * 0.9, 3),
-                                            "max_model_len": 2048},
+                                            "max_model_len": 2048, **({"enforce_eager": True} if eager else {})},
               "perplexity": {"dataset": "wikitext2", "context_length": 1024, "max_tokens": 8192},
               "speed": {"num_prompts": 256, "input_len": 128, "output_len": 128, "warmup": 1, "repeats": 2,
                         "rounds": 3}}
@@ -133,22 +134,28 @@ def compare(args, what: str, variants: dict, share: float) -> None:
     import yaml
 
     path.write_text(yaml.safe_dump(recipe(f"cluster-{what}", base, variants, share, args.tiny, data, args.cpu,
-                                          args.task_cpus),
+                                          args.task_cpus, args.eager),
                                    sort_keys=False))
     for rep_i in range(args.repeats):
         times = {}
+        last = work / "seconds.json"  # --only: the other side's last wall time, for the ratio
+        earlier = json.loads(last.read_text()) if args.only and last.is_file() else {}
         sides = (False, True) if rep_i % 2 == 0 else (True, False)
         for cluster in [c for c in sides if args.only in (None, "cluster" if c else "sequential")]:
             tag = "cluster" if cluster else "sequential"
             home = work / f"home-{tag}"
             times[tag] = timed_run(path, work / f"run-{tag}", home, cluster)
             print(f"{what} repeat {rep_i + 1}: {tag} {times[tag]:.1f} s", flush=True)
+            last.write_text(json.dumps({**earlier, **times}))
+        if args.only:
+            times = {**{k: v for k, v in earlier.items() if k != args.only}, **times}
         both = {t: work / f"run-{t}" / "report.json" for t in ("sequential", "cluster")}  # --only: the other's last
         reps = {t: json.loads(f.read_text()) for t, f in both.items() if f.is_file()}
         tasks = json.loads((work / "run-cluster" / "tasks.json").read_text())["tasks"] \
             if (work / "run-cluster" / "tasks.json").is_file() else []
         record(args, {"what": what, "variants": list(variants), "share": share, "task_cpus": args.task_cpus,
                       "mode": "tiny" if args.tiny else "cpu" if args.cpu else "gpu", "repeat": rep_i + 1,
+                      "enforce_eager": args.eager, "only": args.only,
                       "order": list(times), "seconds": {k: round(v, 1) for k, v in times.items()},
                       "ratio": round(times["cluster"] / times["sequential"], 3) if len(times) == 2 else None,
                       "goal": 0.5 if what == "share" else 1.05,
@@ -178,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--only", choices=["sequential", "cluster"], help="run one side (e.g. to keep each command "
                        "short); the reports are still compared with the other side's last run")
         p.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU (a dry run)")
+        p.add_argument("--eager", action="store_true", help="eval.vllm.enforce_eager in both runs (no compilation "
+                       "or CUDA graphs: each engine starts in seconds, and neither run warms a cache the other reads)")
         p.add_argument("--cpu", action="store_true", help="SmolLM2 on the CPU, the transformers engine")
         p.add_argument("--task-cpus", type=float, default=1.0, help="execution.eval_cpus and stage_cpus (CPUs a task "
                        "takes, and its torch threads)")

