@@ -225,6 +225,35 @@ def test_one_engine_at_a_time_where_two_do_not_fit(tiny_model, home, monkeypatch
     assert r["loads"] == 4 and r["speedups"]["throughput"]["rounds"] == 3
 
 
+@pytest.mark.parametrize("half_kv", [10, 1000])
+def test_one_engine_at_a_time_with_the_whole_share_where_half_would_not_hold_the_workload(
+        tiny_model, home, monkeypatch, half_kv):
+    """vLLM on a GPU halves each engine's share for two at once; where the baseline's KV cache at
+    that half holds fewer tokens than the workload keeps in flight (4 prompts x (8 + 4) = 48),
+    both open would measure smaller batches than one engine alone runs."""
+    import eval.paired as P
+
+    monkeypatch.setattr(P, "paired_settings", lambda engine, s, device: {**s, "half": True})
+    opened, real = [], P.open_engine
+
+    def open_engine(engine, d, half=False, **kw):
+        opened.append(half)
+        eng = real(engine, d, **kw)
+        eng.stats = {"memory": {"kv_cache_tokens": half_kv if half else 10_000}}
+        return eng
+
+    monkeypatch.setattr(P, "open_engine", open_engine)
+    cfg = EvalConfig(engines=["hf"], perplexity=None, speed=SPEED.model_copy(update={"rounds": 3, "warmup": 0}))
+    (r,) = P.paired_speeds(tiny_model, [tiny_model], cfg, ModelSpec(), "hf", "cpu", use_cache=False)
+    if half_kv == 10:
+        assert r["mode"] == ("one at a time (with both open the baseline's KV cache holds 10 tokens and the workload "
+                             "keeps 48 in flight; each opened alone with the whole share)")
+        assert opened == [True] + [False] * 4 and "half" not in r["settings"]  # the half-share baseline closed at once
+        assert [x["order"] for x in r["rounds"]] == [["art", "base"], ["base", "art"], ["art", "base"]]
+    else:
+        assert r["mode"] == "both open" and opened == [True] * 3 and r["settings"]["half"] is True
+
+
 def test_a_failed_pairing_is_reported_not_cached_and_leaves_speedups_unpaired(tiny_model, tmp_path, home,
                                                                                monkeypatch):
     import shutil

@@ -112,6 +112,8 @@ class VLLMEngine:
         self.vocab_size = min(llm.llm_engine.model_config.get_vocab_size(), len(self.tokenizer))
         cc = llm.llm_engine.vllm_config.cache_config
         blocks = getattr(cc, "num_gpu_blocks", None)
+        # sequences the scheduler runs at once (eval.paired.kv_short)
+        self.max_num_seqs = getattr(llm.llm_engine.vllm_config.scheduler_config, "max_num_seqs", None)
         self.stats = {"memory": {"kv_cache_tokens": blocks * cc.block_size if blocks else None,
                                  "kv_cache_dtype": str(cc.cache_dtype)}}
 
