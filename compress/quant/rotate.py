@@ -73,18 +73,21 @@ def check(cfg: RotateConfig, model: torch.nn.Module, ctx: StageContext) -> None:
 
 def _on(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """`t` in float64 on the rotation's device (the stage's: about 3e13 multiply-adds on an 8B
-    model, which a GPU does far faster than a CPU); the model itself stays where it is."""
-    return t.detach().to(q.device, torch.float64)
+    model, which a GPU does far faster than a CPU); the model itself stays where it is. Moved in
+    its own dtype and widened there: a float64 copy over PCIe would move 4 x the bytes."""
+    return t.detach().to(q.device).to(torch.float64)
 
 
 def _set(p: torch.Tensor, value: torch.Tensor) -> None:
-    p.data = value.to(p.device, p.dtype)
+    p.data = value.to(p.dtype).to(p.device)  # narrowed where it was computed, then moved
 
 
-def _fold(norm: torch.nn.Module, readers: list[torch.nn.Linear], q: torch.Tensor) -> None:
+def _fold_read(norm: torch.nn.Module, readers: list[torch.nn.Linear], q: torch.Tensor) -> None:
+    """The norm's weight folded into the linears that read its output, then their inputs
+    rotated: W' = (W diag(w)) Q, each weight moved and rounded once."""
     w = _on(norm.weight, q)
     for lin in readers:
-        _set(lin.weight, _on(lin.weight, q) * w[None, :])
+        _set(lin.weight, (_on(lin.weight, q) * w[None, :]) @ q)
     norm.weight.data.fill_(1.0)
 
 
@@ -122,14 +125,11 @@ def apply(model, cfg: RotateConfig, ctx: StageContext):
     final_norm = model.model.norm
     for layer in layers:
         attn_in, mlp_in, writers = _parts(layer)
-        _fold(layer.input_layernorm, attn_in, q)
-        _fold(layer.post_attention_layernorm, mlp_in, q)
-        for lin in attn_in + mlp_in:
-            _read(lin, q)
+        _fold_read(layer.input_layernorm, attn_in, q)
+        _fold_read(layer.post_attention_layernorm, mlp_in, q)
         for lin in writers:
             _write(lin, q)
-    _fold(final_norm, [head], q)
-    _read(head, q)
+    _fold_read(final_norm, [head], q)
     _read(emb, q)  # the embedding's rows: E Q, as a reader's weight
     return model, {"rotation": what, "hidden_size": d, "seed": ctx.seed, "layers": len(layers),
                    "untied_embeddings": untied, "device": str(q.device), "online_rotations": "none (R1 only, folded into the weights)"}
