@@ -1,8 +1,9 @@
 """Paired speed measurements: each artifact against its baseline, both open at once, cached.
 
 `paired_speeds(base_dir, art_dirs, cfg, model, engine, device, seed)` opens the baseline on
-`engine` once, then each artifact beside it in turn, and runs eval.speed.paired's rounds (its
-docstring holds the protocol and its cost); one result per artifact, which
+`engine` once (in a fresh process where the engine class sets `fresh_process_pairs`, as vLLM
+does: eval.isolated says why), then each artifact beside it in turn, and runs
+eval.speed.paired's rounds (its docstring holds the protocol and its cost); one result per artifact, which
 eval.speed.paired.speedups turns into the report's speedups. A matrix pairs every variant with
 the one baseline engine, opened once.
 
@@ -133,9 +134,17 @@ def paired_speeds(base_dir: Path, art_dirs: list[Path], cfg: EvalConfig, model: 
             continue
         results.append({**head, "art_hash": art_hash, "art_dir": str(d), "_cache": cache})
         todo.append(i)
-    if todo:
-        _measure_all(base_dir, [results[i] for i in todo], cfg, model, engine, device, seed, settings, log,
-                     lone=lone if lone != settings else None)
+    if todo:  # in a fresh process where the engine asks for one (eval.isolated says why)
+        fresh = getattr(engine_class(engine), "fresh_process_pairs", False)
+        if fresh:
+            from eval.isolated import run_fresh, stderr_log
+
+            log = stderr_log if log is not None else None  # the caller's may not cross processes
+        args = (base_dir, [results[i] for i in todo], cfg, model, engine, device, seed, settings, log,
+                lone if lone != settings else None)
+        measured = run_fresh(_measured, *args) if fresh else _measured(*args)
+        for i, r in zip(todo, measured):
+            results[i] = {**r, "mode": f"{r['mode']}, in a fresh process"} if fresh and "mode" in r else r
     for r in results:
         cache = r.pop("_cache", None)
         if cache is not None and "error" not in r:
@@ -157,6 +166,12 @@ def kv_short(eng, speed) -> str | None:
     need = in_flight * (speed.input_len + speed.output_len)
     return None if kv >= need else (f"with both open the baseline's KV cache holds {kv:,} tokens and the workload "
                                     f"keeps {need:,} in flight; each opened alone with the whole share")
+
+
+def _measured(*args) -> list[dict]:
+    """_measure_all's results (returned, for a fresh process to hand back)."""
+    _measure_all(*args)
+    return args[1]
 
 
 def _measure_all(base_dir, results, cfg, model, engine, device, seed, settings, log, lone=None) -> None:

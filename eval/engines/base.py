@@ -23,6 +23,8 @@ class Engine(Protocol):
     name: ClassVar[str]  # its name in recipes and eval.engines.registry
     # tunable setting -> (check, what is allowed, as said in errors): eval.tune's search spaces
     tunable: ClassVar[dict[str, tuple[Any, str]]]
+    # its paired speed rounds run in a fresh process (eval.paired, eval.isolated; absent: False)
+    fresh_process_pairs: ClassVar[bool]
 
     @classmethod
     def version(cls) -> str | None:

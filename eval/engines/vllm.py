@@ -37,6 +37,7 @@ class VLLMEngine:
     """vLLM in this process (see eval.engines.base.Engine for the interface)."""
 
     name = "vllm"
+    fresh_process_pairs = True  # eval.paired runs its pairs in a fresh process; eval.isolated says why
     # setting -> (type check, what is allowed, as said in errors): engine arguments by their
     # Python names (`vllm serve` flags) that eval.tune may search
     tunable = {

@@ -64,7 +64,8 @@ from tqdm.auto import tqdm
 from eval.speed.workload import LATENCY_SAMPLE, duration, noise_verdict, per_request, random_prompts
 
 PROTOCOL_VERSION = 4   # 2: order-statistic ranges (k-th lowest..highest) and the noise floor; 3: 99 % coverage;
-#                        4: vLLM on a GPU one engine at a time where half the share would not hold the workload
+#                        4: vLLM's pairs in a fresh process (eval.isolated), and on a GPU one engine at a time
+#                        where half the share would not hold the workload
 SIDES = ("base", "art")
 COVERAGE = 0.99  # per range: a report holds many speed cells (see the module's docstring)
 
