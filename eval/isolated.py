@@ -11,18 +11,28 @@ on 2 CPU cores"). A fresh process per engine's pairs removes that history.
 returns its result. An error inside is raised here again: compress.errors.UserError as itself,
 anything else as RuntimeError with its one-line message. Ctrl-C reaches the child too (one
 process group): it shuts its engines down on its own way out, and this side waits for it (at
-most GRACE seconds, then kills it) before raising KeyboardInterrupt. The standard library's
-multiprocessing does all of this; nothing maintained adds to it.
+most GRACE seconds, then kills it) before raising KeyboardInterrupt; that path has no test
+yet (a driver-in-a-subprocess test of it hung now and then under load and was taken out). The
+standard library's multiprocessing does all of this; nothing maintained adds to it.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import sys
 
 from compress.errors import UserError
 
 GRACE = 60.0  # seconds a child is given to close its engines after Ctrl-C
+
+
+def interruptible() -> None:
+    """Ctrl-C (and SIGTERM) reach this process's main thread even where it was started with
+    them ignored or blocked: both are inherited across exec from whatever started it, and
+    Python keeps an ignored SIGINT ignored."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def stderr_log(msg: str) -> None:
@@ -32,6 +42,7 @@ def stderr_log(msg: str) -> None:
 def _child(conn, threads: int, fn, args, kwargs) -> None:
     import torch
 
+    interruptible()
     torch.set_num_threads(threads)
     try:
         conn.send(("ok", fn(*args, **kwargs)))
