@@ -40,6 +40,10 @@ def write_variant(base: Path, out: Path, how: str) -> Path:
     if (out / "config.json").is_file():
         return out
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    fused = [n for n, p in model.named_parameters() if p.dim() > 2]
+    if how == "rand50" and fused:  # fused experts are 3-D parameters, not nn.Linear: they would stay dense
+        raise SystemExit(f"paired_aa: rand50 zeroes nn.Linear weights only, and {base} holds {len(fused)} fused "
+                         f"3-D weights it would leave dense (e.g. {fused[0]}); give VARIANT_DIRs or use a dense model")
     if how == "mag50":
         magnitude_prune_(model, MagnitudePruneConfig(sparsity=0.5))
     elif how == "rand50":
