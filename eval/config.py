@@ -43,8 +43,9 @@ class SpeedConfig(Strict):
                         "open, measured in turn, order swapped each round (eval.speed.paired); the speedup is the "
                         "median of the per-round ratios, its range the order statistics that hold the median with "
                         ">= 99 % probability (min..max up to 11 rounds, 2nd lowest..2nd highest at 12 to 14); 0: no speedups")
-    noise_floor: float = Field(0.02, ge=0.0, lt=1.0, description="a paired speedup whose median is within this "
-                               "fraction of 1.0 reads 'no measurable change' even where its range excludes 1.0")
+    noise_floor: float | None = Field(None, ge=0.0, lt=1.0, description="a paired speedup whose median is within "
+                                      "this fraction of 1.0 reads 'no measurable change' even where its range "
+                                      "excludes 1.0; default: 0.05 on a CPU, 0.02 on a GPU (eval.speed.paired)")
 
 
 class TaskSpec(Strict):

@@ -41,7 +41,7 @@ from compress.spec import ModelSpec
 from eval.config import EvalConfig
 from eval.engines import engine_class, open_engine
 from eval.evaluate import cache_dir, engine_settings, hardware, one_line, stack_versions
-from eval.speed.paired import PROTOCOL_VERSION, SIDES, run_rounds, summarize
+from eval.speed.paired import PROTOCOL_VERSION, SIDES, default_noise_floor, run_rounds, summarize
 
 SPARE = 1.2  # a second model must fit in what the first left free, with this factor to spare
 
@@ -211,7 +211,7 @@ def _measure_all(base_dir, results, cfg, model, engine, device, seed, settings, 
             pair.why = why
             if vocab is not None:
                 pair.vocab.setdefault("base", vocab)
-            _measure_one(pair, cfg, seed, r)
+            _measure_one(pair, cfg, seed, r, device)
             pair.close("art")
             base, coexist, why = pair.eng["base"], pair.coexist, pair.why  # the baseline stays open for the next
             if log:
@@ -223,7 +223,7 @@ def _measure_all(base_dir, results, cfg, model, engine, device, seed, settings, 
                 eng.close()
 
 
-def _measure_one(pair: EnginePair, cfg: EvalConfig, seed: int, r: dict) -> None:
+def _measure_one(pair: EnginePair, cfg: EvalConfig, seed: int, r: dict, device: str) -> None:
     t0 = time.perf_counter()
     try:
         rounds = run_rounds(pair, cfg.speed, seed)
@@ -233,14 +233,15 @@ def _measure_one(pair: EnginePair, cfg: EvalConfig, seed: int, r: dict) -> None:
         r["error"] = f"paired speed: {one_line(e)}"
         return
     s = cfg.speed
+    floor = default_noise_floor(device) if s.noise_floor is None else s.noise_floor
     r.update(protocol={"method": "paired", "version": PROTOCOL_VERSION, "rounds": s.rounds, "warmup": s.warmup,
-                       "noise_floor": s.noise_floor,
+                       "noise_floor": floor,
                        "num_prompts": s.num_prompts, "input_len": s.input_len, "output_len": s.output_len,
                        "concurrency": min(s.concurrency or s.num_prompts, s.num_prompts),
                        "batch1_requests": s.batch1_requests,
                        "order": "baseline first in even rounds, artifact first in odd ones"},
              mode="both open" if pair.coexist else f"one at a time ({pair.why})", loads=pair.loads, rounds=rounds,
-             speedups=summarize(rounds, s.noise_floor) if rounds else {}, seconds=time.perf_counter() - t0,
+             speedups=summarize(rounds, floor) if rounds else {}, seconds=time.perf_counter() - t0,
              seconds_per_round=statistics.median(x["seconds"] for x in rounds) if rounds else None)
 
 

@@ -154,6 +154,20 @@ def test_noise_floor_calls_a_resolved_but_tiny_difference_noise():
     assert ratio_range([0.9, 0.95, 0.93], noise_floor=0.02)["verdict"] == "slower"
 
 
+def test_noise_floor_defaults_by_device_and_a_recipe_overrides_it(tiny_model, home):
+    """Unset, the floor is what two instances of one engine differ by on the device (5 % on a CPU,
+    2 % on a GPU); a recipe's value wins, and each result records the floor it was judged by."""
+    import eval.paired as P
+    from eval.speed.paired import default_noise_floor
+
+    assert default_noise_floor("cpu") == 0.05 and default_noise_floor("cuda:0") == default_noise_floor("cuda") == 0.02
+    for floor, want in ((None, 0.05), (0.01, 0.01)):
+        cfg = EvalConfig(engines=["hf"], perplexity=None,
+                         speed=SPEED.model_copy(update={"rounds": 2, "warmup": 0, "noise_floor": floor}))
+        (r,) = P.paired_speeds(tiny_model, [tiny_model], cfg, ModelSpec(), "hf", "cpu", use_cache=False)
+        assert r["protocol"]["noise_floor"] == want and r["speedups"]["throughput"]["noise_floor"] == want
+
+
 # ---------------------------------------------------------------------------- eval.paired
 
 def test_an_engine_instance_effect_is_split_by_the_half_time_swap():

@@ -61,9 +61,9 @@ def test_demo_report(demo_run):
     row = next(line for line in md.splitlines() if line.startswith("| 01-magnitude_prune | hf |"))
     assert len(re.findall(r"(?:no measurable change|\d\.\d\dx) \(\d\.\d\d-\d\.\d\d\)", row)) == 2, row
     thr = rep["artifacts"][0]["retention"]["hf"]["speed"]["throughput"]
-    # inside the noise: a range holding 1.0, or a median within the noise floor (2 %) of it
+    # inside the noise: a range holding 1.0, or a median within the noise floor (5 % on a CPU) of it
     inside = thr["lo"] <= 1.0 <= thr["hi"] or abs(thr["ratio"] - 1.0) < thr["noise_floor"]
-    assert thr["noise_floor"] == 0.02 and thr["lo"] <= thr["ratio"] <= thr["hi"], thr
+    assert thr["noise_floor"] == 0.05 and thr["lo"] <= thr["ratio"] <= thr["hi"], thr
     assert (thr["verdict"] == "no measurable change") == inside, thr
     for e, mode in (("hf", "both open"), ("vllm", "both open, in a fresh process")):
         p = rep["artifacts"][0]["engines"][e]["paired_speed"]
