@@ -9,7 +9,9 @@
 #                   from nothing included), its report and log
 #   fp8-8b WHEELS:  `squeeze eval` of FP8 dynamic against bf16 on vLLM, Llama-3.1-8B shape
 #                   (config-only layouts, vLLM's dummy weights: speed does not depend on weight
-#                   values at fixed output lengths), 512 x 512 in / 128 out, 5 paired rounds
+#                   values at fixed output lengths), 512 x 512 in / 128 out, 5 paired rounds (ROUNDS=N:
+#                   N; one engine at a time each round opens one, about 35 s on an H100 with the compile
+#                   cache warm)
 #   serving WHEELS: `squeeze serving --client both` on SmolLM2 bf16, 512 x 128 / 128 at 40/s
 #                   and all at once: our client and vLLM's on the same server
 set -uo pipefail
@@ -47,7 +49,7 @@ case "$part" in
     tok=$(python -c "from compress.models import resolve_model; print(resolve_model('$smol'))" 2>/dev/null | tail -1)
     for d in $L/bf16 $L/fp8-dynamic; do cp "$tok"/tokenizer* "$tok"/special_tokens_map.json "$d"/ 2>/dev/null; done
     printf '%s\n' 'engines: [vllm]' 'perplexity: null' \
-      'speed: {num_prompts: 512, input_len: 512, output_len: 128, concurrency: 512, repeats: 1, rounds: 5}' \
+      "speed: {num_prompts: 512, input_len: 512, output_len: 128, concurrency: 512, repeats: 1, rounds: ${ROUNDS:-5}}" \
       'vllm: {engine_args: {load_format: dummy}}' > $res/eval.yaml
     t0=$(date +%s)
     squeeze eval $L/fp8-dynamic --baseline $L/bf16 --dtype bfloat16 --eval-config $res/eval.yaml --no-cache \
