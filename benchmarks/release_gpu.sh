@@ -53,12 +53,12 @@ case "$part" in
       'vllm: {engine_args: {load_format: dummy}}' > $res/eval.yaml
     t0=$(date +%s)
     squeeze eval $L/fp8-dynamic --baseline $L/bf16 --dtype bfloat16 --eval-config $res/eval.yaml --no-cache \
-      -o $res/fp8-8b 2> >(grep -v -E "it/s\]|s/it\]" > $res/fp8-8b.err)
+      -o $res/fp8-8b 2> >(grep --line-buffered -v -E "it/s\]|s/it\]" > $res/fp8-8b.err)
     echo "fp8-8b: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/fp8-8b.err; cat $res/fp8-8b/report.md ;;
   serving)
     use_stack
     squeeze serving "$smol" --dtype bfloat16 --rates 40,inf --num-prompts 512 --input-len 128 --output-len 128 \
-      --client both -o $res/serving 2> >(grep -v -E "it/s\]|s/it\]" > $res/serving.err)
+      --client both -o $res/serving 2> >(grep --line-buffered -v -E "it/s\]|s/it\]" > $res/serving.err)
     echo "serving: rc $?"; tail -n 15 $res/serving.err ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
