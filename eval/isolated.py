@@ -11,9 +11,10 @@ on 2 CPU cores"). A fresh process per engine's pairs removes that history.
 returns its result. An error inside is raised here again: compress.errors.UserError as itself,
 anything else as RuntimeError with its one-line message. Ctrl-C reaches the child too (one
 process group): it shuts its engines down on its own way out, and this side waits for it (at
-most GRACE seconds, then kills it) before raising KeyboardInterrupt; that path has no test
-yet (a driver-in-a-subprocess test of it hung now and then under load and was taken out). The
-standard library's multiprocessing does all of this; nothing maintained adds to it.
+most GRACE seconds, then kills it) before raising KeyboardInterrupt (tests/test_isolated.py;
+Python raises it only where SIGINT did not arrive ignored, as it does in a background job of a
+non-interactive shell). The standard library's multiprocessing does all of this; nothing
+maintained adds to it.
 """
 
 from __future__ import annotations

@@ -1,14 +1,20 @@
-"""eval.isolated.run_fresh: a measurement in a fresh process, its result and its errors handed
-back (vLLM's paired rounds run this way: eval.paired)."""
+"""eval.isolated.run_fresh: a measurement in a fresh process, its result, its errors and Ctrl-C
+handed back (vLLM's paired rounds run this way: eval.paired)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import torch
 
 from compress.errors import UserError
+from conftest import REPO
 from eval.isolated import run_fresh
 
 
@@ -22,6 +28,11 @@ def refuses() -> None:
 
 def breaks() -> None:
     raise ValueError("bad value\nsecond line")
+
+
+def sleeps() -> None:
+    print("child started", flush=True)
+    time.sleep(120)
 
 
 def test_runs_in_another_process_with_this_ones_threads_and_environment(monkeypatch):
@@ -40,3 +51,35 @@ def test_errors_come_back_as_user_errors_or_one_line():
         run_fresh(refuses)
     with pytest.raises(RuntimeError, match=r"^ValueError: bad value$"):
         run_fresh(breaks)
+
+
+# Ctrl-C as at a terminal: Python's KeyboardInterrupt handler, which Python does not install
+# where SIGINT arrives ignored (a suite started in the background by a non-interactive shell)
+DRIVER = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.path.insert(0, sys.argv[1])
+from eval.isolated import run_fresh
+from test_isolated import sleeps
+
+if __name__ == "__main__":
+    try:
+        run_fresh(sleeps)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+"""
+
+
+def test_ctrl_c_ends_the_child_and_raises_here(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    proc = subprocess.Popen([sys.executable, str(script), str(REPO / "tests")], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "child started"
+    children = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in out
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
