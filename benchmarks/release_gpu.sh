@@ -14,12 +14,27 @@
 #                   cache warm)
 #   serving WHEELS: `squeeze serving --client both` on SmolLM2 bf16, 512 x 128 / 128 at 40/s
 #                   and all at once: our client and vLLM's on the same server
+#   bg PART WHEELS: PART in a new session (setsid), left running after this command returns, its
+#                   archive and log under /tmp/bg; `collect PART` waits for it (at most COLLECT_S,
+#                   default 560 s; run it again while it says "still running") and copies them to $OUT
 set -uo pipefail
+case "${1:-}" in
+  bg)
+    shift; rm -rf /tmp/bg; mkdir -p /tmp/bg
+    OUT=/tmp/bg setsid nohup bash "$0" "$@" > /tmp/bg/log 2>&1 < /dev/null &
+    echo "started $1 in the background (pid $!)"; exit 0 ;;
+  collect)
+    t0=$(date +%s); p=${2:?collect PART}
+    while [ ! -f /tmp/bg/$p.tgz ] && [ $(( $(date +%s) - t0 )) -lt "${COLLECT_S:-560}" ]; do sleep 5; done
+    mkdir -p "${OUT:-/tmp/out}"; cp /tmp/bg/log "${OUT:-/tmp/out}/bg.log" 2>/dev/null; tail -n 25 /tmp/bg/log
+    if [ -f /tmp/bg/$p.tgz ]; then cp /tmp/bg/$p.tgz "${OUT:-/tmp/out}/"; echo "collected $p"; else echo "$p: still running"; fi
+    exit 0 ;;
+esac
 part=${1:?part: demo, fp8-8b or serving}; wheels=${2:?a directory of wheels}
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" HF_HUB_OFFLINE=1 SQUEEZE_DATA_DIR=$PWD/.data \
   SQUEEZE_HOME=${SQUEEZE_HOME:-/tmp/squeeze-home}
 res=/tmp/res-$part; mkdir -p "$OUT" $res
-trap 'tar -C /tmp -czf "$OUT/$part.tgz" res-$part' EXIT   # at most 8 files come back: one archive per part
+trap 'tar -C /tmp -czf "$OUT/.$part.tgz" res-$part; mv "$OUT/.$part.tgz" "$OUT/$part.tgz"' EXIT   # at most 8 files come back: one archive per part
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $res/gpu.txt
 smol=smollm2
 use_stack() {  # the measured GPU stack from WHEELS, or (`-`) the environment as it stands
