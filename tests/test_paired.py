@@ -324,6 +324,25 @@ def test_gate_speed_passes_only_when_the_whole_range_clears_the_bound():
     assert [v["status"] for v in g["verdicts"]] == ["fail", "not measurable", "pass"]
 
 
+def test_gate_judges_a_range_the_noise_floor_called_noise_as_reaching_1():
+    """0.97-0.99 is wholly below 1, but with a 5 % floor its verdict is "no measurable change":
+    a no-regression bound of 1.0 cannot be judged on it (not a "fail"), one of 0.95 passes."""
+    from eval.config import GateCriterion
+    from eval.report.gate import apply_gate
+
+    rep = _gate_report({"nmc": (0.97, 0.99)})
+    s = ratio_range([0.97, 0.98, 0.99], noise_floor=0.05)
+    rep["artifacts"][0]["retention"]["hf"]["speed"]["throughput"] = s
+    assert s["verdict"] == "no measurable change"
+    (v,) = apply_gate(rep, [GateCriterion(metric="throughput_speedup", min=1.0, artifacts="all")])["verdicts"]
+    assert v["status"] == "not measurable" and not v["passed"]
+    (v,) = apply_gate(rep, [GateCriterion(metric="throughput_speedup", min=0.95, artifacts="all")])["verdicts"]
+    assert v["status"] == "pass"
+    rep["artifacts"][0]["retention"]["hf"]["speed"]["throughput"] = ratio_range([0.97, 0.98, 0.99])  # no floor
+    (v,) = apply_gate(rep, [GateCriterion(metric="throughput_speedup", min=1.0, artifacts="all")])["verdicts"]
+    assert v["status"] == "fail"
+
+
 def test_gate_speed_on_unpaired_speedups_is_not_measurable(tmp_path):
     from eval.config import GateCriterion
     from eval.report.gate import apply_gate, junit_xml
@@ -377,3 +396,11 @@ def test_a_speedup_inside_the_noise_earns_no_star(tmp_path):
     (g,) = compare_reports([rep])
     star = {r["artifact"]: r["pareto"]["throughput"] for r in g.rows}
     assert star == {"baseline (tiny)": True, "noisy": False, "fast": True}
+    # a range wholly above 1 whose median the noise floor calls noise ties with the baseline too
+    rep["artifacts"][0]["retention"]["hf"]["speed"]["throughput"] = ratio_range([1.01, 1.03, 1.04], noise_floor=0.05)
+    assert rep["artifacts"][0]["retention"]["hf"]["speed"]["throughput"]["verdict"] == "no measurable change"
+    (g,) = compare_reports([rep])
+    assert {r["artifact"]: r["pareto"]["throughput"] for r in g.rows} == star
+    rep["artifacts"][0]["retention"]["hf"]["speed"]["throughput"] = ratio_range([1.01, 1.03, 1.04])
+    (g,) = compare_reports([rep])  # with no floor the same range is "faster", and earns its star
+    assert {r["artifact"]: r["pareto"]["throughput"] for r in g.rows}["noisy"] is True

@@ -26,7 +26,7 @@ from eval.config import GATE_METRICS, GateCriterion
 from compress.yamlio import format_errors, load_yaml
 from eval.accuracy.tasks import headline
 from eval.report.compare import peak_memory
-from eval.speed.workload import fmt_speedup
+from eval.speed.workload import fmt_speedup, judged_range
 
 
 def parse_gate(raw, where: str) -> list[GateCriterion]:
@@ -111,12 +111,13 @@ def _bounds(c: GateCriterion) -> str:
 def speed_check(c: GateCriterion, s: dict) -> tuple[str, str]:
     """(status, detail) of a speedup criterion: "pass" only when the whole paired range clears
     the bound, "fail" when the whole range misses it, "not measurable" when it straddles the
-    bound or the speedup was not measured in paired rounds (eval.speed.paired)."""
+    bound or the speedup was not measured in paired rounds (eval.speed.paired). A range the
+    noise floor called noise counts as reaching 1.0 (judged_range)."""
     shown = fmt_speedup(s)
     if s.get("method") != "paired" or s.get("lo") is None:
         return "not measurable", (f"not measurable: {shown}: baseline and artifact were measured apart, not in "
                                   "paired rounds, so drift cannot be told from an effect")
-    lo, hi = s["lo"], s["hi"]
+    lo, hi = judged_range(s)  # a range the noise floor called noise claims no difference from 1
     if (c.min is None or lo >= c.min) and (c.max is None or hi <= c.max):
         return "pass", f"{shown}; needs {_bounds(c)}"
     if (c.min is not None and hi < c.min) or (c.max is not None and lo > c.max):

@@ -5,7 +5,8 @@ Identical points do not dominate each other (ties are all optimal); a point miss
 metric is left out of that chart and is never optimal. On the throughput axis a model is
 placed by its paired speedup's range over the baseline (eval.speed.paired; the baseline at
 exactly 1): one model is faster than another only when its whole range lies above the
-other's, so a difference inside the noise is a tie on that axis and earns no star. An
+other's, so a difference inside the noise (a range holding 1, or one the noise floor calls
+noise) is a tie on that axis and earns no star. An
 artifact without a paired speedup gets no star on that chart.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compress.errors import UserError
+from eval.speed.workload import judged_range
 
 Coord = float | tuple[float, float] | None  # a figure, or a (lo, hi) range of one
 
@@ -85,11 +87,13 @@ def value(row: dict, axis: Axis) -> float | None:
 
 def speed_range(row: dict) -> tuple[float, float] | None:
     """Where a row stands on the throughput axis when stars are given: its paired throughput
-    speedup's range over the baseline (the baseline itself: exactly 1), else None."""
+    speedup's range over the baseline (the baseline itself: exactly 1), else None. A range
+    beside 1 that the noise floor called noise is stretched to 1 (judged_range): a tie with the
+    baseline, as its verdict says."""
     if row["baseline"]:
         return (1.0, 1.0) if row["throughput"] is not None else None
     s = row["throughput_speedup"] or {}
-    return (s["lo"], s["hi"]) if s.get("method") == "paired" and s.get("lo") is not None else None
+    return judged_range(s) if s.get("method") == "paired" and s.get("lo") is not None else None
 
 
 def mark_pareto(rows: list[dict], quality: Axis, memory: Axis) -> None:

@@ -173,6 +173,15 @@ def speedups(base: dict, art: dict) -> dict:
     return out
 
 
+def judged_range(c: dict) -> tuple[float, float]:
+    """A paired speedup's range as the gate and the Pareto front judge it: a range beside 1.0
+    whose median the noise floor called noise ("no measurable change") is stretched to 1.0, so
+    it claims no difference from the baseline, as its verdict says."""
+    if c.get("verdict") == "no measurable change":
+        return min(c["lo"], 1.0), max(c["hi"], 1.0)
+    return c["lo"], c["hi"]
+
+
 def fmt_speedup(c: dict | None) -> str:
     """'1.32x (1.28-1.36)', 'no measurable change (0.97-1.05)', '1.04x (not paired)', or '–'."""
     if not c:
