@@ -40,8 +40,8 @@ def write_variant(base: Path, out: Path, how: str) -> Path:
     if (out / "config.json").is_file():
         return out
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    fused = [n for n, p in model.named_parameters() if p.dim() > 2]
-    if how == "rand50" and fused:  # fused experts are 3-D parameters, not nn.Linear: they would stay dense
+    fused = [n for n, p in model.named_parameters() if p.dim() > 2] if how == "rand50" else []
+    if fused:  # fused experts are 3-D parameters, not nn.Linear: rand50 would leave them dense
         raise SystemExit(f"paired_aa: rand50 zeroes nn.Linear weights only, and {base} holds {len(fused)} fused "
                          f"3-D weights it would leave dense (e.g. {fused[0]}); give VARIANT_DIRs or use a dense model")
     if how == "mag50":

@@ -24,10 +24,10 @@ case "${1:-}" in
     OUT=/tmp/bg setsid nohup bash "$0" "$@" > /tmp/bg/log 2>&1 < /dev/null &
     echo "started $1 in the background (pid $!)"; exit 0 ;;
   collect)
-    t0=$(date +%s); p=${2:?collect PART}
+    t0=$(date +%s); p=${2:?collect PART}; out=${OUT:-/tmp/out}
     while [ ! -f /tmp/bg/$p.tgz ] && [ $(( $(date +%s) - t0 )) -lt "${COLLECT_S:-560}" ]; do sleep 5; done
-    mkdir -p "${OUT:-/tmp/out}"; cp /tmp/bg/log "${OUT:-/tmp/out}/bg.log" 2>/dev/null; tail -n 25 /tmp/bg/log
-    if [ -f /tmp/bg/$p.tgz ]; then cp /tmp/bg/$p.tgz "${OUT:-/tmp/out}/"; echo "collected $p"; else echo "$p: still running"; fi
+    mkdir -p "$out"; cp /tmp/bg/log "$out/bg.log" 2>/dev/null; tail -n 25 /tmp/bg/log
+    if [ -f /tmp/bg/$p.tgz ]; then cp /tmp/bg/$p.tgz "$out/"; echo "collected $p"; else echo "$p: still running"; fi
     exit 0 ;;
 esac
 part=${1:?part: demo, fp8-8b or serving}; wheels=${2:?a directory of wheels}

@@ -53,13 +53,13 @@ def test_errors_come_back_as_user_errors_or_one_line():
         run_fresh(breaks)
 
 
-# Ctrl-C as at a terminal: Python's KeyboardInterrupt handler, which Python does not install
-# where SIGINT arrives ignored (a suite started in the background by a non-interactive shell)
+# Ctrl-C as at a terminal (eval.isolated.interruptible): Python installs no KeyboardInterrupt
+# handler where SIGINT arrives ignored (a suite started in the background by a non-interactive shell)
 DRIVER = """
-import signal, sys
-signal.signal(signal.SIGINT, signal.default_int_handler)
+import sys
 sys.path.insert(0, sys.argv[1])
-from eval.isolated import run_fresh
+from eval.isolated import interruptible, run_fresh
+interruptible()
 from test_isolated import sleeps
 
 if __name__ == "__main__":

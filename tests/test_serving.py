@@ -46,12 +46,13 @@ def test_server_stopped_on_exception(fake, tmp_path):
     assert _gone(pgid, port)
 
 
-# Ctrl-C as at a terminal: Python's KeyboardInterrupt handler, which Python does not install
-# where SIGINT arrives ignored (a suite started in the background by a non-interactive shell,
-# `cmd &`, whose children inherit SIGINT ignored: the SIGINT case then hung for 60 s)
+# Ctrl-C as at a terminal (eval.isolated.interruptible): Python installs no KeyboardInterrupt
+# handler where SIGINT arrives ignored (a suite started in the background by a non-interactive
+# shell, `cmd &`, whose children inherit SIGINT ignored: the SIGINT case then hung for 60 s)
 SIGNAL_SCRIPT = textwrap.dedent("""
-    import signal, sys, time
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    import sys, time
+    from eval.isolated import interruptible
+    interruptible()
     from eval.engines.server import VLLMServer, signals_raise
     VLLMServer.MODULE = "tests.fake_openai_server"
     with signals_raise():
