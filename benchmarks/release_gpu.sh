@@ -14,6 +14,9 @@
 #                   cache warm)
 #   serving WHEELS: `squeeze serving --client both` on SmolLM2 bf16, 512 x 128 / 128 at 40/s
 #                   and all at once: our client and vLLM's on the same server
+#   smol-pair WHEELS: `squeeze run` of SmolLM2 bf16 pruned 50 % by magnitude (dense kernels, the
+#                   baseline's shapes) against bf16 on both engines, the GPU demo's speed workload,
+#                   5 paired rounds (ROUNDS=N): the ratio should read "no measurable change"
 #   bg PART WHEELS: PART in a new session (setsid), left running after this command returns, its
 #                   archive and log under /tmp/bg; `collect PART` waits for it (at most COLLECT_S,
 #                   default 560 s; run it again while it says "still running") and copies them to $OUT
@@ -30,7 +33,7 @@ case "${1:-}" in
     if [ -f /tmp/bg/$p.tgz ]; then cp /tmp/bg/$p.tgz "$out/"; echo "collected $p"; else echo "$p: still running"; fi
     exit 0 ;;
 esac
-part=${1:?part: demo, fp8-8b or serving}; wheels=${2:?a directory of wheels}
+part=${1:?part: demo, fp8-8b, smol-pair or serving}; wheels=${2:?a directory of wheels}
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" HF_HUB_OFFLINE=1 SQUEEZE_DATA_DIR=$PWD/.data \
   SQUEEZE_HOME=${SQUEEZE_HOME:-/tmp/squeeze-home}
 res=/tmp/res-$part; mkdir -p "$OUT" $res
@@ -70,6 +73,18 @@ case "$part" in
     squeeze eval $L/fp8-dynamic --baseline $L/bf16 --dtype bfloat16 --eval-config $res/eval.yaml --no-cache \
       -o $res/fp8-8b 2> >(grep --line-buffered -v -E "it/s\]|s/it\]" > $res/fp8-8b.err)
     echo "fp8-8b: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/fp8-8b.err; cat $res/fp8-8b/report.md ;;
+  smol-pair)
+    use_stack
+    printf '%s\n' 'name: smol-pair' "model: {source: $smol, dtype: bfloat16}" 'seed: 0' 'device: auto' \
+      'stages: [{type: magnitude_prune, sparsity: 0.5, skip: [lm_head]}]' \
+      'eval: {engines: [hf, vllm], perplexity: null, tasks: [],' \
+      "  speed: {num_prompts: 64, input_len: 256, output_len: 64, batch1_requests: 1, warmup: 1, repeats: 1, rounds: ${ROUNDS:-5}}," \
+      '  vllm: {engine_args: {compilation_config: {cudagraph_capture_sizes: [1, 2, 4, 8, 16, 32, 64]}}}}' > $res/pair.yaml
+    t0=$(date +%s)
+    squeeze run $res/pair.yaml -o $res/smol-pair 2> >(grep --line-buffered -v -E "it/s\]|s/it\]" > $res/smol-pair.err)
+    echo "smol-pair: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/smol-pair.err
+    find $res/smol-pair -name '*.safetensors' -delete   # the archive carries figures, not weights
+    cat $res/smol-pair/report.md ;;
   serving)
     use_stack
     squeeze serving "$smol" --dtype bfloat16 --rates 40,inf --num-prompts 512 --input-len 128 --output-len 128 \
