@@ -99,22 +99,29 @@ def test_unsupported_architectures_are_refused_in_one_line(tmp_path):
         apply(model, RotateConfig(), StageContext(device="cpu", seed=0))
 
 
-def test_rotate_then_int8_through_the_pipeline(tiny_model, text_file, home):
-    """The rotated checkpoint is an ordinary HF directory with the base model's logits; int8
-    after it runs as usual; rotate after a quantization stage is refused."""
+def test_rotate_then_smoothquant_then_int8_through_the_pipeline(tiny_model, text_file, home):
+    """The rotated checkpoint is an ordinary HF directory with the base model's logits, and so is
+    SmoothQuant's after it (the chain issue 25's int8 figure uses); int8 after them runs as usual;
+    rotate after a quantization stage is refused."""
     from squeeze import pipeline
     from compress.models import load_model
     from squeeze.recipe import parse_recipe
 
-    rec = tiny_recipe(tiny_model, text_file, [{"type": "rotate"}, {"type": "int8"}], name="rot")
+    sq = {"type": "smoothquant", "alpha": 0.5, "calibration": {"dataset": str(text_file), "n_samples": 4, "seq_len": 32}}
+    rec = tiny_recipe(tiny_model, text_file, [{"type": "rotate"}, sq, {"type": "int8"}], name="rot")
     pipeline.run(parse_recipe(rec), evaluate_outputs=False)
-    (rot_dir,) = (home / "rot" / "stages").glob("01-rotate")
+    stages = home / "rot" / "stages"
     base, _ = load_model(tiny_model)
-    rot, _ = load_model(rot_dir)
+    rot, _ = load_model(stages / "01-rotate")
+    smooth, _ = load_model(stages / "02-smoothquant")
     ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(rot(ids).logits, base(ids).logits, rtol=0, atol=1e-4)
-    assert (home / "rot" / "stages" / "02-int8" / "stage.json").is_file()
+        ref = base(ids).logits
+        torch.testing.assert_close(rot(ids).logits, ref, rtol=0, atol=1e-4)
+        torch.testing.assert_close(smooth(ids).logits, ref, rtol=0, atol=1e-3)
+    moved = [n for n, p in smooth.named_parameters() if "layernorm" in n and not torch.allclose(p, torch.ones_like(p))]
+    assert moved, "SmoothQuant left the rotated norms at 1: it folded no scale"
+    assert (stages / "03-int8" / "stage.json").is_file()
     with pytest.raises(UserError, match=r"'rotate' after 'int8'"):
         parse_recipe(tiny_recipe(tiny_model, text_file, [{"type": "int8"}, {"type": "rotate"}]))
 
