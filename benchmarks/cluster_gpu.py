@@ -6,6 +6,7 @@
     python3 benchmarks/cluster_gpu.py share --gguf FILE --eager   # engines without compilation, both runs
     python3 benchmarks/cluster_gpu.py share --tiny        # a dry run on the CPU (tiny random model, hf)
     python3 benchmarks/cluster_gpu.py overhead --cpu      # SmolLM2 on the CPU (hf, perplexity only)
+    python3 benchmarks/cluster_gpu.py overhead --cpu --recipe recipes/w8a8-int8-dynamic.yaml   # a shipped recipe
 
 share: the one-GPU target. A 4-variant matrix on SmolLM2-135M-Instruct (imported from the GGUF
   FILE): RTN W8A16 per channel symmetric, RTN W4A16 g128, W8A8 int8 dynamic, FP8 dynamic, each evaluated
@@ -133,9 +134,13 @@ def compare(args, what: str, variants: dict, share: float) -> None:
     path = work / f"cluster-{what}.yaml"
     import yaml
 
-    path.write_text(yaml.safe_dump(recipe(f"cluster-{what}", base, variants, share, args.tiny, data, args.cpu,
-                                          args.task_cpus, args.eager),
-                                   sort_keys=False))
+    if getattr(args, "recipe", None):  # a recipe file as it is; only the tasks' CPUs set, as for the built-in ones
+        raw = yaml.safe_load(Path(args.recipe).read_text())
+        raw["execution"] = {**raw.get("execution", {}), "eval_cpus": args.task_cpus, "stage_cpus": args.task_cpus}
+        variants = {raw["name"]: raw.get("stages", [])}
+    else:
+        raw = recipe(f"cluster-{what}", base, variants, share, args.tiny, data, args.cpu, args.task_cpus, args.eager)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     for rep_i in range(args.repeats):
         times = {}
         last = work / "seconds.json"  # --only: the other side's last wall time, for the ratio
@@ -191,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--task-cpus", type=float, default=1.0, help="execution.eval_cpus and stage_cpus (CPUs a task "
                        "takes, and its torch threads)")
         p.add_argument("--jsonl", default=str(Path(os.environ.get("OUT", "/tmp")) / "cluster_gpu.jsonl"))
+        if name == "overhead":
+            p.add_argument("--recipe", help="a single-variant recipe file to run both ways instead of the built-in one "
+                           "(e.g. recipes/w8a8-int8-dynamic.yaml on the CPU, with --cpu)")
         if name == "share":
             p.add_argument("--share", type=float, default=0.25, help="the GPU share of each task in the cluster run")
     args = ap.parse_args(argv)
