@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import torch
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
 from compress.data import load_text
 from compress.models import load_model, resolve_model
@@ -22,6 +24,7 @@ from eval.engines.hf import HFEngine
 
 PARTS = (("q/k/v", ("q_proj", "k_proj", "v_proj")), ("o_proj", ("o_proj",)), ("gate/up", ("gate_proj", "up_proj")),
          ("down_proj", ("down_proj",)), ("all", ()))
+STATIC = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="tensor", dynamic=False)  # int8 stages' static layout
 
 
 def main(run: Path) -> None:
@@ -31,6 +34,11 @@ def main(run: Path) -> None:
     ids = tok(load_text("wikitext2"), add_special_tokens=False, return_tensors="pt").input_ids[0]
     cal = tok(load_text("wikitext2-valid"), add_special_tokens=False, return_tensors="pt").input_ids[0][:64 * 512]
     out = {}
+
+    def ppl(model) -> float:
+        return perplexity(HFEngine(model, tok, "cpu"), ids, context_length=1024, max_tokens=8192,
+                          progress=False)["perplexity"]
+
     for name, d in (("smoothquant 0.5", sq), ("rotate", rot[0]), ("rotate + smoothquant 0.5", rot[1])):
         model = load_model(d, dtype="float32")[0].eval()
         lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
@@ -48,16 +56,16 @@ def main(run: Path) -> None:
         for h in hooks:
             h.remove()
         # down_proj's inputs token by token: the layer whose largest per-token maximum is furthest above its median
-        spread = {n: (t := torch.cat(v)).max().item() / t.median().item() for n, v in tokmax.items()}
-        worst = max(spread, key=spread.get)
-        t = torch.cat(tokmax[worst])
-        res = {"none": perplexity(HFEngine(model, tok, "cpu"), ids, context_length=1024, max_tokens=8192,
-                                  progress=False)["perplexity"]}
-        for part, names in PARTS:
-            hooks = [m.register_forward_pre_hook(lambda _, a, s=amax[n] / 127: ((a[0] / s).round().clamp(-128, 127) * s,))
-                     for n, m in lin.items() if not names or n.rsplit(".", 1)[-1] in names]
-            res[part] = perplexity(HFEngine(model, tok, "cpu"), ids, context_length=1024, max_tokens=8192,
-                                   progress=False)["perplexity"]
+        per_token = {n: torch.cat(v) for n, v in tokmax.items()}
+        worst = max(per_token, key=lambda n: per_token[n].max().item() / per_token[n].median().item())
+        t = per_token[worst]
+        res = {"none": ppl(model)}
+        zero = torch.zeros(1, dtype=torch.int8)
+        for part, names in PARTS:  # compressed-tensors' own fake quantization: what transformers runs
+            hooks = [m.register_forward_pre_hook(
+                lambda _, a, s=torch.tensor([amax[n] / 127]): (fake_quantize(a[0], s, zero, STATIC),))
+                for n, m in lin.items() if not names or n.rsplit(".", 1)[-1] in names]
+            res[part] = ppl(model)
             for h in hooks:
                 h.remove()
         out[name] = {k: round(v, 3) for k, v in res.items()}

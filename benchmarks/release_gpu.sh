@@ -40,6 +40,7 @@ res=/tmp/res-$part; mkdir -p "$OUT" $res
 trap 'tar -C /tmp -czf "$OUT/.$part.tgz" res-$part; mv "$OUT/.$part.tgz" "$OUT/$part.tgz"' EXIT   # at most 8 files come back: one archive per part
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $res/gpu.txt
 smol=smollm2
+errlog() { grep --line-buffered -v -E "it/s\]|s/it\]" > "$res/$1.err"; }   # stderr without progress bars
 use_stack() {  # the measured GPU stack from WHEELS, or (`-`) the environment as it stands
   if [ "$wheels" = - ]; then
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; squeeze() { python3 -m squeeze.cli "$@"; }
@@ -71,7 +72,7 @@ case "$part" in
       'vllm: {engine_args: {load_format: dummy}}' > $res/eval.yaml
     t0=$(date +%s)
     squeeze eval $L/fp8-dynamic --baseline $L/bf16 --dtype bfloat16 --eval-config $res/eval.yaml --no-cache \
-      -o $res/fp8-8b 2> >(grep --line-buffered -v -E "it/s\]|s/it\]" > $res/fp8-8b.err)
+      -o $res/fp8-8b 2> >(errlog fp8-8b)
     echo "fp8-8b: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/fp8-8b.err; cat $res/fp8-8b/report.md ;;
   smol-pair)
     use_stack
@@ -81,14 +82,14 @@ case "$part" in
       "  speed: {num_prompts: 64, input_len: 256, output_len: 64, batch1_requests: 1, warmup: 1, repeats: 1, rounds: ${ROUNDS:-5}}," \
       '  vllm: {engine_args: {compilation_config: {cudagraph_capture_sizes: [1, 2, 4, 8, 16, 32, 64]}}}}' > $res/pair.yaml
     t0=$(date +%s)
-    squeeze run $res/pair.yaml -o $res/smol-pair 2> >(grep --line-buffered -v -E "it/s\]|s/it\]" > $res/smol-pair.err)
+    squeeze run $res/pair.yaml -o $res/smol-pair 2> >(errlog smol-pair)
     echo "smol-pair: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/smol-pair.err
     find $res/smol-pair -name '*.safetensors' -delete   # the archive carries figures, not weights
     cat $res/smol-pair/report.md ;;
   serving)
     use_stack
     squeeze serving "$smol" --dtype bfloat16 --rates 40,inf --num-prompts 512 --input-len 128 --output-len 128 \
-      --client both -o $res/serving 2> >(grep --line-buffered -v -E "it/s\]|s/it\]" > $res/serving.err)
+      --client both -o $res/serving 2> >(errlog serving)
     echo "serving: rc $?"; tail -n 15 $res/serving.err ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -57,7 +57,6 @@ def test_errors_come_back_as_user_errors_or_one_line():
 # handler where SIGINT arrives ignored (a suite started in the background by a non-interactive shell)
 DRIVER = """
 import sys
-sys.path.insert(0, sys.argv[1])
 from eval.isolated import interruptible, run_fresh
 interruptible()
 from test_isolated import sleeps
@@ -75,7 +74,7 @@ def test_ctrl_c_ends_the_child_and_raises_here(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    proc = subprocess.Popen([sys.executable, str(script), str(REPO / "tests")], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout.readline().strip() == "child started"
     children = psutil.Process(proc.pid).children(recursive=True)
