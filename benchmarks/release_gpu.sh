@@ -17,15 +17,21 @@
 #   smol-pair WHEELS: `squeeze run` of SmolLM2 bf16 pruned 50 % by magnitude (dense kernels, the
 #                   baseline's shapes) against bf16 on both engines, the GPU demo's speed workload,
 #                   5 paired rounds (ROUNDS=N): the ratio should read "no measurable change"
-#   bg PART WHEELS: PART in a new session (setsid), left running after this command returns, its
-#                   archive and log under /tmp/bg; `collect PART` waits for it (at most COLLECT_S,
-#                   default 560 s; run it again while it says "still running") and copies them to $OUT
+#   cluster-share WHEELS / cluster-overhead WHEELS: `benchmarks/cluster_gpu.py share` / `overhead`
+#                   (issue 26's one-GPU targets: both runs, sequential and --cluster local)
+#   bg "PART..." WHEELS: the PARTs one after another in a new session (setsid), from a copy of this
+#                   tree (later calls may replace the original), left running after this command
+#                   returns, archives and log under /tmp/bg; `collect PART` waits for PART (at most
+#                   COLLECT_S, default 560 s; run it again while it says "still running") and copies
+#                   them to $OUT
 set -uo pipefail
 case "${1:-}" in
   bg)
-    shift; rm -rf /tmp/bg; mkdir -p /tmp/bg
-    OUT=/tmp/bg setsid nohup bash "$0" "$@" > /tmp/bg/log 2>&1 < /dev/null &
-    echo "started $1 in the background (pid $!)"; exit 0 ;;
+    rm -rf /tmp/bg /tmp/bg-tree; mkdir -p /tmp/bg /tmp/bg-tree
+    tar --exclude=./.gpu --exclude=./.git --exclude=./.venv -cf - . | tar -C /tmp/bg-tree -xf -
+    (cd /tmp/bg-tree && OUT=/tmp/bg setsid nohup bash -c \
+      'for p in $1; do bash benchmarks/release_gpu.sh "$p" "$2"; done' _ "$2" "$3" > /tmp/bg/log 2>&1 < /dev/null &
+     echo "started $2 in the background (pid $!)"); exit 0 ;;
   collect)
     t0=$(date +%s); p=${2:?collect PART}; out=${OUT:-/tmp/out}
     while [ ! -f /tmp/bg/$p.tgz ] && [ $(( $(date +%s) - t0 )) -lt "${COLLECT_S:-560}" ]; do sleep 5; done
@@ -33,7 +39,7 @@ case "${1:-}" in
     if [ -f /tmp/bg/$p.tgz ]; then cp /tmp/bg/$p.tgz "$out/"; echo "collected $p"; else echo "$p: still running"; fi
     exit 0 ;;
 esac
-part=${1:?part: demo, fp8-8b, smol-pair or serving}; wheels=${2:?a directory of wheels}
+part=${1:?part: demo, fp8-8b, smol-pair, serving, cluster-share or cluster-overhead}; wheels=${2:?a directory of wheels}
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" HF_HUB_OFFLINE=1 SQUEEZE_DATA_DIR=$PWD/.data \
   SQUEEZE_HOME=${SQUEEZE_HOME:-/tmp/squeeze-home}
 res=/tmp/res-$part; mkdir -p "$OUT" $res
@@ -91,5 +97,12 @@ case "$part" in
     squeeze serving "$smol" --dtype bfloat16 --rates 40,inf --num-prompts 512 --input-len 128 --output-len 128 \
       --client both -o $res/serving 2> >(errlog serving)
     echo "serving: rc $?"; tail -n 15 $res/serving.err ;;
+  cluster-share|cluster-overhead)
+    use_stack
+    t0=$(date +%s)
+    python benchmarks/cluster_gpu.py ${part#cluster-} --gguf "$smol" --work /tmp/cb-$part --jsonl $res/cluster_gpu.jsonl \
+      ${CLUSTER_ARGS:-} > $res/$part.log 2> >(errlog $part)
+    echo "$part: rc $? in $(( $(date +%s) - t0 )) s"; cat $res/$part.log; tail -n 15 $res/$part.err
+    cp /tmp/cb-$part/*.log $res/ 2>/dev/null ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
