@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from compress import gpulock
 from compress.engine_facts import EngineFacts
 from compress.errors import UserError
 from compress.models import load_model
@@ -93,6 +94,7 @@ class HFEngine:
         self.vocab_size = model.config.vocab_size
         self.decoder = None if decode == "dynamic" else StaticDecoder(model, decode, compile_decode)
         self.stats: dict = {}
+        self.gpu_hold = None  # compress.gpulock's shared hold on the GPU, from load to close
 
     # -- what the engine is --------------------------------------------------------------------
     @classmethod
@@ -156,8 +158,14 @@ class HFEngine:
         `compile_decode` the static step is torch.compile'd (eval.engines.hf_static)."""
         if compile_decode and decode == "dynamic":
             raise UserError("hf.compile_decode: needs decode static or cuda_graph")
-        model, tok = load_model(model_dir, dtype, device, trust_remote_code, allow_pickle, attn_implementation)
+        hold = gpulock.Hold(device, gpulock.SHARED)  # load to close: vLLM starting beside it waits (compress.gpulock)
+        try:
+            model, tok = load_model(model_dir, dtype, device, trust_remote_code, allow_pickle, attn_implementation)
+        except BaseException:
+            hold.release()
+            raise
         eng = cls(model, tok, device, decode, compile_decode)
+        eng.gpu_hold = hold
         eng.stats = weight_stats(model)
         if sparse_kernels:
             eng.stats["semi_structured_layers"] = to_semi_structured_(model)
@@ -249,3 +257,6 @@ class HFEngine:
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+        if self.gpu_hold is not None:
+            self.gpu_hold.release()
+            self.gpu_hold = None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from compress import gpulock
 from compress.engine_facts import EngineFacts
 from compress.errors import UserError
 from eval.engines import vllm_dist
@@ -106,7 +107,7 @@ class VLLMEngine:
 
     # -- one loaded model ----------------------------------------------------------------------
     def __init__(self, llm, device: str):
-        self.llm, self.device = llm, device
+        self.llm, self.device, self.world = llm, device, 1
         self._counter = itertools.count()
         self.tokenizer = llm.get_tokenizer()
         # token ids the engine accepts: vLLM refuses prompt ids beyond its tokenizer's vocabulary
@@ -138,9 +139,12 @@ class VLLMEngine:
                 os.environ.setdefault(k, v)
         kw.setdefault("load_format", "auto" if allow_pickle else "safetensors")
         kw.setdefault("worker_extension_cls", PROBE)  # reads the kernels each layer got (eval.engines.kernels)
-        llm = LLM(model=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
-                  max_model_len=max_model_len, enforce_eager=enforce_eager, seed=0, **kw)
+        world = int(kw.get("tensor_parallel_size") or 1) * int(kw.get("pipeline_parallel_size") or 1)
+        with gpulock.exclusive(device, world):  # its memory profiling alone on the GPU (compress.gpulock)
+            llm = LLM(model=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
+                      max_model_len=max_model_len, enforce_eager=enforce_eager, seed=0, **kw)
         eng = cls(llm, device)
+        eng.world = world
         eng.stats["kernels"] = vllm_kernels(llm)
         # what the attention layers store (the engine's config keeps 'auto' where a checkpoint's kv_cache_scheme
         # made it fp8)
@@ -221,12 +225,13 @@ class VLLMEngine:
     def close(self) -> None:
         """Stop vLLM's engine processes now (not at interpreter exit, when logging is gone), and
         let them finish their own teardown: see SHUTDOWN_GRACE_S."""
-        if self.llm is not None:
-            core = getattr(self.llm.llm_engine, "engine_core", None)
-            if core is not None and hasattr(core, "shutdown"):
-                core.shutdown(timeout=SHUTDOWN_GRACE_S)
-        self.llm = None
-        gc.collect()
+        with gpulock.exclusive(self.device, self.world):  # the memory it frees: not during another's profiling
+            if self.llm is not None:
+                core = getattr(self.llm.llm_engine, "engine_core", None)
+                if core is not None and hasattr(core, "shutdown"):
+                    core.shutdown(timeout=SHUTDOWN_GRACE_S)
+            self.llm = None
+            gc.collect()
 
 
 # How long the engine-core process may take to exit after SIGTERM before it is killed. vLLM's

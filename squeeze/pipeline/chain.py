@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from compress import coverage, moe, registry
+from compress import coverage, gpulock, moe, registry
 from compress.export.compressed_tensors import is_quantized, save_compressed
 from compress.fsutil import atomic_dir, atomic_write_text
 from compress.manifest import write_manifest
@@ -69,7 +69,8 @@ def _run_stage(recipe: Recipe, stages: list[StageSpec], i: int, prev: Path, out:
     if stage.experts:
         moe.linearize(model)  # fused experts as per-expert nn.Linear for the stage (compress.moe)
     before = coverage.fingerprint(model) if stage.weights else None
-    model, info = stage.apply(model, spec.config, ctx)
+    with gpulock.shared(device):  # vLLM engines starting on this GPU elsewhere wait (compress.gpulock)
+        model, info = stage.apply(model, spec.config, ctx)
     if before is not None:
         info["coverage"] = coverage.coverage(before, model)
     if not is_quantized(model):

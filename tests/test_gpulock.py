@@ -1,0 +1,116 @@
+"""compress.gpulock: vLLM engines start and stop alone on a GPU; stages and transformers engines
+share it. Checked with the real lock files (flock needs no GPU) and a second open file, which
+flock treats as another holder."""
+
+import contextlib
+import fcntl
+import os
+
+import pytest
+
+from compress import gpulock
+
+
+@pytest.fixture(autouse=True)
+def lock_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(gpulock.LOCK_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return tmp_path
+
+
+def free(gpu: str, mode: int) -> bool:
+    """Whether another holder could take `gpu`'s lock in `mode` now."""
+    fd = os.open(gpulock.lock_path(gpu), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_exclusive_keeps_everyone_out_and_shared_keeps_starts_out():
+    with gpulock.exclusive("cuda"):
+        assert not free("0", fcntl.LOCK_SH) and not free("0", fcntl.LOCK_EX)
+    assert free("0", fcntl.LOCK_EX)
+    with gpulock.shared("cuda"):
+        assert free("0", fcntl.LOCK_SH) and not free("0", fcntl.LOCK_EX)
+    assert free("0", fcntl.LOCK_EX)
+
+
+def test_nested_in_one_process_converts_instead_of_waiting_on_itself():
+    with gpulock.shared("cuda"):
+        with gpulock.exclusive("cuda"):  # would wait forever on its own shared lock if it did not convert
+            assert not free("0", fcntl.LOCK_SH)
+        assert free("0", fcntl.LOCK_SH) and not free("0", fcntl.LOCK_EX)  # back to shared
+    assert free("0", fcntl.LOCK_EX) and gpulock._HELD == {}
+
+
+def test_the_lock_is_per_physical_gpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # as Ray sets it for a task
+    assert gpulock.gpu_ids("cuda") == ["3"] and gpulock.gpu_ids("cuda:1") == ["5"]
+    assert gpulock.gpu_ids("cuda", world=2) == ["3", "5"]
+    with gpulock.exclusive("cuda:1"):
+        assert free("3", fcntl.LOCK_EX) and not free("5", fcntl.LOCK_SH)
+    with gpulock.exclusive("cuda", world=2):
+        assert not free("3", fcntl.LOCK_SH) and not free("5", fcntl.LOCK_SH)
+
+
+def test_cpu_takes_no_lock(lock_dir):
+    with gpulock.exclusive("cpu"), gpulock.shared("cpu"):
+        assert list(lock_dir.iterdir()) == []
+
+
+def test_vllm_engine_starts_under_the_exclusive_lock(monkeypatch, tiny_model):
+    """VLLMEngine.load on a GPU constructs vllm.LLM holding every GPU of its world exclusively."""
+    vllm = pytest.importorskip("vllm")
+    from eval.engines.vllm import VLLMEngine
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(**kw):
+        seen["locked"] = [not free(g, fcntl.LOCK_SH) for g in ("0", "1", "2")]
+        raise Stop
+
+    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    with pytest.raises(Stop):
+        VLLMEngine.load(tiny_model, device="cuda", tensor_parallel_size=2)
+    assert seen["locked"] == [True, True, False]
+    assert free("0", fcntl.LOCK_EX) and free("1", fcntl.LOCK_EX)  # let go when the start failed
+
+
+def test_stages_run_under_the_shared_lock(monkeypatch, tiny_model, text_file, tmp_path):
+    """A chain's stage is applied inside gpulock.shared(device)."""
+    from compress import registry
+    from squeeze.pipeline import chain
+    from squeeze.recipe import parse_recipe
+    from tests.conftest import tiny_recipe
+
+    events, real_get = [], registry.get
+
+    @contextlib.contextmanager
+    def shared(device, world=1):
+        events.append(("enter", device))
+        yield
+        events.append(("exit", device))
+
+    class Watched:
+        def __init__(self, stage):
+            self.stage = stage
+
+        def __getattr__(self, k):
+            return getattr(self.stage, k)
+
+        def apply(self, model, cfg, ctx):
+            events.append(("apply", None))
+            return self.stage.apply(model, cfg, ctx)
+
+    monkeypatch.setattr(chain.gpulock, "shared", shared)
+    monkeypatch.setattr(chain.registry, "get", lambda t: Watched(real_get(t)))
+    recipe = parse_recipe(tiny_recipe(tiny_model, text_file))
+    chain.run_chain(recipe, recipe.stages, [tmp_path / "stages" / "s1"], "cpu", tiny_model)
+    assert events == [("enter", "cpu"), ("apply", None), ("exit", "cpu")]
