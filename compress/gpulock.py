@@ -11,12 +11,12 @@ cache blocks" (the others' allocations counted as this engine's) and "Error in m
 So, per physical GPU, one lock file under the host's temporary directory (fcntl.flock: held by
 the process, let go when it exits, however it exits):
 
-- exclusive while a vLLM engine starts or stops (`exclusive`);
-- shared while anything else changes that GPU's memory as it goes: a chain of stages, a
-  transformers engine from load to close (`shared`, `Hold`).
+- exclusive while a vLLM engine starts (`exclusive`): it profiles then;
+- shared while anything else changes that GPU's memory: a chain of stages, a transformers
+  engine from load to close (`shared`, `Hold`), a vLLM engine while it stops and frees its memory.
 
-Starts and stops then take turns, and none overlaps the stages or transformers engines of
-other processes on that GPU. Nothing waits on a CPU. Written here because nothing maintained
+Engines start one at a time, and never while another process on that GPU allocates or frees;
+everything else goes on side by side. Nothing waits on a CPU. Written here because nothing maintained
 offers a cross-process reader-writer lock keyed by GPU (filelock has exclusive locks only).
 """
 
@@ -128,7 +128,7 @@ def _held(device: str, mode: int, world: int):
 
 
 def exclusive(device: str, world: int = 1):
-    """Held while a vLLM engine starts or stops on `device`."""
+    """Held while a vLLM engine starts on `device`."""
     return _held(device, EXCLUSIVE, world)
 
 

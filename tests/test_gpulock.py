@@ -1,5 +1,5 @@
-"""compress.gpulock: vLLM engines start and stop alone on a GPU; stages and transformers engines
-share it. Checked with the real lock files (flock needs no GPU) and a second open file, which
+"""compress.gpulock: vLLM engines start alone on a GPU; stages, transformers engines and stopping
+vLLM engines share it. Checked with the real lock files (flock needs no GPU) and a second open file, which
 flock treats as another holder."""
 
 import contextlib
@@ -81,6 +81,25 @@ def test_vllm_engine_starts_under_the_exclusive_lock(monkeypatch, tiny_model):
         VLLMEngine.load(tiny_model, device="cuda", tensor_parallel_size=2)
     assert seen["locked"] == [True, True, False]
     assert free("0", fcntl.LOCK_EX) and free("1", fcntl.LOCK_EX)  # let go when the start failed
+
+
+def test_vllm_engine_stops_under_the_shared_lock():
+    """Stopping frees memory: not while another engine starts (exclusive), but beside stages."""
+    from types import SimpleNamespace
+
+    from eval.engines.vllm import VLLMEngine
+
+    seen = {}
+
+    def shutdown(timeout):
+        seen["state"] = (free("0", fcntl.LOCK_SH), free("0", fcntl.LOCK_EX))
+
+    eng = VLLMEngine.__new__(VLLMEngine)
+    eng.device, eng.world = "cuda", 1
+    eng.llm = SimpleNamespace(llm_engine=SimpleNamespace(engine_core=SimpleNamespace(shutdown=shutdown)))
+    eng.close()
+    assert seen["state"] == (True, False) and eng.llm is None
+    assert free("0", fcntl.LOCK_EX)
 
 
 def test_stages_run_under_the_shared_lock(monkeypatch, tiny_model, text_file, tmp_path):

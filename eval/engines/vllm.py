@@ -225,7 +225,7 @@ class VLLMEngine:
     def close(self) -> None:
         """Stop vLLM's engine processes now (not at interpreter exit, when logging is gone), and
         let them finish their own teardown: see SHUTDOWN_GRACE_S."""
-        with gpulock.exclusive(self.device, self.world):  # the memory it frees: not during another's profiling
+        with gpulock.shared(self.device, self.world):  # the memory it frees: not during another's start-up profiling
             if self.llm is not None:
                 core = getattr(self.llm.llm_engine, "engine_core", None)
                 if core is not None and hasattr(core, "shutdown"):
