@@ -86,6 +86,34 @@ def test_w8a8_artifact_reloads_as_the_fake_quantized_model(case, tiny_model, tex
     assert info["quantized_modules"] == 14 and "kernels" not in info  # engines observe them (test_kernels)
 
 
+def test_static_int8_keeps_the_named_modules_dynamic(tiny_model, text_file, tmp_path):
+    """dynamic_modules: down_proj's activations are scaled per token at run time, every other
+    linear keeps its static scale; two config groups, and the artifact reloads exactly."""
+    from compress.export.compressed_tensors import describe
+
+    stage = {"type": "int8", "activations": "static", "dynamic_modules": ["*down_proj"],
+             "calibration": _calib(text_file)}
+    model, tok, info = _apply(tiny_model, text_file, stage)
+    art = reload_as_fake(model, tok, tmp_path / "art", 1e-5)
+    q = json.loads((tmp_path / "art" / "config.json").read_text())["quantization_config"]
+    by_dynamic = {g["input_activations"]["dynamic"]: g["targets"] for g in q["config_groups"].values()}
+    assert sorted(by_dynamic[True]) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert len(by_dynamic[False]) == 12 and not any(t.endswith("down_proj") for t in by_dynamic[False])
+    with safe_open(tmp_path / "art" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        codes = f.get_tensor("model.layers.1.mlp.down_proj.weight")
+        scale = f.get_tensor("model.layers.1.mlp.down_proj.weight_scale")
+    assert "model.layers.1.mlp.down_proj.input_scale" not in keys and "model.layers.1.mlp.up_proj.input_scale" in keys
+    x = torch.randn(3, 7, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = art.model.layers[1].mlp.down_proj(x)
+    assert (got - _hand_int8_linear(x, codes, scale)).abs().max().item() < 1e-4  # per token, at run time
+    assert describe(q)["scheme"] == "W8A8-INT8 static + W8A8-INT8 dynamic"
+    assert info["activations"].endswith("per token, dynamic: 2 modules (*down_proj)")
+    with pytest.raises(Exception, match="dynamic_modules keeps some modules dynamic"):
+        parse_recipe({"name": "x", "stages": [{"type": "int8", "dynamic_modules": ["*down_proj"]}]})
+
+
 def _hand_int8_linear(x, codes, w_scale, input_scale=None):
     """int8 W8A8 by hand: codes × per-channel scale; x rounded per token (or with the static scale)."""
     s = input_scale if input_scale is not None else x.abs().amax(-1, keepdim=True) / 127.5
@@ -235,6 +263,12 @@ def refused_in_one_line(recipe: dict, expect: str, tmp_path, home) -> None:
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert lines and expect in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_dynamic_modules_glob_that_names_nothing_is_refused(tiny_model, text_file, tmp_path, home):
+    stage = {"type": "int8", "activations": "static", "dynamic_modules": ["*down_prj"], "calibration": _calib(text_file)}
+    refused_in_one_line(tiny_recipe(tiny_model, text_file, [stage]), "int8.dynamic_modules.targets: '*down_prj' "
+                        "matches no nn.Linear module", tmp_path, home)
 
 
 def test_what_vllm_cpu_cannot_run_is_refused_naming_the_engine(tiny_model, text_file, tmp_path, home):

@@ -259,12 +259,17 @@ def describe(qcfg: dict | None) -> dict | None:
         out["kv_cache"] = f"FP8 per {'head' if kv.get('strategy') == 'attn_head' else 'tensor'}"
     groups = list((qcfg.get("config_groups") or {}).values())
     sizes = sorted({(g.get("weights") or {}).get("group_size") or -1 for g in groups}, reverse=True)
-    for g in groups[:1]:
+    names = []
+    for g in groups:  # one name per distinct scheme: 'W8A8-INT8 static + W8A8-INT8 dynamic' where groups differ
         w = g.get("weights") or {}
         acts = g.get("input_activations")
         block = (w.get("block_structure") or [None])[0]
-        name = scheme_name(w.get("type"), w.get("num_bits"), None if not acts else bool(acts.get("dynamic")),
-                           acts and acts.get("type"), block)
+        names.append(scheme_name(w.get("type"), w.get("num_bits"), None if not acts else bool(acts.get("dynamic")),
+                                 acts and acts.get("type"), block))
+    for g in groups[:1]:
+        w = g.get("weights") or {}
+        block = (w.get("block_structure") or [None])[0]
+        name = " + ".join(dict.fromkeys(names))
         out.update({"bits": w.get("num_bits"), "group_size": sizes[0], "group_sizes": sizes,
                     "symmetric": w.get("symmetric"), "actorder": w.get("actorder"), "scheme": name,
                     **({"block": block} if block else {})})

@@ -61,6 +61,10 @@ class W8A8Config(Strict):
         "block_size tile of the weight, activations per token and group of block_size channels (dynamic)")
     block_size: Literal[64, 128] = Field(128, description="weights: block: the tile's side; it must divide every "
                                          "quantized layer's input and output widths (vLLM's fast kernels take 128)")
+    dynamic_modules: list[str] = Field(
+        default_factory=list, description="static activations: module-name globs whose activations stay dynamic, a "
+        "scale per token (e.g. ['*down_proj']: its inputs peak on a few tokens far above the rest, a range one scale "
+        "per tensor cannot hold); the checkpoint gets a config group for them, the report names both")
     rotate: RotateConfig | None = Field(None, description=ROTATE_FIELD)
 
     @property
@@ -75,6 +79,9 @@ class W8A8Config(Strict):
                              "activations: static")
         if "observer" in self.model_fields_set and self.activations == "dynamic":
             raise ValueError("`observer` sets static activation scales; dynamic activations have none")
+        if self.dynamic_modules and self.activations == "dynamic":
+            raise ValueError("dynamic_modules keeps some modules dynamic among static ones; with activations: dynamic "
+                             "every module is dynamic already")
         if self.weights == "block" and self.activations == "static":
             raise ValueError("weights: block takes dynamic activations (a scale per token and group of block_size "
                              "channels, as vLLM runs it); use activations: dynamic, or weights: channel")
@@ -91,7 +98,8 @@ def engine_checkpoints(cfg: W8A8Config, model, fp8: bool) -> tuple[W8A8, ...]:
     """What the engines are asked about: the dense linears (first), and the experts where there
     are any (engines run those as one fused layer with their own methods)."""
     dense = W8A8(fp8=fp8, dynamic=cfg.activations == "dynamic", block=cfg.block)
-    return (dense, replace(dense, experts=True)) if linear_experts(model) else (dense,)
+    kinds = (dense, replace(dense, dynamic=True)) if cfg.dynamic_modules else (dense,)
+    return (*kinds, *(replace(k, experts=True) for k in kinds)) if linear_experts(model) else kinds
 
 
 def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool) -> list[str]:
@@ -118,6 +126,8 @@ def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool)
     if cfg.calibration is not None and ctx.tokenizer is not None:
         check_calibration(ctx.tokenizer, cfg.calibration, stage)
     names = select_linears(model, cfg.targets, cfg.ignore, stage)
+    if cfg.dynamic_modules:  # each glob must name a module (select_linears says which does not)
+        select_linears(model, cfg.dynamic_modules, [], f"{stage}.dynamic_modules")
     if cfg.block:
         check_blocks(model, names, cfg.block_size, stage)
     return names
@@ -187,6 +197,8 @@ def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
     scheme = WeightScheme(bits=8, group_size=-1, symmetric=True, type="float" if fp8 else "int", block=cfg.block,
                           input_acts=ActScheme(type="float" if fp8 else "int", dynamic=cfg.activations == "dynamic",
                                                group_size=cfg.block))
+    dynamic = set(select_linears(model, cfg.dynamic_modules, [], stage)) & set(names) if cfg.dynamic_modules else set()
+    dyn_scheme = replace(scheme, input_acts=replace(scheme.input_acts, dynamic=True))
     t0 = time.perf_counter()
     records: dict[str, QuantRecord] = {}
     per_module: dict[str, dict] = {}
@@ -214,20 +226,23 @@ def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
             extra = {"input_absmax": stats.absmax.item()}
             if cfg.histogram:
                 extra["absmax_over_range"] = round(stats.absmax.item() / (s.item() * half_range(fp8)), 3)
-            return {rel: {**quantize(f"{layers_name}.{i}.{rel}", m, s), **extra} for rel, m in group.items()}
+            return {rel: {**quantize(f"{layers_name}.{i}.{rel}", m, None if f"{layers_name}.{i}.{rel}" in dynamic else s),
+                          **extra} for rel, m in group.items()}
 
         info = run_layerwise(model, calib, names,
                              lambda m, dev: RangeCollector(m.in_features, dev, cfg.histogram), solve,
                              ctx.device, sequential=True, batch_size=c.batch_size, progress=ctx.progress, desc=stage,
                              all_experts=c.calibrate_all_experts)
         per_module = info.pop("modules")
-    attach(model, records, {n: scheme for n in records})
+    attach(model, records, {n: dyn_scheme if n in dynamic else scheme for n in records})
     errs = [m["weight_rel_error"] for m in per_module.values()]
     return model, {"scheme": scheme.name, "format": scheme.format,
                    "weights": (f"{cfg.block}x{cfg.block} blocks" if cfg.block else "per channel") + ", symmetric, RTN",
                    "activations": (f"per token and group of {cfg.block}, dynamic" if cfg.block else
                                    "per token, dynamic") if cfg.activations == "dynamic"
-                   else f"per tensor, static ({cfg.observer}{f' {cfg.percentile}' if cfg.histogram else ''})",
+                   else f"per tensor, static ({cfg.observer}{f' {cfg.percentile}' if cfg.histogram else ''})"
+                   + (f"; per token, dynamic: {len(dynamic)} modules ({', '.join(cfg.dynamic_modules)})" if dynamic
+                      else ""),
                    "quantized_modules": len(records),
                    **engine_notes(ctx.engine_facts, engine_checkpoints(cfg, model, fp8)[0]),
                    "mean_weight_rel_error": round(sum(errs) / len(errs), 6),
