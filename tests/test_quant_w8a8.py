@@ -110,6 +110,7 @@ def test_static_int8_keeps_the_named_modules_dynamic(tiny_model, text_file, tmp_
     assert (got - _hand_int8_linear(x, codes, scale)).abs().max().item() < 1e-4  # per token, at run time
     assert describe(q)["scheme"] == "W8A8-INT8 static + W8A8-INT8 dynamic"
     assert info["activations"].endswith("per token, dynamic: 2 modules (*down_proj)")
+    assert info["scheme"] == "W8A8-INT8 static + W8A8-INT8 dynamic"
     with pytest.raises(Exception, match="dynamic_modules keeps some modules dynamic"):
         parse_recipe({"name": "x", "stages": [{"type": "int8", "dynamic_modules": ["*down_proj"]}]})
 
@@ -265,10 +266,14 @@ def refused_in_one_line(recipe: dict, expect: str, tmp_path, home) -> None:
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
 
 
-def test_a_dynamic_modules_glob_that_names_nothing_is_refused(tiny_model, text_file, tmp_path, home):
-    stage = {"type": "int8", "activations": "static", "dynamic_modules": ["*down_prj"], "calibration": _calib(text_file)}
-    refused_in_one_line(tiny_recipe(tiny_model, text_file, [stage]), "int8.dynamic_modules.targets: '*down_prj' "
-                        "matches no nn.Linear module", tmp_path, home)
+@pytest.mark.parametrize("globs,expect", [
+    (["*down_prj"], "int8.dynamic_modules.targets: '*down_prj' matches no nn.Linear module"),
+    (["*q_proj"], "int8.dynamic_modules: model.layers.0.self_attn.q_proj is named but not k_proj, v_proj: vLLM runs "
+                  "q_proj/k_proj/v_proj as one layer"),
+])
+def test_bad_dynamic_modules_are_refused_before_any_work(globs, expect, tiny_model, text_file, tmp_path, home):
+    stage = {"type": "int8", "activations": "static", "dynamic_modules": globs, "calibration": _calib(text_file)}
+    refused_in_one_line(tiny_recipe(tiny_model, text_file, [stage]), expect, tmp_path, home)
 
 
 def test_what_vllm_cpu_cannot_run_is_refused_naming_the_engine(tiny_model, text_file, tmp_path, home):

@@ -269,8 +269,7 @@ def describe(qcfg: dict | None) -> dict | None:
     for g in groups[:1]:
         w = g.get("weights") or {}
         block = (w.get("block_structure") or [None])[0]
-        name = " + ".join(dict.fromkeys(names))
         out.update({"bits": w.get("num_bits"), "group_size": sizes[0], "group_sizes": sizes,
-                    "symmetric": w.get("symmetric"), "actorder": w.get("actorder"), "scheme": name,
-                    **({"block": block} if block else {})})
+                    "symmetric": w.get("symmetric"), "actorder": w.get("actorder"),
+                    "scheme": " + ".join(dict.fromkeys(names)), **({"block": block} if block else {})})
     return out

@@ -102,6 +102,25 @@ def engine_checkpoints(cfg: W8A8Config, model, fp8: bool) -> tuple[W8A8, ...]:
     return (*kinds, *(replace(k, experts=True) for k in kinds)) if linear_experts(model) else kinds
 
 
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # one layer, one scheme in vLLM
+
+
+def dynamic_set(model, cfg: W8A8Config, names: list[str], stage: str) -> set[str]:
+    """The quantized modules `dynamic_modules` names; every glob must name a module, and modules vLLM
+    fuses into one layer (q/k/v, gate/up) must be named together."""
+    if not cfg.dynamic_modules:
+        return set()
+    dynamic = set(select_linears(model, cfg.dynamic_modules, [], f"{stage}.dynamic_modules")) & set(names)
+    for n in sorted(dynamic):
+        head, _, tail = n.rpartition(".")
+        for fused in FUSED:
+            rest = [f for f in fused if f != tail and f"{head}.{f}" in names and f"{head}.{f}" not in dynamic]
+            if tail in fused and rest:
+                raise UserError(f"{stage}.dynamic_modules: {n} is named but not {', '.join(rest)}: vLLM runs "
+                                f"{'/'.join(fused)} as one layer with one scheme; name them together")
+    return dynamic
+
+
 def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool) -> list[str]:
     """Checks before any work; returns the module names to quantize."""
     refuse_quantized(ctx.model_dir, stage)
@@ -126,8 +145,7 @@ def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool)
     if cfg.calibration is not None and ctx.tokenizer is not None:
         check_calibration(ctx.tokenizer, cfg.calibration, stage)
     names = select_linears(model, cfg.targets, cfg.ignore, stage)
-    if cfg.dynamic_modules:  # each glob must name a module (select_linears says which does not)
-        select_linears(model, cfg.dynamic_modules, [], f"{stage}.dynamic_modules")
+    dynamic_set(model, cfg, names, stage)
     if cfg.block:
         check_blocks(model, names, cfg.block_size, stage)
     return names
@@ -197,7 +215,7 @@ def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
     scheme = WeightScheme(bits=8, group_size=-1, symmetric=True, type="float" if fp8 else "int", block=cfg.block,
                           input_acts=ActScheme(type="float" if fp8 else "int", dynamic=cfg.activations == "dynamic",
                                                group_size=cfg.block))
-    dynamic = set(select_linears(model, cfg.dynamic_modules, [], stage)) & set(names) if cfg.dynamic_modules else set()
+    dynamic = dynamic_set(model, cfg, names, stage)
     dyn_scheme = replace(scheme, input_acts=replace(scheme.input_acts, dynamic=True))
     t0 = time.perf_counter()
     records: dict[str, QuantRecord] = {}
@@ -236,7 +254,7 @@ def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
         per_module = info.pop("modules")
     attach(model, records, {n: dyn_scheme if n in dynamic else scheme for n in records})
     errs = [m["weight_rel_error"] for m in per_module.values()]
-    return model, {"scheme": scheme.name, "format": scheme.format,
+    return model, {"scheme": scheme.name + (f" + {dyn_scheme.name}" if dynamic else ""), "format": scheme.format,
                    "weights": (f"{cfg.block}x{cfg.block} blocks" if cfg.block else "per channel") + ", symmetric, RTN",
                    "activations": (f"per token and group of {cfg.block}, dynamic" if cfg.block else
                                    "per token, dynamic") if cfg.activations == "dynamic"
