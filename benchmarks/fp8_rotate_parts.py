@@ -12,54 +12,29 @@ import time
 
 import torch
 
-from compress.data import load_text
 from compress.models import load_model, resolve_model
 from compress.quant.rotate import apply as rot_apply, RotateConfig
 from compress.quant.w8a8 import quantize_weight
-from compress.export.compressed_tensors import fp8_round
 from compress.stage import StageContext
-from eval.accuracy.perplexity import perplexity
-from eval.engines.hf import HFEngine
+from smol_parts import fp8_token_hooks, linears, smollm2_ppl
 
-d = resolve_model("smollm2")
-model, tok = load_model(d, dtype="float32")
-model.eval()
-# the evaluator's protocol (eval.evaluate): the data set's text, tokenized whole, first 8 x 1024 tokens
-ids = tok(load_text("wikitext2"), add_special_tokens=False, return_tensors="pt").input_ids[0]
+model = load_model(resolve_model("smollm2"), dtype="float32")[0].eval()
+tok, ppl = smollm2_ppl()  # the evaluator's protocol (eval.evaluate), in memory
 
-
-def ppl(m) -> float:
-    return perplexity(HFEngine(m, tok, "cpu"), ids, context_length=1024, max_tokens=8192, progress=False)["perplexity"]
-
-
-def linears(m):
-    return [(n, l) for n, l in m.named_modules() if isinstance(l, torch.nn.Linear) and n != "lm_head"]
 
 def fp8_weights(m):
     for n, l in linears(m):
         q, _ = quantize_weight(l.weight.data, True)
         l.weight.data.copy_(q)
 
-def fp8_acts(m, which=None):
-    hs = []
-    for n, l in linears(m):
-        if which and not any(w in n for w in which):
-            continue
-        def pre(mod, args):
-            x = args[0]
-            s = (x.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
-            return (fp8_round(x / s) * s,)
-        hs.append(l.register_forward_pre_hook(pre))
-    return hs
-
 rot, _ = rot_apply(copy.deepcopy(model), RotateConfig(), StageContext(device="cpu", seed=0))
 res = {}
 for name, base in (("plain", model), ("rotated", rot)):
     res[name] = ppl(base)
     m = copy.deepcopy(base); fp8_weights(m); res[name + "+W"] = ppl(m)
-    m = copy.deepcopy(base); fp8_acts(m); res[name + "+A"] = ppl(m)
+    m = copy.deepcopy(base); fp8_token_hooks(m); res[name + "+A"] = ppl(m)
     for part in (["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]):
-        m = copy.deepcopy(base); fp8_acts(m, part); res[f"{name}+A[{part[0]}]"] = ppl(m)
+        m = copy.deepcopy(base); fp8_token_hooks(m, part); res[f"{name}+A[{part[0]}]"] = ppl(m)
     print(res, flush=True)
 for k, v in res.items():
     print(f"{k:28s} {v:.3f}")

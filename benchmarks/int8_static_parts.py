@@ -18,9 +18,8 @@ from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
 from compress.data import load_text
-from compress.models import load_model, resolve_model
-from eval.accuracy.perplexity import perplexity
-from eval.engines.hf import HFEngine
+from compress.models import load_model
+from smol_parts import linears, smollm2_ppl
 
 PARTS = (("q/k/v", ("q_proj", "k_proj", "v_proj")), ("o_proj", ("o_proj",)), ("gate/up", ("gate_proj", "up_proj")),
          ("down_proj", ("down_proj",)), ("all", ()))
@@ -30,18 +29,12 @@ STATIC = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="tens
 def main(run: Path) -> None:
     chains = json.loads((run / "variants.json").read_text())
     sq, rot = chains["sq50+int8-dynamic"][0], chains["rotated+sq50+int8-dynamic"]
-    tok = load_model(resolve_model("smollm2"), dtype="float32")[1]
-    ids = tok(load_text("wikitext2"), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    tok, ppl = smollm2_ppl()
     cal = tok(load_text("wikitext2-valid"), add_special_tokens=False, return_tensors="pt").input_ids[0][:64 * 512]
     out = {}
-
-    def ppl(model) -> float:
-        return perplexity(HFEngine(model, tok, "cpu"), ids, context_length=1024, max_tokens=8192,
-                          progress=False)["perplexity"]
-
     for name, d in (("smoothquant 0.5", sq), ("rotate", rot[0]), ("rotate + smoothquant 0.5", rot[1])):
         model = load_model(d, dtype="float32")[0].eval()
-        lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+        lin = dict(linears(model))
         amax, tokmax = dict.fromkeys(lin, 0.0), {n: [] for n in lin if n.endswith("down_proj")}
 
         def seen(n, x):

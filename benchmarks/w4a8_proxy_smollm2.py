@@ -16,39 +16,19 @@ import time
 from pathlib import Path
 
 import torch
-from compressed_tensors.quantization import QuantizationArgs
-from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-from compressed_tensors.quantization.utils import calculate_qparams
 
-from compress.data import load_text
 from compress.models import load_model, resolve_model
-from eval.accuracy.perplexity import perplexity
-from eval.engines.hf import HFEngine
-
-FP8_TOKEN = QuantizationArgs(num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True)
-
-
-def fp8_per_token(x: torch.Tensor) -> torch.Tensor:
-    amax = x.abs().amax(-1, keepdim=True)
-    scale, zp = calculate_qparams(-amax, amax, FP8_TOKEN)
-    return fake_quantize(x, scale, zp, FP8_TOKEN)
+from smol_parts import fp8_token_hooks, smollm2_ppl
 
 
 def main(run: Path) -> None:
     arts = {a["name"]: Path(a["model_dir"]) for a in json.loads((run / "report.json").read_text())["artifacts"]}
-    tok = load_model(resolve_model("smollm2"), dtype="float32")[1]
-    ids = tok(load_text("wikitext2"), add_special_tokens=False, return_tensors="pt").input_ids[0]
-
-    def ppl(model) -> float:
-        return perplexity(HFEngine(model, tok, "cpu"), ids, context_length=1024, max_tokens=8192,
-                          progress=False)["perplexity"]
-
+    _, ppl = smollm2_ppl()
     res = {"baseline": ppl(load_model(resolve_model("smollm2"), dtype="float32")[0].eval())}
     for name, d in arts.items():
         model = load_model(d, dtype="float32")[0].eval()
         res[f"{name} (W4A16)"] = ppl(model)
-        hooks = [m.register_forward_pre_hook(lambda _, a: (fp8_per_token(a[0]),))
-                 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+        hooks = fp8_token_hooks(model)
         res[f"{name} + FP8 activations per token (W4A8 proxy)"] = ppl(model)
         for h in hooks:
             h.remove()
