@@ -259,17 +259,15 @@ def describe(qcfg: dict | None) -> dict | None:
         out["kv_cache"] = f"FP8 per {'head' if kv.get('strategy') == 'attn_head' else 'tensor'}"
     groups = list((qcfg.get("config_groups") or {}).values())
     sizes = sorted({(g.get("weights") or {}).get("group_size") or -1 for g in groups}, reverse=True)
-    names = []
-    for g in groups:  # one name per distinct scheme: 'W8A8-INT8 static + W8A8-INT8 dynamic' where groups differ
-        w = g.get("weights") or {}
-        acts = g.get("input_activations")
-        block = (w.get("block_structure") or [None])[0]
-        names.append(scheme_name(w.get("type"), w.get("num_bits"), None if not acts else bool(acts.get("dynamic")),
-                                 acts and acts.get("type"), block))
-    for g in groups[:1]:
-        w = g.get("weights") or {}
+    def name(g: dict) -> str:
+        w, acts = g.get("weights") or {}, g.get("input_activations")
+        return scheme_name(w.get("type"), w.get("num_bits"), None if not acts else bool(acts.get("dynamic")),
+                           acts and acts.get("type"), (w.get("block_structure") or [None])[0])
+
+    if groups:  # the first group's weights; one name per distinct scheme ('W8A8-INT8 static + W8A8-INT8 dynamic')
+        w = groups[0].get("weights") or {}
         block = (w.get("block_structure") or [None])[0]
         out.update({"bits": w.get("num_bits"), "group_size": sizes[0], "group_sizes": sizes,
                     "symmetric": w.get("symmetric"), "actorder": w.get("actorder"),
-                    "scheme": " + ".join(dict.fromkeys(names)), **({"block": block} if block else {})})
+                    "scheme": " + ".join(dict.fromkeys(name(g) for g in groups)), **({"block": block} if block else {})})
     return out

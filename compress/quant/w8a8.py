@@ -121,8 +121,8 @@ def dynamic_set(model, cfg: W8A8Config, names: list[str], stage: str) -> set[str
     return dynamic
 
 
-def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool) -> list[str]:
-    """Checks before any work; returns the module names to quantize."""
+def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool) -> tuple[list[str], set[str]]:
+    """Checks before any work; returns the module names to quantize and those kept dynamic among them."""
     refuse_quantized(ctx.model_dir, stage)
     if cfg.block and not fp8:
         raise UserError(f"{stage}.weights: block is an FP8 layout (no engine runs block-wise int8); use the fp8 "
@@ -145,10 +145,10 @@ def check_w8a8(cfg: W8A8Config, model, ctx: StageContext, stage: str, fp8: bool)
     if cfg.calibration is not None and ctx.tokenizer is not None:
         check_calibration(ctx.tokenizer, cfg.calibration, stage)
     names = select_linears(model, cfg.targets, cfg.ignore, stage)
-    dynamic_set(model, cfg, names, stage)
+    dynamic = dynamic_set(model, cfg, names, stage)
     if cfg.block:
         check_blocks(model, names, cfg.block_size, stage)
-    return names
+    return names, dynamic
 
 
 def check_blocks(model, names: list[str], block: int, stage: str) -> None:
@@ -211,11 +211,10 @@ def static_scale(stats: RangeCollector, cfg: W8A8Config, fp8: bool, dtype: torch
 
 
 def run_w8a8(model, cfg: W8A8Config, ctx: StageContext, stage: str, fp8: bool):
-    names = check_w8a8(cfg, model, ctx, stage, fp8)
+    names, dynamic = check_w8a8(cfg, model, ctx, stage, fp8)
     scheme = WeightScheme(bits=8, group_size=-1, symmetric=True, type="float" if fp8 else "int", block=cfg.block,
                           input_acts=ActScheme(type="float" if fp8 else "int", dynamic=cfg.activations == "dynamic",
                                                group_size=cfg.block))
-    dynamic = dynamic_set(model, cfg, names, stage)
     dyn_scheme = replace(scheme, input_acts=replace(scheme.input_acts, dynamic=True))
     t0 = time.perf_counter()
     records: dict[str, QuantRecord] = {}

@@ -106,8 +106,8 @@ class VLLMEngine:
         return {"max_num_seqs": [2, 8], "max_num_batched_tokens": [256, 2048]}
 
     # -- one loaded model ----------------------------------------------------------------------
-    def __init__(self, llm, device: str):
-        self.llm, self.device, self.world = llm, device, 1
+    def __init__(self, llm, device: str, world: int = 1):
+        self.llm, self.device, self.world = llm, device, world  # world: GPUs it runs on (compress.gpulock)
         self._counter = itertools.count()
         self.tokenizer = llm.get_tokenizer()
         # token ids the engine accepts: vLLM refuses prompt ids beyond its tokenizer's vocabulary
@@ -143,8 +143,7 @@ class VLLMEngine:
         with gpulock.exclusive(device, world):  # its memory profiling alone on the GPU (compress.gpulock)
             llm = LLM(model=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
                       max_model_len=max_model_len, enforce_eager=enforce_eager, seed=0, **kw)
-        eng = cls(llm, device)
-        eng.world = world
+        eng = cls(llm, device, world)
         eng.stats["kernels"] = vllm_kernels(llm)
         # what the attention layers store (the engine's config keeps 'auto' where a checkpoint's kv_cache_scheme
         # made it fp8)
