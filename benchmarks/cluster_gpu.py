@@ -24,10 +24,11 @@ only): the overhead of Ray on a CPU host, each task with --task-cpus CPUs' worth
 (2 on a 2-core host: one task at a time, as the one-process run; 1: two side by side).
 
 Each run is a fresh process with a fresh SQUEEZE_HOME (nothing cached; the imported model is
-shared), the order alternating over --repeats (sequential first in odd repeats). Each record
-holds both wall times and their ratio, the perplexities of both reports and whether the
-reports agree apart from timings (and the torch threads the CPU tasks ran with), the cluster's
-tasks.json (state, GPU ids, seconds of each task), GPU name and versions (Ray's too).
+shared), the order alternating over --repeats (sequential first in odd repeats; with --start
+cluster, the cluster run). Each record holds both wall times and their ratio, the perplexities
+of both reports and whether the reports agree apart from timings (and the torch threads the CPU
+tasks ran with), the cluster's tasks.json (state, GPU ids, seconds of each task), GPU name and
+versions (Ray's too).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def compare(args, what: str, variants: dict, share: float) -> None:
         times = {}
         last = work / "seconds.json"  # --only: the other side's last wall time, for the ratio
         earlier = json.loads(last.read_text()) if args.only and last.is_file() else {}
-        sides = (False, True) if rep_i % 2 == 0 else (True, False)
+        sides = (False, True) if (rep_i + (args.start == "cluster")) % 2 == 0 else (True, False)
         for cluster in [c for c in sides if args.only in (None, "cluster" if c else "sequential")]:
             tag = "cluster" if cluster else "sequential"
             home = work / f"home-{tag}"
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--only", choices=["sequential", "cluster"], help="run one side (e.g. to keep each command "
                        "short); the reports are still compared with the other side's last run")
         p.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU (a dry run)")
+        p.add_argument("--start", choices=["sequential", "cluster"], default="sequential",
+                       help="the side the first repeat runs first (the order then alternates)")
         p.add_argument("--eager", action="store_true", help="eval.vllm.enforce_eager in both runs (no compilation "
                        "or CUDA graphs: each engine starts in seconds, and neither run warms a cache the other reads)")
         p.add_argument("--cpu", action="store_true", help="SmolLM2 on the CPU, the transformers engine")
