@@ -19,6 +19,8 @@
 #                   5 paired rounds (ROUNDS=N): the ratio should read "no measurable change"
 #   cluster-share WHEELS / cluster-overhead WHEELS: `benchmarks/cluster_gpu.py share` / `overhead`
 #                   (issue 26's one-GPU targets: both runs, sequential and --cluster local)
+#   starts WHEELS:  vLLM engine starts for SmolLM2 bf16 with the GPU demo's workload (64 x 256 / 64):
+#                   compiled (cold, then warm cache), no compilation with full CUDA graphs, eager
 #   bg "PART..." WHEELS: the PARTs one after another in a new session (setsid), from a copy of this
 #                   tree (later calls may replace the original), left running after this command
 #                   returns, archives and log under /tmp/bg; `collect PART` waits for PART (at most
@@ -39,7 +41,7 @@ case "${1:-}" in
     if [ -f /tmp/bg/$p.tgz ]; then cp /tmp/bg/$p.tgz "$out/"; echo "collected $p"; else echo "$p: still running"; fi
     exit 0 ;;
 esac
-part=${1:?part: demo, fp8-8b, smol-pair, serving, cluster-share or cluster-overhead}; wheels=${2:?a directory of wheels}
+part=${1:?part: demo, fp8-8b, smol-pair, serving, cluster-share, cluster-overhead or starts}; wheels=${2:?a directory of wheels}
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" HF_HUB_OFFLINE=1 SQUEEZE_DATA_DIR=$PWD/.data \
   SQUEEZE_HOME=${SQUEEZE_HOME:-/tmp/squeeze-home}
 res=/tmp/res-$part; mkdir -p "$OUT" $res
@@ -100,9 +102,23 @@ case "$part" in
   cluster-share|cluster-overhead)
     use_stack
     t0=$(date +%s)
+    extra=CLUSTER_ARGS_${part#cluster-}   # CLUSTER_ARGS for both parts, CLUSTER_ARGS_share / _overhead for one
     python benchmarks/cluster_gpu.py ${part#cluster-} --gguf "$smol" --work /tmp/cb-$part --jsonl $res/cluster_gpu.jsonl \
-      ${CLUSTER_ARGS:-} > $res/$part.log 2> >(errlog $part)
+      ${CLUSTER_ARGS:-} ${!extra:-} > $res/$part.log 2> >(errlog $part)
     echo "$part: rc $? in $(( $(date +%s) - t0 )) s"; cat $res/$part.log; tail -n 15 $res/$part.err
     cp /tmp/cb-$part/*.log $res/ 2>/dev/null ;;
+  starts)
+    use_stack
+    m=$(python -c "from compress.models import resolve_model; print(resolve_model('$smol'))" 2>/dev/null | tail -1)
+    export VLLM_CACHE_ROOT=/tmp/vllm-cache-starts; rm -rf $VLLM_CACHE_ROOT   # the first start compiles from nothing
+    sizes='"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]'
+    for c in "compile-cold|{$sizes}" "compile-warm|{$sizes}" "no-compile-full-graphs|{\"mode\": 0, \"cudagraph_mode\": \"FULL\", $sizes}" \
+             "eager|"; do
+      label=${c%%|*}; cc=${c#*|}; t0=$(date +%s.%N); ea=(--engine-arg enforce_eager=true)
+      [ -n "$cc" ] && ea=(--engine-arg "compilation_config=$cc")
+      python benchmarks/vllm_speed.py "$m" --label $label --prompts 64 --input-len 256 --output-len 64 --tput-repeats 3 \
+        "${ea[@]}" 2> >(errlog starts-$label) | grep RESULT | sed "s/^RESULT //" > $res/$label.json
+      echo "$label: process $(python -c "import time; print(round(time.time() - $t0, 1))") s"; cat $res/$label.json
+    done ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
