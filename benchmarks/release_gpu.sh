@@ -20,7 +20,7 @@
 #   cluster-share WHEELS / cluster-overhead WHEELS: `benchmarks/cluster_gpu.py share` / `overhead`
 #                   (issue 26's one-GPU targets: both runs, sequential and --cluster local)
 #   starts WHEELS:  vLLM engine starts for SmolLM2 bf16 with the GPU demo's workload (64 x 256 / 64):
-#                   compiled (cold, then warm cache), no compilation with full CUDA graphs, eager
+#                   no compilation with full CUDA graphs, compiled (cold, then warm cache), eager
 #   bg "PART..." WHEELS: the PARTs one after another in a new session (setsid), from a copy of this
 #                   tree (later calls may replace the original), left running after this command
 #                   returns, archives and log under /tmp/bg; `collect PART` waits for PART (at most
@@ -112,8 +112,8 @@ case "$part" in
     m=$(python -c "from compress.models import resolve_model; print(resolve_model('$smol'))" 2>/dev/null | tail -1)
     export VLLM_CACHE_ROOT=/tmp/vllm-cache-starts; rm -rf $VLLM_CACHE_ROOT   # the first start compiles from nothing
     sizes='"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]'
-    for c in "compile-cold|{$sizes}" "compile-warm|{$sizes}" "no-compile-full-graphs|{\"mode\": 0, \"cudagraph_mode\": \"FULL\", $sizes}" \
-             "eager|"; do
+    for c in "no-compile-full-graphs|{\"mode\": 0, \"cudagraph_mode\": \"FULL\", $sizes}" "compile-cold|{$sizes}" \
+             "compile-warm|{$sizes}" "eager|"; do
       label=${c%%|*}; cc=${c#*|}; t0=$(date +%s.%N); ea=(--engine-arg enforce_eager=true)
       [ -n "$cc" ] && ea=(--engine-arg "compilation_config=$cc")
       python benchmarks/vllm_speed.py "$m" --label $label --prompts 64 --input-len 256 --output-len 64 --tput-repeats 3 \
