@@ -250,8 +250,17 @@ def test_a_gpu_share_that_vllm_would_overflow_is_refused():
 
     r = parse_recipe({"name": "v", "eval": {"engines": ["vllm"]}})
     with pytest.raises(UserError, match=r"execution.eval_gpus: 0.25 of a GPU per evaluation, but "
-                                        r"eval.vllm.gpu_memory_utilization is 0.9; set it at most 0.25"):
+                                        r"eval.vllm.gpu_memory_utilization is 0.9; set it at most 0.2 "):
         check(r, Execution(cluster="local", eval_gpus=0.25))
+    # 0.225 at a quarter each filled an H100 and the fourth engine ran out of memory: refused too
+    tight = parse_recipe({"name": "v", "eval": {"engines": ["vllm"], "vllm": {"gpu_memory_utilization": 0.225}}})
+    with pytest.raises(UserError, match=r"is 0.225; set it at most 0.2 "):
+        check(tight, Execution(cluster="local", eval_gpus=0.25))
+    fits = parse_recipe({"name": "v", "eval": {"engines": ["vllm"], "vllm": {"gpu_memory_utilization": 0.2}}})
+    check(fits, Execution(cluster="local", eval_gpus=0.25))
+    check(r, Execution(cluster="local", eval_gpus=1.0))  # a whole GPU each: vLLM's own setting as it is
+    with pytest.raises(UserError, match=r"eval_gpus: 0.05 of a GPU per evaluation leaves vLLM no memory"):
+        check(fits, Execution(cluster="local", eval_gpus=0.05))
 
 
 def test_tune_runs_trials_at_once_in_a_shared_journal(tiny_model, home, tmp_path, capsys):
@@ -306,4 +315,4 @@ def test_the_gpu_benchmark_recipes_validate(tmp_path):
         r = parse_recipe(cluster_gpu.recipe("b", tmp_path, variants, share, False, None))
         assert [v.name for v in r.variants] == list(variants) and r.eval.engine_list() == ["vllm"]
         check(r, r.execution.model_copy(update={"cluster": "local"}))
-        assert r.eval.vllm.gpu_memory_utilization <= share
+        assert r.eval.vllm.gpu_memory_utilization <= share - (0.05 if share < 1 else 0)

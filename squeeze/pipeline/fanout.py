@@ -33,14 +33,28 @@ from squeeze.pipeline.scheduler import Task, run_tasks
 from squeeze.recipe import Execution, Recipe
 
 
+# Of a shared GPU, what an evaluation task holds beyond vLLM's gpu_memory_utilization: on an H100
+# 80GB (vLLM 0.26) each engine's process took 1.5 GiB over utilization x memory (its CUDA context,
+# kernel warm-up) and each task's own process 0.65 GiB; a paired task opens two engines, 3.65 GiB
+# in all, 4.6 % of that GPU. Four tasks at 0.25 with 0.225 each filled all 79.2 GiB, and the fourth
+# engine ran out of memory while it started (benchmarks/results/cluster_gpu.jsonl).
+SHARE_HEADROOM = 0.05
+
+
 def check(recipe: Recipe, ex: Execution) -> None:
     """What is wrong with `execution` before connecting to anything."""
     cluster.import_ray()
     util = recipe.eval.vllm.gpu_memory_utilization
-    if "vllm" in recipe.eval.engine_list() and 0 < ex.eval_gpus < 1 and util > ex.eval_gpus:
-        raise UserError(f"execution.eval_gpus: {ex.eval_gpus:g} of a GPU per evaluation, but "
-                        f"eval.vllm.gpu_memory_utilization is {util:g}; set it at most {ex.eval_gpus:g} so that the "
-                        "engines sharing a GPU fit")
+    if "vllm" in recipe.eval.engine_list() and 0 < ex.eval_gpus < 1:
+        most = round(ex.eval_gpus - SHARE_HEADROOM, 3)
+        if most <= 0:
+            raise UserError(f"execution.eval_gpus: {ex.eval_gpus:g} of a GPU per evaluation leaves vLLM no memory "
+                            f"(each task holds about {SHARE_HEADROOM:g} of a GPU beyond vLLM's share); give each "
+                            f"evaluation more than {SHARE_HEADROOM:g}")
+        if util > most:
+            raise UserError(f"execution.eval_gpus: {ex.eval_gpus:g} of a GPU per evaluation, but "
+                            f"eval.vllm.gpu_memory_utilization is {util:g}; set it at most {most:g} so that the "
+                            f"engines sharing a GPU fit (each task holds about {SHARE_HEADROOM:g} of a GPU beyond it)")
 
 
 # ---- what runs in a worker (module-level: Ray ships them by reference) ----------------------------
