@@ -4,6 +4,7 @@
     python3 benchmarks/cluster_gpu.py overhead --gguf FILE [--repeats 2] [--work DIR]
     python3 benchmarks/cluster_gpu.py share --gguf FILE --only sequential|cluster   # one side per command
     python3 benchmarks/cluster_gpu.py share --gguf FILE --eager   # engines without compilation, both runs
+    python3 benchmarks/cluster_gpu.py share --gguf FILE --kv-bytes 2147483648   # fixed KV caches: starts overlap
     python3 benchmarks/cluster_gpu.py share --tiny        # a dry run on the CPU (tiny random model, hf)
     python3 benchmarks/cluster_gpu.py overhead --cpu      # SmolLM2 on the CPU (hf, perplexity only)
     python3 benchmarks/cluster_gpu.py overhead --cpu --recipe recipes/w8a8-int8-dynamic.yaml   # a shipped recipe
@@ -58,7 +59,7 @@ VOLATILE = {"hardware", "created", "model_dir", "cached", "memory", "provenance"
 
 
 def recipe(name: str, base: Path, variants: dict, share: float, tiny: bool, data: Path | None,
-           cpu: bool = False, task_cpus: float = 1.0, eager: bool = False) -> dict:
+           cpu: bool = False, task_cpus: float = 1.0, eager: bool = False, kv_bytes: int | None = None) -> dict:
     """The recipe both runs use; only `--cluster` differs between them."""
     if tiny:  # the CPU dry run: the transformers engine on a tiny random model
         ev = {"engines": ["hf"], "perplexity": {"dataset": str(data), "context_length": 64, "max_tokens": 512},
@@ -69,7 +70,8 @@ def recipe(name: str, base: Path, variants: dict, share: float, tiny: bool, data
     else:
         util = 0.9 if share >= 1 else round(share - SHARE_HEADROOM, 3)  # squeeze.pipeline.fanout.check's most
         ev = {"engines": ["vllm"], "vllm": {"dtype": "bfloat16", "gpu_memory_utilization": util,
-                                            "max_model_len": 2048, **({"enforce_eager": True} if eager else {})},
+                                            "max_model_len": 2048, **({"enforce_eager": True} if eager else {}),
+                                            **({"engine_args": {"kv_cache_memory_bytes": kv_bytes}} if kv_bytes else {})},
               "perplexity": {"dataset": "wikitext2", "context_length": 1024, "max_tokens": 8192},
               "speed": {"num_prompts": 256, "input_len": 128, "output_len": 128, "warmup": 1, "repeats": 2,
                         "rounds": 3}}
@@ -144,7 +146,8 @@ def compare(args, what: str, variants: dict, share: float) -> None:
         raw["execution"] = {**raw.get("execution", {}), "eval_cpus": args.task_cpus, "stage_cpus": args.task_cpus}
         variants = {raw["name"]: raw.get("stages", [])}
     else:
-        raw = recipe(f"cluster-{what}", base, variants, share, args.tiny, data, args.cpu, args.task_cpus, args.eager)
+        raw = recipe(f"cluster-{what}", base, variants, share, args.tiny, data, args.cpu, args.task_cpus, args.eager,
+                     args.kv_bytes)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     for rep_i in range(args.repeats):
         times = {}
@@ -165,7 +168,7 @@ def compare(args, what: str, variants: dict, share: float) -> None:
             if (work / "run-cluster" / "tasks.json").is_file() else []
         record(args, {"what": what, "variants": list(variants), "share": share, "task_cpus": args.task_cpus,
                       "mode": "tiny" if args.tiny else "cpu" if args.cpu else "gpu", "repeat": rep_i + 1,
-                      "enforce_eager": args.eager, "only": args.only,
+                      "enforce_eager": args.eager, "kv_cache_memory_bytes": args.kv_bytes, "only": args.only,
                       "order": list(times), "seconds": {k: round(v, 1) for k, v in times.items()},
                       "ratio": round(times["cluster"] / times["sequential"], 3) if len(times) == 2 else None,
                       "goal": 0.5 if what == "share" else 1.05,
@@ -199,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="the side the first repeat runs first (the order then alternates)")
         p.add_argument("--eager", action="store_true", help="eval.vllm.enforce_eager in both runs (no compilation "
                        "or CUDA graphs: each engine starts in seconds, and neither run warms a cache the other reads)")
+        p.add_argument("--kv-bytes", type=int, help="eval.vllm.engine_args.kv_cache_memory_bytes in both runs: a KV "
+                       "cache of this size, not sized from free memory, so engines sharing a GPU start side by side")
         p.add_argument("--cpu", action="store_true", help="SmolLM2 on the CPU, the transformers engine")
         p.add_argument("--task-cpus", type=float, default=1.0, help="execution.eval_cpus and stage_cpus (CPUs a task "
                        "takes, and its torch threads)")

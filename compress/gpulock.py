@@ -11,7 +11,9 @@ cache blocks" (the others' allocations counted as this engine's) and "Error in m
 So, per physical GPU, one lock file under the host's temporary directory (fcntl.flock: held by
 the process, let go when it exits, however it exits):
 
-- exclusive while a vLLM engine starts (`exclusive`): it profiles then;
+- exclusive while a vLLM engine starts (`exclusive`): it profiles then; shared where the engine's
+  KV cache has a fixed size (vLLM's `kv_cache_memory_bytes`: vLLM then skips sizing it from free
+  memory), so engines set so start side by side;
 - shared while anything else changes that GPU's memory: a chain of stages, a transformers
   engine from load to close (`shared`, `Hold`), a vLLM engine while it stops and frees its memory.
 

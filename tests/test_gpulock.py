@@ -83,6 +83,29 @@ def test_vllm_engine_starts_under_the_exclusive_lock(monkeypatch, tiny_model):
     assert free("0", fcntl.LOCK_EX) and free("1", fcntl.LOCK_EX)  # let go when the start failed
 
 
+def test_a_vllm_engine_with_a_fixed_kv_cache_starts_beside_others(monkeypatch, tiny_model):
+    """kv_cache_memory_bytes: vLLM does not size its cache from free memory, so the start holds the
+    GPU shared (others may start beside it) but still keeps out what needs it alone."""
+    vllm = pytest.importorskip("vllm")
+    from eval.engines.vllm import VLLMEngine
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(**kw):
+        seen["kv"] = kw.get("kv_cache_memory_bytes")
+        seen["shared_free"], seen["exclusive_free"] = free("0", fcntl.LOCK_SH), free("0", fcntl.LOCK_EX)
+        raise Stop
+
+    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    with pytest.raises(Stop):
+        VLLMEngine.load(tiny_model, device="cuda", kv_cache_memory_bytes=1 << 31)
+    assert seen == {"kv": 1 << 31, "shared_free": True, "exclusive_free": False}
+    assert free("0", fcntl.LOCK_EX)
+
+
 def test_vllm_engine_stops_under_the_shared_lock():
     """Stopping frees memory: not while another engine starts (exclusive), but beside stages."""
     from types import SimpleNamespace

@@ -140,7 +140,10 @@ class VLLMEngine:
         kw.setdefault("load_format", "auto" if allow_pickle else "safetensors")
         kw.setdefault("worker_extension_cls", PROBE)  # reads the kernels each layer got (eval.engines.kernels)
         world = int(kw.get("tensor_parallel_size") or 1) * int(kw.get("pipeline_parallel_size") or 1)
-        with gpulock.exclusive(device, world):  # its memory profiling alone on the GPU (compress.gpulock)
+        # its memory profiling alone on the GPU (compress.gpulock); a KV cache of fixed size is not sized from
+        # free memory (vLLM's gpu_worker returns before profiling it), so such engines start side by side
+        start = gpulock.shared if kw.get("kv_cache_memory_bytes") else gpulock.exclusive
+        with start(device, world):
             llm = LLM(model=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
                       max_model_len=max_model_len, enforce_eager=enforce_eager, seed=0, **kw)
         eng = cls(llm, device, world)
