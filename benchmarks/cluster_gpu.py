@@ -15,7 +15,7 @@ share: the one-GPU target. A 4-variant matrix on SmolLM2-135M-Instruct (imported
   paired rounds against the baseline). Sequential: `squeeze run RECIPE` (one process, one GPU).
   Cluster: `squeeze run RECIPE --cluster local` with `execution: {eval_gpus: S, stage_gpus: S}`,
   S = --share (0.25: four evaluations share the GPU) and eval.vllm.gpu_memory_utilization S - 0.05
-  in both runs (what `execution` allows: squeeze.pipeline.fanout.SHARE_HEADROOM), so both measure
+  in both runs (what `execution` allows: squeeze.pipeline.fanout.most_utilization), so both measure
   with the same engine settings. Goal: cluster wall time
   <= 0.5 x sequential.
 overhead: one variant (W8A8 int8 dynamic) the same way with whole GPUs (S = 1, utilization 0.9).
@@ -46,7 +46,7 @@ from pathlib import Path
 
 from gpu_common import ROOT, record
 
-from squeeze.pipeline.fanout import SHARE_HEADROOM
+from squeeze.pipeline.fanout import most_utilization
 
 # W8A16 symmetric: vLLM 0.26 has no kernel for SmolLM2's 8-bit weights with zero points (Machete needs
 # output widths divisible by 128; Marlin takes zero points with 4 bits only)
@@ -68,7 +68,7 @@ def recipe(name: str, base: Path, variants: dict, share: float, tiny: bool, data
         ev = {"engines": ["hf"], "perplexity": {"dataset": "wikitext2", "context_length": 1024, "max_tokens": 8192},
               "speed": None}
     else:
-        util = 0.9 if share >= 1 else round(share - SHARE_HEADROOM, 3)  # squeeze.pipeline.fanout.check's most
+        util = most_utilization(share) or 0.9  # what `execution` allows a shared GPU; 0.9 for whole ones
         ev = {"engines": ["vllm"], "vllm": {"dtype": "bfloat16", "gpu_memory_utilization": util,
                                             "max_model_len": 2048, **({"enforce_eager": True} if eager else {}),
                                             **({"engine_args": {"kv_cache_memory_bytes": kv_bytes}} if kv_bytes else {})},

@@ -48,6 +48,7 @@ res=/tmp/res-$part; mkdir -p "$OUT" $res
 trap 'tar -C /tmp -czf "$OUT/.$part.tgz" res-$part; mv "$OUT/.$part.tgz" "$OUT/$part.tgz"' EXIT   # at most 8 files come back: one archive per part
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $res/gpu.txt
 smol=smollm2
+resolved() { python -c "from compress.models import resolve_model; print(resolve_model('$1'))" 2>/dev/null | tail -1; }
 errlog() { grep --line-buffered -v -E "it/s\]|s/it\]" > "$res/$1.err"; }   # stderr without progress bars
 use_stack() {  # the measured GPU stack from WHEELS, or (`-`) the environment as it stands
   if [ "$wheels" = - ]; then
@@ -73,7 +74,7 @@ case "$part" in
     use_stack
     L=/tmp/layouts8b
     python benchmarks/quant2_gpu.py layouts --out $L --jsonl $res/layouts.jsonl > /dev/null
-    tok=$(python -c "from compress.models import resolve_model; print(resolve_model('$smol'))" 2>/dev/null | tail -1)
+    tok=$(resolved "$smol")
     for d in $L/bf16 $L/fp8-dynamic; do cp "$tok"/tokenizer* "$tok"/special_tokens_map.json "$d"/ 2>/dev/null; done
     printf '%s\n' 'engines: [vllm]' 'perplexity: null' \
       "speed: {num_prompts: 512, input_len: 512, output_len: 128, concurrency: 512, repeats: 1, rounds: ${ROUNDS:-5}}" \
@@ -109,7 +110,7 @@ case "$part" in
     cp /tmp/cb-$part/*.log $res/ 2>/dev/null ;;
   starts)
     use_stack
-    m=$(python -c "from compress.models import resolve_model; print(resolve_model('$smol'))" 2>/dev/null | tail -1)
+    m=$(resolved "$smol")
     export VLLM_CACHE_ROOT=/tmp/vllm-cache-starts; rm -rf $VLLM_CACHE_ROOT   # the first start compiles from nothing
     sizes='"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]'
     for c in "no-compile-full-graphs|{\"mode\": 0, \"cudagraph_mode\": \"FULL\", $sizes}" "compile-cold|{$sizes}" \

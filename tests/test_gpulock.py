@@ -62,8 +62,9 @@ def test_cpu_takes_no_lock(lock_dir):
         assert list(lock_dir.iterdir()) == []
 
 
-def test_vllm_engine_starts_under_the_exclusive_lock(monkeypatch, tiny_model):
-    """VLLMEngine.load on a GPU constructs vllm.LLM holding every GPU of its world exclusively."""
+def seen_at_start(monkeypatch, model, probe, **kw) -> dict:
+    """What `probe(llm_kwargs)` saw while VLLMEngine.load on a GPU constructed vllm.LLM (a fake that
+    stops the start there)."""
     vllm = pytest.importorskip("vllm")
     from eval.engines.vllm import VLLMEngine
 
@@ -72,13 +73,21 @@ def test_vllm_engine_starts_under_the_exclusive_lock(monkeypatch, tiny_model):
     class Stop(Exception):
         pass
 
-    def fake_llm(**kw):
-        seen["locked"] = [not free(g, fcntl.LOCK_SH) for g in ("0", "1", "2")]
+    def fake_llm(**llm_kw):
+        seen.update(probe(llm_kw))
         raise Stop
 
     monkeypatch.setattr(vllm, "LLM", fake_llm)
     with pytest.raises(Stop):
-        VLLMEngine.load(tiny_model, device="cuda", tensor_parallel_size=2)
+        VLLMEngine.load(model, device="cuda", **kw)
+    return seen
+
+
+def test_vllm_engine_starts_under_the_exclusive_lock(monkeypatch, tiny_model):
+    """VLLMEngine.load on a GPU constructs vllm.LLM holding every GPU of its world exclusively."""
+    seen = seen_at_start(monkeypatch, tiny_model, lambda kw: {"locked": [not free(g, fcntl.LOCK_SH)
+                                                                       for g in ("0", "1", "2")]},
+                         tensor_parallel_size=2)
     assert seen["locked"] == [True, True, False]
     assert free("0", fcntl.LOCK_EX) and free("1", fcntl.LOCK_EX)  # let go when the start failed
 
@@ -86,22 +95,9 @@ def test_vllm_engine_starts_under_the_exclusive_lock(monkeypatch, tiny_model):
 def test_a_vllm_engine_with_a_fixed_kv_cache_starts_beside_others(monkeypatch, tiny_model):
     """kv_cache_memory_bytes: vLLM does not size its cache from free memory, so the start holds the
     GPU shared (others may start beside it) but still keeps out what needs it alone."""
-    vllm = pytest.importorskip("vllm")
-    from eval.engines.vllm import VLLMEngine
-
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_llm(**kw):
-        seen["kv"] = kw.get("kv_cache_memory_bytes")
-        seen["shared_free"], seen["exclusive_free"] = free("0", fcntl.LOCK_SH), free("0", fcntl.LOCK_EX)
-        raise Stop
-
-    monkeypatch.setattr(vllm, "LLM", fake_llm)
-    with pytest.raises(Stop):
-        VLLMEngine.load(tiny_model, device="cuda", kv_cache_memory_bytes=1 << 31)
+    seen = seen_at_start(monkeypatch, tiny_model, lambda kw: {
+        "kv": kw.get("kv_cache_memory_bytes"), "shared_free": free("0", fcntl.LOCK_SH),
+        "exclusive_free": free("0", fcntl.LOCK_EX)}, kv_cache_memory_bytes=1 << 31)
     assert seen == {"kv": 1 << 31, "shared_free": True, "exclusive_free": False}
     assert free("0", fcntl.LOCK_EX)
 

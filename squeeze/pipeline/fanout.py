@@ -41,12 +41,18 @@ from squeeze.recipe import Execution, Recipe
 SHARE_HEADROOM = 0.05
 
 
+def most_utilization(eval_gpus: float) -> float | None:
+    """The largest eval.vllm.gpu_memory_utilization an evaluation taking `eval_gpus` of a shared GPU
+    may set (None for whole GPUs: vLLM's own setting applies)."""
+    return round(eval_gpus - SHARE_HEADROOM, 3) if 0 < eval_gpus < 1 else None
+
+
 def check(recipe: Recipe, ex: Execution) -> None:
     """What is wrong with `execution` before connecting to anything."""
     cluster.import_ray()
     util = recipe.eval.vllm.gpu_memory_utilization
-    if "vllm" in recipe.eval.engine_list() and 0 < ex.eval_gpus < 1:
-        most = round(ex.eval_gpus - SHARE_HEADROOM, 3)
+    most = most_utilization(ex.eval_gpus)
+    if "vllm" in recipe.eval.engine_list() and most is not None:
         if most <= 0:
             raise UserError(f"execution.eval_gpus: {ex.eval_gpus:g} of a GPU per evaluation leaves vLLM no memory "
                             f"(each task holds about {SHARE_HEADROOM:g} of a GPU beyond vLLM's share); give each "
