@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from compress import moe
+from compress.export import qdq
 
 
 @dataclass
@@ -67,13 +68,18 @@ def input_quant(scheme, tensors: dict[str, torch.Tensor], dtype: torch.dtype) ->
 
 
 def round_input(holder, x: torch.Tensor, args) -> torch.Tensor:
-    """compressed-tensors' `forward_quantize` of a layer input; 2-D inputs as [1, tokens, hidden]
-    so that its token strategy takes a scale per row (see the module docstring)."""
+    """compressed-tensors' `forward_quantize` of a layer input (through compress.export.qdq where it
+    covers the arguments: the same bits, no host round trip); 2-D inputs as [1, tokens, hidden] so
+    that its token strategy takes a scale per row (see the module docstring)."""
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
-    if x.dim() == 2:
-        return forward_quantize(holder, x[None], "input", args)[0]
-    return forward_quantize(holder, x, "input", args)
+    if qdq.covered(args, None, getattr(holder, "input_global_scale", None)):
+        def fn(v):
+            return qdq.module_qdq(holder, v, args)
+    else:
+        def fn(v):
+            return forward_quantize(holder, v, "input", args)
+    return fn(x[None])[0] if x.dim() == 2 else fn(x)
 
 
 def _holder(tensors: dict[str, torch.Tensor]):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from compress import gpulock
+from compress.export import qdq
 from compress.engine_facts import EngineFacts
 from compress.errors import UserError
 from compress.models import load_model
@@ -164,6 +165,7 @@ class HFEngine:
         except BaseException:
             hold.release()
             raise
+        qdq.speed_up_(model)  # compressed-tensors' input rounding without host round trips: the same bits
         eng = cls(model, tok, device, decode, compile_decode)
         eng.gpu_hold = hold
         eng.stats = weight_stats(model)
