@@ -21,6 +21,8 @@
 #                   (issue 26's one-GPU targets: both runs, sequential and --cluster local)
 #   starts WHEELS:  vLLM engine starts for SmolLM2 bf16 with the GPU demo's workload (64 x 256 / 64):
 #                   no compilation with full CUDA graphs, compiled (cold, then warm cache), eager
+#   demo-run WHEELS: the GPU demo's main job alone (`squeeze run recipes/demo-gpu.yaml`, or DEMO_RECIPE), timed,
+#                   in the environment as it stands (no install step; `demo` times the install too)
 #   bg "PART..." WHEELS: the PARTs one after another in a new session (setsid), from a copy of this
 #                   tree (later calls may replace the original), left running after this command
 #                   returns, archives and log under /tmp/bg; `collect PART` waits for PART (at most
@@ -41,7 +43,7 @@ case "${1:-}" in
     if [ -f /tmp/bg/$p.tgz ]; then cp /tmp/bg/$p.tgz "$out/"; echo "collected $p"; else echo "$p: still running"; fi
     exit 0 ;;
 esac
-part=${1:?part: demo, fp8-8b, smol-pair, serving, cluster-share, cluster-overhead or starts}; wheels=${2:?a directory of wheels}
+part=${1:?part: demo, demo-run, fp8-8b, smol-pair, serving, cluster-share, cluster-overhead or starts}; wheels=${2:?a directory of wheels}
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" HF_HUB_OFFLINE=1 SQUEEZE_DATA_DIR=$PWD/.data \
   SQUEEZE_HOME=${SQUEEZE_HOME:-/tmp/squeeze-home}
 res=/tmp/res-$part; mkdir -p "$OUT" $res
@@ -70,6 +72,14 @@ case "$part" in
          "\"seconds\": $(( $(date +%s) - t0 )), \"gpu\": \"$(head -1 $res/gpu.txt)\"}" | tee $res/demo.json
     grep -v -E "it/s\]|s/it\]" $res/demo.err | tail -n 25
     mkdir -p $res/run; find "$SQUEEZE_HOME"/demo-gpu -maxdepth 1 -type f -exec cp {} $res/run/ \; ;;
+  demo-run)
+    use_stack
+    sed "s|source: smollm2 |source: $smol |" "${DEMO_RECIPE:-recipes/demo-gpu.yaml}" > $res/demo-gpu.yaml
+    t0=$(date +%s)
+    squeeze run $res/demo-gpu.yaml -o $res/demo-run 2> >(errlog demo-run)
+    echo "demo-run: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/demo-run.err
+    find $res/demo-run -name '*.safetensors' -delete
+    cat $res/demo-run/comparison.md ;;
   fp8-8b)
     use_stack
     L=/tmp/layouts8b
