@@ -22,7 +22,8 @@
 #   starts WHEELS:  vLLM engine starts for SmolLM2 bf16 with the GPU demo's workload (64 x 256 / 64):
 #                   no compilation with full CUDA graphs, compiled (cold, then warm cache), eager
 #   demo-run WHEELS: the GPU demo's main job alone (`squeeze run recipes/demo-gpu.yaml`, or DEMO_RECIPE), timed,
-#                   in the environment as it stands (no install step; `demo` times the install too)
+#                   in the environment as it stands (no install step; `demo` times the install too);
+#                   DEMO_COMPILE="mode: 0, cudagraph_mode: FULL": vLLM's compilation_config gets those keys too
 #   bg "PART..." WHEELS: the PARTs one after another in a new session (setsid), from a copy of this
 #                   tree (later calls may replace the original), left running after this command
 #                   returns, archives and log under /tmp/bg; `collect PART` waits for PART (at most
@@ -74,7 +75,9 @@ case "$part" in
     mkdir -p $res/run; find "$SQUEEZE_HOME"/demo-gpu -maxdepth 1 -type f -exec cp {} $res/run/ \; ;;
   demo-run)
     use_stack
-    sed "s|source: smollm2 |source: $smol |" "${DEMO_RECIPE:-recipes/demo-gpu.yaml}" > $res/demo-gpu.yaml
+    sed -e "s|source: smollm2 |source: $smol |" \
+        -e "s|compilation_config: {cudagraph_capture_sizes|compilation_config: {${DEMO_COMPILE:+$DEMO_COMPILE, }cudagraph_capture_sizes|" \
+        "${DEMO_RECIPE:-recipes/demo-gpu.yaml}" > $res/demo-gpu.yaml; grep -n "source:\|compilation_config" $res/demo-gpu.yaml
     t0=$(date +%s)
     squeeze run $res/demo-gpu.yaml -o $res/demo-run 2> >(errlog demo-run)
     echo "demo-run: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/demo-run.err
