@@ -24,6 +24,8 @@
 #   demo-run WHEELS: the GPU demo's main job alone (`squeeze run recipes/demo-gpu.yaml`, or DEMO_RECIPE), timed,
 #                   in the environment as it stands (no install step; `demo` times the install too);
 #                   DEMO_COMPILE="mode: 0, cudagraph_mode: FULL": vLLM's compilation_config gets those keys too
+#   kv-head WHEELS: SmolLM2 bf16 with an FP8 KV cache, one scale per KV head, against its 16-bit cache:
+#                   perplexity on both engines (vLLM reads per-head scales on Hopper only)
 #   bg "PART..." WHEELS: the PARTs one after another in a new session (setsid), from a copy of this
 #                   tree (later calls may replace the original), left running after this command
 #                   returns, archives and log under /tmp/bg; `collect PART` waits for PART (at most
@@ -44,7 +46,7 @@ case "${1:-}" in
     if [ -f /tmp/bg/$p.tgz ]; then cp /tmp/bg/$p.tgz "$out/"; echo "collected $p"; else echo "$p: still running"; fi
     exit 0 ;;
 esac
-part=${1:?part: demo, demo-run, fp8-8b, smol-pair, serving, cluster-share, cluster-overhead or starts}; wheels=${2:?a directory of wheels}
+part=${1:?part: demo, demo-run, kv-head, fp8-8b, smol-pair, serving, cluster-share, cluster-overhead or starts}; wheels=${2:?a directory of wheels}
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" HF_HUB_OFFLINE=1 SQUEEZE_DATA_DIR=$PWD/.data \
   SQUEEZE_HOME=${SQUEEZE_HOME:-/tmp/squeeze-home}
 res=/tmp/res-$part; mkdir -p "$OUT" $res
@@ -108,6 +110,17 @@ case "$part" in
     echo "smol-pair: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/smol-pair.err
     find $res/smol-pair -name '*.safetensors' -delete   # the archive carries figures, not weights
     cat $res/smol-pair/report.md ;;
+  kv-head)
+    use_stack
+    printf '%s\n' 'name: kv-head' "model: {source: $smol, dtype: bfloat16}" 'seed: 0' 'device: auto' \
+      'stages: [{type: kv_cache, per_head: true, calibration: {dataset: wikitext2-valid, n_samples: 64, seq_len: 512}}]' \
+      'eval: {engines: [hf, vllm], tasks: [], speed: null,' \
+      '  perplexity: {dataset: wikitext2, context_length: 1024, max_tokens: 8192}}' > $res/kv-head.yaml
+    t0=$(date +%s)
+    squeeze run $res/kv-head.yaml -o $res/kv-head 2> >(errlog kv-head)
+    echo "kv-head: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/kv-head.err
+    find $res/kv-head -name '*.safetensors' -delete
+    cat $res/kv-head/report.md ;;
   serving)
     use_stack
     squeeze serving "$smol" --dtype bfloat16 --rates 40,inf --num-prompts 512 --input-len 128 --output-len 128 \
