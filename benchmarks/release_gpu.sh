@@ -115,7 +115,8 @@ case "$part" in
     printf '%s\n' 'name: kv-head' "model: {source: $smol, dtype: bfloat16}" 'seed: 0' 'device: auto' \
       'stages: [{type: kv_cache, per_head: true, calibration: {dataset: wikitext2-valid, n_samples: 64, seq_len: 512}}]' \
       'eval: {engines: [hf, vllm], tasks: [], speed: null,' \
-      '  perplexity: {dataset: wikitext2, context_length: 1024, max_tokens: 8192}}' > $res/kv-head.yaml
+      '  perplexity: {dataset: wikitext2, context_length: 1024, max_tokens: 8192},' \
+      '  vllm: {enforce_eager: true}}' > $res/kv-head.yaml
     t0=$(date +%s)
     squeeze run $res/kv-head.yaml -o $res/kv-head 2> >(errlog kv-head)
     echo "kv-head: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/kv-head.err
