@@ -7,16 +7,16 @@ compressed-tensors 0.17 every call builds its range as new device tensors (`calc
 from the device. On a GPU each of those is a copy that waits for the stream to drain: several per
 linear layer per forward pass, so the host never runs ahead of the GPU. On an H100 the int8
 SmolLM2 took 91 s to evaluate on transformers against 22 s for its bf16 baseline, and a paired
-speed round 15.9 s (`benchmarks/results/demo_gpu.jsonl`); on 2 CPU cores its batch-1 decode ran
-at half the baseline's speed, over half of it in that bookkeeping (cProfile: 47,000
-`torch.tensor` calls for 32 tokens).
+speed round 15.9 s (`benchmarks/results/demo_gpu.jsonl`); on 2 CPU cores its batch-1 decode took
+1.78x the baseline's time, three quarters of the difference in that bookkeeping (cProfile: 47,000
+`torch.tensor` calls for 32 tokens; 1.21x with `qdq`).
 
 `qdq` is the same arithmetic with the range as Python numbers: the same torch operations on the
 same values in the same order, so the same bits (tests/test_qdq.py compares it with
 `forward_quantize` on every case it takes, float32 and bfloat16). It takes symmetric dynamic
 scales per token, per tensor or per group, and static scales (with zero points) of any shape;
 for anything else (asymmetric dynamic, blocks, global or micro-scaling scales, a rounded
-scale dtype, activation-ordered groups) it returns None and the caller keeps compressed-tensors'
+scale dtype, activation-ordered groups) `covered` says no and the caller keeps compressed-tensors'
 own function. Written here because the library offers no host-free path for it.
 """
 
@@ -104,7 +104,7 @@ def qdq(x: torch.Tensor, args, scale: torch.Tensor | None = None,
     if strategy == "group":
         size = args.group_size
         if x.shape[-1] % size:
-            raise ValueError(f"tensor column shape must be divisble by the given group_size {size} "
+            raise ValueError(f"tensor column shape must be divisible by the given group_size {size} "
                              f"but got {x.shape[-1]}")
         grouped = x.unflatten(-1, (math.ceil(x.shape[-1] / size), size))
         s = _dynamic_scale(grouped, lo, hi, -1, False)
