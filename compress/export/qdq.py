@@ -8,8 +8,8 @@ from the device. On a GPU each of those is a copy that waits for the stream to d
 linear layer per forward pass, so the host never runs ahead of the GPU. On an H100 the int8
 SmolLM2 took 91 s to evaluate on transformers against 22 s for its bf16 baseline, and a paired
 speed round 15.9 s (`benchmarks/results/demo_gpu.jsonl`); on 2 CPU cores its batch-1 decode took
-1.78x the baseline's time, three quarters of the difference in that bookkeeping (cProfile: 47,000
-`torch.tensor` calls for 32 tokens; 1.21x with `qdq`).
+1.86-1.88x the baseline's time, and 1.26-1.41x with `qdq` (`benchmarks/qdq_decode.py`, two runs in
+`benchmarks/results/qdq_decode_cpu.jsonl`; cProfile: 47,000 `torch.tensor` calls for 32 tokens).
 
 `qdq` is the same arithmetic with the range as Python numbers: the same torch operations on the
 same values in the same order, so the same bits (tests/test_qdq.py compares it with
