@@ -55,6 +55,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 smol=smollm2
 resolved() { python -c "from compress.models import resolve_model; print(resolve_model('$1'))" 2>/dev/null | tail -1; }
 errlog() { grep --line-buffered -v -E "it/s\]|s/it\]" > "$res/$1.err"; }   # stderr without progress bars
+run_recipe() {  # run_recipe NAME RECIPE REPORT: `squeeze run` timed into $res/NAME, figures kept, weights not
+  local t0=$(date +%s)
+  squeeze run "$2" -o $res/$1 2> >(errlog $1)
+  echo "$1: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/$1.err
+  find $res/$1 -name '*.safetensors' -delete   # the archive carries figures, not weights
+  cat $res/$1/$3
+}
 use_stack() {  # the measured GPU stack from WHEELS, or (`-`) the environment as it stands
   if [ "$wheels" = - ]; then
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; squeeze() { python3 -m squeeze.cli "$@"; }
@@ -80,11 +87,7 @@ case "$part" in
     sed -e "s|source: smollm2 |source: $smol |" \
         -e "s|compilation_config: {cudagraph_capture_sizes|compilation_config: {${DEMO_COMPILE:+$DEMO_COMPILE, }cudagraph_capture_sizes|" \
         "${DEMO_RECIPE:-recipes/demo-gpu.yaml}" > $res/demo-gpu.yaml; grep -n "source:\|compilation_config" $res/demo-gpu.yaml
-    t0=$(date +%s)
-    squeeze run $res/demo-gpu.yaml -o $res/demo-run 2> >(errlog demo-run)
-    echo "demo-run: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/demo-run.err
-    find $res/demo-run -name '*.safetensors' -delete
-    cat $res/demo-run/comparison.md ;;
+    run_recipe demo-run $res/demo-gpu.yaml comparison.md ;;
   fp8-8b)
     use_stack
     L=/tmp/layouts8b
@@ -105,23 +108,13 @@ case "$part" in
       'eval: {engines: [hf, vllm], perplexity: null, tasks: [],' \
       "  speed: {num_prompts: 64, input_len: 256, output_len: 64, batch1_requests: 1, warmup: 1, repeats: 1, rounds: ${ROUNDS:-5}}," \
       '  vllm: {engine_args: {compilation_config: {cudagraph_capture_sizes: [1, 2, 4, 8, 16, 32, 64]}}}}' > $res/pair.yaml
-    t0=$(date +%s)
-    squeeze run $res/pair.yaml -o $res/smol-pair 2> >(errlog smol-pair)
-    echo "smol-pair: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/smol-pair.err
-    find $res/smol-pair -name '*.safetensors' -delete   # the archive carries figures, not weights
-    cat $res/smol-pair/report.md ;;
+    run_recipe smol-pair $res/pair.yaml report.md ;;
   kv-head)
     use_stack
-    printf '%s\n' 'name: kv-head' "model: {source: $smol, dtype: bfloat16}" 'seed: 0' 'device: auto' \
-      'stages: [{type: kv_cache, per_head: true, calibration: {dataset: wikitext2-valid, n_samples: 64, seq_len: 512}}]' \
-      'eval: {engines: [hf, vllm], tasks: [], speed: null,' \
-      '  perplexity: {dataset: wikitext2, context_length: 1024, max_tokens: 8192},' \
-      '  vllm: {enforce_eager: true}}' > $res/kv-head.yaml
-    t0=$(date +%s)
-    squeeze run $res/kv-head.yaml -o $res/kv-head 2> >(errlog kv-head)
-    echo "kv-head: rc $? in $(( $(date +%s) - t0 )) s"; tail -n 15 $res/kv-head.err
-    find $res/kv-head -name '*.safetensors' -delete
-    cat $res/kv-head/report.md ;;
+    sed -e "s|source: smollm2|source: $smol|" -e "s|dtype: float32|dtype: bfloat16|" -e "s|device: cpu|device: auto|" \
+        -e "s|engines: \[hf\]|engines: [hf, vllm]|" -e "s|vllm: {dtype: bfloat16}|vllm: {dtype: bfloat16, enforce_eager: true}|" \
+        benchmarks/kv_cache_smollm2_head.yaml > $res/kv-head.yaml   # its CPU recipe, on the GPU and both engines
+    run_recipe kv-head $res/kv-head.yaml report.md ;;
   serving)
     use_stack
     squeeze serving "$smol" --dtype bfloat16 --rates 40,inf --num-prompts 512 --input-len 128 --output-len 128 \

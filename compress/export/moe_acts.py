@@ -73,13 +73,12 @@ def round_input(holder, x: torch.Tensor, args) -> torch.Tensor:
     that its token strategy takes a scale per row (see the module docstring)."""
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
+    v = x[None] if x.dim() == 2 else x
     if qdq.covered(args, None, getattr(holder, "input_global_scale", None)):
-        def fn(v):
-            return qdq.module_qdq(holder, v, args)
+        v = qdq.module_qdq(holder, v, args)
     else:
-        def fn(v):
-            return forward_quantize(holder, v, "input", args)
-    return fn(x[None])[0] if x.dim() == 2 else fn(x)
+        v = forward_quantize(holder, v, "input", args)
+    return v[0] if x.dim() == 2 else v
 
 
 def _holder(tensors: dict[str, torch.Tensor]):
