@@ -4,7 +4,8 @@ by content.
 What one evaluation measures (each part optional in the recipe's `eval`): perplexity
 (eval.accuracy.perplexity), task accuracy through lm-eval (eval.accuracy.tasks), speed on an
 offline workload (eval.speed.workload), and memory (eval.memory), with the provenance of the
-figures (engine and versions, device, driver, dtype, the exact engine settings).
+figures (engine and versions, device, driver, dtype, the exact engine settings), and where
+its time went (`seconds`: the engine's load, then each part).
 
 Failures: a model directory that is not whole, or an engine that is not installed, is bad
 input (`UserError`, one line, before any work where the pipeline can see it). An engine that
@@ -27,6 +28,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -170,7 +172,9 @@ def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "
                           "gpu_stack": pinned},
            "size_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
            "quantization": describe(quantization_config(model_dir))}
+    seconds = out["seconds"] = {}  # where the evaluation's time went: load, then each part
     with MemorySampler(device) as mem:
+        t0 = time.perf_counter()
         try:
             eng = open_engine(engine, model_dir, device=device, trust_remote_code=model.trust_remote_code,
                               allow_pickle=model.allow_pickle, **settings)
@@ -179,6 +183,7 @@ def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "
         except Exception as e:  # noqa: BLE001 - an engine that cannot start is a result to report
             out["error"] = f"{engine} failed to start on {model_dir}: {one_line(e)}"
             eng = None
+        seconds["load"] = round(time.perf_counter() - t0, 1)
         if eng is not None:
             try:
                 _measure(eng, cfg, seed, out)
@@ -198,21 +203,29 @@ def _measure(eng, cfg: EvalConfig, seed: int, out: dict) -> None:
 
     stats = eng.stats
     out.update({**stats, "memory": dict(stats.get("memory", {}))})
-    part = "perplexity"
+    part, t0 = "perplexity", time.perf_counter()
+
+    def done(name: str) -> float:
+        out.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        return time.perf_counter()
+
     try:
         if cfg.perplexity is not None:
             p = cfg.perplexity
             ids = eng.tokenizer(load_text(p.dataset), add_special_tokens=False, return_tensors="pt").input_ids[0]
             out["perplexity"] = perplexity(eng, ids, p.context_length, p.stride, p.max_tokens)
             out["perplexity"]["protocol"]["dataset"] = p.dataset
+            t0 = done(part)
         if cfg.tasks:
             part = "tasks"
             out["tasks"] = run_tasks(eng, cfg.tasks, seed=seed, batch_size=cfg.task_batch_size)
+            t0 = done(part)
         if cfg.speed is not None:
             part = "speed"
             s = cfg.speed
             out["speed"] = workload_speed(eng, s.num_prompts, s.input_len, s.output_len, s.concurrency,
                                           s.batch1_requests, s.warmup, s.repeats, seed)
+            done(part)
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 - out of memory, an engine crash: report it with what was measured

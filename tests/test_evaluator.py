@@ -5,6 +5,7 @@ The vLLM engine's own tests are in test_evaluator_vllm.py."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -191,6 +192,8 @@ def test_out_of_memory_keeps_results_and_fails_the_run(tiny_model, text_file, ho
     rep = json.loads((home / "tiny" / "report.json").read_text())
     base = rep["baseline"]["engines"]["hf"]
     assert base["perplexity"]["perplexity"] > 1 and "speed" not in base and "out of memory" in base["error"]
+    assert set(base["seconds"]) == {"load", "perplexity"}  # where the time went: the parts that finished
+    assert re.search(r"baseline \(hf\): measured in \d+ s \(load \d+, perplexity \d+\)", err)
     assert "failed" in (home / "tiny" / "report.md").read_text()
     assert not list((home / "_eval_cache").glob("*.json")), "a failed evaluation must not be cached"
 

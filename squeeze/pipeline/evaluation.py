@@ -98,7 +98,9 @@ def _evaluate_all(recipe: Recipe, entries: list[dict], device: str, measured: di
             res = evaluate(entry["model_dir"], recipe.eval, recipe.model, engine=engine, device=device,
                            seed=recipe.seed)
             entry["engines"][engine] = res
-            log(f"{tag}: " + ("cached" if res.get("cached") else f"measured in {time.perf_counter() - t0:.0f} s"))
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in res.get("seconds", {}).items())
+            log(f"{tag}: " + ("cached" if res.get("cached") else
+                              f"measured in {time.perf_counter() - t0:.0f} s" + (f" ({parts})" if parts else "")))
             if not res.get("cached") and not res.get("error"):
                 record(events, "evaluation measured", model=entry["name"], engine=engine)
 
