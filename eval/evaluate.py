@@ -44,7 +44,7 @@ from eval.config import EvalConfig
 from eval.accuracy.perplexity import perplexity
 from eval.accuracy.tasks import headline
 from eval.engines import check_engines, engine_class, open_engine
-from eval.memory import MemorySampler, device_info
+from eval.memory import MemorySampler, device_info, gpu_name
 from eval.stack import gpu_stack, installed_version
 
 CACHE_VERSION = 3
@@ -58,7 +58,7 @@ def cache_dir() -> Path:
 
 def hardware() -> str:
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+        return gpu_name()  # NVML: no CUDA context here (eval.memory.gpu_name says why)
     return f"{platform.machine()} cpu x{torch.get_num_threads()} threads"
 
 
@@ -150,8 +150,9 @@ def one_line(e: BaseException) -> str:
 
 
 def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "hf", device: str = "cpu",
-             seed: int = 0, use_cache: bool = True) -> dict:
-    """Measure `model_dir` on `engine` under `cfg`'s protocol (see the module docstring)."""
+             seed: int = 0, use_cache: bool = True, cached_only: bool = False) -> dict | None:
+    """Measure `model_dir` on `engine` under `cfg`'s protocol (see the module docstring);
+    `cached_only`: the cached result, or None where there is none (nothing measured)."""
     model_dir = Path(model_dir)
     check_model_dir(model_dir, model.allow_pickle)
     settings = engine_settings(engine, cfg, model)
@@ -163,6 +164,8 @@ def evaluate(model_dir: Path, cfg: EvalConfig, model: ModelSpec, engine: str = "
     cache = cache_dir() / f"{key}.json"
     if use_cache and cache.is_file():
         return with_headlines({**json.loads(cache.read_text()), "cached": True}, cfg)
+    if cached_only:
+        return None
 
     out = {"model_dir": str(model_dir), "model_hash": key_src["model"], "engine": engine,
            "dtype": settings["dtype"], "settings": settings, "device": device, "hardware": key_src["hardware"],

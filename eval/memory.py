@@ -23,14 +23,43 @@ _INT = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U3
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+def _nvml_handle(index: int):
+    """NVML's handle on CUDA device `index` of this process (CUDA_VISIBLE_DEVICES maps it: NVML
+    counts every GPU of the host)."""
+    import os
+
+    import pynvml
+
+    pynvml.nvmlInit()
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if index < len(visible):
+        v = visible[index]
+        return pynvml.nvmlDeviceGetHandleByIndex(int(v)) if v.isdigit() else pynvml.nvmlDeviceGetHandleByUUID(v)
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
 def _nvml_used(index: int) -> int | None:
     try:
         import pynvml
 
-        pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(_nvml_handle(index)).used)
     except Exception:
         return None
+
+
+def gpu_name(index: int = 0) -> str:
+    """CUDA device `index`'s name, from NVML where it answers. torch.cuda.get_device_name creates
+    a CUDA context in this process, and vLLM then starts each engine's process with spawn instead
+    of fork ("Overriding VLLM_WORKER_MULTIPROC_METHOD to 'spawn' ... CUDA is initialized"), which
+    imports everything again: SmolLM2 engines took 35-37 s to open inside `squeeze run` on an H100
+    against 9 s for a lone start with the same settings (vLLM 0.26, 2026-12-07)."""
+    try:
+        import pynvml
+
+        name = pynvml.nvmlDeviceGetName(_nvml_handle(index))
+        return name.decode() if isinstance(name, bytes) else name
+    except Exception:
+        return torch.cuda.get_device_name(index)
 
 
 def _rss_tree() -> int:
@@ -71,7 +100,8 @@ class MemorySampler:
     def __enter__(self) -> "MemorySampler":
         if self.gpu_index is not None:
             self.gpu_before = _nvml_used(self.gpu_index)
-            torch.cuda.reset_peak_memory_stats(self.gpu_index)
+            if torch.cuda.is_initialized():  # else this process has allocated nothing yet (gpu_name says why)
+                torch.cuda.reset_peak_memory_stats(self.gpu_index)
         self._sample()
         self._thread.start()
         return self
@@ -84,7 +114,8 @@ class MemorySampler:
     def result(self) -> dict:
         out = {"peak_rss_bytes": self.peak_rss, "rss_scope": "this process and its children"}
         if self.gpu_index is not None:
-            out["peak_torch_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.gpu_index))
+            if torch.cuda.is_initialized():  # an engine in this process (transformers); vLLM's run in their own
+                out["peak_torch_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.gpu_index))
             if self.peak_gpu and self.gpu_before is not None:
                 out["peak_gpu_used_bytes"] = self.peak_gpu - self.gpu_before
                 out["gpu_scope"] = "device memory in use (NVML) above what was in use before the engine opened"
@@ -109,7 +140,7 @@ def device_info(device: str) -> dict:
     """Device name and driver (GPU) or CPU model, for a result's provenance."""
     if device.startswith("cuda") and torch.cuda.is_available():
         i = torch.device(device).index or 0
-        info = {"device_name": torch.cuda.get_device_name(i), "cuda": torch.version.cuda}
+        info = {"device_name": gpu_name(i), "cuda": torch.version.cuda}
         try:
             import pynvml
 

@@ -234,6 +234,42 @@ def test_stack_versions_reads_driver_and_cuda_on_a_gpu(monkeypatch):
     assert ev.stack_versions("cuda:0") != gpu
 
 
+def test_gpu_provenance_and_memory_create_no_cuda_context(monkeypatch):
+    """The GPU's name (cache key, provenance) comes from NVML for the CUDA device as this process
+    numbers it (CUDA_VISIBLE_DEVICES), and the memory sampler touches torch's CUDA statistics only
+    where this process already has a context: vLLM starts its engines by fork only without one
+    (faked NVML and CUDA: no GPU needed)."""
+    import sys
+    import types
+
+    import eval.evaluate as ev
+    import eval.memory as mem
+
+    handles = []
+    nvml = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: handles.append(i) or i,
+        nvmlDeviceGetHandleByUUID=lambda u: handles.append(u) or u,
+        nvmlDeviceGetName=lambda h: b"NVIDIA H100 80GB HBM3", nvmlSystemGetDriverVersion=lambda: "580.159",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=2 << 30))
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+
+    def context(*a, **k):
+        raise AssertionError("creates a CUDA context")
+
+    for f in ("get_device_name", "get_device_properties", "reset_peak_memory_stats", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, f, context)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,GPU-ab12")
+    assert ev.hardware() == "NVIDIA H100 80GB HBM3" and handles == [3]
+    assert mem.device_info("cuda:1") == {"device_name": "NVIDIA H100 80GB HBM3", "cuda": torch.version.cuda,
+                                         "driver": "580.159"} and handles[-1] == "GPU-ab12"
+    with mem.MemorySampler("cuda:0", interval=10) as s:
+        pass
+    out = s.result()
+    assert "peak_torch_allocated_bytes" not in out and out["peak_gpu_used_bytes"] == 0
+
+
 # ---- lm-eval tasks on the HF engine ------------------------------------------------------
 
 def test_multiple_choice_task_matches_hand_computed_accuracy(tiny_model, tmp_path):

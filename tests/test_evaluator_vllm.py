@@ -11,10 +11,12 @@ import time
 
 import psutil
 import pytest
+import yaml
 
 from compress.spec import ModelSpec
 from eval.config import EvalConfig, TaskSpec
-from conftest import REPO
+from conftest import REPO, TEXT, tiny_recipe
+from squeeze.cli import main
 from test_evaluator import MC_PROMPT, mc_records, write_jsonl
 
 
@@ -85,6 +87,47 @@ def _wrong_shape_copy(src, dst):
     sd[k] = sd[k][:-1].contiguous()
     save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
+
+
+def test_a_2048_token_window_opens_vllm_one_position_longer():
+    """vLLM scores a perplexity window by generating one token after it: 2048-token windows (the
+    GPU demo's) need max_model_len 2049, where 2048 is its default; shorter ones keep it."""
+    from eval.engines.vllm import VLLMEngine
+
+    def opened(n):
+        cfg = EvalConfig(engines=["vllm"], perplexity={"dataset": "wikitext2", "context_length": n})
+        return VLLMEngine.options(cfg, ModelSpec(dtype="bfloat16")).get("max_model_len")
+
+    assert opened(2048) == 2049 and opened(4096) == 4097 and opened(2047) is None and opened(1024) is None
+    cfg = EvalConfig(engines=["vllm"], perplexity={"dataset": "wikitext2", "context_length": 2048},
+                     vllm={"max_model_len": 4096})
+    assert VLLMEngine.options(cfg, ModelSpec(dtype="bfloat16"))["max_model_len"] == 4096  # the recipe's own
+
+
+@pytest.mark.vllm
+def test_vllm_scores_windows_one_short_of_its_length_and_refuses_longer_ones(tiny_vllm_model, tmp_path, home,
+                                                                              capsys):
+    """A window of max_model_len - 1 tokens is scored (the model's 512 positions, 511-token
+    windows); one as long as the model's positions is refused by `squeeze run` in one line
+    before any stage runs."""
+    from eval.evaluate import evaluate
+
+    text = tmp_path / "long.txt"
+    text.write_text(TEXT * 40)
+    cfg = EvalConfig(engines=["vllm"], speed=None, perplexity={"dataset": str(text), "context_length": 511,
+                                                               "max_tokens": 1022})
+    out = evaluate(tiny_vllm_model, cfg, ModelSpec(dtype="float32"), engine="vllm", device="cpu")
+    assert "error" not in out, out["error"]
+    assert out["perplexity"]["windows"] == 2 and out["perplexity"]["tokens_scored"] > 511
+    r = tiny_recipe(tiny_vllm_model, text)
+    r["eval"] = {"engines": ["hf", "vllm"], "speed": None,
+                 "perplexity": {"dataset": str(text), "context_length": 512, "max_tokens": 1024}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "eval.perplexity.context_length 512: vLLM scores a window with one position more (513)" in err
+    assert "use at most 511" in err and "Traceback" not in err
+    assert not list(home.rglob("stage.json")), "refused before any stage"
 
 
 @pytest.mark.vllm

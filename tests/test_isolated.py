@@ -82,3 +82,38 @@ def test_ctrl_c_ends_the_child_and_raises_here(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in out
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_an_engine_that_asks_for_it_is_evaluated_in_one_fresh_process(tiny_model, text_file, home, tmp_path,
+                                                                       monkeypatch, capfd):
+    """squeeze run measures the evaluations of an engine whose class asks for a fresh process on
+    the device (vLLM on a GPU; here transformers, made to ask) in one such process, after the
+    others, with the same figures as in this one; a rerun takes them from the cache without one."""
+    import json
+
+    import yaml
+
+    from conftest import tiny_recipe
+    from eval.engines.hf import HFEngine
+    from squeeze.cli import main
+
+    r = tiny_recipe(tiny_model, text_file)
+    r["eval"]["speed"] = None
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    here = json.loads((home / "tiny" / "report.json").read_text())
+    capfd.readouterr()
+
+    monkeypatch.setenv("SQUEEZE_HOME", str(tmp_path / "home2"))
+    monkeypatch.setattr(HFEngine, "fresh_process_evaluations", classmethod(lambda cls, device: True))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    err = capfd.readouterr().err
+    assert err.count("(hf), in a fresh process") == 2 and "[eval 2/2] 01-magnitude_prune (hf): measured in" in err
+    fresh = json.loads((tmp_path / "home2" / "tiny" / "report.json").read_text())
+    for a, b in [(here["baseline"], fresh["baseline"]), (here["artifacts"][0], fresh["artifacts"][0])]:
+        assert a["engines"]["hf"]["perplexity"]["perplexity"] == b["engines"]["hf"]["perplexity"]["perplexity"]
+        assert not b["engines"]["hf"]["cached"]
+
+    assert main(["run", str(tmp_path / "r.yaml"), "--force"]) == 0
+    err = capfd.readouterr().err
+    assert "fresh process" not in err and err.count("(hf): cached") == 2

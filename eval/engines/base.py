@@ -44,6 +44,16 @@ class Engine(Protocol):
         `device` cannot run."""
 
     @classmethod
+    def fresh_process_evaluations(cls, device: str) -> bool:
+        """Whether a run measures this engine's evaluations on `device` in one fresh process of
+        their own (squeeze.pipeline.evaluation, eval.isolated)."""
+
+    @classmethod
+    def check_model(cls, cfg, model, model_dir: Path) -> None:
+        """Raise UserError, before any work, where the evaluation cannot run on this model
+        (`model_dir`: the input model, compress.spec.ModelSpec `model`)."""
+
+    @classmethod
     def options(cls, cfg, model) -> dict:
         """What it is opened with for an evaluation (eval.config.EvalConfig, compress.spec.ModelSpec),
         beyond device and model: `dtype` always; part of the evaluation cache key."""

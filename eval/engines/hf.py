@@ -117,6 +117,15 @@ class HFEngine:
                             f"device is {device}")
 
     @classmethod
+    def fresh_process_evaluations(cls, device: str) -> bool:
+        """No: it runs in the process that loads it, where the stages left their memory behind anyway."""
+        return False
+
+    @classmethod
+    def check_model(cls, cfg, model, model_dir: Path) -> None:
+        """Nothing: transformers scores any window the model's positions hold."""
+
+    @classmethod
     def options(cls, cfg, model) -> dict:
         """The model's dtype and the eval.hf options that differ from their defaults (so cache
         keys of earlier runs stay valid)."""

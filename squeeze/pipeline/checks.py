@@ -28,6 +28,7 @@ def preflight(recipe: Recipe, device: str, base_dir: Path) -> None:
     hf = recipe.eval.hf
     for name in recipe.eval.engine_list():
         engine_class(name).check_config(recipe.eval, device)
+        engine_class(name).check_model(recipe.eval, recipe.model, base_dir)
     if hf.compile_decode and hf.decode == "dynamic":
         raise UserError("eval.hf.compile_decode: needs eval.hf.decode static or cuda_graph")
     from eval import serve_tune

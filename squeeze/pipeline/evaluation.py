@@ -82,9 +82,13 @@ def evaluate_and_report(recipe: Recipe, run_dir: Path, device: str, base_dir: Pa
 
 
 def _evaluate_all(recipe: Recipe, entries: list[dict], device: str, measured: dict, events: Path) -> None:
-    """Each entry's `engines`: its evaluation on every engine, from `measured` or measured here."""
+    """Each entry's `engines`: its evaluation on every engine, from `measured` or measured here.
+    An engine that asks for it on this device (eval.engines: fresh_process_evaluations; vLLM on
+    a GPU) has all its evaluations measured in one fresh process, after the others."""
+    from eval.engines import engine_class
     from eval.evaluate import evaluate
 
+    fresh: dict[str, list] = {}  # engine -> [(tag, entry)] measured in a fresh process
     for i, entry in enumerate(entries):
         entry["engines"] = {}
         for engine in recipe.eval.engine_list():
@@ -93,16 +97,55 @@ def _evaluate_all(recipe: Recipe, entries: list[dict], device: str, measured: di
                 entry["engines"][engine] = {**res, "model_dir": str(entry["model_dir"])}
                 log(f"{tag}: from the cluster" + (f": {res['error']}" if res.get("error") else ""))
                 continue
+            if engine_class(engine).fresh_process_evaluations(device) and (res := evaluate(
+                    entry["model_dir"], recipe.eval, recipe.model, engine=engine, device=device, seed=recipe.seed,
+                    cached_only=True)) is None:
+                entry["engines"][engine] = None  # its place in the report's order
+                fresh.setdefault(engine, []).append((tag, entry))
+                continue
             log(tag)
             t0 = time.perf_counter()
-            res = evaluate(entry["model_dir"], recipe.eval, recipe.model, engine=engine, device=device,
-                           seed=recipe.seed)
-            entry["engines"][engine] = res
-            parts = ", ".join(f"{k} {v:.0f}" for k, v in res.get("seconds", {}).items())
-            log(f"{tag}: " + ("cached" if res.get("cached") else
-                              f"measured in {time.perf_counter() - t0:.0f} s" + (f" ({parts})" if parts else "")))
-            if not res.get("cached") and not res.get("error"):
-                record(events, "evaluation measured", model=entry["name"], engine=engine)
+            res = res or evaluate(entry["model_dir"], recipe.eval, recipe.model, engine=engine, device=device,
+                                  seed=recipe.seed)
+            log(_line(tag, res, time.perf_counter() - t0))
+            _measured(entry, engine, res, events)
+    for engine, todo in fresh.items():
+        from eval.isolated import run_fresh
+
+        jobs = [(tag, entry["model_dir"]) for tag, entry in todo]
+        results = run_fresh(_evaluate_fresh, jobs, recipe.eval, recipe.model, engine, device, recipe.seed)
+        for (_, entry), res in zip(todo, results):
+            _measured(entry, engine, res, events)
+
+
+def _evaluate_fresh(jobs: list, cfg, model, engine: str, device: str, seed: int) -> list[dict]:
+    """In a fresh process (eval.isolated.run_fresh): each (tag, model dir) of `jobs` evaluated on
+    `engine`, logged to stderr."""
+    from eval.evaluate import evaluate
+    from eval.isolated import stderr_log
+
+    out = []
+    for tag, model_dir in jobs:
+        stderr_log(f"{tag}, in a fresh process")
+        t0 = time.perf_counter()
+        out.append(evaluate(model_dir, cfg, model, engine=engine, device=device, seed=seed))
+        stderr_log(_line(tag, out[-1], time.perf_counter() - t0))
+    return out
+
+
+def _line(tag: str, res: dict, seconds: float) -> str:
+    """An evaluation's log line: cached, or measured in how long and where the time went."""
+    if res.get("cached"):
+        return f"{tag}: cached"
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in res.get("seconds", {}).items())
+    return f"{tag}: measured in {seconds:.0f} s" + (f" ({parts})" if parts else "")
+
+
+def _measured(entry: dict, engine: str, res: dict, events: Path) -> None:
+    """`res` into the entry, and its event where it was measured."""
+    entry["engines"][engine] = res
+    if not res.get("cached") and not res.get("error"):
+        record(events, "evaluation measured", model=entry["name"], engine=engine)
 
 
 def evaluation_errors(report: dict) -> list[str]:
