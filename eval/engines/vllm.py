@@ -114,13 +114,12 @@ class VLLMEngine:
     def check_model(cls, cfg, model, model_dir: Path) -> None:
         """Before any work: a perplexity window and the token vLLM generates to score it fit the
         engine's length (one line where not)."""
-        has = positions(model_dir)
-        if cfg.perplexity is not None and has is not None:
-            n = cfg.perplexity.context_length
-            if n + 1 > model_len(model_dir, cls.options(cfg, model).get("max_model_len")):
+        if cfg.perplexity is not None:
+            n, limit = cfg.perplexity.context_length, model_len(model_dir, cls.options(cfg, model).get("max_model_len"))
+            if n + 1 > limit:
                 raise UserError(f"eval.perplexity.context_length {n}: vLLM scores a window with one position more "
-                                f"({n + 1}), and {model_dir} has {has} (max_position_embeddings); use at most "
-                                f"{has - 1}, or leave vllm out of eval.engines")
+                                f"({n + 1}), and its engine on {model_dir} holds {limit} (the model's positions or "
+                                f"eval.vllm.max_model_len); use at most {limit - 1}, or leave vllm out of eval.engines")
 
     @classmethod
     def paired_options(cls, options: dict, device: str) -> dict:
