@@ -237,8 +237,9 @@ def test_stack_versions_reads_driver_and_cuda_on_a_gpu(monkeypatch):
 def test_gpu_provenance_and_memory_create_no_cuda_context(monkeypatch):
     """The GPU's name (cache key, provenance) comes from NVML for the CUDA device as this process
     numbers it (CUDA_VISIBLE_DEVICES), and the memory sampler touches torch's CUDA statistics only
-    where this process already has a context: vLLM starts its engines by fork only without one
-    (faked NVML and CUDA: no GPU needed)."""
+    where this process already has a context: vLLM starts its engines by fork only without one.
+    Whether there is a GPU at all is asked through NVML too (importing compress or eval sets
+    torch's PYTORCH_NVML_BASED_CUDA_CHECK) (faked NVML and CUDA: no GPU needed)."""
     import sys
     import types
 
@@ -258,7 +259,11 @@ def test_gpu_provenance_and_memory_create_no_cuda_context(monkeypatch):
 
     for f in ("get_device_name", "get_device_properties", "reset_peak_memory_stats", "max_memory_allocated"):
         monkeypatch.setattr(torch.cuda, f, context)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # torch.cuda.is_available() as on a CUDA build: asking the CUDA runtime marks every forked
+    # child unable to use CUDA (vLLM's engine core died of it), asking NVML does not
+    monkeypatch.setattr(torch.cuda, "_is_compiled", lambda: True)
+    monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", context, raising=False)
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,GPU-ab12")
     assert ev.hardware() == "NVIDIA H100 80GB HBM3" and handles == [3]
