@@ -8,8 +8,12 @@ a GPU per task), four engines starting together failed on an H100: "No available
 cache blocks" (the others' allocations counted as this engine's) and "Error in memory profiling"
 (one engine's memory freed during another's profiling).
 
-So, per physical GPU, one lock file under the host's temporary directory (fcntl.flock: held by
-the process, let go when it exits, however it exits):
+So, per physical GPU, one lock file under the host's temporary directory, locked with POSIX
+record locks (fcntl.lockf): held by this process alone and let go when it exits, however it
+exits. Not flock: a flock lock belongs to the open file, which a forked child shares, and vLLM
+forks its engine core while the exclusive lock is held, so the lock stayed held for the engine's
+life and this process's next lock waited on it forever (the H100 main job of 2026-12-07 hung in
+its first vLLM evaluation). A forked child inherits no POSIX lock.
 
 - exclusive while a vLLM engine starts (`exclusive`): it profiles then; shared where the engine's
   KV cache has a fixed size (vLLM's `kv_cache_memory_bytes`: vLLM then skips sizing it from free
@@ -20,6 +24,8 @@ the process, let go when it exits, however it exits):
 Engines start one at a time, and never while another process on that GPU allocates or frees;
 everything else goes on side by side. Nothing waits on a CPU. Written here because nothing maintained
 offers a cross-process reader-writer lock keyed by GPU (filelock has exclusive locks only).
+A process never waits on its own POSIX lock, and closing any descriptor of the file lets all of
+its locks go: so one descriptor per GPU and process (`_HELD`), which nothing else opens.
 """
 
 from __future__ import annotations
@@ -76,9 +82,9 @@ def _acquire(gpu: str, mode: int) -> None:
     with _GUARD:
         h = _HELD.get(gpu) or _HELD.setdefault(gpu, _Held(gpu))
         if mode == EXCLUSIVE and not h.exclusive:
-            fcntl.flock(h.fd, EXCLUSIVE)  # from shared (ours) too: the shared lock is let go first
+            fcntl.lockf(h.fd, EXCLUSIVE)  # from shared (ours) too: converted in place
         elif mode == SHARED and not (h.shared or h.exclusive):
-            fcntl.flock(h.fd, SHARED)
+            fcntl.lockf(h.fd, SHARED)
         if mode == EXCLUSIVE:
             h.exclusive += 1
         else:
@@ -96,7 +102,7 @@ def _release(gpu: str, mode: int) -> None:
             os.close(h.fd)  # the only descriptor: the lock goes with it
             del _HELD[gpu]
         elif mode == EXCLUSIVE and not h.exclusive:
-            fcntl.flock(h.fd, SHARED)  # back to the shared holds still open here
+            fcntl.lockf(h.fd, SHARED)  # back to the shared holds still open here
 
 
 class Hold:

@@ -1,10 +1,11 @@
 """compress.gpulock: vLLM engines start alone on a GPU; stages, transformers engines and stopping
-vLLM engines share it. Checked with the real lock files (flock needs no GPU) and a second open file, which
-flock treats as another holder."""
+vLLM engines share it. Checked with the real lock files (POSIX locks need no GPU), probed from
+another process: a process never waits on its own POSIX lock."""
 
 import contextlib
 import fcntl
 import os
+import threading
 
 import pytest
 
@@ -19,15 +20,17 @@ def lock_dir(tmp_path, monkeypatch):
 
 
 def free(gpu: str, mode: int) -> bool:
-    """Whether another holder could take `gpu`'s lock in `mode` now."""
-    fd = os.open(gpulock.lock_path(gpu), os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
+    """Whether another process could take `gpu`'s lock in `mode` now (asked from a forked child,
+    which holds none of this process's locks; opening the file here would let them go)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fcntl.lockf(os.open(gpulock.lock_path(gpu), os.O_RDWR | os.O_CREAT), mode | fcntl.LOCK_NB)
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
 def test_exclusive_keeps_everyone_out_and_shared_keeps_starts_out():
@@ -45,6 +48,33 @@ def test_nested_in_one_process_converts_instead_of_waiting_on_itself():
             assert not free("0", fcntl.LOCK_SH)
         assert free("0", fcntl.LOCK_SH) and not free("0", fcntl.LOCK_EX)  # back to shared
     assert free("0", fcntl.LOCK_EX) and gpulock._HELD == {}
+
+
+def test_a_forked_child_does_not_keep_the_lock():
+    """vLLM forks its engine core while its start holds the lock exclusively, and the engine core
+    lives on. The lock goes when the start ends all the same: others may take it, and so may this
+    process again (with flock the child's copy kept it, and the next hold here waited forever)."""
+    r, w = os.pipe()
+    with gpulock.exclusive("cuda"):
+        pid = os.fork()
+        if pid == 0:  # the engine core: alive until the pipe closes
+            os.close(w)
+            os.read(r, 1)
+            os._exit(0)
+    try:
+        assert free("0", fcntl.LOCK_EX)
+        holds = []
+        took = threading.Thread(target=lambda: holds.append(gpulock.Hold("cuda", gpulock.SHARED)), daemon=True)
+        took.start()  # in a thread: a test that waits forever would not fail
+        took.join(20)
+        assert not took.is_alive(), "this process waited on the lock its forked child kept"
+        assert free("0", fcntl.LOCK_SH) and not free("0", fcntl.LOCK_EX)
+        holds[0].release()
+        assert free("0", fcntl.LOCK_EX)
+    finally:
+        os.close(w)
+        os.waitpid(pid, 0)
+        os.close(r)
 
 
 def test_the_lock_is_per_physical_gpu(monkeypatch):
