@@ -34,6 +34,7 @@ import contextlib
 import fcntl
 import os
 import re
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -78,13 +79,26 @@ _HELD: dict[str, _Held] = {}
 _GUARD = threading.Lock()
 
 
+def _lock(h: _Held, gpu: str, mode: int) -> None:
+    """Take `mode` on `gpu`'s lock; where another process holds it, say so on stderr first (a
+    wait is otherwise silent, however long)."""
+    try:
+        fcntl.lockf(h.fd, mode | fcntl.LOCK_NB)
+        return
+    except OSError:  # EAGAIN or EACCES: held elsewhere
+        pass
+    print(f"GPU {gpu}: waiting for another process's hold on it (a vLLM engine starting, or GPU memory "
+          f"being allocated or freed; lock {lock_path(gpu)}, `lslocks` names the holder)", file=sys.stderr, flush=True)
+    fcntl.lockf(h.fd, mode)
+
+
 def _acquire(gpu: str, mode: int) -> None:
     with _GUARD:
         h = _HELD.get(gpu) or _HELD.setdefault(gpu, _Held(gpu))
         if mode == EXCLUSIVE and not h.exclusive:
-            fcntl.lockf(h.fd, EXCLUSIVE)  # from shared (ours) too: converted in place
+            _lock(h, gpu, EXCLUSIVE)  # from shared (ours) too: converted in place
         elif mode == SHARED and not (h.shared or h.exclusive):
-            fcntl.lockf(h.fd, SHARED)
+            _lock(h, gpu, SHARED)
         if mode == EXCLUSIVE:
             h.exclusive += 1
         else:

@@ -77,6 +77,34 @@ def test_a_forked_child_does_not_keep_the_lock():
         os.close(r)
 
 
+def test_a_wait_for_another_process_is_said_on_stderr(capfd):
+    """Taking the lock while another process holds it says so before waiting; the wait ends when
+    that process lets go. Not said when nothing stands in the way."""
+    with gpulock.shared("cuda"):
+        pass
+    assert "waiting" not in capfd.readouterr().err
+    go, ready = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # another process holding the GPU exclusively until told to go
+        with gpulock.exclusive("cuda"):
+            os.write(ready[1], b"x")
+            os.read(go[0], 1)
+        os._exit(0)
+    os.read(ready[0], 1)
+    holds = []
+    took = threading.Thread(target=lambda: holds.append(gpulock.Hold("cuda", gpulock.SHARED)), daemon=True)
+    took.start()
+    took.join(1)
+    assert took.is_alive() and not holds  # waiting
+    os.write(go[1], b"x")
+    os.waitpid(pid, 0)
+    took.join(20)
+    assert holds and "GPU 0: waiting for another process's hold on it" in capfd.readouterr().err
+    holds[0].release()
+    for fd in (*go, *ready):
+        os.close(fd)
+
+
 def test_the_lock_is_per_physical_gpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # as Ray sets it for a task
     assert gpulock.gpu_ids("cuda") == ["3"] and gpulock.gpu_ids("cuda:1") == ["5"]
