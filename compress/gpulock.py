@@ -87,6 +87,10 @@ def _lock(h: _Held, gpu: str, mode: int) -> None:
         return
     except OSError:  # EAGAIN or EACCES: held elsewhere
         pass
+    if mode == EXCLUSIVE and h.shared:
+        # let go of this process's shared hold while it waits, as flock did: two processes that
+        # both hold it shared and both want it exclusive would wait on each other (EDEADLK)
+        fcntl.lockf(h.fd, fcntl.LOCK_UN)
     print(f"GPU {gpu}: waiting for another process's hold on it (a vLLM engine starting, or GPU memory "
           f"being allocated or freed; lock {lock_path(gpu)}, `lslocks` names the holder)", file=sys.stderr, flush=True)
     fcntl.lockf(h.fd, mode)
@@ -96,7 +100,7 @@ def _acquire(gpu: str, mode: int) -> None:
     with _GUARD:
         h = _HELD.get(gpu) or _HELD.setdefault(gpu, _Held(gpu))
         if mode == EXCLUSIVE and not h.exclusive:
-            _lock(h, gpu, EXCLUSIVE)  # from shared (ours) too: converted in place
+            _lock(h, gpu, EXCLUSIVE)  # from shared (ours) too: converted in place, or let go and waited for
         elif mode == SHARED and not (h.shared or h.exclusive):
             _lock(h, gpu, SHARED)
         if mode == EXCLUSIVE:

@@ -105,6 +105,39 @@ def test_a_wait_for_another_process_is_said_on_stderr(capfd):
         os.close(fd)
 
 
+def test_two_processes_holding_it_shared_both_get_it_exclusively():
+    """Each holds the GPU shared (a chain of stages) and then wants it exclusively (a vLLM engine
+    started inside): one waits for the other instead of both waiting on each other."""
+    go, ready = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            with gpulock.shared("cuda"):
+                os.write(ready[1], b"x")
+                os.read(go[0], 1)
+                with gpulock.exclusive("cuda"):
+                    code = 0
+        finally:
+            os._exit(code)
+    holds = []
+    with gpulock.shared("cuda"):
+        os.read(ready[0], 1)
+        took = threading.Thread(target=lambda: holds.append(gpulock.Hold("cuda", gpulock.EXCLUSIVE)), daemon=True)
+        took.start()
+        took.join(1)
+        assert took.is_alive()  # waiting for the other's shared hold
+        os.write(go[1], b"x")
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        took.join(20)
+        assert holds and not free("0", fcntl.LOCK_SH)
+        holds[0].release()
+        assert free("0", fcntl.LOCK_SH) and not free("0", fcntl.LOCK_EX)  # back to the shared hold
+    assert free("0", fcntl.LOCK_EX) and gpulock._HELD == {}
+    for fd in (*go, *ready):
+        os.close(fd)
+
+
 def test_the_lock_is_per_physical_gpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # as Ray sets it for a task
     assert gpulock.gpu_ids("cuda") == ["3"] and gpulock.gpu_ids("cuda:1") == ["5"]
