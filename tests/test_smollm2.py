@@ -21,11 +21,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_run(smol_home, tmp_path_factory) -> Path:
-    """recipes/magnitude-50.yaml as shipped, but for PIQA on its first 50 items, 2 timed speed
-    runs and 2 paired rounds (the suite's time budget on 2 cores: 4 rounds took 114 s on both engines)."""
+    """recipes/magnitude-50.yaml as shipped, but for perplexity over 4 windows, PIQA on its first
+    50 items, 2 timed speed runs and 2 paired rounds (the suite's time budget on 2 cores: 4 rounds
+    took 114 s on both engines; 8 windows cost about a minute more over the four evaluations)."""
     import yaml
 
     raw = yaml.safe_load((REPO / "recipes" / "magnitude-50.yaml").read_text())
+    raw["eval"]["perplexity"]["max_tokens"] = 4096
     raw["eval"]["tasks"][0]["limit"] = 50
     raw["eval"]["speed"]["repeats"] = 2
     raw["eval"]["speed"]["rounds"] = 2
@@ -45,11 +47,11 @@ def test_demo_report(demo_run):
     rep = json.loads((demo_run / "report.json").read_text())
     base = rep["baseline"]["engines"]["hf"]
     pruned = rep["artifacts"][0]["engines"]["hf"]
-    # the reference: ~29 over the first 8 x 1024 WikiText-2 raw test tokens with transformers
-    assert 27.0 < base["perplexity"]["perplexity"] < 31.0
+    # the reference: 23.09 over the first 4 x 1024 WikiText-2 raw test tokens with transformers (the CPU demo)
+    assert 21.0 < base["perplexity"]["perplexity"] < 25.0
     proto = base["perplexity"]["protocol"]
-    assert (proto["context_length"], proto["stride"], proto["max_tokens"]) == (1024, 1024, 8192)
-    assert base["perplexity"]["tokens_scored"] == 8 * 1023
+    assert (proto["context_length"], proto["stride"], proto["max_tokens"]) == (1024, 1024, 4096)
+    assert base["perplexity"]["tokens_scored"] == 4 * 1023
     assert pruned["perplexity"]["perplexity"] > base["perplexity"]["perplexity"]
     for m in (base, pruned):
         assert m["speed"]["concurrent"]["output_tok_s"]["median"] > 0 and m["speed"]["batch1"]["ttft_ms"]["n"] == 2

@@ -15,9 +15,17 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_wanda_50_keeps_smollm2_within_2_5x_of_dense(smol_home):
+def test_wanda_50_keeps_smollm2_within_2_5x_of_dense(smol_home, tmp_path):
+    """recipes/wanda-50.yaml as shipped, its perplexity over 4 windows instead of 8 (the suite's
+    time; the CPU demo measures the same ratio, 2.26x, over those 4)."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "recipes" / "wanda-50.yaml").read_text())
+    raw["eval"]["perplexity"]["max_tokens"] = 4096
+    recipe = tmp_path / "wanda-50.yaml"
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**os.environ, "SQUEEZE_HOME": str(smol_home)}
-    r = subprocess.run([sys.executable, "-m", "squeeze.cli", "run", str(REPO / "recipes" / "wanda-50.yaml")],
+    r = subprocess.run([sys.executable, "-m", "squeeze.cli", "run", str(recipe)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((smol_home / "wanda-50" / "report.json").read_text())
