@@ -1,5 +1,3 @@
 """Squeeze evaluation side: engines, accuracy, speed, reports."""
 
-import os
-
-os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # compress/__init__.py says why
+import compress  # noqa: F401 - sets PYTORCH_NVML_BASED_CUDA_CHECK for every process that evaluates (it says why)
