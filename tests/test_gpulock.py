@@ -33,6 +33,15 @@ def free(gpu: str, mode: int) -> bool:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
+def hold_in_thread(mode: int):
+    """(thread, holds): a thread taking a gpulock.Hold on "cuda" in `mode` into `holds`; in a
+    thread so that a hold that waits forever fails the test instead of hanging it."""
+    holds = []
+    took = threading.Thread(target=lambda: holds.append(gpulock.Hold("cuda", mode)), daemon=True)
+    took.start()
+    return took, holds
+
+
 def test_exclusive_keeps_everyone_out_and_shared_keeps_starts_out():
     with gpulock.exclusive("cuda"):
         assert not free("0", fcntl.LOCK_SH) and not free("0", fcntl.LOCK_EX)
@@ -63,9 +72,7 @@ def test_a_forked_child_does_not_keep_the_lock():
             os._exit(0)
     try:
         assert free("0", fcntl.LOCK_EX)
-        holds = []
-        took = threading.Thread(target=lambda: holds.append(gpulock.Hold("cuda", gpulock.SHARED)), daemon=True)
-        took.start()  # in a thread: a test that waits forever would not fail
+        took, holds = hold_in_thread(gpulock.SHARED)
         took.join(20)
         assert not took.is_alive(), "this process waited on the lock its forked child kept"
         assert free("0", fcntl.LOCK_SH) and not free("0", fcntl.LOCK_EX)
@@ -91,9 +98,7 @@ def test_a_wait_for_another_process_is_said_on_stderr(capfd):
             os.read(go[0], 1)
         os._exit(0)
     os.read(ready[0], 1)
-    holds = []
-    took = threading.Thread(target=lambda: holds.append(gpulock.Hold("cuda", gpulock.SHARED)), daemon=True)
-    took.start()
+    took, holds = hold_in_thread(gpulock.SHARED)
     took.join(1)
     assert took.is_alive() and not holds  # waiting
     os.write(go[1], b"x")
@@ -120,11 +125,9 @@ def test_two_processes_holding_it_shared_both_get_it_exclusively():
                     code = 0
         finally:
             os._exit(code)
-    holds = []
     with gpulock.shared("cuda"):
         os.read(ready[0], 1)
-        took = threading.Thread(target=lambda: holds.append(gpulock.Hold("cuda", gpulock.EXCLUSIVE)), daemon=True)
-        took.start()
+        took, holds = hold_in_thread(gpulock.EXCLUSIVE)
         took.join(1)
         assert took.is_alive()  # waiting for the other's shared hold
         os.write(go[1], b"x")
