@@ -131,7 +131,7 @@ def test_vllm_scores_windows_one_short_of_its_length_and_refuses_longer_ones(tin
 
 
 @pytest.mark.vllm
-def test_vllm_failing_to_start_is_reported_and_leaves_no_process(tiny_vllm_model, tmp_path, home):
+def test_vllm_failing_to_start_is_reported_and_leaves_no_process(tiny_vllm_model, tmp_path, home, vllm_processes):
     from eval.evaluate import evaluate
 
     bad = _wrong_shape_copy(tiny_vllm_model, tmp_path / "bad")
@@ -146,7 +146,7 @@ def test_vllm_failing_to_start_is_reported_and_leaves_no_process(tiny_vllm_model
 
 
 @pytest.mark.vllm
-def test_ctrl_c_during_a_vllm_measurement_shuts_the_engine_down(tiny_vllm_model, home, monkeypatch):
+def test_ctrl_c_during_a_vllm_measurement_shuts_the_engine_down(tiny_vllm_model, home, monkeypatch, vllm_processes):
     import eval.evaluate as ev
 
     def interrupted(*a, **k):
@@ -178,7 +178,7 @@ if __name__ == "__main__":
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_engine_closes_with_nothing_leaked(tiny_vllm_model, tmp_path):
+def test_vllm_engine_closes_with_nothing_leaked(tiny_vllm_model, tmp_path, vllm_processes):
     """A process that opens vLLM on the CPU, closes it and exits leaves nothing behind: the
     engine core ends its own teardown (its shared-memory broadcast queue unlinked) instead of
     being killed mid-way, so Python's resource tracker has nothing to report at exit."""
