@@ -3,6 +3,8 @@ back to exactly the fake-quantized model, and bad input refused before any work.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -95,12 +97,19 @@ def test_group_fallback_records_each_layers_group(tiny_model, text_file):
 # ---------------------------------------------------------------------------- bad input, via the CLI
 
 def _run_cli(recipe: dict, tmp_path, home):
+    """`squeeze run` on the recipe through the CLI's entry point, in this process: its exit code and
+    output as a process's (a new interpreter would spend about 10 s importing torch, transformers
+    and their imports for each case; the CLI's own process is tested in test_recipe)."""
+    from squeeze.cli import main
+
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "SQUEEZE_HOME": str(home)}
-    r = subprocess.run([sys.executable, "-m", "squeeze.cli", "run", str(p), "--output", str(tmp_path / "run")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    return r
+    args = ["run", str(p), "--output", str(tmp_path / "run")]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(args)
+    assert os.environ["SQUEEZE_HOME"] == str(home)
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("stage,expect", [
