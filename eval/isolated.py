@@ -40,10 +40,35 @@ def stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def trace_cuda_init() -> None:
+    """With SQUEEZE_TRACE_CUDA_INIT=1 in the environment, the first CUDA initialization in this
+    process prints the stack that made it to stderr. vLLM forks its engine core only while the
+    process opening it has no CUDA context, and spawns it once it has ("Reasons: CUDA is
+    initialized" in its log); on an H100 the GPU demo's second and later engines in one measuring
+    process took 33 s to load against 9 s for a start alone. torch initializes CUDA through
+    `torch.cuda._lazy_init`, from Python and from C++ alike, so wrapping it sees every path."""
+    import os
+    import traceback
+
+    import torch.cuda
+
+    if os.environ.get("SQUEEZE_TRACE_CUDA_INIT") != "1":
+        return
+    first = torch.cuda._lazy_init
+
+    def traced():
+        if not torch.cuda.is_initialized():
+            stderr_log("CUDA initialized here (SQUEEZE_TRACE_CUDA_INIT):\n" + "".join(traceback.format_stack(limit=30)))
+        return first()
+
+    torch.cuda._lazy_init = traced
+
+
 def _child(conn, threads: int, fn, args, kwargs) -> None:
     import torch
 
     interruptible()
+    trace_cuda_init()
     torch.set_num_threads(threads)
     try:
         conn.send(("ok", fn(*args, **kwargs)))

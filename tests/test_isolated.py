@@ -117,3 +117,29 @@ def test_an_engine_that_asks_for_it_is_evaluated_in_one_fresh_process(tiny_model
     assert main(["run", str(tmp_path / "r.yaml"), "--force"]) == 0
     err = capfd.readouterr().err
     assert "fresh process" not in err and err.count("(hf): cached") == 2
+
+
+def test_the_first_cuda_initialization_is_traced_where_asked(monkeypatch, capsys):
+    """SQUEEZE_TRACE_CUDA_INIT=1: the stack that first initializes CUDA is printed, once, and the
+    initialization itself still runs (here a stand-in for torch's, on a machine without CUDA)."""
+    from eval.isolated import trace_cuda_init
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "_lazy_init", lambda: calls.append(1))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: len(calls) > 0)
+    trace_cuda_init()  # not asked: nothing wrapped
+    torch.cuda._lazy_init()
+    assert capsys.readouterr().err == "" and calls == [1]
+    calls.clear()
+    monkeypatch.setenv("SQUEEZE_TRACE_CUDA_INIT", "1")
+    trace_cuda_init()
+
+    def makes_a_context():
+        torch.cuda._lazy_init()
+
+    makes_a_context()
+    makes_a_context()
+    err = capsys.readouterr().err
+    # one trace (its header once; the stack quotes the line that prints it), naming the caller
+    assert calls == [1, 1] and err.startswith("CUDA initialized here")
+    assert err.count("(SQUEEZE_TRACE_CUDA_INIT):\n") == 1 and "in makes_a_context" in err
