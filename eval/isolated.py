@@ -20,6 +20,7 @@ maintained adds to it.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
 import sys
 
@@ -47,13 +48,12 @@ def trace_cuda_init() -> None:
     initialized" in its log); on an H100 the GPU demo's second and later engines in one measuring
     process took 33 s to load against 9 s for a start alone. torch initializes CUDA through
     `torch.cuda._lazy_init`, from Python and from C++ alike, so wrapping it sees every path."""
-    import os
+    if os.environ.get("SQUEEZE_TRACE_CUDA_INIT") != "1":
+        return
     import traceback
 
     import torch.cuda
 
-    if os.environ.get("SQUEEZE_TRACE_CUDA_INIT") != "1":
-        return
     first = torch.cuda._lazy_init
 
     def traced():
