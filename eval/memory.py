@@ -62,6 +62,18 @@ def gpu_name(index: int = 0) -> str:
         return torch.cuda.get_device_name(index)
 
 
+def gpu_capability(index: int = 0) -> tuple[int, int]:
+    """CUDA device `index`'s compute capability, from NVML where it answers (gpu_name says why
+    not torch.cuda.get_device_capability)."""
+    try:
+        import pynvml
+
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(_nvml_handle(index))
+        return int(major), int(minor)
+    except Exception:
+        return tuple(torch.cuda.get_device_capability(index))
+
+
 def _rss_tree() -> int:
     import psutil
 

@@ -245,19 +245,23 @@ def test_gpu_provenance_and_memory_create_no_cuda_context(monkeypatch):
 
     import eval.evaluate as ev
     import eval.memory as mem
+    from eval.engines.facts import VLLMFacts
+    from eval.report.report import host_info
 
     handles = []
     nvml = types.SimpleNamespace(
         nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: handles.append(i) or i,
         nvmlDeviceGetHandleByUUID=lambda u: handles.append(u) or u,
         nvmlDeviceGetName=lambda h: b"NVIDIA H100 80GB HBM3", nvmlSystemGetDriverVersion=lambda: "580.159",
-        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=2 << 30))
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=2 << 30),
+        nvmlDeviceGetCudaComputeCapability=lambda h: (9, 0))
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
 
     def context(*a, **k):
         raise AssertionError("creates a CUDA context")
 
-    for f in ("get_device_name", "get_device_properties", "reset_peak_memory_stats", "max_memory_allocated"):
+    for f in ("get_device_name", "get_device_properties", "get_device_capability", "reset_peak_memory_stats",
+              "max_memory_allocated"):
         monkeypatch.setattr(torch.cuda, f, context)
     # torch.cuda.is_available() as on a CUDA build: asking the CUDA runtime marks every forked
     # child unable to use CUDA (vLLM's engine core died of it), asking NVML does not
@@ -273,6 +277,10 @@ def test_gpu_provenance_and_memory_create_no_cuda_context(monkeypatch):
         pass
     out = s.result()
     assert "peak_torch_allocated_bytes" not in out and out["peak_gpu_used_bytes"] == 0
+    # the engine facts' checks before loading (compute capability) and the report's host line
+    assert VLLMFacts("vllm", "0.26.0", "bfloat16", "cuda:1").gpu() == ("NVIDIA H100 80GB HBM3", (9, 0))
+    assert handles[-1] == "GPU-ab12"
+    assert host_info("cuda:0")["gpus"] == ["NVIDIA H100 80GB HBM3"]
 
 
 # ---- lm-eval tasks on the HF engine ------------------------------------------------------

@@ -116,8 +116,10 @@ class VLLMFacts(RunsEverything):
         """(name, compute capability) of the GPU the engine will run on (None: no CUDA here)."""
         if not torch.cuda.is_available():
             return None
-        dev = torch.device(self.device)
-        return torch.cuda.get_device_name(dev), torch.cuda.get_device_capability(dev)
+        from eval.memory import gpu_capability, gpu_name  # NVML: no CUDA context here (gpu_name says why)
+
+        i = torch.device(self.device).index or 0
+        return gpu_name(i), gpu_capability(i)
 
     def linears_w8a8(self, c: W8A8) -> list[str]:
         g = self.gpu() if c.fp8 else None

@@ -54,11 +54,11 @@ def host_info(device: str | None) -> dict:
     """CPU model, GPUs, driver, CUDA and platform of the machine that measured."""
     import torch
 
-    from eval.memory import device_info
+    from eval.memory import device_info, gpu_name
 
     info = {"cpu": device_info("cpu")["device_name"], "platform": platform.platform()}
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if torch.cuda.is_available():  # NVML (gpu_name): no CUDA context in the process that reports
+        info["gpus"] = [gpu_name(i) for i in range(torch.cuda.device_count())]
     if device and device.startswith("cuda"):
         info.update(device_info(device))
     else:
