@@ -24,7 +24,8 @@
 #   demo-run WHEELS: the GPU demo's main job alone (`squeeze run recipes/demo-gpu.yaml`, or DEMO_RECIPE), timed,
 #                   in the environment as it stands (no install step; `demo` times the install too);
 #                   DEMO_COMPILE="mode: 0, cudagraph_mode: FULL": vLLM's compilation_config gets those keys too;
-#                   demo-run.err shows the stack that first gives the measuring process a CUDA context
+#                   demo-run.err shows the stack that first gives the measuring process a CUDA context,
+#                   bg.log vLLM's INFO lines (where each engine's start-up time goes)
 #   kv-head WHEELS: SmolLM2 bf16 with an FP8 KV cache, one scale per KV head, against its 16-bit cache:
 #                   perplexity on both engines (vLLM reads per-head scales on Hopper only)
 #   bg "PART..." WHEELS: the PARTs one after another in a new session (setsid), from a copy of this
@@ -88,7 +89,8 @@ case "$part" in
     sed -e "s|source: smollm2 |source: $smol |" \
         -e "s|compilation_config: {cudagraph_capture_sizes|compilation_config: {${DEMO_COMPILE:+$DEMO_COMPILE, }cudagraph_capture_sizes|" \
         "${DEMO_RECIPE:-recipes/demo-gpu.yaml}" > $res/demo-gpu.yaml; grep -n "source:\|compilation_config" $res/demo-gpu.yaml
-    SQUEEZE_TRACE_CUDA_INIT=1 run_recipe demo-run $res/demo-gpu.yaml comparison.md ;;   # what gives the measuring process CUDA (eval.isolated)
+    # what gives the measuring process CUDA (eval.isolated); vLLM's INFO lines (bg.log) time each engine's start-up
+    SQUEEZE_TRACE_CUDA_INIT=1 VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-INFO} run_recipe demo-run $res/demo-gpu.yaml comparison.md ;;
   fp8-8b)
     use_stack
     L=/tmp/layouts8b

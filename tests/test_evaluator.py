@@ -285,10 +285,18 @@ def test_gpu_provenance_and_memory_create_no_cuda_context(monkeypatch):
 
 # ---- lm-eval tasks on the HF engine ------------------------------------------------------
 
-def test_multiple_choice_task_matches_hand_computed_accuracy(tiny_model, tmp_path):
+def test_multiple_choice_task_matches_hand_computed_accuracy(tiny_model, tmp_path, monkeypatch):
+    """... and lm-eval does not run torch's environment report, whose torch.cuda.init() gives the
+    measuring process a CUDA context (vLLM then spawns its later engines instead of forking them)."""
+    import lm_eval.evaluator
+    import torch.utils.collect_env
+
     from eval.accuracy.tasks import run_tasks
     from eval.engines.hf import HFEngine
 
+    reports = []
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: reports.append(1) or "")
+    add_env_info = lm_eval.evaluator.add_env_info
     recs = mc_records(12)
     spec = TaskSpec(name="mine", file=write_jsonl(tmp_path / "mc.jsonl", recs), kind="multiple_choice",
                     prompt=MC_PROMPT, choices=["a", "b"], label="y", limit=10)
@@ -302,6 +310,7 @@ def test_multiple_choice_task_matches_hand_computed_accuracy(tiny_model, tmp_pat
     assert res["acc"] == pytest.approx(expect)
     assert res["acc_stderr"] == pytest.approx((expect * (1 - expect) / 9) ** 0.5)
     assert 0 <= res["acc_norm"] <= 1 and res["acc_norm_stderr"] is not None
+    assert reports == [] and lm_eval.evaluator.add_env_info is add_env_info  # put back after the call
 
 
 def test_eval_cli_runs_a_task_file_and_reports_it(tiny_model, text_file, tmp_path, home, capsys):

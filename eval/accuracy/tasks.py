@@ -19,6 +19,7 @@ Task specs (``eval.config.TaskSpec``):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import json
 import logging
@@ -217,6 +218,24 @@ def headline(tm: dict) -> str | None:
     return tm.get("metric") or next((k for k in ("acc", "exact_match") if tm.get(k) is not None), None)
 
 
+@contextlib.contextmanager
+def _without_torch_env_report():
+    """lm-eval's simple_evaluate adds torch's environment report to its results
+    (`loggers.utils.add_env_info` -> `torch.utils.collect_env`), which calls torch.cuda.init():
+    a CUDA context in the measuring process, after which vLLM spawns every later engine core
+    instead of forking it (seen with SQUEEZE_TRACE_CUDA_INIT on an H200, 2026-12-07: 36-41 s
+    per engine load against about 10 s), and 1.4 s of subprocesses (pip, nvidia-smi) per task.
+    Squeeze records its own provenance (eval.evaluate), so the report is left out for the call."""
+    import lm_eval.evaluator as evaluator
+
+    real = evaluator.add_env_info
+    evaluator.add_env_info = lambda results: results.update(pretty_env_info="left out (eval.accuracy.tasks)")
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = real
+
+
 def run_tasks(engine, tasks: list, seed: int = 0, batch_size: int | str = 32) -> dict:
     """Evaluate every task spec on the open engine; {task name: {metric: value, ...}}."""
     import lm_eval
@@ -232,10 +251,11 @@ def run_tasks(engine, tasks: list, seed: int = 0, batch_size: int | str = 32) ->
             task, tm = spec.name, TaskManager()
         else:
             task, tm = lm_eval_config(spec), TaskManager(include_defaults=False)
-        res = lm_eval.simple_evaluate(
-            model=lm, tasks=[task], task_manager=tm, limit=spec.limit, num_fewshot=spec.num_fewshot,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-            bootstrap_iters=1000, log_samples=False, verbosity="WARNING")
+        with _without_torch_env_report():
+            res = lm_eval.simple_evaluate(
+                model=lm, tasks=[task], task_manager=tm, limit=spec.limit, num_fewshot=spec.num_fewshot,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                bootstrap_iters=1000, log_samples=False, verbosity="WARNING")
         r = res["results"][spec.name]
         metrics = {}
         for key, v in r.items():  # "acc,none": 0.64, "acc_stderr,none": 0.011 (stderr "N/A" is skipped)
