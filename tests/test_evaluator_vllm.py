@@ -4,6 +4,7 @@ measurement, and a close that leaves nothing behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -145,49 +146,64 @@ def test_vllm_failing_to_start_is_reported_and_leaves_no_process(tiny_vllm_model
     assert _engine_children() == [], "engine processes left behind"
 
 
-@pytest.mark.vllm
-def test_ctrl_c_during_a_vllm_measurement_shuts_the_engine_down(tiny_vllm_model, home, monkeypatch, vllm_processes):
-    import eval.evaluate as ev
+CTRL_C_DRIVER = """
+import json
+import sys
+import time
 
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
+import psutil
+import torch
 
-    monkeypatch.setattr(ev, "perplexity", interrupted)
-    cfg = EvalConfig(engines=["vllm"], speed=None)
-    with pytest.raises(KeyboardInterrupt):
-        ev.evaluate(tiny_vllm_model, cfg, ModelSpec(dtype="float32"), engine="vllm", device="cpu")
+import eval.evaluate as ev
+from compress.spec import ModelSpec
+from eval.config import EvalConfig
+
+
+def _engine_children():  # as in the test module: child processes but the resource tracker
+    cmds = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmds.append(" ".join(p.cmdline()))
+        except psutil.Error:
+            pass
+    return [c[:200] for c in cmds if "multiprocessing.resource_tracker" not in c]
+
+
+def interrupted(eng, *a, **k):  # Ctrl-C in the middle of a measurement, after the engine has worked
+    eng.score(torch.tensor([[1, 2, 3, 4, 5, 6]]))
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    ev.perplexity = interrupted
+    try:
+        ev.evaluate(sys.argv[1], EvalConfig(engines=["vllm"], speed=None), ModelSpec(dtype="float32"),
+                    engine="vllm", device="cpu")
+        out = {"interrupted": False}
+    except KeyboardInterrupt:
+        out = {"interrupted": True}
     deadline = time.time() + 30
     while _engine_children() and time.time() < deadline:
         time.sleep(0.5)
-    assert _engine_children() == [], "engine processes left behind"
-
-
-CLOSE_DRIVER = """
-import sys
-
-import torch
-
-from eval.engines.vllm import VLLMEngine
-
-if __name__ == "__main__":
-    eng = VLLMEngine.load(sys.argv[1], dtype="float32", device="cpu")
-    eng.score(torch.tensor([[1, 2, 3, 4, 5, 6]]))
-    eng.close()
+    print(json.dumps({**out, "left": _engine_children()}))
 """
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_engine_closes_with_nothing_leaked(tiny_vllm_model, tmp_path, vllm_processes):
-    """A process that opens vLLM on the CPU, closes it and exits leaves nothing behind: the
-    engine core ends its own teardown (its shared-memory broadcast queue unlinked) instead of
-    being killed mid-way, so Python's resource tracker has nothing to report at exit."""
+def test_ctrl_c_during_a_vllm_measurement_closes_the_engine_with_nothing_leaked(tiny_vllm_model, tmp_path, home,
+                                                                                vllm_processes):
+    """Ctrl-C during a measurement shuts vLLM's engine processes down (none left), and the
+    process exits with nothing leaked: the engine core ends its own teardown (its shared-memory
+    broadcast queue unlinked) instead of being killed mid-way, so Python's resource tracker has
+    nothing to report at exit. One engine start for both (a process of its own, as users run it)."""
     script = tmp_path / "driver.py"
-    script.write_text(CLOSE_DRIVER)
+    script.write_text(CTRL_C_DRIVER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     r = subprocess.run([sys.executable, str(script), str(tiny_vllm_model)], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"interrupted": True, "left": []}, r.stdout[-2000:]
     assert "resource_tracker" not in r.stderr, r.stderr[-2000:]  # "... 1 leaked shared_memory objects ..."
     assert "force killing" not in r.stdout + r.stderr, "the engine core was killed before its teardown ended"
 
