@@ -34,6 +34,7 @@ from compress.calibration import calibration_batches
 from compress.errors import UserError
 from compress.export.moe_load import load_per_expert, per_expert_quantized
 from compress.fsutil import atomic_dir, sha256_file
+from compress.gguf_once import read_once
 from compress.manifest import known_hashes, write_manifest
 from compress.model_files import PICKLED, check_model_dir
 from compress.moefy import REFIT, moefy
@@ -181,8 +182,9 @@ def import_gguf(gguf: Path, out_dir: Path) -> Path:
     print(f"importing {gguf.name} -> {out_dir} (dequantizing to float32, once)", file=sys.stderr)
     try:
         kw = {"quantization_config": GgufConfig(gguf_file=gguf.name, dequantize=True)} if GgufConfig else {}
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kw)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with read_once():  # the file's metadata parsed once, not three times (compress.gguf_once)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kw)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are plain float32 now: drop the GGUF quantizer so the model saves as a dense one.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -179,3 +179,36 @@ def test_import_gguf_cli_matches_builtin_import(smol_home, tmp_path, capsys):
     from squeeze.cli import main
 
     assert main(["import-gguf", str(gguf), str(out)]) == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_gguf_metadata_is_read_once_per_import(monkeypatch):
+    """compress.gguf_once: within an import one GGUFReader per file and one tensor-name map per
+    (arch, blocks), however often transformers asks; gguf's own names are put back after (a fake
+    gguf module counts the work)."""
+    import types
+
+    from compress.gguf_once import read_once
+
+    made, maps = [], []
+
+    class Reader:
+        def __init__(self, path, mode="r"):
+            made.append((path, mode))
+
+    def name_map(arch, n_blocks):
+        maps.append((arch, n_blocks))
+        return object()
+
+    fake = types.SimpleNamespace(GGUFReader=Reader, get_tensor_name_map=name_map)
+    monkeypatch.setitem(sys.modules, "gguf", fake)
+    with read_once():
+        from gguf import GGUFReader, get_tensor_name_map  # as transformers imports them, at call time
+
+        assert GGUFReader("m.gguf") is GGUFReader("m.gguf") and GGUFReader("other.gguf") is not GGUFReader("m.gguf")
+        assert get_tensor_name_map("llama", 30) is get_tensor_name_map("llama", 30)
+        get_tensor_name_map("llama", 2)
+    assert made == [("m.gguf", "r"), ("other.gguf", "r")] and maps == [("llama", 30), ("llama", 2)]
+    assert fake.GGUFReader is Reader and fake.get_tensor_name_map is name_map
+    with read_once():  # nothing shared between imports
+        fake.GGUFReader("m.gguf")
+    assert len(made) == 3
