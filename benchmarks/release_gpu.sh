@@ -23,7 +23,6 @@
 #                   no compilation with full CUDA graphs, compiled (cold, then warm cache), eager
 #   demo-run WHEELS: the GPU demo's main job alone (`squeeze run recipes/demo-gpu.yaml`, or DEMO_RECIPE), timed,
 #                   in the environment as it stands (no install step; `demo` times the install too);
-#                   DEMO_COMPILE="mode: 0, cudagraph_mode: FULL": vLLM's compilation_config gets those keys too;
 #                   demo-run.err shows the stack that first gives the measuring process a CUDA context,
 #                   bg.log vLLM's INFO lines (where each engine's start-up time goes)
 #   kv-head WHEELS: SmolLM2 bf16 with an FP8 KV cache, one scale per KV head, against its 16-bit cache:
@@ -87,7 +86,6 @@ case "$part" in
   demo-run)
     use_stack
     sed -e "s|source: smollm2 |source: $smol |" \
-        -e "s|compilation_config: {cudagraph_capture_sizes|compilation_config: {${DEMO_COMPILE:+$DEMO_COMPILE, }cudagraph_capture_sizes|" \
         "${DEMO_RECIPE:-recipes/demo-gpu.yaml}" > $res/demo-gpu.yaml; grep -n "source:\|compilation_config" $res/demo-gpu.yaml
     # what gives the measuring process CUDA (eval.isolated); vLLM's INFO lines (bg.log) time each engine's start-up
     SQUEEZE_TRACE_CUDA_INIT=1 VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-INFO} run_recipe demo-run $res/demo-gpu.yaml comparison.md ;;
