@@ -228,7 +228,10 @@ def _without_torch_env_report():
     Squeeze records its own provenance (eval.evaluate), so the report is left out for the call."""
     import lm_eval.evaluator as evaluator
 
-    real = evaluator.add_env_info
+    real = getattr(evaluator, "add_env_info", None)
+    if real is None:  # an lm-eval without it (the pins hold 0.4.13, which has it): nothing to leave out
+        yield
+        return
     evaluator.add_env_info = lambda results: results.update(pretty_env_info="left out (eval.accuracy.tasks)")
     try:
         yield
