@@ -37,7 +37,7 @@ def _gen_records(engine, n: int = 6) -> list[dict]:
 
 
 @pytest.mark.vllm
-def test_vllm_engine_tasks_speed_and_memory(tiny_vllm_model, tmp_path):
+def test_vllm_engine_tasks_speed_and_memory(tiny_vllm_model, tmp_path, monkeypatch):
     from eval.accuracy.tasks import run_tasks
     from eval.engines.hf import HFEngine
     from eval.engines.vllm import VLLMEngine
@@ -49,7 +49,10 @@ def test_vllm_engine_tasks_speed_and_memory(tiny_vllm_model, tmp_path):
     hf = HFEngine.load(tiny_vllm_model)
     hf_acc = run_tasks(hf, [mc], batch_size=4)["mine"]["acc"]
     hf.close()
+    monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
     eng = VLLMEngine.load(tiny_vllm_model, dtype="float32", device="cpu")
+    # the engine's environment (eval.engines.vllm_dist.engine_environment): no FlashInfer sampler build
+    assert os.environ["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
     try:
         gen_recs = _gen_records(eng)
         gen = TaskSpec(name="gen", file=write_jsonl(tmp_path / "g.jsonl", gen_recs), kind="generate",

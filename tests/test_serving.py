@@ -38,6 +38,23 @@ def test_server_starts_serves_and_leaves_nothing(fake, tmp_path):
     s.stop()  # twice is harmless
 
 
+def test_a_vllm_server_runs_in_the_engines_environment(monkeypatch, tmp_path):
+    """The server's process gets the environment the in-process engine runs with
+    (eval.engines.vllm_dist.engine_environment): FlashInfer's sampler off on every device (its
+    first-start nvcc build), the CPU build's defaults on a CPU only; a user's own setting wins."""
+    from eval.engines.server import VLLMServer
+
+    monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
+    monkeypatch.delenv("VLLM_CPU_INT4_W4A8", raising=False)
+    gpu = VLLMServer(tmp_path, device="cuda:1")._env()
+    assert gpu["VLLM_USE_FLASHINFER_SAMPLER"] == "0" and gpu["CUDA_VISIBLE_DEVICES"] == "1"
+    assert "VLLM_CPU_INT4_W4A8" not in gpu
+    cpu = VLLMServer(tmp_path, device="cpu")._env()
+    assert cpu["VLLM_USE_FLASHINFER_SAMPLER"] == "0" and cpu["VLLM_CPU_INT4_W4A8"] == "0"
+    monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")
+    assert VLLMServer(tmp_path, device="cuda")._env()["VLLM_USE_FLASHINFER_SAMPLER"] == "1"
+
+
 def test_server_stopped_on_exception(fake, tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         with fake(tmp_path) as s:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from compress.errors import UserError
 from eval.engines.processes import free_port, group_members, port_in_use, wait_group_gone
-from eval.engines.vllm_dist import cpu_environment
+from eval.engines.vllm_dist import engine_environment
 
 LOG_TAIL_LINES = 25
 _LIVE: set["ManagedServer"] = set()  # servers to kill if the interpreter exits with them running
@@ -217,10 +217,9 @@ class VLLMServer(ManagedServer):
 
     def _env(self) -> dict:
         env = dict(os.environ)
-        if not self.device.startswith("cuda"):
-            for k, v in cpu_environment().items():  # as the in-process engine runs
-                env.setdefault(k, v)
-        elif self.device.startswith("cuda:"):
+        for k, v in engine_environment(self.device).items():  # as the in-process engine runs
+            env.setdefault(k, v)
+        if self.device.startswith("cuda:"):
             env["CUDA_VISIBLE_DEVICES"] = self.device.split(":", 1)[1]
         return env
 

