@@ -7,39 +7,26 @@ its tensor names, it rebuilds gguf's `TensorNameMap` for every module of the mod
 SmolLM2: 15 s). Profiled on 2 cores (2026-12-07): those two are 46 of the import's 78 s.
 
 Both are pure functions of their arguments over a file that does not change during the import,
-so `read_once()` memoizes them for its duration, through the names transformers imports from
-`gguf` at call time. Nothing maintained offers this; the patch is undone on the way out, and
-where gguf lacks either name the import runs as before.
+so `read_once()` memoizes them for its duration (functools.cache, swapped in by the standard
+library's mock.patch.multiple), through the names transformers imports from `gguf` at call
+time; where gguf lacks either name the import runs as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+from unittest import mock
 
 
-@contextlib.contextmanager
 def read_once():
-    """Within the block: one GGUFReader per (path, mode), one TensorNameMap per (arch, blocks)."""
+    """A context: within it one GGUFReader per (path, mode) and one TensorNameMap per (arch,
+    blocks), each memoized afresh per call (mock.patch.multiple puts gguf's own back)."""
     try:
         import gguf
     except ImportError:
-        yield
-        return
-    reader, name_map = getattr(gguf, "GGUFReader", None), getattr(gguf, "get_tensor_name_map", None)
-    if reader is None or name_map is None:
-        yield
-        return
-    readers: dict = {}
-
-    def shared_reader(path, mode: str = "r"):
-        key = (str(path), mode)
-        if key not in readers:
-            readers[key] = reader(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.lru_cache(maxsize=None)(name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+        return contextlib.nullcontext()
+    if not (hasattr(gguf, "GGUFReader") and hasattr(gguf, "get_tensor_name_map")):
+        return contextlib.nullcontext()
+    return mock.patch.multiple(gguf, GGUFReader=functools.cache(gguf.GGUFReader),
+                               get_tensor_name_map=functools.cache(gguf.get_tensor_name_map))
