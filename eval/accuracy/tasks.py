@@ -26,6 +26,7 @@ import logging
 import re
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from compress.data import data_dir
 from compress.errors import UserError
@@ -218,25 +219,20 @@ def headline(tm: dict) -> str | None:
     return tm.get("metric") or next((k for k in ("acc", "exact_match") if tm.get(k) is not None), None)
 
 
-@contextlib.contextmanager
 def _without_torch_env_report():
-    """lm-eval's simple_evaluate adds torch's environment report to its results
+    """A context in which lm-eval's simple_evaluate leaves out torch's environment report
     (`loggers.utils.add_env_info` -> `torch.utils.collect_env`), which calls torch.cuda.init():
     a CUDA context in the measuring process, after which vLLM spawns every later engine core
     instead of forking it (seen with SQUEEZE_TRACE_CUDA_INIT on an H200, 2026-12-07: 36-41 s
     per engine load against about 10 s), and 1.4 s of subprocesses (pip, nvidia-smi) per task.
-    Squeeze records its own provenance (eval.evaluate), so the report is left out for the call."""
+    Squeeze records its own provenance (eval.evaluate). An lm-eval without that function (the
+    pins hold 0.4.13, which has it) runs as is."""
     import lm_eval.evaluator as evaluator
 
-    real = getattr(evaluator, "add_env_info", None)
-    if real is None:  # an lm-eval without it (the pins hold 0.4.13, which has it): nothing to leave out
-        yield
-        return
-    evaluator.add_env_info = lambda results: results.update(pretty_env_info="left out (eval.accuracy.tasks)")
-    try:
-        yield
-    finally:
-        evaluator.add_env_info = real
+    if not hasattr(evaluator, "add_env_info"):
+        return contextlib.nullcontext()
+    return mock.patch.object(evaluator, "add_env_info",
+                             lambda results: results.update(pretty_env_info="left out (eval.accuracy.tasks)"))
 
 
 def run_tasks(engine, tasks: list, seed: int = 0, batch_size: int | str = 32) -> dict:
