@@ -38,13 +38,20 @@ def _nvml_handle(index: int):
     return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
-def _nvml_used(index: int) -> int | None:
+def _nvml(query: str, index: int):
+    """NVML's `query` (a pynvml function name) on CUDA device `index`; None where NVML does not
+    answer (no bindings, no driver)."""
     try:
         import pynvml
 
-        return int(pynvml.nvmlDeviceGetMemoryInfo(_nvml_handle(index)).used)
+        return getattr(pynvml, query)(_nvml_handle(index))
     except Exception:
         return None
+
+
+def _nvml_used(index: int) -> int | None:
+    info = _nvml("nvmlDeviceGetMemoryInfo", index)
+    return None if info is None else int(info.used)
 
 
 def gpu_name(index: int = 0) -> str:
@@ -53,25 +60,17 @@ def gpu_name(index: int = 0) -> str:
     of fork ("Overriding VLLM_WORKER_MULTIPROC_METHOD to 'spawn' ... CUDA is initialized"), which
     imports everything again: SmolLM2 engines took 35-37 s to open inside `squeeze run` on an H100
     against 9 s for a lone start with the same settings (vLLM 0.26, 2026-12-07)."""
-    try:
-        import pynvml
-
-        name = pynvml.nvmlDeviceGetName(_nvml_handle(index))
-        return name.decode() if isinstance(name, bytes) else name
-    except Exception:
+    name = _nvml("nvmlDeviceGetName", index)
+    if name is None:
         return torch.cuda.get_device_name(index)
+    return name.decode() if isinstance(name, bytes) else name
 
 
 def gpu_capability(index: int = 0) -> tuple[int, int]:
     """CUDA device `index`'s compute capability, from NVML where it answers (gpu_name says why
     not torch.cuda.get_device_capability)."""
-    try:
-        import pynvml
-
-        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(_nvml_handle(index))
-        return int(major), int(minor)
-    except Exception:
-        return tuple(torch.cuda.get_device_capability(index))
+    cc = _nvml("nvmlDeviceGetCudaComputeCapability", index)
+    return tuple(torch.cuda.get_device_capability(index)) if cc is None else (int(cc[0]), int(cc[1]))
 
 
 def _rss_tree() -> int:
