@@ -10,8 +10,8 @@
 #   fp8-8b WHEELS:  `squeeze eval` of FP8 dynamic against bf16 on vLLM, Llama-3.1-8B shape
 #                   (config-only layouts, vLLM's dummy weights: speed does not depend on weight
 #                   values at fixed output lengths), 512 x 512 in / 128 out, 5 paired rounds (ROUNDS=N:
-#                   N; one engine at a time each round opens one, about 35 s on an H100 with the compile
-#                   cache warm)
+#                   N); where half the GPU would not hold the workload (H100), one engine awake at a
+#                   time, the other asleep (vLLM's sleep mode)
 #   serving WHEELS: `squeeze serving --client both` on SmolLM2 bf16, 512 x 128 / 128 at 40/s
 #                   and all at once: our client and vLLM's on the same server
 #   smol-pair WHEELS: `squeeze run` of SmolLM2 bf16 pruned 50 % by magnitude (dense kernels, the

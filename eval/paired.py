@@ -15,9 +15,11 @@ or where opening it fails for memory, one engine is open at a time and reopened 
 side changes (`mode` in the result; `loads`: the engines opened for the pair, i.e. the
 artifact's and the baseline's second instance, or one per switch). vLLM on a GPU: where the
 baseline's KV cache at half the share holds fewer tokens than the speed workload keeps in
-flight (`kv_short`), both open would measure smaller batches than one engine alone runs, so
-one is open at a time, each with the whole share (`settings` in the result): an FP8 artifact
-of the Llama-3.1-8B shape read 1.30 x bf16's throughput both open at 0.45 each, 1.42 x alone.
+flight (`kv_short`), both open would measure smaller batches than one engine alone runs (an
+FP8 artifact of the Llama-3.1-8B shape read 1.30 x bf16's throughput both open at 0.45 each,
+1.42 x alone), so each gets the whole share (`settings` in the result) and both are opened with
+vLLM's sleep mode: the side not measured sleeps (weights in host memory, KV cache freed) and a
+switch costs a wake-up and a warm-up (`wakes`) instead of an engine start.
 
 Cache: ``<eval cache>/paired-<key>.json`` (eval.evaluate.cache_dir), keyed by both models'
 content hashes, the engine and its settings as opened here, the speed workload with its
@@ -39,9 +41,10 @@ from compress.fsutil import atomic_write_text
 from compress.models import model_hash
 from compress.spec import ModelSpec
 from eval.config import EvalConfig
+from eval.engine_pair import EnginePair
 from eval.engines import engine_class, open_engine
 from eval.evaluate import cache_dir, engine_settings, hardware, one_line, stack_versions
-from eval.speed.paired import PROTOCOL_VERSION, SIDES, default_noise_floor, run_rounds, summarize
+from eval.speed.paired import PROTOCOL_VERSION, default_noise_floor, run_rounds, summarize
 
 SPARE = 1.2  # a second model must fit in what the first left free, with this factor to spare
 
@@ -52,61 +55,15 @@ def free_memory(engine: str, device: str) -> int | None:
     return engine_class(engine).free_memory(device)
 
 
-def _memory_error(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "memory" in str(e).lower()
-
-
-class EnginePair:
-    """The baseline's and an artifact's engines: both open (`coexist`), or one at a time."""
-
-    def __init__(self, opener, dirs: dict, coexist: bool, open_engines: dict | None = None):
-        self.opener, self.dirs, self.coexist = opener, dirs, coexist
-        self.eng = {s: (open_engines or {}).get(s) for s in SIDES}
-        self.vocab = {s: e.vocab_size for s, e in self.eng.items() if e is not None}
-        self.loads, self.why = 0, ""
-
-    def is_open(self, side: str) -> bool:
-        return self.eng[side] is not None
-
-    def vocab_size(self, side: str) -> int:
-        """The token ids `side` accepts (opening it where not seen yet)."""
-        if side not in self.vocab:
-            self.vocab[side] = self.get(side).vocab_size
-        return self.vocab[side]
-
-    def get(self, side: str):
-        if self.eng[side] is None:
-            other = SIDES[1 - SIDES.index(side)]
-            if not self.coexist:
-                self.close(other)
-            try:
-                self.eng[side] = self.opener(self.dirs[side])
-            except Exception as e:  # noqa: BLE001 - a second engine that does not fit: one at a time
-                if not (self.coexist and self.eng[other] is not None and _memory_error(e)):
-                    raise
-                self.coexist, self.why = False, f"opening the second failed: {one_line(e)}"
-                self.close(other)
-                self.eng[side] = self.opener(self.dirs[side])
-            self.loads += 1
-            self.vocab[side] = self.eng[side].vocab_size
-        return self.eng[side]
-
-    def reopen(self, side: str) -> None:
-        """Close `side` and open a new instance of it (the protocol's half-time swap)."""
-        self.close(side)
-        self.get(side)
-
-    def close(self, side: str) -> None:
-        if self.eng[side] is not None:
-            self.eng[side].close()
-            self.eng[side] = None
-
-
 def paired_settings(engine: str, settings: dict, device: str) -> dict:
     """The engine settings for two engines at once: vLLM on a GPU gets half its memory share each."""
     return engine_class(engine).paired_options(settings, device)
+
+
+def alternate_settings(engine: str, settings: dict, device: str) -> dict:
+    """The settings for one engine at a time with the whole share: vLLM on a GPU opens each with
+    its sleep mode, so the side not measured sleeps instead of closing."""
+    return engine_class(engine).alternate_options(settings, device)
 
 
 def paired_key(base_hash: str, art_hash: str, cfg: EvalConfig, engine: str, settings: dict, device: str,
@@ -194,7 +151,7 @@ def _measure_all(base_dir, results, cfg, model, engine, device, seed, settings, 
                 vocab = base.vocab_size  # known: the pair need not open the baseline to learn it
                 base.close()
                 base, coexist, why = None, False, short
-                opts = dict(lone)
+                opts = alternate_settings(engine, lone, device)
         except (UserError, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - reported with each result, like evaluate()'s
@@ -207,12 +164,15 @@ def _measure_all(base_dir, results, cfg, model, engine, device, seed, settings, 
                                    f"{after / 2**30:.1f} GiB are free")
         for r in results:
             r["settings"] = dict(opts)
-            pair = EnginePair(opener, {"base": base_dir, "art": Path(r["art_dir"])}, coexist, {"base": base})
+            pair = EnginePair(opener, {"base": base_dir, "art": Path(r["art_dir"])}, coexist, {"base": base},
+                              sleeps=bool(opts.get("enable_sleep_mode")))
             pair.why = why
             if vocab is not None:
                 pair.vocab.setdefault("base", vocab)
             _measure_one(pair, cfg, seed, r, device)
             pair.close("art")
+            if "base" in pair.asleep:  # awake for the next artifact's pair
+                pair.get("base")
             base, coexist, why = pair.eng["base"], pair.coexist, pair.why  # the baseline stays open for the next
             if log:
                 log(f"paired speed {Path(r['art_dir']).name} ({engine}): " + (r.get("error") or (
@@ -240,7 +200,9 @@ def _measure_one(pair: EnginePair, cfg: EvalConfig, seed: int, r: dict, device: 
                        "concurrency": min(s.concurrency or s.num_prompts, s.num_prompts),
                        "batch1_requests": s.batch1_requests,
                        "order": "baseline first in even rounds, artifact first in odd ones"},
-             mode="both open" if pair.coexist else f"one at a time ({pair.why})", loads=pair.loads, rounds=rounds,
+             mode="both open" if pair.coexist else
+             f"one {'awake at a time, the other asleep' if pair.sleeps else 'at a time'} ({pair.why})",
+             loads=pair.loads, wakes=sum(pair.wakes.values()), rounds=rounds,
              speedups=summarize(rounds, floor) if rounds else {}, seconds=time.perf_counter() - t0,
              seconds_per_round=statistics.median(x["seconds"] for x in rounds) if rounds else None)
 

@@ -63,6 +63,11 @@ class Engine(Protocol):
         """`options` for two instances open at once on `device` (eval.paired)."""
 
     @classmethod
+    def alternate_options(cls, options: dict, device: str) -> dict:
+        """`options` for two instances used one at a time (eval.engine_pair); with the engine's
+        sleep mode (`enable_sleep_mode`) where the instance then has `sleep()` and `wake()`."""
+
+    @classmethod
     def free_memory(cls, device: str) -> int | None:
         """Bytes a second instance on `device` could use (None: the engine's own share decides)."""
 

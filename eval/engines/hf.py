@@ -137,6 +137,10 @@ class HFEngine:
         return dict(options)
 
     @classmethod
+    def alternate_options(cls, options: dict, device: str) -> dict:
+        return dict(options)
+
+    @classmethod
     def free_memory(cls, device: str) -> int | None:
         """Device memory on a GPU, else host memory."""
         if device.startswith("cuda"):

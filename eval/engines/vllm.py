@@ -129,6 +129,11 @@ class VLLMEngine:
         return dict(options)
 
     @classmethod
+    def alternate_options(cls, options: dict, device: str) -> dict:
+        """On a GPU with vLLM's sleep mode, so the side not measured sleeps (eval.engine_pair)."""
+        return {**options, "enable_sleep_mode": True} if device.startswith("cuda") else dict(options)
+
+    @classmethod
     def free_memory(cls, device: str) -> int | None:
         """Host memory on a CPU; None on a GPU, where gpu_memory_utilization sets the share."""
         if device.startswith("cuda"):
@@ -195,6 +200,15 @@ class VLLMEngine:
         eng.stats["memory"].update(weight_bytes=checkpoint_weight_bytes(Path(model_dir), dtype),
                                    weight_bytes_method="checkpoint tensors, floating point ones at the engine dtype")
         return eng
+
+    def sleep(self) -> None:
+        """vLLM's sleep level 1: the weights to host memory, the KV cache freed."""
+        with gpulock.shared(self.device, self.world):  # memory freed: not during another's start-up profiling
+            self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        with gpulock.shared(self.device, self.world):
+            self.llm.wake_up()
 
     def _params(self, **kw):
         from vllm import SamplingParams

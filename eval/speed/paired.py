@@ -9,9 +9,11 @@ Protocol (`eval.speed`: its workload, `warmup`, and `rounds` = n):
 - Both models are open on the same engine kind (eval.paired opens them): transformers holds
   both in memory; vLLM runs two engines at once (on a GPU each with half the recipe's
   gpu_memory_utilization); where the second does not fit beside the first, one is open at a
-  time and reopened whenever the side changes (`mode` in the result says which).
+  time and reopened whenever the side changes, or, vLLM on a GPU, both are open with the whole
+  share and the side not measured sleeps (vLLM's sleep mode: its weights in host memory, its KV
+  cache freed) and wakes when its side comes (`mode` in the result says which).
 - Warm-up: `warmup` untimed runs of the workload on each engine before its first timed run
-  (one reopened is warmed up again).
+  (one reopened or woken is warmed up again).
 - Two instances of the baseline: at half-time (round n // 2) the baseline's engine is closed
   and opened again, so that in the first half it is the engine opened before the artifact's
   and in the second half the one opened after it. Two engine instances of one model need not
@@ -19,8 +21,8 @@ Protocol (`eval.speed`: its workload, `warmup`, and `rounds` = n):
   slower than the ones opened after it (SmolLM2, float32, 2 cores: 57.7 ms per token against
   54.6, 54.3 and 52.7 for the 2nd to 4th, the same weights in all four), which would read as a
   5 % speedup of every artifact. With the swap such a bias points one way in one half and the
-  other way in the other, so it widens the range instead of moving it. (One at a time, every
-  switch opens a fresh instance anyway.)
+  other way in the other, so it widens the range instead of moving it (asleep in turn, the
+  instances persist too; one at a time with the other closed, every switch opens a fresh one).
 - Round r gives both models the same fresh random prompts: the concurrent workload on one
   then on the other, then the batch-1 profile likewise (one at a time: both profiles on one,
   then on the other). The baseline goes first in even rounds and the artifact in odd ones
@@ -68,9 +70,10 @@ from tqdm.auto import tqdm
 
 from eval.speed.workload import LATENCY_SAMPLE, duration, noise_verdict, per_request, random_prompts
 
-PROTOCOL_VERSION = 5   # 2: order-statistic ranges (k-th lowest..highest) and the noise floor; 3: 99 % coverage;
+PROTOCOL_VERSION = 6   # 2: order-statistic ranges (k-th lowest..highest) and the noise floor; 3: 99 % coverage;
 #                        4: vLLM's pairs in a fresh process (eval.isolated), and on a GPU one engine at a time
-#                        where half the share would not hold the workload; 5: the noise floor by device
+#                        where half the share would not hold the workload; 5: the noise floor by device;
+#                        6: there, the other engine asleep instead of closed
 SIDES = ("base", "art")
 COVERAGE = 0.99  # per range: a report holds many speed cells (see the module's docstring)
 
@@ -140,8 +143,9 @@ def run_rounds(pair, speed, seed: int = 0, progress: bool = True) -> list[dict]:
 
     def engine(side: str):
         eng = pair.get(side)
-        if not any(e is eng for e in warmed):
-            warmed.append(eng)
+        woken = getattr(pair, "wakes", {}).get(side, 0)  # an engine woken from sleep is warmed up again
+        if not any(e is eng and w == woken for e, w in warmed):
+            warmed.append((eng, woken))
             for i in range(speed.warmup):
                 throughput(eng, random_prompts(n, speed.input_len, vocab_size, seed * 1000 + 900 + i),
                            speed.output_len, conc)
@@ -151,7 +155,7 @@ def run_rounds(pair, speed, seed: int = 0, progress: bool = True) -> list[dict]:
         if pair.is_open(side):
             engine(side)
     profiles = ["conc"] + (["b1"] if speed.batch1_requests else [])
-    swap = speed.rounds // 2 if pair.coexist and speed.rounds >= 2 else None
+    swap = speed.rounds // 2 if getattr(pair, "keeps_instances", pair.coexist) and speed.rounds >= 2 else None
     out = []
     for r in tqdm(range(speed.rounds), desc="paired speed", unit="round", disable=not progress, leave=False):
         if r == swap:  # the baseline's second instance, opened after the artifact's (module docstring)
