@@ -27,8 +27,9 @@
 #                   bg.log vLLM's INFO lines (where each engine's start-up time goes)
 #   kv-head WHEELS: SmolLM2 bf16 with an FP8 KV cache, one scale per KV head, against its 16-bit cache:
 #                   perplexity on both engines (vLLM reads per-head scales on Hopper only; its default
-#                   FlashAttention 3 also rounds the queries to FP8); kv-head-triton: the same with
-#                   vLLM's Triton attention, which keeps the queries in 16 bits
+#                   FlashAttention 3 also rounds the queries to FP8); kv-tensor / kv-tensor-triton: one
+#                   scale per tensor, on vLLM's default attention / on its Triton attention, which keeps
+#                   the queries in 16 bits (and takes no per-head scales)
 #   bg "PART..." WHEELS: the PARTs one after another in a new session (setsid), from a copy of this
 #                   tree (later calls may replace the original), left running after this command
 #                   returns, archives and log under /tmp/bg; `collect PART` waits for PART (at most
@@ -49,7 +50,7 @@ case "${1:-}" in
     if [ -f /tmp/bg/$p.tgz ]; then cp /tmp/bg/$p.tgz "$out/"; echo "collected $p"; else echo "$p: still running"; fi
     exit 0 ;;
 esac
-part=${1:?part: demo, demo-run, kv-head, kv-head-triton, fp8-8b, smol-pair, serving, cluster-share, cluster-overhead or starts}; wheels=${2:?a directory of wheels}
+part=${1:?part: demo, demo-run, kv-head, kv-tensor, kv-tensor-triton, fp8-8b, smol-pair, serving, cluster-share, cluster-overhead or starts}; wheels=${2:?a directory of wheels}
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" HF_HUB_OFFLINE=1 SQUEEZE_DATA_DIR=$PWD/.data \
   SQUEEZE_HOME=${SQUEEZE_HOME:-/tmp/squeeze-home}
 res=/tmp/res-$part; mkdir -p "$OUT" $res
@@ -112,13 +113,14 @@ case "$part" in
       "  speed: {num_prompts: 64, input_len: 256, output_len: 64, batch1_requests: 1, warmup: 1, repeats: 1, rounds: ${ROUNDS:-5}}," \
       '  vllm: {engine_args: {compilation_config: {cudagraph_capture_sizes: [1, 2, 4, 8, 16, 32, 64]}}}}' > $res/pair.yaml
     run_recipe smol-pair $res/pair.yaml report.md ;;
-  kv-head|kv-head-triton)
+  kv-head|kv-tensor|kv-tensor-triton)
     use_stack
-    args="enforce_eager: true"   # kv-head-triton: vLLM's Triton attention, which keeps the queries in 16 bits
-    [ $part = kv-head-triton ] && args="$args, engine_args: {attention_config: {backend: TRITON_ATTN}}"
+    args="enforce_eager: true"   # kv-tensor-triton: vLLM's Triton attention, which keeps the queries in 16 bits
+    [ $part = kv-tensor-triton ] && args="$args, engine_args: {attention_config: {backend: TRITON_ATTN}}"
+    recipe=benchmarks/kv_cache_smollm2.yaml; [ $part = kv-head ] && recipe=benchmarks/kv_cache_smollm2_head.yaml
     sed -e "s|source: smollm2|source: $smol|" -e "s|dtype: float32|dtype: bfloat16|" -e "s|device: cpu|device: auto|" \
         -e "s|engines: \[hf\]|engines: [hf, vllm]|" -e "s|vllm: {dtype: bfloat16}|vllm: {dtype: bfloat16, $args}|" \
-        benchmarks/kv_cache_smollm2_head.yaml > $res/$part.yaml   # its CPU recipe, on the GPU and both engines
+        $recipe > $res/$part.yaml   # its CPU recipe, on the GPU and both engines
     run_recipe $part $res/$part.yaml report.md ;;
   serving)
     use_stack
