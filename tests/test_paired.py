@@ -110,7 +110,8 @@ def test_order_swaps_every_round_and_both_sides_see_the_same_prompts():
     recs = run_rounds(Pair(Recording(clock, "base"), Recording(clock, "art")), SPEED, progress=False)
     assert [r["order"] for r in recs[:3]] == [["base", "art"], ["art", "base"], ["base", "art"]]
     assert [round_order(r)[0] for r in range(4)] == ["base", "art", "base", "art"]
-    timed = seen[2:]  # after one warm-up run of each
+    warm, timed = seen[:4], seen[4:]  # one warm-up of each profile on each engine first
+    assert [(t, c) for t, c, _ in warm] == [("base", 4), ("base", 1), ("art", 4), ("art", 1)]
     assert [t for t, *_ in timed[:8]] == ["base", "art", "base", "art", "art", "base", "art", "base"]
     for first, second in zip(timed[::2], timed[1::2]):  # a profile's two runs: same prompts, same concurrency
         assert first[1:] == second[1:] and first[0] != second[0]

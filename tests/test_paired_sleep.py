@@ -66,10 +66,10 @@ def test_the_side_not_measured_sleeps_and_each_wake_is_warmed_up_again():
         if e[0] == "wake":
             assert log[i - 1][0] == "sleep" and log[i - 1][1] != e[1]
     assert [e[1] for e in log if e[0] == "wake"] == ["art1", "base1", "art1", "base2", "art1"]
-    # after each wake or open: the warm-up (the workload, 4 prompts), then the timed workload and batch 1
+    # after each wake or open: the warm-up (the workload, 4 prompts, and batch 1), then the timed ones
     for i, e in enumerate(log):
         if e[0] in ("wake", "open"):
-            assert log[i + 1:i + 4] == [("run", e[1], 4), ("run", e[1], 4), ("run", e[1], 1)], log[i:i + 4]
+            assert log[i + 1:i + 5] == [("run", e[1], n) for n in (4, 1, 4, 1)], log[i:i + 5]
 
 
 def test_sleeping_pairs_in_paired_speeds(tiny_model, home, monkeypatch):

@@ -12,8 +12,9 @@ Protocol (`eval.speed`: its workload, `warmup`, and `rounds` = n):
   time and reopened whenever the side changes, or, vLLM on a GPU, both are open with the whole
   share and the side not measured sleeps (vLLM's sleep mode: its weights in host memory, its KV
   cache freed) and wakes when its side comes (`mode` in the result says which).
-- Warm-up: `warmup` untimed runs of the workload on each engine before its first timed run
-  (one reopened or woken is warmed up again).
+- Warm-up: `warmup` untimed runs of the workload and of the batch-1 profile on each engine
+  before its first timed run (one reopened or woken is warmed up again): each profile has
+  first-call costs of its own (transformers' CUDA-graph decode captures a graph per batch size).
 - Two instances of the baseline: at half-time (round n // 2) the baseline's engine is closed
   and opened again, so that in the first half it is the engine opened before the artifact's
   and in the second half the one opened after it. Two engine instances of one model need not
@@ -73,7 +74,7 @@ from eval.speed.workload import LATENCY_SAMPLE, duration, noise_verdict, per_req
 PROTOCOL_VERSION = 6   # 2: order-statistic ranges (k-th lowest..highest) and the noise floor; 3: 99 % coverage;
 #                        4: vLLM's pairs in a fresh process (eval.isolated), and on a GPU one engine at a time
 #                        where half the share would not hold the workload; 5: the noise floor by device;
-#                        6: there, the other engine asleep instead of closed
+#                        6: there, the other engine asleep instead of closed; the warm-up runs batch 1 too
 SIDES = ("base", "art")
 COVERAGE = 0.99  # per range: a report holds many speed cells (see the module's docstring)
 
@@ -146,9 +147,12 @@ def run_rounds(pair, speed, seed: int = 0, progress: bool = True) -> list[dict]:
         woken = getattr(pair, "wakes", {}).get(side, 0)  # an engine woken from sleep is warmed up again
         if not any(e is eng and w == woken for e, w in warmed):
             warmed.append((eng, woken))
-            for i in range(speed.warmup):
+            for i in range(speed.warmup):  # both profiles: each has first-call costs (a CUDA graph's capture)
                 throughput(eng, random_prompts(n, speed.input_len, vocab_size, seed * 1000 + 900 + i),
                            speed.output_len, conc)
+                if speed.batch1_requests:
+                    tpot_ms(eng, random_prompts(speed.batch1_requests, speed.input_len, vocab_size,
+                                                seed * 1000 + 950 + i), speed.output_len)
         return eng
 
     for side in round_order(start):  # warm up what is open now, before any timed run
