@@ -15,7 +15,7 @@ import torch
 
 from compress.errors import UserError
 from conftest import REPO
-from eval.isolated import run_fresh
+from eval.isolated import GRACE, run_fresh
 
 
 def whoami(x: int) -> dict:
@@ -79,7 +79,7 @@ def test_ctrl_c_ends_the_child_and_raises_here(tmp_path):
     assert proc.stdout.readline().strip() == "child started"
     children = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=GRACE + 30)  # run_fresh waits GRACE for the child, then kills it
     assert proc.returncode == 130 and "interrupted" in out
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
