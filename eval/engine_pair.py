@@ -13,6 +13,10 @@ def _memory_error(e: BaseException) -> bool:
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "memory" in str(e).lower()
 
 
+def _other(side: str) -> str:
+    return SIDES[1 - SIDES.index(side)]
+
+
 class EnginePair:
     """The baseline's and an artifact's engines: both open (`coexist`), or one at a time, the
     other closed or (`sleeps`) asleep."""
@@ -36,7 +40,7 @@ class EnginePair:
 
     def _make_room(self, side: str) -> None:
         """One at a time: the other side sleeps, or closes, before `side` runs."""
-        other = SIDES[1 - SIDES.index(side)]
+        other = _other(side)
         if self.coexist or not self.is_open(other):
             return
         if self.sleeps:
@@ -58,7 +62,7 @@ class EnginePair:
             self.asleep.discard(side)
             self.wakes[side] += 1
         if self.eng[side] is None:
-            other = SIDES[1 - SIDES.index(side)]
+            other = _other(side)
             self._make_room(side)
             try:
                 self.eng[side] = self.opener(self.dirs[side])

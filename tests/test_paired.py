@@ -46,7 +46,8 @@ class DriftingEngine:
 
 
 class Pair:
-    coexist = True
+    coexist = keeps_instances = True
+    wakes = {"base": 0, "art": 0}
 
     def __init__(self, base, art):
         self.eng = {"base": base, "art": art}

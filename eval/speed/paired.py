@@ -132,9 +132,10 @@ def tpot_ms(engine, prompts: list[list[int]], output_len: int) -> float:
 
 def run_rounds(pair, speed, seed: int = 0, progress: bool = True) -> list[dict]:
     """Measure `pair` under the protocol in the module docstring, `speed` an eval.speed config
-    (SpeedConfig). `pair` (eval.paired.EnginePair) hands out the open engine of a side with
-    `.get(side)`, knows `.vocab_size(side)` and `.is_open(side)`, and `.coexist` says whether
-    both stay open. One record per round: its order, each side's output_tok_s and tpot_ms, and
+    (SpeedConfig). `pair` (eval.engine_pair.EnginePair) hands out the open engine of a side with
+    `.get(side)`, knows `.vocab_size(side)` and `.is_open(side)`, `.coexist` says whether
+    both stay open, `.keeps_instances` whether an instance serves several rounds, `.wakes` how
+    often each side was woken. One record per round: its order, each side's output_tok_s and tpot_ms, and
     its seconds. Every engine is warmed up before its first timed run, so one reopened when
     only one fits at a time is warmed up again."""
     n, conc = speed.num_prompts, min(speed.concurrency or speed.num_prompts, speed.num_prompts)
@@ -144,7 +145,7 @@ def run_rounds(pair, speed, seed: int = 0, progress: bool = True) -> list[dict]:
 
     def engine(side: str):
         eng = pair.get(side)
-        woken = getattr(pair, "wakes", {}).get(side, 0)  # an engine woken from sleep is warmed up again
+        woken = pair.wakes[side]  # an engine woken from sleep is warmed up again
         if not any(e is eng and w == woken for e, w in warmed):
             warmed.append((eng, woken))
             for i in range(speed.warmup):  # both profiles: each has first-call costs (a CUDA graph's capture)
@@ -159,7 +160,7 @@ def run_rounds(pair, speed, seed: int = 0, progress: bool = True) -> list[dict]:
         if pair.is_open(side):
             engine(side)
     profiles = ["conc"] + (["b1"] if speed.batch1_requests else [])
-    swap = speed.rounds // 2 if getattr(pair, "keeps_instances", pair.coexist) and speed.rounds >= 2 else None
+    swap = speed.rounds // 2 if pair.keeps_instances and speed.rounds >= 2 else None
     out = []
     for r in tqdm(range(speed.rounds), desc="paired speed", unit="round", disable=not progress, leave=False):
         if r == swap:  # the baseline's second instance, opened after the artifact's (module docstring)
