@@ -3,7 +3,8 @@
 FlashAttention 3 path also rounds to FP8 when the cache is FP8 (with the checkpoint's q_scale,
 1.0 where it has none). In memory on transformers: an attention function registered with
 transformers rounds K (after the rotary embedding, what the cache stores), V and optionally Q to
-E4M3 (x / scale, saturated at 448, torch's round-to-nearest cast) and then runs SDPA. Scales from
+E4M3 with compress.export.qdq (compressed-tensors' static FP8 rounding: x / scale, saturated at
+448, round to nearest) and then runs SDPA. Scales from
 amax over 64 x 512 WikiText-2 validation tokens (the kv_cache stage's recipe), unquantized model.
 Results: results/kv_cache_smollm2.jsonl.
 
@@ -16,19 +17,23 @@ import sys
 import time
 
 import torch
+from compressed_tensors.quantization import QuantizationArgs
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from compress.data import load_text
 from compress.export.compressed_tensors import FP8_MAX
+from compress.export.qdq import qdq
 from compress.models import load_model, resolve_model
 from smol_parts import smollm2_ppl
+
+FP8_STATIC = QuantizationArgs(num_bits=8, type="float", strategy="tensor", dynamic=False, symmetric=True)
 
 
 def e4m3(x: torch.Tensor, scale) -> torch.Tensor:
     """x [B, heads, T, D] rounded to FP8 E4M3 with `scale` (a float, or one per head)."""
     s = scale.reshape(1, -1, 1, 1).float() if torch.is_tensor(scale) else torch.tensor(float(scale))
-    return ((x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
+    return qdq(x, FP8_STATIC, s).to(x.dtype)
 
 
 def main(dtype: str) -> None:
