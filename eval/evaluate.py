@@ -47,7 +47,7 @@ from eval.engines import check_engines, engine_class, open_engine
 from eval.memory import MemorySampler, device_info, gpu_name
 from eval.stack import gpu_stack, installed_version
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: vLLM scores perplexity windows many to a call (eval.accuracy.perplexity)
 
 
 

@@ -85,6 +85,8 @@ class Engine(Protocol):
     device: str
     stats: dict  # what the engine knows of the loaded model (params, memory, kernels, ...)
 
+    score_rows: int  # how many equal-length rows (perplexity windows) one score() call should take
+
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [B, T-1] (float32, CPU) of input_ids[:, 1:] given the tokens before."""
 

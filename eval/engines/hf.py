@@ -78,6 +78,7 @@ class HFEngine:
     """transformers in this process (see eval.engines.base.Engine for the interface)."""
 
     name = "hf"
+    score_rows = 1  # perplexity windows per score() call: one window's logits over the vocabulary at a time
     # setting -> (type check, what is allowed, as said in errors): what eval.tune may search
     tunable = {
         "batch_size": (lambda v: isinstance(v, int) and v > 0, "a positive integer (requests per static batch)"),

